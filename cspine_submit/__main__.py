@@ -1,0 +1,7 @@
+"""``python -m cspine_submit`` is the same CLI as ``cspine-submit``."""
+
+import sys
+
+from cspine_submit.cli import main
+
+sys.exit(main())

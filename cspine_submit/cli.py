@@ -1,0 +1,54 @@
+"""Command line: ``cspine-submit <command> ...`` (also ``python -m cspine_submit``).
+
+The subcommands live in :mod:`cspine_submit.commands`, one module each; this module only discovers them,
+builds the parser and dispatches. Library functions return values; only the command modules print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from cspine_submit import __version__, commands
+
+
+def _command_modules():
+    """Import every subcommand module, in the order their ``ORDER`` attribute gives (then by name)."""
+    modules = [
+        importlib.import_module(f"{commands.__name__}.{info.name}")
+        for info in pkgutil.iter_modules(commands.__path__)
+        if not info.name.startswith("_")
+    ]
+    return sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.NAME))
+
+
+def _get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cspine-submit",
+        description="Offline cervical-spine fracture detection (RSNA 2022) and Kaggle submission.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in _command_modules():
+        doc = (module.__doc__ or "").strip()
+        command = sub.add_parser(
+            module.NAME,
+            help=module.HELP,
+            description=doc or module.HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the process exit code."""
+    args = _get_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""HU slices + crop plan -> model input. The ONE preprocessing path, used by training and inference alike.
+
+Every constant comes from :class:`~cspine_submit.config.ModelConfig`; nothing here has its own.
+
+For each centre slice of a :class:`~cspine_submit.ranges.CropPlan`:
+
+1. **Box.** The plan's in-plane box ``(y0, x0, y1, x1)`` (half-open pixels) is grown into a *square* centred
+   on the box centre, side ``round(max(h, w) * (1 + 2 * crop_margin))`` (at least 1). Square, so that the
+   resize below keeps the anatomy's aspect ratio. Parts of the square outside the image are filled with
+   :data:`PAD_HU` (air).
+2. **Resize** the HU crop to ``input_size x input_size`` with OpenCV: ``cv2.INTER_AREA`` when shrinking
+   (it averages, so no aliasing of thin cortical bone), ``cv2.INTER_LINEAR`` when enlarging or keeping the
+   size. Resizing happens in HU, before windowing, so that every window sees the same interpolated values.
+3. **Window**: ``(hu - (level - width / 2)) / width``, clipped to [0, 1].
+4. **Channels** (``config.channels``):
+
+   - ``single``: ``windows[0]``, 1 channel;
+   - ``replicate``: ``windows[0]`` copied into 3 channels (input for ImageNet backbones);
+   - ``windows``: one channel per window, in ``windows`` order;
+   - ``neighbours``: 2.5D, slices ``i - neighbour_offset, i, i + neighbour_offset`` (head to feet) in
+     ``windows[0]``. At the ends of the study the missing neighbour is replaced by the end slice (the
+     index is clipped into ``[0, n_slices - 1]``), which is what :func:`slices_needed` asks the reader for.
+
+Output: ``(k, S, S, C)`` float32 in [0, 1], channels last, crop ``j`` for ``plan.slice_indices[j]``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from cspine_submit.config import ModelConfig
+from cspine_submit.ranges import CropPlan
+
+PAD_HU: float = -1024.0
+"""HU written where the crop square leaves the image (air)."""
+
+# OpenCV's resize accepts at most 512 channels per call (CV_CN_MAX); we stack slices as channels.
+_CV_MAX_CHANNELS = 512
+
+
+def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Map HU linearly to [0, 1] through one window, clipping outside it.
+
+    Parameters
+    ----------
+    hu : ndarray
+        Hounsfield units, any shape.
+    level, width : float
+        Window centre and width, HU; ``level - width / 2`` maps to 0 and ``level + width / 2`` to 1.
+
+    Returns
+    -------
+    ndarray of float32, same shape as ``hu``.
+    """
+    low = level - width / 2.0
+    out = (np.asarray(hu, dtype=np.float32) - np.float32(low)) / np.float32(width)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def crop_square(box: tuple[int, int, int, int], margin: float) -> tuple[int, int, int]:
+    """The square crop a plan box becomes.
+
+    Parameters
+    ----------
+    box : (y0, x0, y1, x1)
+        Half-open pixel box.
+    margin : float
+        Margin on each side as a fraction of the box's longer side.
+
+    Returns
+    -------
+    (top, left, side) : tuple of int
+        The square ``[top, top + side) x [left, left + side)``; it may extend beyond the image.
+    """
+    y0, x0, y1, x1 = (int(v) for v in box)
+    h, w = y1 - y0, x1 - x0
+    if h <= 0 or w <= 0:
+        raise ValueError(f"crop box {box}: empty (need y1 > y0 and x1 > x0)")
+    side = max(1, int(round(max(h, w) * (1.0 + 2.0 * margin))))
+    # Centre in pixel coordinates (box centre is at (y0 + y1) / 2 in half-open convention).
+    top = int(np.floor((y0 + y1 - side) / 2.0 + 0.5))
+    left = int(np.floor((x0 + x1 - side) / 2.0 + 0.5))
+    return top, left, side
+
+
+def _extract(slices: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
+    """``slices[:, top:top+side, left:left+side]`` padded with PAD_HU where it leaves the image."""
+    m, rows, cols = slices.shape
+    out = np.full((m, side, side), PAD_HU, dtype=np.float32)
+    sy0, sx0 = max(top, 0), max(left, 0)
+    sy1, sx1 = min(top + side, rows), min(left + side, cols)
+    if sy1 > sy0 and sx1 > sx0:
+        out[:, sy0 - top : sy1 - top, sx0 - left : sx1 - left] = slices[:, sy0:sy1, sx0:sx1]
+    return out
+
+
+def resize_stack(stack: np.ndarray, size: int) -> np.ndarray:
+    """Resize ``(m, h, w)`` images to ``(m, size, size)`` (INTER_AREA to shrink, INTER_LINEAR otherwise)."""
+    import cv2
+
+    m, h, w = stack.shape
+    if (h, w) == (size, size):
+        return stack.astype(np.float32, copy=True)
+    interp = cv2.INTER_AREA if (h > size and w > size) else cv2.INTER_LINEAR
+    out = np.empty((m, size, size), dtype=np.float32)
+    hwc = np.ascontiguousarray(np.moveaxis(stack.astype(np.float32, copy=False), 0, -1))
+    for start in range(0, m, _CV_MAX_CHANNELS):
+        part = hwc[..., start : start + _CV_MAX_CHANNELS]
+        res = cv2.resize(part, (size, size), interpolation=interp)
+        out[start : start + part.shape[-1]] = np.moveaxis(res.reshape(size, size, -1), -1, 0)
+    return out
+
+
+def neighbour_indices(centres: Iterable[int], offset: int, n_slices: int) -> np.ndarray:
+    """``(k, 3)`` study indices ``[i - offset, i, i + offset]`` per centre, clipped into ``[0, n_slices - 1]``."""
+    c = np.asarray(list(centres), dtype=np.int64).reshape(-1, 1)
+    return np.clip(c + np.array([-offset, 0, offset], dtype=np.int64), 0, max(n_slices - 1, 0))
+
+
+def slices_needed(plans: Mapping[str, CropPlan] | Iterable[CropPlan], config: ModelConfig, n_slices: int) -> np.ndarray:
+    """Study slice indices to decode so that :func:`prepare_crops` can build every plan's crops.
+
+    Parameters
+    ----------
+    plans : {vertebra: CropPlan} or iterable of CropPlan
+    config : ModelConfig
+        ``channels == "neighbours"`` adds ``i +- neighbour_offset`` (clipped to the study).
+    n_slices : int
+        Slices in the study.
+
+    Returns
+    -------
+    (m,) ndarray of int64, sorted, unique, inside ``[0, n_slices)``.
+    """
+    plan_list = list(plans.values()) if isinstance(plans, Mapping) else list(plans)
+    centres = [int(i) for p in plan_list for i in p.slice_indices]
+    if any(i < 0 or i >= n_slices for i in centres):
+        raise ValueError(f"plan slice indices outside the study's [0, {n_slices}): {sorted(set(centres))}")
+    if config.channels == "neighbours":
+        idx = neighbour_indices(centres, config.neighbour_offset, n_slices).ravel()
+    else:
+        idx = np.asarray(centres, dtype=np.int64)
+    return np.unique(idx).astype(np.int64)
+
+
+def _channel_windows(config: ModelConfig) -> list[tuple[float, float]]:
+    if config.channels == "windows":
+        return list(config.windows)
+    return [config.windows[0]]
+
+
+def prepare_crops(slices: np.ndarray, slice_indices, plan: CropPlan, config: ModelConfig) -> np.ndarray:
+    """Model input for one vertebra's plan, from decoded HU slices.
+
+    Parameters
+    ----------
+    slices : (m, rows, cols) ndarray
+        Decoded slices in HU (any real dtype), e.g. from ``dicom.read_slices(header, slices_needed(...))``.
+    slice_indices : (m,) array of int
+        Study index (head to feet) of each row of ``slices``; must contain every index the plan needs.
+        For ``neighbours``, a neighbour beyond the decoded range is clipped to the nearest decoded end slice,
+        which equals clipping to the study when ``slice_indices`` came from :func:`slices_needed`.
+    plan : CropPlan
+    config : ModelConfig
+
+    Returns
+    -------
+    (k, S, S, C) ndarray of float32 in [0, 1]
+        ``k = len(plan.slice_indices)``, ``S = config.input_size``, ``C = config.n_channels``.
+    """
+    slices = np.asarray(slices)
+    idx = np.asarray(slice_indices, dtype=np.int64).ravel()
+    if slices.ndim != 3 or slices.shape[0] != idx.size:
+        raise ValueError(f"slices {slices.shape} and slice_indices ({idx.size},) disagree; need (m, rows, cols) and (m,)")
+    S, C = config.input_size, config.n_channels
+    k = len(plan.slice_indices)
+    if k == 0:
+        return np.zeros((0, S, S, C), dtype=np.float32)
+    row_of = {int(i): r for r, i in enumerate(idx)}
+    centres = [int(i) for i in plan.slice_indices]
+    if config.channels == "neighbours":
+        lo, hi = int(idx.min()), int(idx.max())
+        # Clip into the decoded range first (== clipping to the study, see docstring), then look up.
+        wanted = np.clip(neighbour_indices(centres, config.neighbour_offset, hi + 1), lo, hi).ravel()
+    else:
+        wanted = np.asarray(centres, dtype=np.int64)
+    missing = sorted({int(i) for i in wanted if int(i) not in row_of})
+    if missing:
+        raise ValueError(f"{plan.vertebra}: slices {missing} are needed but were not decoded (have {sorted(row_of)})")
+    rows = np.array([row_of[int(i)] for i in wanted], dtype=np.int64)
+    # Crop each distinct slice once (neighbour sets overlap), resize in HU, then window.
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    top, left, side = crop_square(plan.box, config.crop_margin)
+    hu = resize_stack(_extract(slices[uniq], top, left, side), S)[inverse]  # (len(wanted), S, S)
+    if config.channels == "neighbours":
+        level, width = config.windows[0]
+        out = window(hu.reshape(k, 3, S, S), level, width)
+        return np.ascontiguousarray(np.moveaxis(out, 1, -1))
+    chans = [window(hu, level, width) for level, width in _channel_windows(config)]
+    if config.channels == "replicate":
+        chans = chans * 3
+    return np.ascontiguousarray(np.stack(chans, axis=-1), dtype=np.float32)

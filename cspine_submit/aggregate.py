@@ -1,0 +1,117 @@
+"""Slice probabilities -> vertebra probabilities -> patient_overall; priors; clipping.
+
+The rules and constants come from :class:`~cspine_submit.config.ModelConfig` (``aggregation``, ``top_k``,
+``overall_rule``, ``clip``, ``priors``); nothing here has its own constants.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE, ModelConfig
+
+AGGREGATIONS: tuple[str, ...] = ("topk_mean", "mean", "max")
+"""Slice -> vertebra rules."""
+
+OVERALL_RULES: tuple[str, ...] = ("noisy_or", "max")
+"""Vertebrae -> patient_overall rules."""
+
+
+def pool_slices(probs: np.ndarray, rule: str = "topk_mean", top_k: int = 5) -> float:
+    """One vertebra's probability from its slice probabilities.
+
+    Parameters
+    ----------
+    probs : (k,) ndarray of float
+        Probability of a fracture on each sampled slice of the vertebra (k >= 1).
+    rule : str
+        ``topk_mean``: mean of the ``min(top_k, k)`` highest; ``mean``; ``max``.
+    top_k : int
+
+    Returns
+    -------
+    float
+    """
+    probs = np.asarray(probs, dtype=np.float64).ravel()
+    if probs.size == 0:
+        raise ValueError("pool_slices: no slice probabilities")
+    if rule == "topk_mean":
+        k = max(1, min(int(top_k), probs.size))
+        return float(np.sort(probs)[-k:].mean())
+    if rule == "mean":
+        return float(probs.mean())
+    if rule == "max":
+        return float(probs.max())
+    raise ValueError(f"aggregation={rule!r}: expected one of {list(AGGREGATIONS)}")
+
+
+def overall_probability(vertebra_probs: np.ndarray, rule: str = "noisy_or") -> float:
+    """patient_overall from the seven vertebra probabilities.
+
+    Parameters
+    ----------
+    vertebra_probs : (7,) ndarray of float
+        C1 ... C7.
+    rule : str
+        ``noisy_or``: ``1 - prod(1 - p_k)`` (a fracture anywhere, vertebrae treated as independent); ``max``.
+    """
+    p = np.asarray(vertebra_probs, dtype=np.float64).ravel()
+    if rule == "noisy_or":
+        return float(1.0 - np.prod(1.0 - p))
+    if rule == "max":
+        return float(p.max())
+    raise ValueError(f"overall_rule={rule!r}: expected one of {list(OVERALL_RULES)}")
+
+
+def clip_probability(p: float, clip: tuple[float, float]) -> float:
+    """Clip into ``[clip[0], clip[1]]`` so that no row costs an unbounded loss."""
+    return float(min(max(float(p), clip[0]), clip[1]))
+
+
+def prior_probabilities(config: ModelConfig) -> dict[str, float]:
+    """The 8 fallback probabilities (config priors, clipped), in PREDICTION_TYPES order.
+
+    A type missing from ``config.priors`` is an error: the fallback must always be complete.
+    """
+    missing = [t for t in PREDICTION_TYPES if t not in config.priors]
+    if missing:
+        raise ValueError(f"model config priors lack {missing}")
+    return {t: clip_probability(config.priors[t], config.clip) for t in PREDICTION_TYPES}
+
+
+def aggregate_study(slice_probs: Mapping[str, np.ndarray], config: ModelConfig) -> tuple[dict[str, float], list[str]]:
+    """The 8 probabilities of one study from the slice probabilities of its vertebrae.
+
+    Parameters
+    ----------
+    slice_probs : dict
+        ``{vertebra: (k,) ndarray}``; a vertebra that is absent (no classifier, or nothing to score) takes its prior.
+    config : ModelConfig
+
+    Returns
+    -------
+    probs : dict
+        ``{type: probability}`` for the 8 PREDICTION_TYPES, clipped to ``config.clip``.
+    from_prior : list of str
+        The vertebrae that took their prior.
+    """
+    priors = prior_probabilities(config)
+    out: dict[str, float] = {}
+    from_prior: list[str] = []
+    for v in VERTEBRAE:
+        probs = slice_probs.get(v)
+        if probs is None or np.asarray(probs).size == 0:
+            out[v] = priors[v]
+            from_prior.append(v)
+        else:
+            out[v] = pool_slices(probs, config.aggregation, config.top_k)
+    if len(from_prior) == len(VERTEBRAE):
+        # Nothing was scored: the learned overall prior beats noisy-OR of seven priors (which would be ~0.55).
+        overall = priors["patient_overall"]
+    else:
+        overall = overall_probability(np.array([out[v] for v in VERTEBRAE]), config.overall_rule)
+    result = {"patient_overall": clip_probability(overall, config.clip)}
+    result.update({v: clip_probability(out[v], config.clip) for v in VERTEBRAE})
+    return result, from_prior

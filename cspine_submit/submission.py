@@ -1,0 +1,298 @@
+"""Which rows to predict (test.csv), row ids, the atomic submission writer, the resume journal and the run report.
+
+Files written next to the submission (``<out>`` = ``submission.csv``):
+
+- ``<out>`` itself: ``row_id,fractured``, one row per row_id to predict, written to a temporary file in the same
+  folder and renamed over the target, so a reader never sees half a file.
+- ``<out stem>.journal.jsonl``: one JSON line per finished study, appended and flushed as each finishes, so a killed
+  run started again with ``--resume`` skips them. The first line identifies the run (weights fingerprint); records
+  of another run are not reused.
+- ``<out stem>.report.json``: the run report ``{"studies": {uid: {"status", "reason", "slices_read", "seconds"}},
+  "totals": {...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from cspine_submit.config import PREDICTION_TYPES
+
+JOURNAL_VERSION = 1
+
+
+def row_id(study_uid: str, prediction_type: str) -> str:
+    """``<StudyInstanceUID>_<prediction_type>``."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r}: expected one of {list(PREDICTION_TYPES)}")
+    return f"{study_uid}_{prediction_type}"
+
+
+def study_row_ids(study_uid: str) -> list[str]:
+    """The 8 row ids of one study, in PREDICTION_TYPES order."""
+    return [row_id(study_uid, t) for t in PREDICTION_TYPES]
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What to predict.
+
+    Attributes
+    ----------
+    row_ids : tuple of str
+        Every row of the submission, in output order.
+    studies : tuple of str
+        Study UIDs to process, in order of first appearance in ``row_ids``.
+    folders : dict
+        ``{uid: Path}`` of each study's folder under the test folder (it may not exist: such a study falls back).
+    notes : tuple of str
+        What was decided and why (e.g. the public test.csv quirk), for the CLI to print and the report to keep.
+    """
+
+    row_ids: tuple[str, ...]
+    studies: tuple[str, ...]
+    folders: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+def study_folders(test_dir: str | Path) -> list[str]:
+    """Names of the sub-folders of ``test_dir`` (one per study), sorted; hidden folders are ignored."""
+    test_dir = Path(test_dir)
+    if not test_dir.is_dir():
+        return []
+    return sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_test_csv(path: str | Path) -> list[tuple[str, str, str]]:
+    """Rows of a competition test.csv as ``(row_id, StudyInstanceUID, prediction_type)``, in file order.
+
+    Raises ValueError naming the file when a column is missing, a prediction_type is unknown or a row_id does
+    not match ``<StudyInstanceUID>_<prediction_type>``.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (test.csv)")
+    df = pd.read_csv(path, dtype=str)
+    need = {"row_id", "StudyInstanceUID", "prediction_type"}
+    if not need <= set(df.columns):
+        raise ValueError(f"{path}: expected columns {sorted(need)}, found {list(df.columns)}")
+    rows = []
+    for i, (rid, uid, kind) in enumerate(zip(df["row_id"], df["StudyInstanceUID"], df["prediction_type"])):
+        if kind not in PREDICTION_TYPES:
+            raise ValueError(f"{path}: line {i + 2}: prediction_type {kind!r} not in {list(PREDICTION_TYPES)}")
+        if rid != f"{uid}_{kind}":
+            raise ValueError(f"{path}: line {i + 2}: row_id {rid!r} is not '{uid}_{kind}'")
+        rows.append((rid, uid, kind))
+    return rows
+
+
+def plan_rows(test_dir: str | Path, test_csv: str | Path | None = None) -> RowPlan:
+    """Decide which rows to predict.
+
+    - With a test.csv: its rows, in its order. Listed studies whose folder is missing still get their rows (they
+      fall back to priors later). Exception, the public competition quirk: when *none* of test.csv's studies exist
+      under ``test_dir`` but other study folders do, predict those folders instead, 8 rows each, and say so.
+    - Without a test.csv (None or the file does not exist): 8 rows for each study folder, and say so.
+
+    Parameters
+    ----------
+    test_dir : folder holding one sub-folder per study (named by StudyInstanceUID)
+    test_csv : path of test.csv, or None
+    """
+    test_dir = Path(test_dir)
+    present = study_folders(test_dir)
+    notes: list[str] = []
+    rows = None
+    if test_csv is not None and Path(test_csv).is_file():
+        rows = read_test_csv(test_csv)
+        listed = list(dict.fromkeys(uid for _, uid, _ in rows))
+        found = [u for u in listed if (test_dir / u).is_dir()]
+        if listed and not found and present:
+            notes.append(
+                f"none of the {len(listed)} studies in {test_csv} exist under {test_dir} (the public test.csv quirk); "
+                f"predicting the {len(present)} study folder(s) present instead, 8 rows each"
+            )
+            rows = None
+        elif len(found) < len(listed):
+            notes.append(
+                f"{len(listed) - len(found)} of {len(listed)} studies in {test_csv} have no folder under {test_dir}; "
+                "their rows get the priors"
+            )
+        if rows is not None and not rows:
+            notes.append(f"{test_csv} lists no rows")
+    else:
+        if test_csv is not None:
+            notes.append(f"{test_csv} does not exist; predicting the {len(present)} study folder(s) under {test_dir}")
+        else:
+            notes.append(f"no test.csv given; predicting the {len(present)} study folder(s) under {test_dir}")
+    if rows is None:
+        row_ids = [rid for uid in present for rid in study_row_ids(uid)]
+        studies = list(present)
+    else:
+        row_ids = [rid for rid, _, _ in rows]
+        studies = list(dict.fromkeys(uid for _, uid, _ in rows))
+    if len(set(row_ids)) != len(row_ids):
+        raise ValueError(f"{test_csv}: duplicate row_id(s)")
+    return RowPlan(
+        row_ids=tuple(row_ids),
+        studies=tuple(studies),
+        folders={u: test_dir / u for u in studies},
+        notes=tuple(notes),
+    )
+
+
+def format_probability(p: float) -> str:
+    """Fixed text for a probability, so that the same numbers always give the same bytes."""
+    return f"{float(p):.8f}"
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    A crash at any moment leaves either the old file or the complete new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def submission_text(row_ids: Iterable[str], probabilities: Mapping[str, float]) -> str:
+    """CSV text ``row_id,fractured`` for ``row_ids`` in order; every row must have a probability in (0, 1)."""
+    lines = ["row_id,fractured"]
+    for rid in row_ids:
+        if rid not in probabilities:
+            raise KeyError(f"no probability for row {rid}")
+        p = float(probabilities[rid])
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"row {rid}: probability {p} is not strictly inside (0, 1)")
+        lines.append(f"{rid},{format_probability(p)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_submission(path: str | Path, row_ids: Iterable[str], probabilities: Mapping[str, float]) -> Path:
+    """Write submission.csv atomically (see :func:`atomic_write_text`)."""
+    return atomic_write_text(path, submission_text(row_ids, probabilities))
+
+
+def companion_paths(out: str | Path) -> tuple[Path, Path]:
+    """``(journal path, default report path)`` next to the submission ``out``."""
+    out = Path(out)
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    return out.with_name(f"{stem}.journal.jsonl"), out.with_name(f"{stem}.report.json")
+
+
+class Journal:
+    """Append-only JSON-lines journal of finished studies, for ``--resume``.
+
+    The first line is a header ``{"journal": 1, "fingerprint": ...}``; each further line is
+    ``{"uid": .., "probs": {type: p}, "report": {...}}``, flushed and fsynced when written so that a kill loses at
+    most the study in progress. A torn last line (killed mid-write) is ignored on reading.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: str):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self._fh = None
+
+    def load(self) -> tuple[dict[str, dict], list[str]]:
+        """Records of this run (same fingerprint) as ``{uid: record}``, and notes about anything ignored."""
+        notes: list[str] = []
+        if not self.path.is_file():
+            return {}, notes
+        records: dict[str, dict] = {}
+        with open(self.path, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+        header = None
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                notes.append(f"{self.path}: line {i + 1} is incomplete (killed while writing?); ignored")
+                continue
+            if header is None:
+                header = obj
+                if obj.get("journal") != JOURNAL_VERSION or obj.get("fingerprint") != self.fingerprint:
+                    notes.append(
+                        f"{self.path}: written by another run (different weights, config or test folder); "
+                        "not resuming from it"
+                    )
+                    return {}, notes
+                continue
+            if "uid" in obj and "probs" in obj and set(obj["probs"]) == set(PREDICTION_TYPES):
+                records[obj["uid"]] = obj
+        return records, notes
+
+    def start(self, keep: bool) -> None:
+        """Open for appending; ``keep=False`` starts a new journal (truncating an old one)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep and self.path.is_file() and self._has_valid_header():
+            self._fh = open(self.path, "a", encoding="utf-8")
+            # Finish a torn last line so the next record starts on its own line.
+            if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+                self._fh.write("\n")
+            return
+        self._fh = open(self.path, "w", encoding="utf-8")
+        self._write({"journal": JOURNAL_VERSION, "fingerprint": self.fingerprint})
+
+    def _has_valid_header(self) -> bool:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                head = json.loads(fh.readline())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return head.get("journal") == JOURNAL_VERSION and head.get("fingerprint") == self.fingerprint
+
+    def append(self, uid: str, probs: Mapping[str, float], report: Mapping) -> None:
+        """Record one finished study (durably)."""
+        self._write({"uid": uid, "probs": {t: float(probs[t]) for t in PREDICTION_TYPES}, "report": dict(report)})
+
+    def _write(self, obj: dict) -> None:
+        if self._fh is None:
+            raise RuntimeError("Journal.start() first")
+        self._fh.write(json.dumps(obj, sort_keys=True) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def write_report(path: str | Path, studies: Mapping[str, Mapping], totals: Mapping) -> Path:
+    """Write the run report ``{"studies": {uid: {...}}, "totals": {...}}`` as JSON (atomically)."""
+    text = json.dumps({"studies": dict(studies), "totals": dict(totals)}, indent=2, default=_json_default) + "\n"
+    return atomic_write_text(path, text)
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -6,8 +6,14 @@ posterior for a standard axial CT), x columns.
 
 from __future__ import annotations
 
+import os
+import re
+import struct
+import warnings as _warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -43,6 +49,10 @@ class StudyHeader:
         ImagePositionPatient of each kept file (mm, patient LPS), NaN when missing.
     orientation : (6,) ndarray of float64
         ImageOrientationPatient shared by the series (row direction cosines, then column direction cosines).
+    series_uid : str
+        SeriesInstanceUID of the kept slices ("" when the headers leave it empty).
+    slice_thickness : float or None
+        SliceThickness as the headers state it (mm); informative only, ``spacing[0]`` comes from positions.
     """
 
     folder: Path
@@ -58,6 +68,8 @@ class StudyHeader:
     warnings: tuple[str, ...] = ()
     positions: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     orientation: np.ndarray = field(default_factory=lambda: np.array([1.0, 0, 0, 0, 1.0, 0]))
+    series_uid: str = ""
+    slice_thickness: float | None = None
 
     @property
     def n_slices(self) -> int:
@@ -68,3 +80,685 @@ class StudyHeader:
     def shape(self) -> tuple[int, int, int]:
         """Volume shape (z, y, x)."""
         return (self.n_slices, self.rows, self.cols)
+
+
+class DicomReadError(ValueError):
+    """A study folder or a slice file cannot be read; the message starts with the offending path."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transfer syntaxes and decoding plugins
+# ----------------------------------------------------------------------------------------------------------------
+
+COMPETITION_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1: the competition's compressed slices
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+"""Transfer syntaxes the reader is expected to meet, listed by ``cspine-submit env``."""
+
+PREFERRED_PLUGINS: dict[str, tuple[str, ...]] = {
+    # Measured on one core (benchmarks/bench_reader.py, 512x512 CT slices): GDCM decodes .4.70 in about
+    # 8 ms a slice, pylibjpeg in about 11.5 ms, so GDCM goes first when both are installed.
+    "1.2.840.10008.1.2.4.70": ("gdcm", "pylibjpeg"),
+    "1.2.840.10008.1.2.4.57": ("gdcm", "pylibjpeg"),
+}
+"""Plugin preference per transfer syntax; syntaxes not listed use pydicom's own order."""
+
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+# What each pydicom decoding plugin needs, by pip package name (for messages about missing plugins).
+PLUGIN_PACKAGES: dict[str, str] = {
+    "gdcm": "python-gdcm",
+    "pylibjpeg": "pylibjpeg + pylibjpeg-libjpeg (JPEG, JPEG-LS), pylibjpeg-openjpeg (JPEG 2000), pylibjpeg-rle (RLE)",
+    "pillow": "pillow",
+    "pyjpegls": "pyjpegls",
+    "pydicom": "pydicom",
+}
+
+
+def _uid_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return name if name != uid else "unknown transfer syntax"
+
+
+def available_plugins(tsyntax: str) -> tuple[str, ...]:
+    """Decoding plugins that can decode ``tsyntax`` here, in the order :func:`read_slices` tries them.
+
+    Native (uncompressed) syntaxes need no plugin and return ``("native",)``; syntaxes pydicom cannot decode
+    at all return ``()``.
+    """
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        return ()
+    if decoder.is_native:
+        return ("native",)
+    have = tuple(decoder.available_plugins)
+    first = tuple(p for p in PREFERRED_PLUGINS.get(str(tsyntax), ()) if p in have)
+    return first + tuple(p for p in have if p not in first)
+
+
+def decoder_table(tsyntaxes: Iterable[str] = COMPETITION_TRANSFER_SYNTAXES) -> list[dict]:
+    """Which pydicom decoding plugins serve each transfer syntax in this environment.
+
+    Returns
+    -------
+    list of dict
+        One per syntax: ``uid``, ``name``, ``available`` (plugin names, in the order the reader tries them;
+        ``["native"]`` for uncompressed data), ``missing`` (``{plugin: what to install}``) and ``ok`` (bool).
+    """
+    from pydicom.pixels import get_decoder
+
+    rows = []
+    for uid in tsyntaxes:
+        row = {"uid": str(uid), "name": _uid_name(uid), "available": [], "missing": {}, "ok": False}
+        try:
+            decoder = get_decoder(uid)
+        except NotImplementedError:
+            row["missing"] = {"(none)": "pydicom has no decoder for this transfer syntax"}
+            rows.append(row)
+            continue
+        row["available"] = list(available_plugins(uid))
+        if not decoder.is_native:
+            for text in decoder.missing_dependencies:
+                plugin, _, need = text.partition(" - ")
+                row["missing"][plugin] = need.replace("requires ", "pip install ").strip() or PLUGIN_PACKAGES.get(
+                    plugin, plugin
+                )
+        row["ok"] = bool(row["available"])
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Header scan
+# ----------------------------------------------------------------------------------------------------------------
+
+_HEADER_TAGS = [
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "InstanceNumber",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+    "BitsAllocated",
+]
+
+_EXPLICIT_LONG_VRS = {b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN"}
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """The header of one slice file, as far as ordering and grouping need it.
+
+    Attributes
+    ----------
+    path : Path
+    study_uid, series_uid : str
+        "" when absent.
+    position : (3,) ndarray or None
+        ImagePositionPatient, mm (patient LPS).
+    orientation : (6,) ndarray or None
+        ImageOrientationPatient.
+    instance_number : int or None
+    rows, cols : int
+    pixel_spacing : (dy, dx) tuple of float or None
+        mm, from PixelSpacing (row spacing, column spacing).
+    transfer_syntax : str
+    slice_thickness, spacing_between : float or None
+        mm, as stated (informative, or the last resort for dz when positions are missing).
+    """
+
+    path: Path
+    study_uid: str
+    series_uid: str
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    instance_number: int | None
+    rows: int
+    cols: int
+    pixel_spacing: tuple[float, float] | None
+    transfer_syntax: str
+    slice_thickness: float | None = None
+    spacing_between: float | None = None
+
+
+def _floats(value, n: int) -> np.ndarray | None:
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        return None
+    return arr
+
+
+def _float_or_none(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
+
+
+def _check_pixel_data_length(fp, file_size: int) -> str | None:
+    """Why the Pixel Data element at the current position of ``fp`` is incomplete, or None when it is whole.
+
+    A header-only read stops in front of Pixel Data and so cannot notice a file cut off inside it: compare
+    the element's declared length with the file size (native data), or walk the fragment items up to the
+    sequence delimiter (encapsulated data). Only the item headers are read, never the pixel bytes.
+    """
+    start = fp.tell()
+    head = fp.read(12)
+    if len(head) < 8:
+        return "truncated or no pixel data: the file ends before a Pixel Data element"
+    little = head[:4] in (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
+    endian = "<" if little else ">"
+    if head[4:6] in _EXPLICIT_LONG_VRS and head[6:8] == b"\x00\x00":
+        if len(head) < 12:
+            return "truncated in the Pixel Data element header"
+        (length,) = struct.unpack(endian + "I", head[8:12])
+        value_start = start + 12
+    else:
+        (length,) = struct.unpack(endian + "I", head[4:8])
+        value_start = start + 8
+    if length != 0xFFFFFFFF:
+        if value_start + length > file_size:
+            return (
+                f"truncated: Pixel Data declares {length} bytes but the file holds only "
+                f"{max(file_size - value_start, 0)}"
+            )
+        return None
+    # Encapsulated: items (FFFE,E000) each with a length, ended by the sequence delimiter (FFFE,E0DD).
+    pos = value_start
+    fp.seek(pos)
+    while True:
+        item = fp.read(8)
+        if len(item) < 8:
+            return "truncated: the encapsulated Pixel Data ends before its sequence delimiter"
+        group, elem, length = struct.unpack("<HHI", item)
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return None
+        if (group, elem) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            return f"corrupt encapsulated Pixel Data at byte {pos} (tag ({group:04X},{elem:04X}))"
+        pos += 8 + length
+        if pos > file_size:
+            return "truncated: an encapsulated Pixel Data fragment runs past the end of the file"
+        fp.seek(pos)
+
+
+def read_slice_header(path: str | Path) -> SliceInfo:
+    """Read one slice file's header (never its pixel data) and check that the pixel data is complete.
+
+    Raises
+    ------
+    DicomReadError
+        Message ``"<path>: <reason>"`` when the file is not DICOM, unreadable, has no pixel data, is
+        truncated, is multi-frame or not grayscale.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(path)
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as fp, _warnings.catch_warnings():
+            # pydicom warns about every small standard deviation; the reasons that matter are raised below.
+            _warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            except InvalidDicomError:
+                # No 'DICM' preamble: some writers omit it. Accept the file only if a forced read finds an image.
+                fp.seek(0)
+                try:
+                    ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
+                except Exception:
+                    raise DicomReadError(f"{path}: not a DICOM file") from None
+                if "Rows" not in ds or "Columns" not in ds:
+                    raise DicomReadError(f"{path}: not a DICOM file") from None
+            tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+            if not tsyntax:
+                implicit, little = ds.original_encoding
+                tsyntax = "1.2.840.10008.1.2" if implicit else ("1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
+            if tsyntax != _DEFLATED:
+                # (the deflated syntax compresses the whole dataset; zlib notices truncation when decoding)
+                problem = _check_pixel_data_length(fp, file_size)
+                if problem:
+                    raise DicomReadError(f"{path}: {problem}")
+    except DicomReadError:
+        raise
+    except (OSError, EOFError) as exc:
+        raise DicomReadError(f"{path}: unreadable ({exc})") from exc
+    except Exception as exc:  # pydicom raises many kinds on corrupt headers
+        raise DicomReadError(f"{path}: corrupt DICOM header ({type(exc).__name__}: {exc})") from exc
+
+    if "Rows" not in ds or "Columns" not in ds:
+        raise DicomReadError(f"{path}: no image (Rows/Columns missing)")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise DicomReadError(f"{path}: not a grayscale slice (SamplesPerPixel={ds.SamplesPerPixel})")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise DicomReadError(f"{path}: multi-frame file ({frames} frames); expected one slice per file")
+    inst = ds.get("InstanceNumber", None)
+    try:
+        inst = int(inst) if inst not in (None, "") else None
+    except (TypeError, ValueError):
+        inst = None
+    spacing = _floats(ds.get("PixelSpacing", None) or (), 2)
+    return SliceInfo(
+        path=path,
+        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        position=_floats(ds.get("ImagePositionPatient", None) or (), 3),
+        orientation=_floats(ds.get("ImageOrientationPatient", None) or (), 6),
+        instance_number=inst,
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
+        transfer_syntax=tsyntax,
+        slice_thickness=_float_or_none(ds.get("SliceThickness", None)),
+        spacing_between=_float_or_none(ds.get("SpacingBetweenSlices", None)),
+    )
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key for file names that orders embedded numbers by value (``2.dcm`` before ``10.dcm``)."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
+
+
+def _numeric_stem(path: Path) -> float | None:
+    try:
+        return float(path.name.split(".")[0]) if path.name.split(".")[0] else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class SliceOrder:
+    """Result of :func:`order_slices`: which slices to keep, in which order, and why others were dropped."""
+
+    kept: tuple[SliceInfo, ...]
+    z: np.ndarray
+    dz: float
+    orientation: np.ndarray
+    reversed: bool
+    skipped: tuple[tuple[str, str], ...]
+    warnings: tuple[str, ...]
+
+
+_AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+
+
+def order_slices(infos: Sequence[SliceInfo]) -> SliceOrder:
+    """Choose the study's slices and order them head to feet, from headers alone.
+
+    The largest group of files sharing (SeriesInstanceUID, Rows, Columns) is the study; other files are
+    skipped. Slices are ordered by ImagePositionPatient projected on the slice normal (the cross product of
+    the ImageOrientationPatient cosines), so file names, InstanceNumber and reversed numbering do not
+    matter. Slices at the same position are duplicates: the first in file-name order is kept. Without
+    positions the order falls back to InstanceNumber, then to the numeric file name, with a warning.
+
+    Parameters
+    ----------
+    infos : sequence of SliceInfo
+        At least one.
+
+    Returns
+    -------
+    SliceOrder
+        ``z`` (n,) mm increasing toward the feet; ``dz`` the median z step (mm).
+    """
+    if not infos:
+        raise ValueError("order_slices needs at least one slice")
+    infos = sorted(infos, key=lambda s: natural_key(s.path.name))
+    skipped: list[tuple[str, str]] = []
+    warns: list[str] = []
+
+    groups = Counter((s.series_uid, s.rows, s.cols) for s in infos)
+    (series, rows, cols), _ = max(groups.items(), key=lambda kv: kv[1])  # ties: the first in name order
+    group = []
+    for s in infos:
+        if s.series_uid != series:
+            skipped.append((s.path.name, f"other series {s.series_uid or '(empty)'!s} (study series is "
+                                         f"{series or '(empty)'})"))
+        elif (s.rows, s.cols) != (rows, cols):
+            skipped.append((s.path.name, f"slice size {s.rows}x{s.cols} differs from the study's {rows}x{cols}"))
+        else:
+            group.append(s)
+
+    orients = [tuple(np.round(s.orientation, 4)) for s in group if s.orientation is not None]
+    if orients:
+        orientation = np.asarray(Counter(orients).most_common(1)[0][0], dtype=np.float64)
+    else:
+        orientation = _AXIAL.copy()
+        warns.append("no ImageOrientationPatient: assuming axial slices (1,0,0,0,1,0)")
+    normal = np.cross(orientation[:3], orientation[3:])
+    normal = normal / (np.linalg.norm(normal) or 1.0)
+    keep = []
+    for s in group:
+        if s.orientation is not None:
+            n = np.cross(s.orientation[:3], s.orientation[3:])
+            if abs(float(n @ normal)) / (np.linalg.norm(n) or 1.0) < 0.9998:  # > ~1 degree off the series plane
+                skipped.append((s.path.name, "ImageOrientationPatient differs from the series (e.g. a localizer)"))
+                continue
+        keep.append(s)
+    group = keep
+    if abs(normal[2]) < 0.5:
+        warns.append(f"slice normal {np.round(normal, 3).tolist()} is not head-feet: not an axial series")
+    # Sign so that z grows toward the feet: patient +z (LPS) points to the head.
+    sign = -1.0 if normal[2] >= 0 else 1.0
+
+    with_pos = [s for s in group if s.position is not None]
+    thick = next((s.spacing_between or s.slice_thickness for s in group if s.spacing_between or s.slice_thickness),
+                 None)
+    if with_pos:
+        for s in group:
+            if s.position is None:
+                skipped.append((s.path.name, "no ImagePositionPatient while the other slices have one"))
+        group = with_pos
+        z_all = sign * np.array([s.position @ normal for s in group])
+        method = "position"
+    else:
+        dz_guess = thick or 1.0
+        if all(s.instance_number is not None for s in group) and len({s.instance_number for s in group}) == len(
+            group
+        ):
+            rank = np.array([s.instance_number for s in group], dtype=np.float64)
+            warns.append("no ImagePositionPatient: ordered by InstanceNumber (assumed to grow head to feet), "
+                         f"dz {dz_guess} mm from SliceThickness/SpacingBetweenSlices")
+            method = "instance"
+        else:
+            stems = [_numeric_stem(s.path) for s in group]
+            if all(v is not None for v in stems) and len(set(stems)) == len(stems):
+                rank = np.array(stems, dtype=np.float64)
+                warns.append("no ImagePositionPatient or InstanceNumber: ordered by the numeric file name "
+                             f"(assumed to grow head to feet), dz {dz_guess} mm")
+            else:
+                rank = np.arange(len(group), dtype=np.float64)
+                warns.append("no ImagePositionPatient, InstanceNumber or numeric file names: kept file-name "
+                             f"order, dz {dz_guess} mm")
+            method = "name"
+        order = np.argsort(rank, kind="stable")
+        z_all = np.empty(len(group))
+        z_all[order] = np.arange(len(group)) * dz_guess
+        if thick is None:
+            warns.append("no slice spacing in the headers: dz = 1.0 mm assumed")
+
+    # Sort head to feet; ties (same position) are duplicates and keep the first file in name order.
+    order = np.argsort(z_all, kind="stable")
+    kept_idx: list[int] = []
+    for i in order:
+        if kept_idx and abs(z_all[i] - z_all[kept_idx[-1]]) < 1e-3:
+            skipped.append((group[i].path.name, f"duplicate position of {group[kept_idx[-1]].path.name}"))
+            continue
+        kept_idx.append(int(i))
+    kept = tuple(group[i] for i in kept_idx)
+    z = np.asarray(z_all[kept_idx], dtype=np.float64)
+
+    if len(z) > 1:
+        steps = np.diff(z)
+        dz = float(np.median(steps))
+        uneven = np.abs(steps - dz) > 0.1 * dz + 0.01
+        if uneven.any():
+            warns.append(f"uneven slice spacing: {int(uneven.sum())} step(s) differ from the median {dz:.3f} mm "
+                         f"(min {steps.min():.3f}, max {steps.max():.3f} mm)")
+    else:
+        dz = float(thick or 1.0)
+    # File-name order ran feet to head when z mostly decreases along it (kept_idx is in name order inside group).
+    name_rank = np.argsort(np.argsort(kept_idx))  # rank of each kept slice in file-name order
+    z_by_name = z[np.argsort(name_rank)]
+    is_reversed = bool(method != "name" and len(z) > 1 and np.sum(np.diff(z_by_name) < 0) > (len(z) - 1) / 2)
+    return SliceOrder(kept=kept, z=z, dz=dz, orientation=orientation, reversed=is_reversed,
+                      skipped=tuple(skipped), warnings=tuple(warns))
+
+
+def scan_study(folder: str | Path) -> StudyHeader:
+    """Read the headers of every file in a study folder (no pixel data) and order the slices head to feet.
+
+    Parameters
+    ----------
+    folder : str or Path
+        One study: axial slice files (any names; sub-folders and hidden files are ignored).
+
+    Returns
+    -------
+    StudyHeader
+
+    Raises
+    ------
+    DicomReadError
+        When the folder is missing, empty, or holds no readable slice; the message starts with the folder.
+        A single bad file only lands in ``header.skipped``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DicomReadError(f"{folder}: no such study folder" if not folder.exists() else f"{folder}: not a folder")
+    try:
+        paths = sorted((Path(e.path) for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")),
+                       key=lambda p: natural_key(p.name))
+    except OSError as exc:
+        raise DicomReadError(f"{folder}: cannot list the folder ({exc})") from exc
+    if not paths:
+        raise DicomReadError(f"{folder}: empty study folder (no files)")
+    infos, skipped = [], []
+    for path in paths:
+        try:
+            infos.append(read_slice_header(path))
+        except DicomReadError as exc:
+            skipped.append((path.name, str(exc).removeprefix(f"{path}: ")))
+    if not infos:
+        reasons = "; ".join(f"{n}: {r}" for n, r in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        raise DicomReadError(f"{folder}: no readable DICOM slice among {len(paths)} file(s) ({reasons})")
+    order = order_slices(infos)
+    kept = order.kept
+    spacing_yx = next((s.pixel_spacing for s in kept if s.pixel_spacing is not None), None)
+    warns = list(order.warnings)
+    if spacing_yx is None:
+        spacing_yx = (1.0, 1.0)
+        warns.append("no PixelSpacing: 1.0 mm assumed")
+    uids = Counter(s.study_uid for s in kept if s.study_uid)
+    study_uid = uids.most_common(1)[0][0] if uids else folder.name
+    if not uids:
+        warns.append("no StudyInstanceUID: using the folder name")
+    positions = np.array([s.position if s.position is not None else np.full(3, np.nan) for s in kept])
+    return StudyHeader(
+        folder=folder,
+        study_uid=study_uid,
+        files=tuple(s.path for s in kept),
+        z=order.z,
+        spacing=(float(order.dz), float(spacing_yx[0]), float(spacing_yx[1])),
+        rows=kept[0].rows,
+        cols=kept[0].cols,
+        transfer_syntaxes=tuple(s.transfer_syntax for s in kept),
+        reversed=order.reversed,
+        skipped=tuple(skipped) + order.skipped,
+        warnings=tuple(warns),
+        positions=positions.reshape(-1, 3),
+        orientation=order.orientation,
+        series_uid=kept[0].series_uid,
+        slice_thickness=kept[0].slice_thickness,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_hu(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+    """Stored pixel values to Hounsfield units: ``stored * slope + intercept``, as float32.
+
+    Parameters
+    ----------
+    stored : ndarray of int
+        Pixel values as pydicom decodes them (already sign-corrected for PixelRepresentation/BitsStored).
+    """
+    out = stored.astype(np.float32)
+    if slope != 1.0:
+        out *= np.float32(slope)
+    if intercept != 0.0:
+        out += np.float32(intercept)
+    return out
+
+
+def _unsupported_message(path: Path, tsyntax: str) -> str:
+    return (
+        f"{path}: cannot decode transfer syntax {tsyntax} ({_uid_name(tsyntax)}): no pydicom decoder exists for it "
+        "(not gdcm, pylibjpeg, pillow or pyjpegls); convert the file first to an uncompressed or lossless syntax "
+        "with a tool that reads it (e.g. dcmtk's `dcmdjpeg`)"
+    )
+
+
+def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | None = None) -> np.ndarray:
+    """Decode one slice file to HU through pydicom's pixel plugins.
+
+    Parameters
+    ----------
+    path : str or Path
+    tsyntax : str, optional
+        The file's transfer syntax if already known (saves nothing but a lookup; used for messages).
+    plugin : str, optional
+        Force one decoding plugin (e.g. ``"gdcm"``, ``"pylibjpeg"``); by default the preferred available one
+        (see :data:`PREFERRED_PLUGINS`), then every other plugin if that one fails.
+
+    Returns
+    -------
+    (rows, cols) ndarray of float32
+        HU (RescaleSlope/RescaleIntercept applied; 1 and 0 when absent).
+    """
+    import pydicom
+    from pydicom import Dataset
+    from pydicom.pixels import get_decoder, pixel_array
+
+    path = Path(path)
+    try:
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("ignore")
+            if tsyntax is None:
+                tsyntax = read_slice_header(path).transfer_syntax
+            try:
+                decoder = get_decoder(tsyntax)
+            except NotImplementedError:
+                raise DicomReadError(_unsupported_message(path, tsyntax)) from None
+            if not decoder.is_native and not decoder.available_plugins:
+                missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+                raise DicomReadError(
+                    f"{path}: cannot decode transfer syntax {tsyntax} ({_uid_name(tsyntax)}): no decoding plugin is "
+                    f"installed; install one of: {missing}"
+                )
+            if tsyntax == _DEFLATED:
+                # pixel_array(path) reads the raw (still deflated) stream; a full dcmread inflates it.
+                ds = pydicom.dcmread(path)
+                arr = ds.pixel_array
+            else:
+                choices = [plugin] if plugin else [p for p in available_plugins(tsyntax) if p != "native"][:1]
+                ds = Dataset()
+                try:
+                    arr = pixel_array(path, ds_out=ds, decoding_plugin=choices[0] if choices else "")
+                except Exception:
+                    if plugin or decoder.is_native:
+                        raise
+                    # The preferred plugin failed on this file: let pydicom try every available plugin.
+                    ds = Dataset()
+                    arr = pixel_array(path, ds_out=ds)
+    except DicomReadError:
+        raise
+    except Exception as exc:
+        raise DicomReadError(
+            f"{path}: cannot decode pixel data ({tsyntax} {_uid_name(tsyntax or '')}): {type(exc).__name__}: {exc}"
+        ) from exc
+    if arr.ndim != 2:
+        raise DicomReadError(f"{path}: decoded pixel data has shape {arr.shape}, expected one grayscale slice")
+    slope = _float_or_none(ds.get("RescaleSlope", None))
+    intercept = _float_or_none(ds.get("RescaleIntercept", None))
+    return to_hu(arr, 1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
+
+
+def read_slices(
+    header: StudyHeader, indices: Iterable[int] | None = None, plugin: str | None = None, progress: bool = False
+) -> np.ndarray:
+    """Decode only the requested slices of a scanned study, to HU.
+
+    Parameters
+    ----------
+    header : StudyHeader
+        From :func:`scan_study`.
+    indices : iterable of int, optional
+        Indices into ``header.files`` (head to feet); any order, repeats allowed (each file is decoded once).
+        All slices when None.
+    plugin : str, optional
+        Force one decoding plugin (benchmarks); see :func:`decode_slice`.
+    progress : bool
+        Show a tqdm bar.
+
+    Returns
+    -------
+    (n, rows, cols) ndarray of float32
+        HU, in the order of ``indices``.
+
+    Raises
+    ------
+    IndexError
+        An index outside ``[0, header.n_slices)``.
+    DicomReadError
+        A slice cannot be decoded, or decodes to a size other than ``(header.rows, header.cols)``: such a
+        slice is rejected, not resized, because resizing would silently change the pixel spacing.
+    """
+    idx = np.arange(header.n_slices) if indices is None else np.asarray(list(indices), dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= header.n_slices):
+        raise IndexError(f"{header.folder}: slice indices must be in [0, {header.n_slices}), got "
+                         f"{idx.min()}..{idx.max()}")
+    unique, inverse = np.unique(idx, return_inverse=True)
+    out = np.empty((len(unique), header.rows, header.cols), dtype=np.float32)
+    it = unique
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(unique, desc=f"decode {header.folder.name}", unit="slice")
+    for k, i in enumerate(it):
+        path = header.files[i]
+        tsyntax = header.transfer_syntaxes[i] if i < len(header.transfer_syntaxes) else None
+        hu = decode_slice(path, tsyntax, plugin)
+        if hu.shape != (header.rows, header.cols):
+            raise DicomReadError(
+                f"{path}: decoded slice is {hu.shape[0]}x{hu.shape[1]}, the study's slices are "
+                f"{header.rows}x{header.cols} (slices of another size are rejected, not resized)"
+            )
+        out[k] = hu
+    if len(unique) == len(idx) and np.array_equal(unique, idx):
+        return out
+    return out[inverse.reshape(-1)]
+
+
+def read_study(folder: str | Path, progress: bool = False) -> tuple[StudyHeader, np.ndarray]:
+    """Scan a study and decode all its slices.
+
+    Returns
+    -------
+    header : StudyHeader
+    volume : (z, y, x) ndarray of float32
+        HU, z from head to feet.
+    """
+    header = scan_study(folder)
+    return header, read_slices(header, None, progress=progress)

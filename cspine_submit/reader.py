@@ -1,0 +1,180 @@
+"""Stream studies through a pool of worker processes with bounded prefetch.
+
+While the caller works on study i (e.g. the GPU scores it), worker processes already scan and decode
+studies i+1 .. i+prefetch. Results come back in input order, one :class:`Outcome` per item, whether the
+work succeeded, raised, or killed its worker process (a decoder segfault costs that study only).
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import time
+import traceback
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+WORKER_DIED = "worker process died while working on this item (e.g. a crash inside a decoder)"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one item.
+
+    Attributes
+    ----------
+    item : Any
+        The input item, as given.
+    value : Any
+        ``work_fn(item)``, or None when it failed.
+    error : str or None
+        ``"<ExceptionType>: <message>"`` (or :data:`WORKER_DIED` text) when it failed, else None.
+    seconds : float
+        Wall time of ``work_fn(item)`` inside the worker (0.0 when the worker died).
+    """
+
+    item: Any
+    value: Any = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the work returned a value."""
+        return self.error is None
+
+
+def _call(work_fn: Callable[[Any], Any], item: Any) -> tuple[Any, str | None, float]:
+    """Run ``work_fn(item)`` in a worker; exceptions become text so that unpicklable ones cannot break the pool."""
+    start = time.perf_counter()
+    try:
+        return work_fn(item), None, time.perf_counter() - start
+    except Exception as exc:  # the caller decides what an error means; the stream goes on
+        where = traceback.extract_tb(exc.__traceback__)[-1:]
+        at = f" (at {where[0].filename}:{where[0].lineno})" if where else ""
+        return None, f"{type(exc).__name__}: {exc}{at}", time.perf_counter() - start
+
+
+def _outcome(item: Any, result: tuple[Any, str | None, float]) -> Outcome:
+    value, error, seconds = result
+    return Outcome(item=item, value=value, error=error, seconds=seconds)
+
+
+def iter_studies(
+    items: Iterable[Any],
+    work_fn: Callable[[Any], Any],
+    workers: int = 2,
+    prefetch: int = 4,
+    start_method: str = "spawn",
+    progress: bool | str = False,
+) -> Iterator[Outcome]:
+    """Yield ``work_fn(item)`` for every item, in input order, computed ahead in worker processes.
+
+    Parameters
+    ----------
+    items : iterable
+        Consumed lazily (an iterator over a huge test set is fine). Items and results must be picklable.
+    work_fn : callable
+        A top-level (picklable) function of one item. Its exceptions are caught and reported per item.
+    workers : int
+        Worker processes; 0 runs everything in this process, one item at a time (tests, debugging).
+    prefetch : int
+        At most this many items are submitted but not yet yielded; bounds memory to about ``prefetch``
+        results (plus the one the caller holds), whatever the number of items. Values below ``workers``
+        leave workers idle.
+    start_method : str
+        multiprocessing start method; ``spawn`` (default) is safe in a process that already runs
+        TensorFlow threads, where ``fork`` can deadlock.
+    progress : bool or str
+        Show a tqdm bar (a str is its description).
+
+    Yields
+    ------
+    Outcome
+        One per item, in input order. A worker that dies (``os._exit``, segfault) costs only the item it
+        was working on: the pool is rebuilt and the other in-flight items are rerun one at a time, so the
+        culprit is found for certain.
+    """
+    if workers < 0 or prefetch < 1:
+        raise ValueError(f"workers must be >= 0 and prefetch >= 1 (got workers={workers}, prefetch={prefetch})")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        bar = tqdm(total=total, desc=progress if isinstance(progress, str) else "studies", unit="study")
+    try:
+        if workers == 0:
+            for item in items:
+                yield _outcome(item, _call(work_fn, item))
+                if bar is not None:
+                    bar.update(1)
+            return
+        for outcome in _iter_pool(iter(items), work_fn, workers, prefetch, start_method):
+            yield outcome
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _iter_pool(
+    items: Iterator[Any], work_fn: Callable, workers: int, prefetch: int, start_method: str
+) -> Iterator[Outcome]:
+    context = multiprocessing.get_context(start_method)
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+    pool = new_pool()
+    # Each entry: [item, Future or finished Outcome]
+    pending: collections.deque[list] = collections.deque()
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(pending) < prefetch:
+                try:
+                    item = next(items)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending.append([item, pool.submit(_call, work_fn, item)])
+            if not pending:
+                return
+            item, state = pending[0]
+            if isinstance(state, Future):
+                try:
+                    state = _outcome(item, state.result())
+                except BrokenProcessPool:
+                    pool = _recover(pool, pending, new_pool, work_fn)
+                    continue
+            pending.popleft()
+            yield state
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _recover(pool: ProcessPoolExecutor, pending: collections.deque, new_pool: Callable, work_fn: Callable):
+    """After a worker died: rerun every unfinished in-flight item alone in a fresh pool to find the culprit.
+
+    Items whose future had already finished keep their result. Returns the pool to continue with.
+    """
+    pool.shutdown(wait=False, cancel_futures=True)
+    pool = new_pool()
+    for entry in pending:
+        item, state = entry
+        if isinstance(state, Outcome):
+            continue
+        if state.done() and not state.cancelled() and state.exception() is None:
+            entry[1] = _outcome(item, state.result())
+            continue
+        try:
+            entry[1] = _outcome(item, pool.submit(_call, work_fn, item).result())
+        except BrokenProcessPool as exc:
+            entry[1] = Outcome(item=item, error=f"{WORKER_DIED}: {exc}")
+            pool.shutdown(wait=False, cancel_futures=True)
+            pool = new_pool()
+    return pool

@@ -1,0 +1,85 @@
+"""iter_studies: input order, per-item errors, a dying worker costs one item, bounded prefetch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from cspine_submit.reader import WORKER_DIED, Outcome, iter_studies
+
+
+# Work functions must be top-level (picklable by reference) for the spawned workers.
+def square_slowly(x: int) -> int:
+    # Earlier items take longer, so with 2 workers later items finish first: order must still hold.
+    time.sleep(0.05 * (3 - x) if x < 3 else 0.0)
+    return x * x
+
+
+def fail_on_three(x: int) -> int:
+    if x == 3:
+        raise RuntimeError(f"cannot read study {x}")
+    return x + 100
+
+
+def die_on_two(x: int) -> int:
+    if x == 2:
+        os.kill(os.getpid(), signal.SIGSEGV)  # what a crashing C decoder does to its process
+    if x == 4:
+        os._exit(3)
+    return -x
+
+
+def test_in_process_runs_in_order_and_reports_errors():
+    out = list(iter_studies(range(6), fail_on_three, workers=0))
+    assert [o.item for o in out] == [0, 1, 2, 3, 4, 5]
+    assert [o.value for o in out] == [100, 101, 102, None, 104, 105]
+    assert out[3].error.startswith("RuntimeError: cannot read study 3")
+    assert all(o.ok for i, o in enumerate(out) if i != 3) and not out[3].ok
+    assert all(isinstance(o, Outcome) and o.seconds >= 0 for o in out)
+
+
+def test_workers_keep_input_order_and_report_errors():
+    out = list(iter_studies(range(6), square_slowly, workers=2, prefetch=3))
+    assert [(o.item, o.value, o.error) for o in out] == [(i, i * i, None) for i in range(6)]
+    assert out[0].seconds >= 0.1  # measured inside the worker: item 0 slept 0.15 s
+    errs = list(iter_studies(range(5), fail_on_three, workers=2))
+    assert [o.value for o in errs] == [100, 101, 102, None, 104]
+    assert "cannot read study 3" in errs[3].error
+
+
+def test_dying_worker_costs_only_its_item():
+    out = list(iter_studies(range(7), die_on_two, workers=2, prefetch=4))
+    assert [o.item for o in out] == list(range(7))
+    assert [o.value for o in out] == [0, -1, None, -3, None, -5, -6]
+    assert out[2].error.startswith(WORKER_DIED) and out[4].error.startswith(WORKER_DIED)
+    assert [o.error is None for o in out] == [True, True, False, True, False, True, True]
+
+
+def test_prefetch_bounds_items_taken_ahead():
+    pulled = []
+
+    def items():
+        for i in range(50):
+            pulled.append(i)
+            yield i
+
+    stream = iter_studies(items(), fail_on_three, workers=0)
+    first = next(stream)
+    assert first.item == 0 and len(pulled) == 1  # in-process: nothing taken ahead
+    stream.close()
+
+    pulled.clear()
+    stream = iter_studies(items(), square_slowly, workers=1, prefetch=3)
+    first = next(stream)
+    assert first.value == 0 and len(pulled) == 3  # the yielded item and two more in flight, not all 50
+    second = next(stream)
+    assert second.value == 1 and len(pulled) == 4
+    stream.close()  # stopping early shuts the pool down
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="prefetch"):
+        list(iter_studies([1], square_slowly, workers=1, prefetch=0))

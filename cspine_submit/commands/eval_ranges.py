@@ -1,0 +1,73 @@
+"""Measure how well learned slice ranges localize C1-C7, leave-one-out over a folder of masks.
+
+For each mask: learn from all the others, plan the left-out study, and compare with its mask. Per vertebra:
+coverage (share of the vertebra's true slices inside the planned range), purity (share of the planned slices that
+contain the vertebra) and box coverage (share of the vertebra's voxels inside the planned in-plane box).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+NAME = "eval-ranges"
+HELP = "leave-one-out coverage/purity/box coverage of the learned slice ranges"
+ORDER = 31
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--segmentations", required=True, type=Path, help="folder of <uid>.nii / .nii.gz masks")
+    parser.add_argument("--images", type=Path, default=None, help="folder of <uid>/ study folders")
+    parser.add_argument("--layout", choices=("competition", "affine"), default="competition")
+    parser.add_argument("--method", choices=("fraction", "mm_top", "profile", "all"), default=None,
+                        help="method to evaluate (default: profile with --images, else fraction); 'all' compares")
+    parser.add_argument("--slices", type=int, default=15, help="K slices per vertebra (default 15)")
+    parser.add_argument("--z-margin", type=float, default=2.0, help="mm added above and below each range")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def format_table(result: dict) -> str:
+    lines = [f"method {result['method']}: leave-one-out over {result['n_studies']} masks, K={result['k']}, "
+             f"z margin {result['z_margin_mm']} mm",
+             f"{'vertebra':<9}{'coverage':>10}{'purity':>9}{'box_cov':>9}"]
+    rows = list(result["per_vertebra"].items()) + [("mean", result["mean"])]
+    for name, d in rows:
+        lines.append(f"{name:<9}{d['coverage']:>10.3f}{d['purity']:>9.3f}{d['box_coverage']:>9.3f}")
+    if result.get("anchor_error_mm"):
+        errs = [abs(e) for e in result["anchor_error_mm"] if e is not None]
+        if errs:
+            lines.append(f"column-centre error: median {sorted(errs)[len(errs) // 2]:.1f} mm, max {max(errs):.1f} mm")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from cspine_submit.ranges import METHODS, evaluate_ranges, load_truths
+
+    try:
+        truths, skipped = load_truths(args.segmentations, args.images, layout=args.layout,
+                                      with_profile=args.images is not None, progress=not args.json)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}")
+        return 2
+    if not args.json:
+        for path, reason in skipped:
+            print(f"skipped {Path(path).name}: {reason}")
+    if args.method == "all":
+        methods = [m for m in METHODS if m != "profile" or all(t.profile is not None for t in truths)]
+    else:
+        methods = [args.method]
+    results = []
+    try:
+        for m in methods:
+            results.append(evaluate_ranges(truths, method=m, k=args.slices, z_margin_mm=args.z_margin,
+                                           layout=args.layout))
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    if args.json:
+        keep = ("method", "n_studies", "k", "z_margin_mm", "per_vertebra", "mean", "anchor_error_mm")
+        out = [{k: r[k] for k in keep if k in r} for r in results]
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+    else:
+        print("\n\n".join(format_table(r) for r in results))
+    return 0

@@ -1,0 +1,253 @@
+"""Slice-range learner, planner and leave-one-out evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cspine_submit.config import VERTEBRAE, ModelConfig, SliceRanges
+from cspine_submit.dicom import StudyHeader
+from cspine_submit.ranges import (
+    CropPlan,
+    MaskError,
+    StudyTruth,
+    cue_indices,
+    evaluate_ranges,
+    extract_truth,
+    indices_in_range,
+    learn_ranges,
+    load_ranges,
+    load_truths,
+    plan_crops,
+    ranges_from_truths,
+    score_plans,
+)
+
+DATA = Path(__file__).parent / "data" / "nifti"
+VERSE = DATA / "verse"
+
+# FACTS.md: slices (in the files' own LPS index, z growing toward the head) of C1..C7 in the two VerSe masks.
+FACTS_VERSE = {
+    "sub-gl003_dir-ax_seg-vert_msk": (214, [(185, 207), (166, 200), (151, 173), (139, 161), (124, 147), (111, 134),
+                                            (97, 123)]),
+    "sub-gl017_seg-vert_msk_uint8": (229, [(170, 197), (149, 193), (134, 162), (121, 147), (106, 132), (87, 118),
+                                           (72, 104)]),
+}
+
+
+def _label_volume(n: int, z_ranges: list[tuple[int, int]], rows: int = 32, cols: int = 32, box=(10, 12, 20, 22)):
+    """Hand-made axial label volume: vertebra k (1-7) fills ``box`` on its slices (later labels overwrite)."""
+    vol = np.zeros((n, rows, cols), dtype=np.uint8)
+    y0, x0, y1, x1 = box
+    for label, (a, b) in enumerate(z_ranges, start=1):
+        vol[a : b + 1, y0:y1, x0:x1] = label
+    return vol
+
+
+def _header(n: int, dz: float = 1.0, rows: int = 64, cols: int = 64, z0: float = 0.0) -> StudyHeader:
+    z = z0 + np.arange(n) * dz
+    return StudyHeader(folder=Path("/nonexistent"), study_uid="1.2.3", files=tuple(Path(f"{i}.dcm") for i in range(n)),
+                       z=z, spacing=(dz, 0.5, 0.5), rows=rows, cols=cols, transfer_syntaxes=("1.2.840.10008.1.2",) * n)
+
+
+# ------------------------------------------------------------------------------------------------ real VerSe masks
+
+
+@pytest.fixture(scope="module")
+def verse_truths():
+    truths, skipped = load_truths(VERSE, None, layout="affine")
+    assert skipped == []
+    return {t.uid: t for t in truths}
+
+
+def test_verse_extents_match_facts(verse_truths):
+    for uid, (n, lps_ranges) in FACTS_VERSE.items():
+        t = verse_truths[uid]
+        assert t.n_slices == n and (t.rows, t.cols) == (512, 512)
+        for v, (a, b) in zip(VERTEBRAE, lps_ranges):
+            # head-to-feet index = n - 1 - LPS index
+            assert t.z_ranges[v] == (n - 1 - b, n - 1 - a), (uid, v)
+
+
+def test_verse_learner_orders_vertebrae_and_lengths(tmp_path):
+    ranges, skipped = learn_ranges(VERSE, None, layout="affine", source="test")
+    assert skipped == [] and ranges.n_masks == 2 and ranges.layout == "affine" and ranges.method == "fraction"
+    assert set(ranges.study_uids) == set(FACTS_VERSE)
+    pv = ranges.per_vertebra
+    for m in ("fraction", "mm_top"):
+        starts = [pv[v][m]["start"]["q50"] for v in VERTEBRAE]
+        ends = [pv[v][m]["end"]["q50"] for v in VERTEBRAE]
+        assert starts == sorted(starts) and ends == sorted(ends), m  # C1 above C2 above ... C7
+        assert all(e > s for s, e in zip(starts, ends))
+    lengths = {v: pv[v]["length_mm"]["q50"] for v in VERTEBRAE}
+    # FACTS.md: a cervical vertebra spans about 28-40 mm, C2 with the dens 44-56 mm (slice centres: one slice less).
+    assert 42 <= lengths["C2"] <= 56
+    assert all(26 <= lengths[v] <= 40 for v in VERTEBRAE if v != "C2")
+    # The in-plane box quantiles are fractions of the image and ordered.
+    box = pv["C4"]["box"]
+    assert 0 <= box["y0"]["q50"] < box["y1"]["q50"] <= 1 and 0 <= box["x0"]["q50"] < box["x1"]["q50"] <= 1
+    path = ranges.to_json(tmp_path / "r.json")
+    again = load_ranges(path)
+    assert again == ranges
+
+
+def test_default_weights_file_is_the_verse_one():
+    ranges = load_ranges(Path(__file__).parents[1] / "weights" / "slice_ranges.json")
+    assert ranges.n_masks == 2 and "VerSe" in ranges.source and ranges.layout == "affine"
+
+
+def test_mask_without_cervical_labels_is_skipped_with_reason():
+    truths, skipped = load_truths(DATA / "totalseg", None, layout="affine")
+    assert truths == []
+    (name, reason), = skipped
+    assert "totalseg_example_seg_dicom" in name and "missing" in reason and "C1-C7" in reason
+    with pytest.raises(ValueError, match="no usable mask"):
+        learn_ranges(DATA / "totalseg", None, layout="affine")
+
+
+def test_extract_truth_checks():
+    vol = _label_volume(40, [(2, 6), (4, 10), (9, 14), (13, 18), (17, 22), (21, 26), (25, 30)])
+    t = extract_truth(vol, np.arange(40.0), (1.0, 1.0, 1.0), uid="x")
+    assert t.z_ranges["C1"] == (2, 3)  # C2 overwrote C1 from slice 4 on
+    assert t.z_ranges["C7"] == (25, 30) and t.boxes["C7"] == (10, 12, 20, 22)
+    assert t.footprints["C7"].sum() == 6 * 10 * 10
+    with pytest.raises(MaskError, match="not above C7"):
+        extract_truth(vol[::-1], np.arange(40.0), (1.0, 1.0, 1.0), name="flipped.nii")
+    with pytest.raises(MaskError, match=r"\['C3'\] missing"):
+        extract_truth(np.where(vol == 3, 0, vol), np.arange(40.0), (1.0, 1.0, 1.0), name="m.nii")
+    with pytest.raises(MaskError, match="no C1-C7"):
+        extract_truth(np.zeros((4, 4, 4), np.uint8), np.arange(4.0), (1.0, 1.0, 1.0), name="empty.nii")
+
+
+# ------------------------------------------------------------------------------------------------ planner
+
+
+def _simple_ranges(method="fraction") -> SliceRanges:
+    """Learned from one hand-made study of 101 slices at 1 mm: C(k) spans slices 10k .. 10k+19."""
+    vol = _label_volume(101, [(10 * k, 10 * k + 19) for k in range(1, 8)], rows=64, cols=64, box=(16, 8, 48, 40))
+    t = extract_truth(vol, np.arange(101.0), (1.0, 0.5, 0.5), uid="hand")
+    # Later labels overwrite earlier ones in the hand-made volume: C(k) keeps slices 10k..10k+9, C7 70..89.
+    return ranges_from_truths([t], method=method)
+
+
+def test_plan_crops_hand_computed():
+    ranges = _simple_ranges()
+    header = _header(201, dz=0.5, rows=128, cols=64)  # same anatomy fractions, twice the slices
+    plans = plan_crops(header, ranges, ModelConfig(slices_per_vertebra=5), z_margin_mm=1.0)
+    assert list(plans) == list(VERTEBRAE)
+    # C3 learned at fraction 0.30-0.39 -> z 30-39 mm -> with 1 mm margin [29, 40] mm -> slices 58..80.
+    assert plans["C3"] == CropPlan("C3", (58, 64, 69, 74, 80), (32, 8, 96, 40))
+    for p in plans.values():
+        idx = np.asarray(p.slice_indices)
+        assert len(idx) == 5 and np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < header.n_slices
+        y0, x0, y1, x1 = p.box
+        assert 0 <= y0 < y1 <= header.rows and 0 <= x0 < x1 <= header.cols
+    mids = [np.mean(plans[v].slice_indices) for v in VERTEBRAE]
+    assert mids == sorted(mids)
+
+
+def test_plan_crops_on_verse_ranges_stays_inside_small_study():
+    ranges = load_ranges(Path(__file__).parents[1] / "weights" / "slice_ranges.json")
+    header = _header(12, dz=3.0, rows=48, cols=40)
+    plans = plan_crops(header, ranges, ModelConfig(slices_per_vertebra=15))
+    for p in plans.values():
+        idx = np.asarray(p.slice_indices)
+        assert 1 <= len(idx) <= 12 and np.all(np.diff(idx) > 0) and 0 <= idx.min() and idx.max() < 12
+
+
+def test_indices_in_range_edges():
+    z = np.arange(10.0)
+    assert indices_in_range(z, 2.0, 6.0, 3) == (2, 4, 6)
+    assert indices_in_range(z, 2.0, 4.0, 15) == (2, 3, 4)  # fewer slices than K: each once
+    assert indices_in_range(z, 30.0, 40.0, 5) == (9,)  # beyond the study: the nearest slice
+    assert indices_in_range(z, 3.2, 3.4, 5) == (3,)  # between two slices
+
+
+def test_score_plans_hand_computed():
+    vol = _label_volume(60, [(5 * k, 5 * k + 9) for k in range(1, 8)], box=(10, 10, 20, 20))
+    t = extract_truth(vol, np.arange(60.0), (1.0, 1.0, 1.0))
+    # C7 truth: slices 35-44, box (10,10,20,20), 100 pixels of 10 voxels each.
+    plans = {v: CropPlan(v, (0,), (0, 0, 32, 32)) for v in VERTEBRAE}
+    plans["C7"] = CropPlan("C7", (40, 42, 44, 46, 48), (10, 10, 15, 20))
+    s = score_plans(t, plans)["C7"]
+    assert s["coverage"] == pytest.approx(5 / 10)  # slices 40..44 of 35..44
+    assert s["purity"] == pytest.approx(3 / 5)  # 40, 42, 44 contain C7
+    assert s["box_coverage"] == pytest.approx(0.5)  # half of the rows of the footprint
+
+
+# ------------------------------------------------------------------------------------------------ profile method
+
+
+def _profile_truth(i: int, rng: np.random.Generator) -> StudyTruth:
+    """A study whose column centre sits at a known mm position, with more or less head and chest.
+
+    Features are smooth functions of the distance to the column centre: the skull's bone area above, a dip at the
+    neck, the shoulders' body area below; the scan window varies, so fractions of the extent do not transfer.
+    """
+    dz = 1.0
+    above = rng.uniform(10, 90)  # mm of head above C1
+    below = rng.uniform(10, 90)  # mm of chest below C7
+    col_len = rng.uniform(120, 135)
+    n = int(round((above + col_len + below) / dz))
+    z = np.arange(n) * dz
+    c1_top = above
+    c7_bottom = above + col_len
+    centre = 0.5 * (c1_top + c7_bottom)
+    r = z - centre
+    bone = 2.0 + 1.5 * np.tanh((-r - 70) / 8) + 1.0 * np.tanh((r - 70) / 10) + 0.3 * np.sin(r / 9)
+    body = 5.0 + 0.4 * np.tanh((r - 60) / 10) - 0.2 * np.exp(-(r / 40) ** 2)
+    profile = np.stack([bone, body], axis=1) + rng.normal(0, 0.02, (n, 2))
+    zr = {}
+    seg = col_len / 7
+    for k, v in enumerate(VERTEBRAE):
+        a = c1_top + k * seg - (3 if k else 0)
+        b = c1_top + (k + 1) * seg + 3 if k < 6 else c7_bottom
+        zr[v] = (int(np.ceil(a / dz)), int(np.floor(b / dz)))
+    box = (20, 20, 40, 40)
+    foot = np.ones((20, 20), np.int32)
+    return StudyTruth(uid=f"s{i}", z_mm=z, rows=64, cols=64, spacing=(dz, 1.0, 1.0), z_ranges=zr,
+                      boxes={v: box for v in VERTEBRAE}, footprints={v: foot for v in VERTEBRAE}, profile=profile)
+
+
+def test_profile_method_beats_fraction_on_varying_extents():
+    rng = np.random.default_rng(3)
+    truths = [_profile_truth(i, rng) for i in range(8)]
+    frac = evaluate_ranges(truths, method="fraction", k=15)
+    prof = evaluate_ranges(truths, method="profile", k=15)
+    errors = np.abs(prof["anchor_error_mm"])
+    assert np.all(errors <= 6.0), errors
+    assert prof["mean"]["coverage"] > 0.9 and prof["mean"]["purity"] > 0.8
+    assert prof["mean"]["coverage"] > frac["mean"]["coverage"] + 0.15
+    assert prof["mean"]["purity"] > frac["mean"]["purity"] + 0.15
+
+
+def test_profile_plan_reads_cue_slices_through_reader():
+    rng = np.random.default_rng(5)
+    truths = [_profile_truth(i, rng) for i in range(5)]
+    ranges = ranges_from_truths(truths[1:], method="profile")
+    held = truths[0]
+    header = _header(held.n_slices, dz=1.0)
+    calls = []
+
+    def fake_read(h, idx):
+        # Slices whose features reproduce the held-out profile: bone and body areas as filled pixel counts.
+        calls.append(np.asarray(idx))
+        out = np.full((len(idx), 64, 64), -1000.0, dtype=np.float32)
+        for j, i in enumerate(idx):
+            bone_cm2, body_cm2 = np.expm1(held.profile[i])
+            px = 0.5 * 0.5 * 4 / 100.0  # cm2 per counted pixel (stride 2 of 0.5 mm pixels)
+            nb, nbody = int(round(bone_cm2 / px)), int(round(body_cm2 / px))
+            flat = out[j, ::2, ::2].reshape(-1)
+            flat[: min(nbody, flat.size)] = 40.0
+            flat[: min(nb, flat.size)] = 800.0
+            out[j, ::2, ::2] = flat.reshape(32, 32)
+        return out
+
+    plans = plan_crops(header, ranges, ModelConfig(slices_per_vertebra=7), read=fake_read)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(calls[0], cue_indices(header.n_slices, header.z, ranges.extra["cue"]))
+    assert 12 <= len(calls[0]) <= 40
+    assert all(len(p.slice_indices) == 7 for p in plans.values())

@@ -1,0 +1,549 @@
+"""The per-vertebra classifiers: architecture factory, loading every file format, batched compiled scoring.
+
+Architectures (:data:`ARCHITECTURES`, one factory :func:`build_classifier`):
+
+- ``seed``: ResNet50(include_top=False) -> Flatten -> Dense(256, relu) -> Dense(1, sigmoid), the seed notebook's
+  network (157,799,681 parameters at 512x512x1);
+- ``gap``: ResNet50 -> GlobalAveragePooling -> Dropout(0.3) -> Dense(1, sigmoid) (about 23.6M parameters);
+- ``tiny``: a 4-block CNN with the same input/output contract, for tests and the synthetic demo.
+
+Loading (:func:`load_classifiers`): the architecture named by ``model_config.json`` is rebuilt and the weights
+are read into it from ``.keras``, Keras-3 ``.h5``, ``.weights.h5`` or Keras-2-era full-model ``.h5`` files (the
+seed notebook's ``spine_C1.h5`` ... ``spine_C7.h5``; Keras 3 cannot always deserialize their stored configs,
+but their weights load bit-exactly into the rebuilt network). A folder with only those seven files and no
+config uses :data:`NOTEBOOK_CONFIG` and says so with a :class:`DefaultConfigWarning`.
+
+Scoring (:func:`score`): one compiled ``tf.function`` per model, batches padded to a power-of-two size (so a
+model is traced at most ``log2(batch_size) + 1`` times), float16 compute on GPUs that benefit when the config
+asks, every visible GPU through ``tf.distribute.MirroredStrategy`` when there are several, CPU otherwise.
+
+TensorFlow / Keras are imported inside functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import weakref
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from cspine_submit.config import VERTEBRAE, ModelConfig
+
+NOTEBOOK_FILES: dict[str, str] = {v: f"spine_{v}.h5" for v in VERTEBRAE}
+"""The seed notebook's classifier file names."""
+
+NOTEBOOK_CONFIG = ModelConfig(
+    head="seed",
+    input_size=512,
+    channels="single",
+    windows=((400.0, 1800.0),),
+    neighbour_offset=2,
+    crop_margin=0.1,
+    classifier_files=dict(NOTEBOOK_FILES),
+    batch_size=16,
+    mixed_precision=True,
+    trained_on="competition",
+    source=(
+        "default config for the seed notebook's spine_C1.h5..spine_C7.h5 (no model_config.json was found): "
+        "seed head, 512x512x1 input; the notebook's own intensity scaling is not stored in its files, "
+        "a WL 400 / WW 1800 window is assumed - write a model_config.json to change it"
+    ),
+)
+"""Config used for a weights folder that holds only the seed notebook's seven ``.h5`` files."""
+
+
+class DefaultConfigWarning(UserWarning):
+    """A weights folder had no ``model_config.json`` and a documented default was used."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One known classifier head.
+
+    Attributes
+    ----------
+    name : str
+    description : str
+    build : callable
+        ``build(k, input_shape, backbone_weights) -> k.Model`` where ``k`` is the Keras namespace
+        (``keras`` or ``tf_keras``).
+    resnet50 : bool
+        Whether it has a ResNet50 backbone (and so can take ImageNet weights).
+    """
+
+    name: str
+    description: str
+    build: Callable[..., Any]
+    resnet50: bool
+
+
+def _resnet50(k, input_shape, backbone_weights):
+    return k.applications.ResNet50(
+        include_top=False,
+        weights=None if backbone_weights is None else str(backbone_weights),
+        input_shape=tuple(input_shape),
+    )
+
+
+def _build_seed(k, input_shape, backbone_weights=None):
+    L = k.layers
+    base = _resnet50(k, input_shape, backbone_weights)
+    x = L.Flatten(name="flatten")(base.output)
+    x = L.Dense(256, activation="relu", name="fc256")(x)
+    # float32 output keeps the sigmoid exact under a mixed_float16 policy.
+    out = L.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    return k.Model(base.input, out, name="seed")
+
+
+def _build_gap(k, input_shape, backbone_weights=None):
+    L = k.layers
+    base = _resnet50(k, input_shape, backbone_weights)
+    x = L.GlobalAveragePooling2D(name="gap")(base.output)
+    x = L.Dropout(0.3, name="dropout")(x)
+    out = L.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    return k.Model(base.input, out, name="gap")
+
+
+def _build_tiny(k, input_shape, backbone_weights=None):
+    L = k.layers
+    inp = L.Input(shape=tuple(input_shape), name="image")
+    x = inp
+    for i, filters in enumerate((16, 32, 64, 96)):
+        x = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = L.BatchNormalization(name=f"bn{i}")(x)
+        x = L.Activation("relu", name=f"relu{i}")(x)
+        x = L.MaxPooling2D(2, name=f"pool{i}")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    x = L.Dropout(0.2, name="dropout")(x)
+    out = L.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    return k.Model(inp, out, name="tiny")
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        Architecture("seed", "ResNet50 -> Flatten -> Dense(256, relu) -> Dense(1, sigmoid) (the seed notebook)", _build_seed, True),
+        Architecture("gap", "ResNet50 -> GlobalAveragePooling -> Dropout(0.3) -> Dense(1, sigmoid)", _build_gap, True),
+        Architecture("tiny", "4 x (Conv3x3-BN-ReLU-MaxPool) -> GAP -> Dropout -> Dense(1, sigmoid); tests and demo", _build_tiny, False),
+    )
+}
+"""Known classifier heads, by name."""
+
+
+def build_classifier(head: str, input_shape, backbone_weights: str | Path | None = None, *, keras_module=None):
+    """Build an untrained (or ImageNet-initialised) classifier.
+
+    Parameters
+    ----------
+    head : str
+        A key of :data:`ARCHITECTURES`.
+    input_shape : (height, width, channels)
+        Model input, channels last.
+    backbone_weights : path, optional
+        Local ImageNet weights file for the ResNet50 backbone (the ``..._notop.h5`` file); only for ResNet50
+        heads and 3-channel inputs. Nothing is ever downloaded.
+    keras_module : module, optional
+        Keras namespace to build with; default ``keras`` (Keras 3). Passing ``tf_keras`` builds the same
+        network as a Keras-2-era model (used to write legacy ``.h5`` files in tests).
+
+    Returns
+    -------
+    keras.Model
+        ``(batch, *input_shape) -> (batch, 1)`` fracture probability.
+    """
+    if head not in ARCHITECTURES:
+        raise ValueError(f"unknown classifier head {head!r}; valid heads: {sorted(ARCHITECTURES)}")
+    arch = ARCHITECTURES[head]
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape {input_shape}: expected (height, width, channels)")
+    if backbone_weights is not None:
+        if not arch.resnet50:
+            raise ValueError(f"head {head!r} has no ResNet50 backbone: backbone_weights cannot be used")
+        if input_shape[-1] != 3:
+            raise ValueError(
+                f"ImageNet backbone weights need a 3-channel input, got {input_shape}; "
+                "use channels 'replicate' or 'windows' with three windows"
+            )
+        path = Path(backbone_weights)
+        if str(backbone_weights).lower() == "imagenet":
+            raise ValueError("backbone_weights must be a local file path; downloading 'imagenet' is not supported offline")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ImageNet weights file not found")
+        backbone_weights = path
+    if keras_module is None:
+        import keras as keras_module
+    return arch.build(keras_module, input_shape, backbone_weights)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Devices and precision
+
+
+def gpu_devices() -> list:
+    """Visible physical GPUs."""
+    import tensorflow as tf
+
+    return list(tf.config.list_physical_devices("GPU"))
+
+
+def fast_float16_available() -> bool:
+    """True when every visible GPU has fast float16 (compute capability >= 7.0: V100, T4, A100...).
+
+    A P100 (6.0) gains nothing from float16, and a CPU loses, so both keep float32.
+    """
+    import tensorflow as tf
+
+    gpus = gpu_devices()
+    if not gpus:
+        return False
+    for gpu in gpus:
+        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)
+        if tuple(cc) < (7, 0):
+            return False
+    return True
+
+
+def precision_policy(config: ModelConfig) -> str:
+    """``mixed_float16`` when ``config.mixed_precision`` and the GPUs benefit, else ``float32``."""
+    return "mixed_float16" if config.mixed_precision and fast_float16_available() else "float32"
+
+
+@contextmanager
+def dtype_policy(name: str):
+    """Temporarily set Keras' global dtype policy (models keep the policy they were built with)."""
+    import keras
+
+    old = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(old)
+
+
+def distribution_strategy():
+    """``MirroredStrategy`` over every visible GPU when there are several, else the default strategy."""
+    import tensorflow as tf
+
+    gpus = gpu_devices()
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(len(gpus))])
+    return tf.distribute.get_strategy()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def inspect_model_file(path: str | Path) -> dict:
+    """What a classifier file says about itself, without building it.
+
+    Returns
+    -------
+    dict
+        ``format`` (``keras``, ``h5-keras2``, ``h5-keras3``, ``weights-h5``), ``keras_version`` (str or None),
+        ``input_shape`` (tuple or None, without the batch axis), ``head`` (guessed from the stored layers:
+        ``seed``, ``gap``, ``tiny`` or None).
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Not a readable ``.keras`` (zip) or HDF5 file; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: classifier file not found")
+    name = path.name.lower()
+    info: dict[str, Any] = {"format": None, "keras_version": None, "input_shape": None, "head": None}
+    model_config = None
+    if name.endswith(".keras"):
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path}: not a valid .keras file (not a zip archive; truncated or corrupt?)")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                model_config = json.loads(zf.read("config.json"))
+                meta = json.loads(zf.read("metadata.json")) if "metadata.json" in zf.namelist() else {}
+        except (KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: corrupt .keras file ({exc})") from exc
+        info.update(format="keras", keras_version=meta.get("keras_version"))
+    elif name.endswith(".h5") or name.endswith(".hdf5"):
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                attrs = {k: f.attrs[k] for k in f.attrs}
+        except OSError as exc:
+            raise ValueError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from exc
+        version = attrs.get("keras_version")
+        version = version.decode() if isinstance(version, bytes) else version
+        info["keras_version"] = version
+        if "model_config" in attrs:
+            raw = attrs["model_config"]
+            model_config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+            info["format"] = "h5-keras2" if str(version or "").startswith("2") else "h5-keras3"
+        else:
+            info["format"] = "weights-h5"
+    else:
+        raise ValueError(f"{path}: unknown classifier file type (expected .keras, .h5 or .weights.h5)")
+    if model_config is not None:
+        info["input_shape"], info["head"] = _describe_config(model_config)
+    return info
+
+
+def _describe_config(model_config: dict) -> tuple[tuple[int, ...] | None, str | None]:
+    layers = (model_config.get("config") or {}).get("layers") or []
+    shape = None
+    for layer in layers:
+        if layer.get("class_name") == "InputLayer":
+            cfg = layer.get("config", {})
+            s = cfg.get("batch_input_shape") or cfg.get("batch_shape")
+            if s:
+                shape = tuple(int(v) for v in s[1:])
+            break
+    classes = [layer.get("class_name") for layer in layers]
+    names = {layer.get("name") or layer.get("config", {}).get("name") for layer in layers}
+    resnet = "conv5_block3_out" in names
+    head = None
+    if resnet and "Flatten" in classes:
+        head = "seed"
+    elif resnet and "GlobalAveragePooling2D" in classes:
+        head = "gap"
+    elif {"conv0", "bn3", "probability"} <= names:
+        head = "tiny"
+    return shape, head
+
+
+def notebook_config(weights_dir: str | Path) -> ModelConfig:
+    """:data:`NOTEBOOK_CONFIG`, with the input size/channels read from ``spine_C1.h5`` when it stores them."""
+    info = inspect_model_file(Path(weights_dir) / NOTEBOOK_FILES["C1"])
+    config = NOTEBOOK_CONFIG
+    shape = info["input_shape"]
+    if shape and len(shape) == 3 and shape[0] == shape[1] and shape[0]:
+        config = config.replace(input_size=int(shape[0]), channels="single" if shape[2] == 1 else "replicate")
+    if info["head"] in ("seed", "gap"):
+        config = config.replace(head=info["head"])
+    return config
+
+
+def load_classifier(path: str | Path, config: ModelConfig):
+    """Load one classifier file as the architecture ``config`` names.
+
+    The network is rebuilt from :data:`ARCHITECTURES` (under the config's precision policy) and the file's
+    weights are read into it; this reads ``.keras``, Keras-3 ``.h5``, ``.weights.h5`` and Keras-2-era
+    full-model ``.h5`` alike. A head outside the table falls back to ``keras.models.load_model``.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ValueError
+        The file is corrupt, or its network does not match the config; the message names the file.
+    """
+    import keras
+
+    path = Path(path)
+    info = inspect_model_file(path)  # FileNotFoundError / ValueError naming the file
+    if config.head not in ARCHITECTURES:
+        try:
+            return keras.models.load_model(path, compile=False)
+        except Exception as exc:  # noqa: BLE001 - any Keras failure becomes one clear message
+            raise ValueError(f"{path}: cannot load head {config.head!r} (not in {sorted(ARCHITECTURES)}): {exc}") from exc
+    stored = info["input_shape"]
+    if stored is not None and tuple(stored) != tuple(config.input_shape):
+        raise ValueError(
+            f"{path}: the file's model takes input {tuple(stored)}, but model_config.json says {config.input_shape}"
+        )
+    if info["head"] is not None and info["head"] != config.head:
+        raise ValueError(f"{path}: the file holds a {info['head']!r} classifier, but model_config.json says {config.head!r}")
+    model = build_classifier(config.head, config.input_shape)
+    try:
+        with warnings.catch_warnings():
+            # Keras warns about optimizer variables it skips; treat any real mismatch as the error below.
+            warnings.simplefilter("ignore")
+            model.load_weights(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(
+            f"{path}: could not load its weights into a {config.head!r} classifier with input {config.input_shape}: {exc}"
+        ) from exc
+    return model
+
+
+def load_classifiers(weights_dir: str | Path, vertebrae=VERTEBRAE):
+    """Load the config and the per-vertebra classifiers of a weights folder.
+
+    Parameters
+    ----------
+    weights_dir : path
+        Holds ``model_config.json`` and the files its ``classifier_files`` name, or only the seed notebook's
+        ``spine_C1.h5`` ... ``spine_C7.h5`` (then :func:`notebook_config` is used and a
+        :class:`DefaultConfigWarning` is issued; ``config.source`` says so too).
+    vertebrae : iterable of str
+        Which classifiers to load (default all seven).
+
+    Returns
+    -------
+    config : ModelConfig
+    models : {vertebra: keras.Model}
+        Built under the config's precision policy and, with several GPUs, under a ``MirroredStrategy``.
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder, its config or a classifier file is missing (the message names it).
+    ValueError
+        A file is corrupt or does not match the config (the message names it).
+    """
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise FileNotFoundError(f"{weights_dir}: weights folder not found")
+    config_path = weights_dir / "model_config.json"
+    if config_path.is_file():
+        config = ModelConfig.from_json(config_path)
+    elif all((weights_dir / f).is_file() for f in NOTEBOOK_FILES.values()):
+        config = notebook_config(weights_dir)
+        warnings.warn(f"{weights_dir}: no model_config.json; using the seed notebook default: {config.source}", DefaultConfigWarning, stacklevel=2)
+    else:
+        raise FileNotFoundError(
+            f"{config_path}: no such file (and the folder does not hold the seed notebook's "
+            f"{', '.join(NOTEBOOK_FILES.values())} either)"
+        )
+    missing = [v for v in vertebrae if v not in config.classifier_files]
+    if missing:
+        raise ValueError(f"{config_path}: classifier_files lacks {missing}")
+    strategy = distribution_strategy()
+    models = {}
+    with dtype_policy(precision_policy(config)), strategy.scope():
+        for v in vertebrae:
+            models[v] = load_classifier(weights_dir / config.classifier_files[v], config)
+    return config, models
+
+
+def is_default_config(config: ModelConfig) -> bool:
+    """True when ``config`` came from :data:`NOTEBOOK_CONFIG` (no model_config.json in the weights folder)."""
+    return config.source == NOTEBOOK_CONFIG.source
+
+
+def save_classifier(model, path: str | Path) -> Path:
+    """Save a classifier as ``.keras`` or ``.h5`` (by suffix), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".keras" if path.name.endswith(".keras") else ".h5"
+    tmp = path.with_name(path.name + ".tmp" + suffix)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras calls .h5 "legacy"; we write it only when asked
+        model.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scoring
+
+_PREDICT_FNS: "weakref.WeakKeyDictionary[Any, Callable]" = weakref.WeakKeyDictionary()
+
+
+def _bucket(n: int, batch_size: int) -> int:
+    """Smallest power of two >= n, capped at batch_size (fixed shapes -> few traces, < 2x padding)."""
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, batch_size)
+
+
+def _predict_fn(model):
+    """A compiled inference function for ``model``, cached; splits batches over replicas with several GPUs."""
+    fn = _PREDICT_FNS.get(model)
+    if fn is not None:
+        return fn
+    import tensorflow as tf
+
+    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    n_rep = strategy.num_replicas_in_sync
+    if n_rep > 1:
+
+        def replica_fn(x):
+            ctx = tf.distribute.get_replica_context()
+            per = tf.shape(x)[0] // ctx.num_replicas_in_sync
+            start = ctx.replica_id_in_sync_group * per
+            return model(x[start : start + per], training=False)
+
+        @tf.function
+        def fn(x):
+            out = strategy.run(replica_fn, args=(x,))
+            return tf.concat(strategy.experimental_local_results(out), axis=0)
+
+    else:
+
+        @tf.function
+        def fn(x):
+            return model(x, training=False)
+
+    fn.n_replicas = n_rep
+    _PREDICT_FNS[model] = fn
+    return fn
+
+
+def predict(model, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Fracture probability of each crop with one compiled model.
+
+    Parameters
+    ----------
+    crops : (k, S, S, C) ndarray of float32
+    batch_size : int
+        Crops per forward pass; the last batch is zero-padded to a power of two (a multiple of the replica
+        count with several GPUs) so that the compiled function sees few distinct shapes.
+
+    Returns
+    -------
+    (k,) ndarray of float32
+    """
+    crops = np.asarray(crops, dtype=np.float32)
+    k = crops.shape[0]
+    if k == 0:
+        return np.zeros((0,), dtype=np.float32)
+    fn = _predict_fn(model)
+    n_rep = fn.n_replicas
+    batch_size = max(int(batch_size), 1)
+    out = np.empty((k,), dtype=np.float32)
+    for start in range(0, k, batch_size):
+        chunk = crops[start : start + batch_size]
+        n = chunk.shape[0]
+        size = _bucket(n, batch_size)
+        size = -(-size // n_rep) * n_rep
+        if size != n:
+            chunk = np.concatenate([chunk, np.zeros((size - n,) + chunk.shape[1:], np.float32)])
+        prob = np.asarray(fn(chunk), dtype=np.float32).reshape(-1)
+        out[start : start + n] = prob[:n]
+    return out
+
+
+def score(models: Mapping[str, Any], crops_by_vertebra: Mapping[str, np.ndarray], batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Score each vertebra's crops with that vertebra's classifier.
+
+    Parameters
+    ----------
+    models : {vertebra: keras.Model}
+        From :func:`load_classifiers`.
+    crops_by_vertebra : {vertebra: (k, S, S, C) ndarray}
+        From :func:`cspine_submit.crop.prepare_crops`.
+    batch_size : int
+        Crops per forward pass (``ModelConfig.batch_size`` or the CLI's).
+
+    Returns
+    -------
+    {vertebra: (k,) ndarray of float32}
+        Probabilities in the order of the crops.
+    """
+    missing = [v for v in crops_by_vertebra if v not in models]
+    if missing:
+        raise ValueError(f"no classifier loaded for {missing}; loaded: {sorted(models)}")
+    return {v: predict(models[v], crops, batch_size) for v, crops in crops_by_vertebra.items()}

@@ -1,0 +1,195 @@
+"""models.py: architectures, parameter counts, every loading path round-trips bit-exactly, scoring."""
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+
+from cspine_submit.config import VERTEBRAE, ModelConfig
+from cspine_submit import models as M
+
+SHAPE = (32, 32, 1)
+
+
+def _x(shape=SHAPE, n=5, seed=0):
+    return np.random.default_rng(seed).uniform(0, 1, size=(n,) + tuple(shape)).astype(np.float32)
+
+
+def _randomize(model, seed=0):
+    """Non-trivial weights everywhere (BN statistics too), so round trips test every variable."""
+    rng = np.random.default_rng(seed)
+    new = []
+    for v, w in zip(model.weights, model.get_weights()):
+        r = rng.normal(0, 0.2, w.shape).astype(w.dtype)
+        new.append(np.abs(r) + 0.5 if "moving_variance" in v.name else r)  # variances must stay positive
+    model.set_weights(new)
+    return model
+
+
+def _assert_same_weights(a, b):
+    wa, wb = a.get_weights(), b.get_weights()
+    assert len(wa) == len(wb)
+    for x, y in zip(wa, wb):
+        np.testing.assert_array_equal(x, y)
+
+
+def _tiny_config(fmt="keras", **kw):
+    files = {v: f"{v}.{fmt}" for v in VERTEBRAE}
+    return ModelConfig(head="tiny", input_size=32, channels="single", windows=((400.0, 1800.0),),
+                       classifier_files=files, mixed_precision=False, **kw)
+
+
+def test_unknown_head_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown classifier head 'vit'.*\['gap', 'seed', 'tiny'\]"):
+        M.build_classifier("vit", SHAPE)
+
+
+def test_tiny_contract_and_size():
+    m = M.build_classifier("tiny", (64, 64, 3))
+    assert m.input_shape == (None, 64, 64, 3) and m.output_shape == (None, 1)
+    assert m.count_params() < 150_000
+    p = np.asarray(m.predict_on_batch(_x((64, 64, 3), 3)))
+    assert p.shape == (3, 1) and np.all((p > 0) & (p < 1))
+
+
+def test_resnet_heads_parameter_counts():
+    # FACTS.md: the seed notebook's summary, ResNet50 + Flatten + Dense(256) + Dense(1) at 512x512x1.
+    assert M.build_classifier("seed", (512, 512, 1)).count_params() == 157_799_681
+    # 3 channels adds 2 x 7 x 7 x 64 = 6,272 weights in conv1.
+    assert M.build_classifier("seed", (512, 512, 3)).count_params() == 157_805_953
+    # ResNet50 (23,581,440 at 1 channel) + Dense(2048 -> 1).
+    gap = M.build_classifier("gap", (256, 256, 1)).count_params()
+    assert gap == 23_581_440 + 2049
+
+
+def test_backbone_weights_rules(tmp_path):
+    with pytest.raises(ValueError, match="3-channel"):
+        M.build_classifier("gap", (64, 64, 1), backbone_weights=tmp_path / "w.h5")
+    with pytest.raises(ValueError, match="no ResNet50"):
+        M.build_classifier("tiny", (64, 64, 3), backbone_weights=tmp_path / "w.h5")
+    with pytest.raises(FileNotFoundError, match="w.h5"):
+        M.build_classifier("gap", (64, 64, 3), backbone_weights=tmp_path / "w.h5")
+    with pytest.raises(ValueError, match="local file"):
+        M.build_classifier("gap", (64, 64, 3), backbone_weights="imagenet")
+
+
+def test_backbone_weights_from_a_local_file(tmp_path):
+    # A stand-in for Keras' resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5: a Keras-2 weights file.
+    tf_keras = pytest.importorskip("tf_keras")
+
+    donor = tf_keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3))
+    path = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    donor.save_weights(path)
+    m = M.build_classifier("gap", (64, 64, 3), backbone_weights=path)
+    w = m.get_layer("conv1_conv").get_weights()[0]
+    np.testing.assert_array_equal(w, donor.get_layer("conv1_conv").get_weights()[0])
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5", "weights.h5"])
+def test_keras3_round_trips_are_exact(tmp_path, fmt):
+    model = _randomize(M.build_classifier("tiny", SHAPE), seed=1)
+    x = _x()
+    want = np.asarray(model.predict_on_batch(x))
+    config = _tiny_config(fmt)
+    config.to_json(tmp_path / "model_config.json")
+    for v in VERTEBRAE:
+        if fmt == "weights.h5":
+            model.save_weights(tmp_path / f"{v}.weights.h5")
+        else:
+            M.save_classifier(model, tmp_path / f"{v}.{fmt}")
+    loaded_config, models = M.load_classifiers(tmp_path)
+    assert loaded_config == config
+    assert sorted(models) == list(VERTEBRAE)
+    got = M.score(models, {"C3": x}, batch_size=4)["C3"]
+    np.testing.assert_array_equal(got, want[:, 0])
+
+
+def _write_keras2_h5(path, head, shape, seed=0):
+    """A Keras-2-era full-model .h5, written by tf_keras (as the seed notebook's spine_C*.h5 were)."""
+    tf_keras = pytest.importorskip("tf_keras")
+    m2 = M.build_classifier(head, shape, keras_module=tf_keras)
+    _randomize(m2, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m2.save(path)
+    return m2
+
+
+def test_keras2_h5_loads_exactly(tmp_path):
+    x = _x()
+    m2 = _write_keras2_h5(tmp_path / "C1.h5", "tiny", SHAPE, seed=2)
+    want = m2.predict(x, verbose=0)[:, 0]
+    info = M.inspect_model_file(tmp_path / "C1.h5")
+    assert info["format"] == "h5-keras2" and info["input_shape"] == SHAPE and info["head"] == "tiny"
+    model = M.load_classifier(tmp_path / "C1.h5", _tiny_config("h5"))
+    _assert_same_weights(model, m2)  # bit-exact weights; outputs may differ in the last ulp (other kernels)
+    np.testing.assert_allclose(M.predict(model, x, batch_size=8), want, rtol=1e-6, atol=1e-7)
+
+
+def test_notebook_folder_without_config_uses_the_default(tmp_path):
+    # Seed-head files at a small input, named like the notebook's: the input size is read from the file.
+    shape = (32, 32, 1)
+    m2 = _write_keras2_h5(tmp_path / "spine_C1.h5", "seed", shape, seed=3)
+    for v in VERTEBRAE[1:]:
+        shutil.copy(tmp_path / "spine_C1.h5", tmp_path / f"spine_{v}.h5")
+    with pytest.warns(M.DefaultConfigWarning, match="no model_config.json"):
+        config, models = M.load_classifiers(tmp_path, vertebrae=("C7",))
+    assert M.is_default_config(config)
+    assert config.head == "seed" and config.input_shape == shape and config.channels == "single"
+    assert config.classifier_files["C7"] == "spine_C7.h5"
+    x = _x(shape, 3)
+    _assert_same_weights(models["C7"], m2)
+    np.testing.assert_allclose(M.score(models, {"C7": x})["C7"], m2.predict(x, verbose=0)[:, 0], rtol=1e-6, atol=1e-7)
+
+
+def test_missing_and_corrupt_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_config.json"):
+        M.load_classifiers(tmp_path)
+    config = _tiny_config("keras")
+    config.to_json(tmp_path / "model_config.json")
+    model = M.build_classifier("tiny", SHAPE)
+    for v in VERTEBRAE[:-1]:
+        M.save_classifier(model, tmp_path / f"{v}.keras")
+    with pytest.raises(FileNotFoundError, match="C7.keras"):
+        M.load_classifiers(tmp_path)
+    (tmp_path / "C7.keras").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="C7.keras"):
+        M.load_classifiers(tmp_path)
+    # A corrupt .h5 and a file whose network does not match the config.
+    (tmp_path / "C7.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    with pytest.raises(ValueError, match=r"C7.h5.*HDF5"):
+        M.load_classifier(tmp_path / "C7.h5", config)
+    M.save_classifier(M.build_classifier("tiny", (48, 48, 1)), tmp_path / "C7.keras")
+    with pytest.raises(ValueError, match=r"C7.keras.*\(48, 48, 1\)"):
+        M.load_classifiers(tmp_path)
+
+
+def test_score_pads_batches_and_keeps_order():
+    model = _randomize(M.build_classifier("tiny", SHAPE), seed=4)
+    x = _x(n=11, seed=5)
+    want = np.asarray(model.predict_on_batch(x))[:, 0]
+    for bs in (1, 4, 16):
+        got = M.predict(model, x, batch_size=bs)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert M._bucket(3, 32) == 4 and M._bucket(11, 4) == 4 and M._bucket(17, 32) == 32
+    out = M.score({"C2": model}, {"C2": x[:0]})
+    assert out["C2"].shape == (0,)
+    with pytest.raises(ValueError, match="no classifier loaded"):
+        M.score({"C2": model}, {"C3": x})
+
+
+@pytest.mark.slow
+def test_keras2_seed_at_512_loads_exactly(tmp_path):
+    # The real notebook path: a Keras-2 seed ResNet50 at 512x512x1 named spine_C*.h5, no config.
+    x = _x((512, 512, 1), 2)
+    m2 = _write_keras2_h5(tmp_path / "spine_C1.h5", "seed", (512, 512, 1), seed=6)
+    want = m2.predict(x, verbose=0)[:, 0]
+    for v in VERTEBRAE[1:]:
+        (tmp_path / f"spine_{v}.h5").symlink_to(tmp_path / "spine_C1.h5")
+    with pytest.warns(M.DefaultConfigWarning):
+        config, models = M.load_classifiers(tmp_path, vertebrae=("C1",))
+    assert config.input_shape == (512, 512, 1) and config.head == "seed"
+    assert models["C1"].count_params() == 157_799_681
+    _assert_same_weights(models["C1"], m2)
+    np.testing.assert_allclose(M.score(models, {"C1": x}, batch_size=2)["C1"], want, rtol=1e-5, atol=1e-6)

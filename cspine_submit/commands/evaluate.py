@@ -1,0 +1,66 @@
+"""Score a submission against labels with the competition metric.
+
+Labels may be train.csv-style (StudyInstanceUID plus patient_overall, C1..C7) or long (row_id, fractured, like the
+synthetic test_labels.csv). Prints the score (weighted multi-label log loss, lower is better), then per label the
+unweighted log loss and the ROC AUC. With --report DIR, also writes one ROC curve PNG per label and metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+NAME = "evaluate"
+HELP = "score a submission.csv against labels (competition metric, per-label log loss and AUC, ROC PNGs)"
+ORDER = 60
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--submission", required=True, type=Path, help="submission CSV (row_id,fractured)")
+    parser.add_argument("--labels", required=True, type=Path, help="labels CSV: train.csv-style or row_id,fractured")
+    parser.add_argument("--report", type=Path, default=None, help="folder for ROC curve PNGs and metrics.json")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def format_table(result) -> str:
+    """Human-readable lines for an :class:`~cspine_submit.metric.Evaluation`."""
+    lines = [f"score (weighted log loss, lower is better): {result.score:.5f}   studies: {result.n_studies}",
+             f"{'label':<16}{'log_loss':>10}{'auc':>8}"]
+    for label, d in result.per_label.items():
+        auc = "n/a" if math.isnan(d["auc"]) else f"{d['auc']:.3f}"
+        lines.append(f"{label:<16}{d['log_loss']:>10.4f}{auc:>8}")
+    return "\n".join(lines)
+
+
+def write_roc_report(submission: Path, labels: Path, folder: Path) -> list[Path]:
+    """One ROC PNG per label plus metrics.json in ``folder``; returns the PNG paths."""
+    from cspine_submit import metric
+    from cspine_submit.config import PREDICTION_TYPES
+
+    lab = metric.read_table(labels, "labels")
+    pred = metric.read_table(submission, "predictions")
+    uids, y, p = metric.align(lab, pred, labels, submission)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [metric.draw_roc_png(y[:, j], p[:, j], folder / f"roc_{t}.png", t) for j, t in enumerate(PREDICTION_TYPES)]
+    (folder / "metrics.json").write_text(json.dumps(metric.evaluate_arrays(y, p, uids).to_dict(), indent=2) + "\n")
+    return paths
+
+
+def run(args) -> int:
+    from cspine_submit import metric
+
+    try:
+        result = metric.evaluate_files(args.submission, args.labels)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(format_table(result))
+    if args.report is not None:
+        paths = write_roc_report(args.submission, args.labels, args.report)
+        if not args.json:
+            print(f"ROC curves: {len(paths)} PNGs in {args.report}")
+    return 0

@@ -1,0 +1,138 @@
+"""Turn a folder of test studies into submission.csv (also ``python make_submission.py``).
+
+Defaults: on Kaggle (the competition's input folder exists) the competition's test_images/ and test.csv, writing
+/kaggle/working/submission.csv with an 8.5 h time budget. Elsewhere, without --test-dir, the built-in demo: a few
+synthetic test studies generated into a cache folder, scored with weights/demo, and scored against their truth.
+
+Every study listed gets its rows: a study that is missing or cannot be read gets the priors, and the run report
+(JSON next to the submission) says why. --resume skips the studies already journaled by a killed run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+NAME = "submit"
+HELP = "predict a test folder and write submission.csv (no arguments: Kaggle paths, else the built-in demo)"
+ORDER = 10
+
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_COMPETITION = KAGGLE_INPUT / "rsna-2022-cervical-spine-fracture-detection"
+KAGGLE_OUT = Path("/kaggle/working/submission.csv")
+KAGGLE_BUDGET_S = 8.5 * 3600
+
+
+def parse_duration(text: str) -> float:
+    """``"8.5h"``, ``"90m"``, ``"300s"`` or a plain number of hours -> seconds."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([hms]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"--time-budget {text!r}: expected e.g. 8.5h, 90m, 300s (a plain number means hours)")
+    value, unit = float(m.group(1)), m.group(2) or "h"
+    return value * {"h": 3600.0, "m": 60.0, "s": 1.0}[unit]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--test-dir", type=Path, help="folder with one sub-folder per study (default: Kaggle's "
+                        "test_images, else the demo)")
+    parser.add_argument("--test-csv", type=Path, help="test.csv (default: test.csv beside --test-dir, if any)")
+    parser.add_argument("--weights", type=Path, help="weights folder (default: weights/, or weights/demo for the demo)")
+    parser.add_argument("--out", type=Path, help="submission CSV (default: /kaggle/working/submission.csv on Kaggle, "
+                        "./submission.csv elsewhere, the demo's cache folder for the demo)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes reading studies (0: in-process)")
+    parser.add_argument("--batch-size", type=int, help="crops per forward pass (default: model_config.json)")
+    parser.add_argument("--time-budget", help="e.g. 8.5h, 90m, 300s (default: 8.5h on Kaggle, none elsewhere)")
+    parser.add_argument("--resume", action="store_true", help="skip studies already in the journal beside --out")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.add_argument("--report", type=Path, help="run report JSON (default: <out stem>.report.json beside --out)")
+    parser.add_argument("--demo", action="store_true", help="run the built-in demo even on Kaggle")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _loud(message: str) -> None:
+    bar = "!" * 100
+    print(f"{bar}\nWARNING: {message}\n{bar}", flush=True)
+
+
+def _resolve(args):
+    """Decide test folder, test.csv, weights, output and budget; returns a dict and whether this is the demo."""
+    from cspine_submit.pipeline import default_weights_dir
+
+    on_kaggle = KAGGLE_INPUT.exists()
+    budget = parse_duration(args.time_budget) if args.time_budget else (KAGGLE_BUDGET_S if on_kaggle else None)
+    if args.test_dir is None and not args.demo and (KAGGLE_COMPETITION / "test_images").is_dir():
+        return dict(test_dir=KAGGLE_COMPETITION / "test_images",
+                    test_csv=args.test_csv or KAGGLE_COMPETITION / "test.csv",
+                    weights=args.weights or default_weights_dir(),
+                    out=args.out or KAGGLE_OUT, budget=budget, demo=None, own_output=False)
+    if args.test_dir is None:
+        from cspine_submit import demo
+
+        print("No --test-dir and no Kaggle competition data: running the BUILT-IN DEMO on synthetic studies.")
+        data = demo.prepare_demo(weights=args.weights)
+        out = args.out or data.root / "submission.csv"
+        return dict(test_dir=data.test_dir, test_csv=data.test_csv, weights=data.weights, out=out, budget=budget,
+                    demo=data, own_output=args.out is None)
+    test_csv = args.test_csv
+    if test_csv is None and (args.test_dir.parent / "test.csv").is_file():
+        test_csv = args.test_dir.parent / "test.csv"
+    return dict(test_dir=args.test_dir, test_csv=test_csv, weights=args.weights or default_weights_dir(),
+                out=args.out or Path("submission.csv"), budget=budget, demo=None, own_output=False)
+
+
+def _print_summary(result, demo_data) -> None:
+    t = result.totals
+    print(f"wrote {result.out} ({t['rows']} rows, {t['studies']} studies: {t['ok']} ok, {t['fallback']} fallback"
+          f"{', ' + str(t['resumed']) + ' resumed' if t['resumed'] else ''})")
+    for uid, reason in t["fallback_reasons"].items():
+        print(f"  fallback {uid}: {reason}")
+    rate = t["studies_per_s"]
+    print(f"wall {t['wall_seconds']:.2f} s (setup {t['setup_seconds']:.2f} s), "
+          f"{'n/a' if rate is None else f'{rate:.3f}'} studies/s, slices read {t['slices_read']}")
+    if t["seconds_by_stage"]:
+        print("seconds by stage (summed over studies; worker stages overlap the main process): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in t["seconds_by_stage"].items()))
+    for event in t["time_budget"]["events"]:
+        print(f"time budget: after study {event['after_study']}: {event['action']}")
+    print(f"run report: {result.report_path}")
+    if demo_data is not None:
+        from cspine_submit import metric
+
+        ev = metric.evaluate_files(result.out, demo_data.labels)
+        print(f"DEMO score against the synthetic truth ({demo_data.labels}): {ev.score:.4f} "
+              f"(weighted log loss, lower is better; constant 0.5 scores 0.693)")
+
+
+def run(args) -> int:
+    from cspine_submit import pipeline
+
+    try:
+        where = _resolve(args)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    out = Path(where["out"])
+    if out.exists() and not (args.force or args.resume or where["own_output"]):
+        print(f"error: {out} exists; use --force to overwrite it or --resume to continue the run that wrote it")
+        return 1
+    demo = where["demo"] is not None
+    try:
+        setup = pipeline.prepare_run(where["test_dir"], where["test_csv"], where["weights"], demo=demo,
+                                     batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"test folder: {where['test_dir']}\ntest.csv: {where['test_csv']}\nweights: {setup.weights_dir} "
+          f"(trained_on={setup.config.trained_on}, head={setup.config.head}, "
+          f"{len(setup.models)}/7 classifiers)\nslice ranges: {setup.ranges_path}\n"
+          f"studies: {len(setup.plan.studies)}, rows: {len(setup.plan.row_ids)}, out: {out}")
+    if where["budget"]:
+        print(f"time budget: {where['budget'] / 3600:.2f} h")
+    for note in setup.notes:
+        print(f"note: {note}")
+    for warning in setup.warnings:
+        _loud(warning)
+    result = pipeline.run_submission(setup, out, workers=args.workers, time_budget=where["budget"],
+                                     resume=args.resume, report_path=args.report, progress=not args.no_progress)
+    _print_summary(result, where["demo"])
+    return 0

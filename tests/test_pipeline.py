@@ -1,0 +1,183 @@
+"""The streaming submission flow end to end on small studies: every fallback path, resume, budget, determinism."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cspine_submit import pipeline
+from cspine_submit.config import PREDICTION_TYPES
+from cspine_submit.submission import companion_paths
+
+from _pipeline_helpers import UID_ROOT, write_study, write_weights
+
+GOOD = [f"{UID_ROOT}.1", f"{UID_ROOT}.2"]
+ONE_BAD_FILE = f"{UID_ROOT}.3"
+TRUNCATED = f"{UID_ROOT}.4"
+NON_DICOM = f"{UID_ROOT}.5"
+EMPTY = f"{UID_ROOT}.6"
+SINGLE = f"{UID_ROOT}.7"
+MISSING = f"{UID_ROOT}.8"
+ALL = GOOD + [ONE_BAD_FILE, TRUNCATED, NON_DICOM, EMPTY, SINGLE, MISSING]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return write_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def testset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("testset")
+    images = root / "test_images"
+    for i, uid in enumerate(GOOD):
+        write_study(images / uid, uid, seed=i)
+    write_study(images / ONE_BAD_FILE, ONE_BAD_FILE, seed=3)
+    f = images / ONE_BAD_FILE / "5.dcm"
+    f.write_bytes(f.read_bytes()[:-500])  # one truncated slice: skipped, the study still scores
+    write_study(images / TRUNCATED, TRUNCATED, seed=4)
+    for f in (images / TRUNCATED).iterdir():
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    (images / NON_DICOM).mkdir()
+    for i in range(5):
+        (images / NON_DICOM / f"{i + 1}.dcm").write_text("this is not a DICOM file\n" * 20)
+    (images / EMPTY).mkdir()
+    write_study(images / SINGLE, SINGLE, n_slices=1, seed=7)
+    lines = ["row_id,StudyInstanceUID,prediction_type"]
+    lines += [f"{u}_{t},{u},{t}" for u in ALL for t in PREDICTION_TYPES]
+    (root / "test.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _run(testset, weights, out, **kw):
+    setup = pipeline.prepare_run(testset / "test_images", testset / "test.csv", weights)
+    kw.setdefault("workers", 0)
+    kw.setdefault("progress", False)
+    return setup, pipeline.run_submission(setup, out, **kw)
+
+
+def _read_sub(path):
+    lines = Path(path).read_text().splitlines()
+    assert lines[0] == "row_id,fractured"
+    return {r.split(",")[0]: float(r.split(",")[1]) for r in lines[1:]}
+
+
+def test_every_path_gives_a_complete_submission(testset, weights, tmp_path):
+    out = tmp_path / "submission.csv"
+    setup, result = _run(testset, weights, out)
+    sub = _read_sub(out)
+    assert len(sub) == 8 * len(ALL)
+    assert list(sub) == [f"{u}_{t}" for u in ALL for t in PREDICTION_TYPES]
+    assert all(0 < p < 1 for p in sub.values())
+    report = json.loads(companion_paths(out)[1].read_text())
+    st = report["studies"]
+    assert set(st) == set(ALL)
+    for uid in GOOD + [ONE_BAD_FILE]:
+        assert st[uid]["status"] == "ok", st[uid]
+        assert st[uid]["reason"] is None
+        assert 0 < st[uid]["slices_read"] <= 24
+        assert {"scan", "plan", "read", "crop", "score", "aggregate", "wait"} <= set(st[uid]["seconds"])
+    assert any("5.dcm" in w for w in st[ONE_BAD_FILE]["warnings"])
+    fallbacks = {u: st[u]["reason"] for u in ALL if st[u]["status"] == "fallback"}
+    assert set(fallbacks) == {TRUNCATED, NON_DICOM, EMPTY, SINGLE, MISSING}
+    assert fallbacks[MISSING].startswith("study folder") and "does not exist" in fallbacks[MISSING]
+    assert fallbacks[SINGLE].startswith("scan:") and "only 1" in fallbacks[SINGLE]
+    for uid in (TRUNCATED, NON_DICOM, EMPTY):
+        assert fallbacks[uid].startswith("scan:"), fallbacks[uid]
+    # Fallback rows are exactly the clipped priors.
+    prior = setup.config.priors
+    for uid in fallbacks:
+        assert [sub[f"{uid}_{t}"] for t in PREDICTION_TYPES] == pytest.approx([prior[t] for t in PREDICTION_TYPES])
+    # Scored rows are not the priors, and overall = noisy-OR of the vertebrae.
+    v = np.array([sub[f"{GOOD[0]}_C{i}"] for i in range(1, 8)])
+    assert sub[f"{GOOD[0]}_patient_overall"] == pytest.approx(1 - np.prod(1 - v), abs=1e-6)
+    t = report["totals"]
+    assert t["studies"] == len(ALL) and t["ok"] == 3 and t["fallback"] == 5
+    assert t["studies_per_s"] > 0 and t["rows"] == 8 * len(ALL)
+
+
+def test_same_input_twice_is_byte_identical(testset, weights, tmp_path):
+    _run(testset, weights, tmp_path / "a.csv")
+    _run(testset, weights, tmp_path / "b.csv")
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+
+
+def test_worker_processes_match_in_process(testset, weights, tmp_path):
+    _run(testset, weights, tmp_path / "a.csv", workers=0)
+    _, result = _run(testset, weights, tmp_path / "b.csv", workers=2)
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert result.studies[TRUNCATED]["status"] == "fallback"
+
+
+def test_resume_after_a_kill(testset, weights, tmp_path):
+    out = tmp_path / "submission.csv"
+    _run(testset, weights, tmp_path / "reference.csv")
+    seen = []
+
+    def kill_after_three(uid, entry):
+        seen.append(uid)
+        if len(seen) == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(testset, weights, out, on_study=kill_after_three)
+    assert not out.exists()  # never half-written: nothing until the end
+    journal = companion_paths(out)[0]
+    assert len(journal.read_text().splitlines()) == 1 + 3  # header + 3 studies
+    again = []
+    _, result = _run(testset, weights, out, resume=True, on_study=lambda uid, e: again.append(uid))
+    assert not set(again) & set(seen)  # journaled studies are not redone
+    assert set(again) | set(seen) == set(ALL)
+    assert result.totals["resumed"] == 3
+    assert all(result.studies[u].get("resumed") for u in seen)
+    assert out.read_bytes() == (tmp_path / "reference.csv").read_bytes()
+
+
+def test_missing_classifier_uses_priors_and_warns(testset, weights, tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(weights, w)
+    (w / "C3.keras").unlink()
+    setup = pipeline.prepare_run(testset / "test_images", testset / "test.csv", w)
+    assert sorted(setup.models) == ["C1", "C2", "C4", "C5", "C6", "C7"]
+    assert any("NO CLASSIFIER for C3" in m for m in setup.warnings)
+    assert any("SYNTHETIC" in m for m in setup.warnings)  # tiny weights say trained_on=synthetic, not a demo run
+    result = pipeline.run_submission(setup, tmp_path / "s.csv", workers=0, progress=False)
+    assert result.probabilities[f"{GOOD[0]}_C3"] == pytest.approx(setup.config.priors["C3"])
+    assert result.studies[GOOD[0]]["priors_used"] == ["C3"]
+
+
+def test_time_budget_lowers_slices_then_falls_back(testset, weights, tmp_path):
+    # A budget far too small: K drops after the first study, and once spent the rest get priors.
+    _, result = _run(testset, weights, tmp_path / "s.csv", time_budget=1e-3)
+    events = result.totals["time_budget"]["events"]
+    assert events, result.totals
+    assert "budget" in events[-1]["action"]
+    assert len(result.probabilities) == 8 * len(ALL)
+    assert any("time budget" in (e["reason"] or "") for e in result.studies.values())
+
+
+def test_budget_controller_projection():
+    b = pipeline.BudgetController(100.0, n_studies=10, slices_per_vertebra=15)
+    # 1 study in 10 s: projected 10 + 9 * 10 = 100 > 95 planned; time left per study (95 - 10) / 9 = 9.44 s
+    # -> K = floor(15 * 9.44 / 10) = 14.
+    assert b.update(10.0, elapsed=10.0, done=1) == 14
+    assert b.events[-1]["slices_per_vertebra"] == [15, 14]
+    assert b.events[-1]["projected_s"] == 100.0
+    # Still 10 s per study: projected 20 + 8 * 10 = 100 -> floor(14 * (75 / 8) / 10) = floor(13.1) = 13.
+    assert b.update(10.0, elapsed=20.0, done=2) == 13
+    # Faster now: projected 25 + 7 * 5 = 60 < 95 -> K stays.
+    assert b.update(5.0, elapsed=25.0, done=3) == 13
+    assert len(b.events) == 2
+    # Over budget: exhausted, K unchanged.
+    b.update(80.0, elapsed=105.0, done=4)
+    assert b.exhausted and "spent" in b.events[-1]["action"]
+
+
+def test_no_budget_never_changes_k():
+    b = pipeline.BudgetController(None, n_studies=3, slices_per_vertebra=15)
+    assert [b.update(1e6, elapsed=1e6 * i, done=i) for i in (1, 2, 3)] == [15, 15, 15]
+    assert b.events == [] and not b.exhausted

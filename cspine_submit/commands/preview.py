@@ -1,0 +1,65 @@
+"""Draw a study's crop plan: sagittal and coronal reformats in a bone window with each vertebra's planned range
+(coloured band with its name), its crop box, the planned slices, and the mask outline when --mask is given.
+
+Built from a subset of the slices (--max-slices), so it takes seconds. Look at it to see at once whether the
+learned ranges fit the study.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NAME = "preview"
+HELP = "PNG of a study's planned vertebra ranges and crop boxes (sagittal + coronal)"
+ORDER = 32
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("study", type=Path, help="study folder of axial DICOM slices")
+    parser.add_argument("--out", type=Path, default=Path("preview.png"), help="output PNG (default preview.png)")
+    parser.add_argument("--ranges", type=Path, default=None,
+                        help="slice_ranges.json (default: weights/slice_ranges.json of the package)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="model_config.json for K slices per vertebra (default: the package's, else defaults)")
+    parser.add_argument("--mask", type=Path, default=None, help="segmentation mask of this study (.nii/.nii.gz)")
+    parser.add_argument("--layout", choices=("competition", "affine"), default="competition",
+                        help="orientation of --mask (default competition)")
+    parser.add_argument("--max-slices", type=int, default=96, help="slices read for the reformats (default 96)")
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+
+def _weights_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "weights"
+
+
+def run(args) -> int:
+    import cv2
+
+    from cspine_submit.config import ModelConfig
+    from cspine_submit.dicom import DicomReadError
+    from cspine_submit.preview import preview_study
+    from cspine_submit.ranges import load_ranges
+
+    if args.out.exists() and not args.force:
+        print(f"error: {args.out} exists; use --force to overwrite")
+        return 2
+    ranges_path = args.ranges or _weights_dir() / "slice_ranges.json"
+    config_path = args.config or _weights_dir() / "model_config.json"
+    try:
+        ranges = load_ranges(ranges_path)
+        config = ModelConfig.from_json(config_path) if config_path.is_file() or args.config else ModelConfig()
+        image, geo, plans, info = preview_study(args.study, ranges, config, args.mask, args.layout,
+                                                args.max_slices)
+    except (FileNotFoundError, ValueError, DicomReadError) as exc:
+        print(f"error: {exc}")
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(args.out), image):
+        print(f"error: could not write {args.out}")
+        return 2
+    print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]} px) from {info['slices_read']} of "
+          f"{info['n_slices']} slices, ranges {ranges_path} (method {info['method']})")
+    for v, p in plans.items():
+        print(f"  {v}: slices {p.slice_indices[0]}-{p.slice_indices[-1]} ({len(p.slice_indices)} planned), "
+              f"box y {p.box[0]}-{p.box[2]} x {p.box[1]}-{p.box[3]}")
+    return 0

@@ -1,0 +1,276 @@
+"""A picture of a crop plan: sagittal and coronal reformats with each vertebra's planned range and box.
+
+Drawn with OpenCV only. Layout, left to right: the sagittal panel (vertical = z from head to feet, horizontal = rows
+y, anterior at the left for a standard axial study), the coronal panel (horizontal = columns x), each followed by a
+lane strip where every vertebra's planned range is a coloured band with its name. In the panels, each vertebra's
+crop box is a rectangle in its colour spanning its planned z-range (in the sagittal panel the box's y-extent, in
+the coronal panel its x-extent), and the planned slices are ticks on the panel's left edge. With a mask, the
+outline of every labelled vertebra on the reformat plane is drawn in the same colour.
+
+The reformats are built from a subset of the slices (at most ``max_slices``, evenly spaced), so a preview costs a
+few dozen decoded slices; each panel is a thin maximum-intensity slab (``slab_mm`` thick) through the centre of
+the planned boxes, so the column shows even when it curves slightly out of the plane.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from cspine_submit.config import VERTEBRAE
+
+COLOURS_BGR: dict[str, tuple[int, int, int]] = {
+    "C1": (60, 60, 255),
+    "C2": (0, 165, 255),
+    "C3": (0, 230, 230),
+    "C4": (60, 220, 60),
+    "C5": (255, 200, 0),
+    "C6": (255, 80, 80),
+    "C7": (230, 60, 230),
+}
+"""Vertebra colours (OpenCV BGR order), distinct from each other and from grey."""
+
+BONE_WINDOW = (400.0, 1800.0)
+LANE_W = 34
+N_LANES = 3  # neighbours overlap in z, so a vertebra and its neighbours never share a lane
+TARGET_PX = 512
+
+
+@dataclass(frozen=True)
+class PreviewGeometry:
+    """Where things are in the preview image (pixels), so tests and callers can find them.
+
+    Attributes
+    ----------
+    z_top_mm : float
+        z (mm, toward the feet) at the top edge of the panels.
+    scale : float
+        Pixels per mm, the same along every axis.
+    height : int
+        Panel height in pixels.
+    sagittal_x0, coronal_x0 : int
+        Left edge of each panel; the panel is ``sag_w`` / ``cor_w`` wide.
+    sag_w, cor_w : int
+    lanes_x0 : (int, int)
+        Left edge of the lane strip after each panel (``N_LANES`` lanes of ``LANE_W`` px).
+    width : int
+        Total image width.
+    """
+
+    z_top_mm: float
+    scale: float
+    height: int
+    sagittal_x0: int
+    sag_w: int
+    coronal_x0: int
+    cor_w: int
+    lanes_x0: tuple[int, int]
+    width: int
+
+    def row_of(self, z_mm: float) -> int:
+        """Pixel row of a z position (mm)."""
+        return int(round((z_mm - self.z_top_mm) * self.scale))
+
+    def lane_x(self, vertebra: str, strip: int = 0) -> tuple[int, int]:
+        """Horizontal pixel span [x0, x1) of a vertebra's lane in lane strip 0 (sagittal) or 1 (coronal)."""
+        lane = VERTEBRAE.index(vertebra) % N_LANES
+        x0 = self.lanes_x0[strip] + lane * LANE_W
+        return x0 + 2, x0 + LANE_W - 2
+
+
+def subset_indices(n_slices: int, max_slices: int) -> np.ndarray:
+    """At most ``max_slices`` evenly spaced slice indices, first and last included (strictly increasing)."""
+    m = max(2, min(n_slices, max_slices)) if n_slices > 1 else 1
+    return np.unique(np.rint(np.linspace(0, n_slices - 1, m)).astype(int))
+
+
+def _to_grey(hu: np.ndarray, window=BONE_WINDOW) -> np.ndarray:
+    level, width = window
+    g = (hu - (level - width / 2)) / width
+    return (np.clip(g, 0, 1) * 255).astype(np.uint8)
+
+
+def _resample_z(planes: np.ndarray, z_sub: np.ndarray, z_rows: np.ndarray, nearest: bool) -> np.ndarray:
+    """(m, w) planes at positions z_sub -> (len(z_rows), w) by linear (or nearest) interpolation along z."""
+    m = len(z_sub)
+    f = np.interp(z_rows, z_sub, np.arange(m, dtype=float)) if m > 1 else np.zeros_like(z_rows)
+    if nearest:
+        return planes[np.rint(f).astype(int)]
+    i0 = np.floor(f).astype(int)
+    i1 = np.minimum(i0 + 1, m - 1)
+    t = (f - i0)[:, None]
+    return planes[i0] * (1 - t) + planes[i1] * t
+
+
+def render_preview(
+    slices: np.ndarray,
+    indices: np.ndarray,
+    z_mm: np.ndarray,
+    spacing: tuple[float, float, float],
+    plans: Mapping,
+    mask: np.ndarray | None = None,
+    slab_mm: float = 6.0,
+    title: str = "",
+) -> tuple[np.ndarray, PreviewGeometry]:
+    """Draw the preview from decoded slices (pure).
+
+    Parameters
+    ----------
+    slices : (m, rows, cols) ndarray
+        HU of the subset slices, head to feet.
+    indices : (m,) ndarray of int
+        Their study indices.
+    z_mm : (n,) ndarray
+        Positions of all the study's slices, mm toward the feet.
+    spacing : (dz, dy, dx)
+        mm.
+    plans : {vertebra: CropPlan}
+    mask : (m, rows, cols) ndarray, optional
+        Labels (1-7 = C1-C7) on the same subset slices.
+    slab_mm : float
+        Thickness of the maximum-intensity slab of each panel.
+
+    Returns
+    -------
+    image : (H, W, 3) uint8 BGR
+    geometry : PreviewGeometry
+    """
+    import cv2
+
+    slices = np.asarray(slices, dtype=np.float32)
+    m, rows, cols = slices.shape
+    _, dy, dx = spacing
+    z_all = np.asarray(z_mm, dtype=float)
+    dz = float(np.median(np.diff(z_all))) if len(z_all) > 1 else spacing[0]
+    z_top, z_bottom = z_all[0] - dz / 2, z_all[-1] + dz / 2
+    extent = max(z_bottom - z_top, 1e-3)
+    scale = min(TARGET_PX / extent, TARGET_PX / max(rows * dy, cols * dx))
+    height = max(1, int(round(extent * scale)))
+    sag_w = max(1, int(round(rows * dy * scale)))
+    cor_w = max(1, int(round(cols * dx * scale)))
+
+    boxes = [p.box for p in plans.values()]
+    yc = int(np.clip(round(np.mean([(b[0] + b[2]) / 2 for b in boxes])), 0, rows - 1)) if boxes else rows // 2
+    xc = int(np.clip(round(np.mean([(b[1] + b[3]) / 2 for b in boxes])), 0, cols - 1)) if boxes else cols // 2
+    hx = max(0, int(round(slab_mm / 2 / dx)))
+    hy = max(0, int(round(slab_mm / 2 / dy)))
+    sag_planes = slices[:, :, max(0, xc - hx) : xc + hx + 1].max(axis=2)  # (m, rows)
+    cor_planes = slices[:, max(0, yc - hy) : yc + hy + 1, :].max(axis=1)  # (m, cols)
+    z_rows = z_top + (np.arange(height) + 0.5) / scale
+    z_sub = z_all[np.asarray(indices)]
+
+    def panel(planes: np.ndarray, width: int, nearest: bool = False) -> np.ndarray:
+        img = _resample_z(planes.astype(np.float32), z_sub, z_rows, nearest)
+        interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+        return cv2.resize(img.astype(np.float32), (width, height), interpolation=interp)
+
+    sag = cv2.cvtColor(_to_grey(panel(sag_planes, sag_w)), cv2.COLOR_GRAY2BGR)
+    cor = cv2.cvtColor(_to_grey(panel(cor_planes, cor_w)), cv2.COLOR_GRAY2BGR)
+
+    lanes_w = N_LANES * LANE_W
+    gap = 6
+    header_h = 22 if title else 0
+    sx0, cx0 = 0, sag_w + lanes_w + gap
+    width = cx0 + cor_w + lanes_w
+    canvas = np.zeros((height + header_h, width, 3), dtype=np.uint8)
+    canvas[header_h:, sx0 : sx0 + sag_w] = sag
+    canvas[header_h:, cx0 : cx0 + cor_w] = cor
+    geo = PreviewGeometry(z_top_mm=float(z_top), scale=float(scale), height=height, sagittal_x0=sx0, sag_w=sag_w,
+                          coronal_x0=cx0, cor_w=cor_w, lanes_x0=(sx0 + sag_w, cx0 + cor_w), width=width)
+    body = canvas[header_h:]
+
+    if mask is not None:
+        mask = np.asarray(mask)
+        lab_sag = np.zeros((m, rows), dtype=np.uint8)
+        lab_cor = np.zeros((m, cols), dtype=np.uint8)
+        # Most frequent label along the slab would be nicer; the label at the slab centre is what the eye expects.
+        lab_sag[:] = np.where((mask[:, :, xc] >= 1) & (mask[:, :, xc] <= 7), mask[:, :, xc], 0)
+        lab_cor[:] = np.where((mask[:, yc, :] >= 1) & (mask[:, yc, :] <= 7), mask[:, yc, :], 0)
+        for lab, x0, w in ((lab_sag, sx0, sag_w), (lab_cor, cx0, cor_w)):
+            big = panel(lab, w, nearest=True).astype(np.uint8)
+            for label, v in enumerate(VERTEBRAE, start=1):
+                binary = (big == label).astype(np.uint8)
+                if not binary.any():
+                    continue
+                contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+                sub = body[:, x0 : x0 + w]
+                cv2.drawContours(sub, contours, -1, COLOURS_BGR[v], 1)
+
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for v, plan in plans.items():
+        colour = COLOURS_BGR.get(v, (255, 255, 255))
+        idx = np.asarray(plan.slice_indices)
+        top = geo.row_of(z_all[idx.min()] - dz / 2)
+        bottom = geo.row_of(z_all[idx.max()] + dz / 2) - 1
+        top, bottom = max(0, top), min(height - 1, max(top, bottom))
+        y0, x0, y1, x1 = plan.box
+        # Boxes in the panels: in-plane extent horizontally, planned range vertically.
+        cv2.rectangle(body, (sx0 + int(y0 * dy * scale), top), (sx0 + int(y1 * dy * scale) - 1, bottom), colour, 1)
+        cv2.rectangle(body, (cx0 + int(x0 * dx * scale), top), (cx0 + int(x1 * dx * scale) - 1, bottom), colour, 1)
+        for i in idx:  # planned slices: ticks at the left edge of each panel
+            r = geo.row_of(z_all[i])
+            if 0 <= r < height:
+                cv2.line(body, (sx0, r), (sx0 + 5, r), colour, 1)
+                cv2.line(body, (cx0, r), (cx0 + 5, r), colour, 1)
+        for strip in (0, 1):
+            lx0, lx1 = geo.lane_x(v, strip)
+            cv2.rectangle(body, (lx0, top), (lx1 - 1, bottom), colour, -1)
+            if bottom - top >= 12:
+                text_y = (top + bottom) // 2 + 4
+                cv2.putText(body, v, (lx0 + 2, text_y), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    if title:
+        cv2.putText(canvas, title[:120], (4, 15), font, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return canvas, geo
+
+
+def preview_study(
+    study_dir,
+    ranges=None,
+    config=None,
+    mask_path=None,
+    layout: str = "competition",
+    max_slices: int = 96,
+) -> tuple[np.ndarray, PreviewGeometry, dict, dict]:
+    """Scan a study, plan its crops, read a subset of slices and draw the preview (IO wrapper).
+
+    Returns
+    -------
+    image : (H, W, 3) uint8 BGR
+    geometry : PreviewGeometry
+    plans : {vertebra: CropPlan}
+    info : dict
+        ``slices_read`` (subset + any cue slices), ``n_slices``, ``method``.
+    """
+    from cspine_submit.config import ModelConfig
+    from cspine_submit.dicom import read_slices, scan_study
+    from cspine_submit.ranges import measure_cue, plans_from_positions
+
+    header = scan_study(study_dir)
+    config = config or ModelConfig()
+    idx = subset_indices(header.n_slices, max_slices)
+    slices = read_slices(header, idx)
+    anchor, cue_read = None, 0
+    if ranges.method == "profile":
+        cue = measure_cue(header, ranges)
+        anchor, cue_read = cue.anchor_mm, len(set(cue.indices) - set(idx.tolist()))
+    plans = plans_from_positions(header.z, header.rows, header.cols, ranges, config.slices_per_vertebra,
+                                 method=ranges.method, anchor_mm=anchor)
+    mask = None
+    if mask_path is not None:
+        import nibabel as nib
+
+        from cspine_submit.orientation import mask_to_axial
+
+        img = nib.load(str(mask_path))
+        vol = mask_to_axial(np.asanyarray(img.dataobj), img.affine, layout, orientation=header.orientation)
+        if tuple(vol.shape) != tuple(header.shape):
+            raise ValueError(f"{mask_path}: mask is {tuple(vol.shape)} (z, y, x) after the {layout!r} layout, "
+                             f"study {study_dir} is {tuple(header.shape)}")
+        mask = np.asarray(vol[idx])
+    title = f"{header.study_uid}  {header.n_slices} slices  method {ranges.method}"
+    image, geo = render_preview(slices, idx, header.z, header.spacing, plans, mask=mask, title=title)
+    info = {"slices_read": int(len(idx) + cue_read), "n_slices": header.n_slices, "method": ranges.method,
+            "title_h": 22}
+    return image, geo, plans, info

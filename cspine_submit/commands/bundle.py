@@ -1,0 +1,63 @@
+"""Build the Kaggle dataset folder for the no-internet submission kernel, and validate kernel-metadata.json.
+
+The folder holds the package, make_submission.py, weights/ (verified against weights/MANIFEST.json), decoder
+wheels for the target Python (pip download --only-binary=:all: --no-deps; TensorFlow is not bundled, Kaggle's
+image has it) and dataset-metadata.json. Upload it with `kaggle datasets create -p DIR` (or `version`), then push
+the kernel from the repo root with `kaggle kernels push -p .`. `--check-only` validates kernel-metadata.json the
+way Kaggle's CLI does and explains every fault.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NAME = "bundle"
+HELP = "build the Kaggle dataset folder (package, weights, offline wheels, metadata); validate kernel-metadata.json"
+ORDER = 70
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", type=Path, help="dataset folder to write (required unless --check-only)")
+    parser.add_argument("--python-version", help="target Python for the wheels, e.g. 3.11 (default: this one)")
+    parser.add_argument("--platform", action="append", help="wheel platform tag (repeatable; default: manylinux "
+                        "x86-64 tags)")
+    parser.add_argument("--owner", help="Kaggle user name for the dataset and kernel ids (default: kernel-metadata.json's)")
+    parser.add_argument("--no-wheels", action="store_true", help="do not download wheels")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument("--check-only", action="store_true", help="only validate kernel-metadata.json")
+    parser.add_argument("--kernel-metadata", type=Path, help="kernel-metadata.json to validate (default: the repo's)")
+
+
+def run(args) -> int:
+    from cspine_submit import bundle
+    from cspine_submit.pipeline import repo_root
+
+    kernel_path = args.kernel_metadata or repo_root() / "kernel-metadata.json"
+    validation = bundle.validate_kernel_metadata(kernel_path)
+    for w in validation.warnings:
+        print(f"warning: {kernel_path}: {w}")
+    for e in validation.errors:
+        print(f"error: {kernel_path}: {e}")
+    if args.check_only:
+        print(f"{kernel_path}: {'valid' if validation.ok else 'INVALID'}")
+        return 0 if validation.ok else 1
+    if not validation.ok:
+        return 1
+    if args.out is None:
+        print("error: --out DIR is required (or use --check-only)")
+        return 2
+    try:
+        result = bundle.build_bundle(
+            args.out, python_version=args.python_version, platforms=tuple(args.platform or bundle.DEFAULT_PLATFORMS),
+            owner=args.owner, wheels=not args.no_wheels, force=args.force,
+        )
+    except (FileExistsError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}")
+        return 1
+    print(f"wrote {result.out} (dataset id {result.dataset_id})")
+    for w in result.wheels:
+        print(f"  wheel {w.name}")
+    for note in result.wheel_errors:
+        print(f"warning: {note}")
+    print(f"next: kaggle datasets create -p {result.out}   (then: kaggle kernels push -p {repo_root()})")
+    return 1 if result.wheel_errors and not any(result.wheels) else 0

@@ -1,0 +1,55 @@
+"""Check that this installation reproduces the committed results.
+
+Prints the environment table (interpreter, library versions, which decoder serves each transfer syntax),
+verifies MANIFEST.json of the weights folder (sha256 and size of every file), and reproduces the stored golden
+output (the demo studies' 8 probabilities each, within 1e-5). Exits non-zero naming every difference.
+--write-manifest and --write-golden (re)write those files after a deliberate change of the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NAME = "check"
+HELP = "environment table, weights MANIFEST.json verification and golden-output reproduction"
+ORDER = 80
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--weights", type=Path, help="weights folder (default: weights/ beside the package)")
+    parser.add_argument("--no-golden", action="store_true", help="skip the golden reproduction")
+    parser.add_argument("--write-manifest", action="store_true", help="write MANIFEST.json for --weights and exit")
+    parser.add_argument("--write-golden", action="store_true",
+                        help="recompute golden.json with the demo weights (weights/demo) and exit")
+
+
+def run(args) -> int:
+    from cspine_submit import bundle, reproduce
+    from cspine_submit.pipeline import default_weights_dir
+
+    weights = args.weights or default_weights_dir()
+    if args.write_golden:
+        target = weights if (weights / "model_config.json").is_file() and args.weights else weights / "demo"
+        print(f"wrote {reproduce.write_golden(target)}")
+        return 0
+    if args.write_manifest:
+        path = bundle.write_manifest(weights)
+        print(f"wrote {path}")
+        return 0
+    result = reproduce.run_check(weights, golden=not args.no_golden)
+    width = max(len(k) for k, _ in result.environment + result.decoders)
+    print("environment:")
+    for k, v in result.environment:
+        print(f"  {k:<{width}}  {v}")
+    print("decoders:")
+    for k, v in result.decoders:
+        print(f"  {k:<{width}}  {v}")
+    print(f"manifest {result.manifest}: {'OK' if not result.manifest_problems else 'DIFFERS'}")
+    for p in result.manifest_problems:
+        print(f"  DIFFERS: {p}")
+    if not args.no_golden:
+        print(f"golden {result.golden}: {'OK' if not result.golden_problems else 'DIFFERS'}")
+        for p in result.golden_problems:
+            print(f"  DIFFERS: {p}")
+    print("check: OK" if result.ok else "check: FAILED")
+    return 0 if result.ok else 1

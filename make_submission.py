@@ -1,0 +1,73 @@
+"""Write submission.csv: ``python make_submission.py [submit options]`` = ``cspine-submit submit [options]``.
+
+Also the Kaggle kernel's code file. On Kaggle it finds the attached package dataset (the folder under
+/kaggle/input holding ``cspine_submit/``), puts it on sys.path, installs the decoder wheels from its ``wheels/``
+offline when pydicom 3 or a JPEG Lossless decoder is missing, and runs. With no arguments: the competition's
+test set on Kaggle, the built-in demo elsewhere.
+"""
+
+import glob
+import importlib
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WHEELS = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "python-gdcm")
+
+
+def find_package_root():
+    """This file's folder if it holds the package, else the attached Kaggle dataset that does."""
+    candidates = [HERE] + sorted(glob.glob("/kaggle/input/*")) + sorted(glob.glob("/kaggle/input/*/*"))
+    for folder in candidates:
+        if os.path.isfile(os.path.join(folder, "cspine_submit", "__init__.py")):
+            return folder
+    sys.exit("make_submission.py: cannot find the cspine_submit package beside this file or under /kaggle/input "
+             "(attach the dataset built by `cspine-submit bundle`)")
+
+
+def decoders_ok():
+    """pydicom >= 3 plus a JPEG Lossless (.4.70) decoder: GDCM or pylibjpeg with libjpeg."""
+    try:
+        import pydicom
+
+        if int(pydicom.__version__.split(".")[0]) < 3:
+            return False
+    except ImportError:
+        return False
+    for names in (("gdcm",), ("pylibjpeg", "libjpeg")):
+        try:
+            for name in names:
+                importlib.import_module(name)
+            return True
+        except ImportError:
+            continue
+    return False
+
+
+def install_wheels(root):
+    wheels = os.path.join(root, "wheels")
+    if not os.path.isdir(wheels):
+        print(f"make_submission.py: decoders missing and no {wheels}; continuing (studies may fall back)")
+        return
+    print(f"make_submission.py: installing decoder wheels offline from {wheels}", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels, "--quiet",
+                    "--disable-pip-version-check", *WHEELS], check=False)
+    for name in [m for m in sys.modules if m == "pydicom" or m.startswith("pydicom.")]:
+        del sys.modules[name]  # an old pydicom imported by decoders_ok() must not shadow the new one
+    importlib.invalidate_caches()
+
+
+def main(argv):
+    root = find_package_root()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    if not decoders_ok():
+        install_wheels(root)
+    from cspine_submit.cli import main as cli_main
+
+    return cli_main(["submit", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,181 @@
+"""kernel-metadata.json validation (Kaggle CLI rules + ours), the weights manifest, the bundle layout, and (slow)
+an offline install of the bundle into a fresh venv running the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cspine_submit import bundle
+from cspine_submit.pipeline import repo_root
+
+REPO = repo_root()
+
+
+def test_repo_kernel_metadata_is_valid():
+    meta = json.loads((REPO / "kernel-metadata.json").read_text())
+    v = bundle.validate_kernel_metadata(REPO / "kernel-metadata.json", dataset_id=meta["dataset_sources"][0])
+    assert v.ok, v.errors
+    assert meta["code_file"] == "make_submission.py" and meta["kernel_type"] == "script"
+    assert meta["enable_gpu"] is True and meta["enable_internet"] is False
+    assert bundle.COMPETITION in meta["competition_sources"]
+
+
+GOOD = json.loads((REPO / "kernel-metadata.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"enable_internet": True}, "enable_internet: must be false"),
+        ({"enable_internet": None}, "enable_internet"),
+        ({"enable_gpu": "false"}, "enable_gpu: must be true"),
+        ({"competition_sources": []}, "competition_sources: must include"),
+        ({"id": "noslash"}, "'owner/slug'"),
+        ({"id": "me/abc"}, "at least 5 characters"),
+        ({"title": "abc"}, "at least five characters"),
+        ({"code_file": "missing.py"}, "not found"),
+        ({"code_file": ""}, "a source file must be specified"),
+        ({"language": "julia"}, "language 'julia'"),
+        ({"kernel_type": "notebook"}, "needs an .ipynb"),
+        ({"kernel_type": "app"}, "kernel_type 'app'"),
+        ({"dataset_sources": ["justaname"]}, "dataset_sources entry"),
+        ({"dataset_sources": []}, "dataset_sources: empty"),
+        ({"is_private": "yes"}, "is_private"),
+    ],
+)
+def test_kernel_metadata_faults_are_explained(tmp_path, change, expected):
+    meta = dict(GOOD, **change)
+    meta = {k: v for k, v in meta.items() if v is not None}
+    (tmp_path / "make_submission.py").write_text("print(1)\n")
+    (tmp_path / "kernel-metadata.json").write_text(json.dumps(meta))
+    v = bundle.validate_kernel_metadata(tmp_path / "kernel-metadata.json")
+    assert not v.ok
+    assert any(expected in e for e in v.errors), v.errors
+
+
+def test_kernel_metadata_missing_our_dataset(tmp_path):
+    shutil.copy(REPO / "kernel-metadata.json", tmp_path)
+    (tmp_path / "make_submission.py").write_text("")
+    v = bundle.validate_kernel_metadata(tmp_path / "kernel-metadata.json", dataset_id="me/other-dataset")
+    assert any("me/other-dataset" in e for e in v.errors)
+
+
+def test_title_slug_mismatch_is_a_warning(tmp_path):
+    (tmp_path / "make_submission.py").write_text("")
+    (tmp_path / "kernel-metadata.json").write_text(json.dumps(dict(GOOD, title="Something Else")))
+    v = bundle.validate_kernel_metadata(tmp_path / "kernel-metadata.json")
+    assert v.ok and "something-else" in v.warnings[0]
+
+
+def test_bundle_check_only_cli(capsys):
+    from cspine_submit.cli import main
+
+    assert main(["bundle", "--check-only"]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_dataset_metadata_rules():
+    ok = {"title": "cspine-submit package", "id": "me/cspine-submit-package", "licenses": [{"name": "other"}]}
+    assert bundle.validate_dataset_metadata(ok).ok
+    assert not bundle.validate_dataset_metadata(dict(ok, title="abc")).ok
+    assert not bundle.validate_dataset_metadata(dict(ok, id="me/Bad Slug")).ok
+
+
+def test_manifest_write_and_verify(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"\x00\x01\x02")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.json").write_text("{}")
+    (tmp_path / ".hidden").write_text("ignored")
+    bundle.write_manifest(tmp_path)
+    data = json.loads((tmp_path / "MANIFEST.json").read_text())
+    assert sorted(data["files"]) == ["a.bin", "sub/b.json"]
+    # sha256 of b"\x00\x01\x02", computed independently
+    assert data["files"]["a.bin"] == {
+        "sha256": "ae4b3280e56e2faf83f414a6e3dabe9d5fbe18976544c05fed121accb85b53fc", "size": 3}
+    assert bundle.verify_manifest(tmp_path) == []
+    (tmp_path / "a.bin").write_bytes(b"\x00\x01\x03")  # same size, different content
+    problems = bundle.verify_manifest(tmp_path)
+    assert len(problems) == 1 and "a.bin" in problems[0] and "sha256" in problems[0]
+    (tmp_path / "sub" / "b.json").unlink()
+    assert any("b.json" in p and "missing" in p for p in bundle.verify_manifest(tmp_path))
+    (tmp_path / "new.txt").write_text("x")
+    assert any("new.txt" in p for p in bundle.verify_manifest(tmp_path, extra_ok=False))
+
+
+def test_committed_weights_manifest_matches():
+    assert (REPO / "weights" / "MANIFEST.json").is_file()
+    assert bundle.verify_manifest(REPO / "weights", extra_ok=False) == []
+
+
+def test_bundle_layout_without_wheels(tmp_path):
+    out = tmp_path / "ds"
+    result = bundle.build_bundle(out, wheels=False, owner="someone")
+    for rel in ("cspine_submit/__init__.py", "cspine_submit/cli.py", "make_submission.py", "weights/MANIFEST.json",
+                "dataset-metadata.json", "kernel-metadata.json", "setup.cfg"):
+        assert (out / rel).is_file(), rel
+    assert not list(out.rglob("__pycache__"))
+    meta = json.loads((out / "dataset-metadata.json").read_text())
+    assert meta["id"] == "someone/cspine-submit-package" == result.dataset_id
+    kernel = json.loads((out / "kernel-metadata.json").read_text())
+    assert kernel["dataset_sources"] == ["someone/cspine-submit-package"]
+    assert bundle.verify_manifest(out / "weights") == []
+    with pytest.raises(FileExistsError):
+        bundle.build_bundle(out, wheels=False)
+
+
+DECODER_ENTRIES = ("pydicom", "pylibjpeg", "libjpeg", "_libjpeg", "openjpeg", "_openjpeg", "gdcm", "_gdcm",
+                   "python_gdcm")
+
+
+def _environment_without_decoders(dest: Path) -> Path:
+    """A folder of symlinks to the test environment's site-packages minus the DICOM decoders and this package
+    (so that TensorFlow, numpy, pandas, cv2 ... come from the environment and the decoders cannot)."""
+    import numpy
+
+    src = Path(numpy.__file__).parent.parent
+    dest.mkdir()
+    for entry in src.iterdir():
+        stem = entry.name.split(".")[0].split("-")[0].lower()
+        if stem in DECODER_ENTRIES or entry.suffix == ".pth" or "cspine" in entry.name.lower():
+            continue
+        (dest / entry.name).symlink_to(entry)
+    return dest
+
+
+@pytest.mark.slow
+def test_bundle_installs_offline_and_runs_the_demo(tmp_path):
+    """Build the bundle with wheels; in a fresh venv where the decoders are NOT importable, make_submission.py
+    (run from the bundle folder) installs them from the bundle's wheels alone (--no-index) and runs the demo."""
+    out = tmp_path / "ds"
+    result = bundle.build_bundle(out, wheels=True)
+    names = sorted(w.name.split("-")[0].lower() for w in result.wheels)
+    assert names == ["pydicom", "pylibjpeg", "pylibjpeg_libjpeg", "python_gdcm"], (names, result.wheel_errors)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    py = str(venv / "bin" / "python")
+    site = Path(subprocess.check_output([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())
+    # Appended AFTER the venv's own site-packages: what pip installs into the venv wins.
+    (site / "zz_environment.pth").write_text(str(_environment_without_decoders(tmp_path / "envlinks")) + "\n")
+    # No index at all: pip may only use the wheels it is pointed at.
+    env = dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", CSPINE_SUBMIT_CACHE=str(tmp_path / "cache"))
+    for key in ("PYTHONPATH", "PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL"):
+        env.pop(key, None)
+    missing = subprocess.run([py, "-c", "import pydicom"], capture_output=True, env=env, cwd=tmp_path)
+    assert missing.returncode != 0  # the decoders really are absent before make_submission.py runs
+    proc = subprocess.run([py, str(out / "make_submission.py"), "--workers", "0", "--no-progress"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "installing decoder wheels offline" in proc.stdout
+    assert "BUILT-IN DEMO" in proc.stdout and "DEMO score" in proc.stdout
+    where = subprocess.check_output(
+        [py, "-c", "import pydicom, libjpeg, gdcm; print(pydicom.__file__, libjpeg.__file__, gdcm.__file__)"],
+        text=True, env=env, cwd=tmp_path)
+    assert all(p.startswith(str(site)) for p in where.split()), where

@@ -1,0 +1,70 @@
+"""`cspine-submit check`: a tampered weight file fails naming it; golden comparison; golden reproduction."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from cspine_submit import bundle, reproduce
+from cspine_submit.cli import main
+from cspine_submit.pipeline import default_weights_dir
+
+
+def test_tampered_weight_file_fails_check(tmp_path, capsys):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "C1.keras").write_bytes(b"weights" * 100)
+    (weights / "model_config.json").write_text("{}")
+    bundle.write_manifest(weights)
+    assert main(["check", "--weights", str(weights), "--no-golden"]) == 0
+    assert "check: OK" in capsys.readouterr().out
+    data = bytearray((weights / "C1.keras").read_bytes())
+    data[10] ^= 0xFF  # flip one byte, same size
+    (weights / "C1.keras").write_bytes(bytes(data))
+    assert main(["check", "--weights", str(weights), "--no-golden"]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERS" in out and "C1.keras" in out and "sha256" in out and "check: FAILED" in out
+
+
+def test_missing_manifest_fails(tmp_path, capsys):
+    assert main(["check", "--weights", str(tmp_path), "--no-golden"]) == 1
+    assert "no manifest" in capsys.readouterr().out
+
+
+def test_environment_table_lists_the_libraries():
+    names = [k for k, _ in reproduce.environment_table()]
+    for lib in ("python", "numpy", "pydicom", "tensorflow", "python-gdcm", "pylibjpeg-libjpeg"):
+        assert lib in names
+
+
+def test_compare_golden_names_each_difference():
+    golden = {"s1": {"C1": 0.5, "C2": 0.25}, "s2": {"C1": 0.1}}
+    assert reproduce.compare_golden({"s1": {"C1": 0.500001, "C2": 0.25}, "s2": {"C1": 0.1}}, golden) == []
+    problems = reproduce.compare_golden({"s1": {"C1": 0.5, "C2": 0.2501}, "s3": {"C1": 0.1}}, golden)
+    assert any("s1 C2" in p and "0.2501" in p for p in problems)
+    assert any("s2" in p and "not reproduced" in p for p in problems)
+    assert any("s3" in p and "not in the golden" in p for p in problems)
+
+
+GOLDEN = default_weights_dir() / "demo" / reproduce.GOLDEN_NAME
+
+
+def test_golden_reproduces_and_a_changed_value_is_named(tmp_path, capsys):
+    """The committed demo weights reproduce the committed golden output; a golden value nudged by 2e-5 fails."""
+    assert GOLDEN.is_file(), f"{GOLDEN} missing: run `cspine-submit check --write-golden`"
+    demo_weights = GOLDEN.parent
+    result = reproduce.run_check(demo_weights, cache=tmp_path / "cache")
+    assert result.golden_problems == [], result.golden_problems
+    stored = json.loads(GOLDEN.read_text())
+    assert len(stored["studies"]) >= 3 and all(len(v) == 8 for v in stored["studies"].values())
+    copy = tmp_path / "w"
+    shutil.copytree(demo_weights, copy)
+    uid = sorted(stored["studies"])[0]
+    stored["studies"][uid]["C3"] += 2e-5
+    (copy / reproduce.GOLDEN_NAME).write_text(json.dumps(stored))
+    bundle.write_manifest(copy)
+    assert main(["check", "--weights", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert f"study {uid} C3" in out and "check: FAILED" in out

@@ -30,7 +30,7 @@ FALLBACK_PARAMS = {"size": 128}
 """Generator parameters used when ``weights/demo/synthetic_params.json`` is missing."""
 
 # Keys of synthetic_params.json that describe the training set's composition, not how a study looks.
-_SET_KEYS = {"n_train", "n_test", "n_segmented", "seed", "out_dir"}
+_SET_KEYS = {"n_train", "n_test", "n_segmented", "seed", "out_dir", "force", "progress"}
 
 
 @dataclass(frozen=True)

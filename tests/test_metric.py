@@ -132,3 +132,32 @@ def test_roc_png(tmp_path):
     assert img.shape == (200, 200, 3)
     # The curve colour (blue-ish in BGR) is drawn somewhere.
     assert ((img[..., 0] > 150) & (img[..., 2] < 60)).sum() > 50
+
+
+def test_evaluate_cli_json_and_report(tmp_path, capsys):
+    from cspine_submit.cli import main
+
+    labels = [("1.2.1", [1, 1, 0, 0, 0, 0, 0, 0]), ("1.2.2", [0] * 8)]
+    preds = [("1.2.1", [0.8, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]), ("1.2.2", [0.3] + [0.2] * 7)]
+    _write_long(tmp_path / "labels.csv", labels)
+    _write_long(tmp_path / "sub.csv", preds)
+    rc = main(["evaluate", "--submission", str(tmp_path / "sub.csv"), "--labels", str(tmp_path / "labels.csv"),
+               "--json", "--report", str(tmp_path / "rep")])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    expected = (0.2337485 + (7 * -math.log(0.7) + 7 * -math.log(0.8)) / 14) / 2
+    assert data["score"] == pytest.approx(expected, abs=1e-6)
+    assert set(data["per_label"]) == set(PREDICTION_TYPES)
+    assert data["per_label"]["patient_overall"]["auc"] == 1.0 and data["per_label"]["C3"]["auc"] is None
+    assert sorted(p.name for p in (tmp_path / "rep").glob("roc_*.png")) == sorted(
+        f"roc_{t}.png" for t in PREDICTION_TYPES)
+    rc = main(["evaluate", "--submission", str(tmp_path / "sub.csv"), "--labels", str(tmp_path / "labels.csv")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "score (weighted log loss" in out and "patient_overall" in out
+
+
+def test_evaluate_cli_error_names_file(tmp_path, capsys):
+    from cspine_submit.cli import main
+
+    rc = main(["evaluate", "--submission", str(tmp_path / "nope.csv"), "--labels", str(tmp_path / "nope2.csv")])
+    assert rc == 2 and "nope2.csv" in capsys.readouterr().out

@@ -181,3 +181,36 @@ def test_no_budget_never_changes_k():
     b = pipeline.BudgetController(None, n_studies=3, slices_per_vertebra=15)
     assert [b.update(1e6, elapsed=1e6 * i, done=i) for i in (1, 2, 3)] == [15, 15, 15]
     assert b.events == [] and not b.exhausted
+
+
+def test_submit_cli_public_quirk_and_no_overwrite(testset, weights, tmp_path, capsys):
+    from cspine_submit.cli import main
+
+    quirk = tmp_path / "test.csv"
+    quirk.write_text("row_id,StudyInstanceUID,prediction_type\n1.2.826.0.1.3680043.10197_C1,"
+                     "1.2.826.0.1.3680043.10197,C1\n")
+    images = tmp_path / "test_images"
+    for uid in GOOD:
+        shutil.copytree(testset / "test_images" / uid, images / uid)
+    out = tmp_path / "out" / "submission.csv"
+    argv = ["submit", "--test-dir", str(images), "--test-csv", str(quirk), "--weights", str(weights),
+            "--out", str(out), "--workers", "0", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "quirk" in printed and "SYNTHETIC" in printed and "studies/s" in printed
+    rows = out.read_text().splitlines()
+    assert len(rows) == 1 + 16 and rows[1].startswith(f"{GOOD[0]}_patient_overall,")
+    assert main(argv) == 1  # exists: refuses without --force
+    assert "--force" in capsys.readouterr().out
+    assert main(argv + ["--force"]) == 0
+
+
+def test_parse_duration():
+    from cspine_submit.commands.submit import parse_duration
+
+    assert parse_duration("8.5h") == 30600.0
+    assert parse_duration("90m") == 5400.0
+    assert parse_duration("300s") == 300.0
+    assert parse_duration("2") == 7200.0
+    with pytest.raises(ValueError, match="8.5h"):
+        parse_duration("soon")

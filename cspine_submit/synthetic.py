@@ -1,0 +1,461 @@
+"""Synthetic cervical-spine CT studies in the competition's layout (for tests, the demo and benchmarks).
+
+``generate_dataset(out_dir, n_train, n_test, seed, ...)`` writes::
+
+    out_dir/train_images/<uid>/<n>.dcm     axial slices, n = 1..N (head to feet, or feet to head when reversed)
+    out_dir/test_images/<uid>/<n>.dcm
+    out_dir/segmentations/<uid>.nii        for n_segmented training studies, stored sagittally like the competition
+    out_dir/train.csv                      StudyInstanceUID, patient_overall, C1..C7
+    out_dir/train_bounding_boxes.csv       StudyInstanceUID, x, y, width, height, slice_number (fracture boxes)
+    out_dir/test.csv                       row_id, StudyInstanceUID, prediction_type (8 rows per test study)
+    out_dir/sample_submission.csv          row_id, fractured (0.5)
+    out_dir/test_labels.csv                the truth for the test studies, in train.csv's columns
+
+Every study is a pure function of its :class:`StudySpec` (which holds its own seed): :func:`render_study` gives the
+volume in HU exactly as written, the axial label volume and the fracture voxels, so tests can compare what the
+package reads against the truth. Same seed, same bytes.
+
+Axis convention: ``volume : (z, y, x) ndarray``, z from head to feet, y rows, x columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cspine_submit.config import PREDICTION_TYPES, TRAIN_PREVALENCE, VERTEBRAE
+from cspine_submit.synthetic_anatomy import Anatomy, build_anatomy, draw_background, render_volume
+from cspine_submit.synthetic_dicom import file_numbers, write_dicom_series, write_mask
+
+UID_PREFIX = "1.2.826.0.1.3680043."
+"""The competition's StudyInstanceUID prefix; a study's UID is this plus a number."""
+
+DEFAULTS: dict = {
+    "size": 256,
+    "spacing": (0.5, 1.0),
+    "fov": (150.0, 250.0),
+    "head": (5.0, 60.0),
+    "chest": (5.0, 80.0),
+    "noise": (5.0, 30.0),
+    "compressed_fraction": 0.7,
+    "reversed_fraction": 0.2,
+    "signed_fraction": 0.5,
+    "no_modality_fraction": 0.3,
+    "wedge_fraction": 0.3,
+    "thoracic_label_fraction": 0.5,
+    "prevalence": {v: TRAIN_PREVALENCE[v] for v in VERTEBRAE},
+}
+"""Default generator parameters (the keyword arguments of :func:`generate_dataset`)."""
+
+TRAIN_COLUMNS = ("StudyInstanceUID",) + PREDICTION_TYPES
+BOX_COLUMNS = ("StudyInstanceUID", "x", "y", "width", "height", "slice_number")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """Everything that defines one synthetic study; :func:`render_study` is a pure function of it.
+
+    Attributes
+    ----------
+    uid : str
+        StudyInstanceUID (also the folder name).
+    seed : int
+        The study's own random seed (anatomy, geometry, noise).
+    fractures : tuple of (vertebra, kind)
+        Fractured vertebrae and the kind of fracture, ``line`` or ``wedge``.
+    size : int
+        Rows = columns, pixels.
+    spacing, fov, head, chest, noise : (float, float)
+        Ranges (mm, mm, mm, mm, HU standard deviation) the study draws its slice spacing, field of view, scan extent
+        above the top of C1 and below the bottom of C7, and noise from.
+    compressed, reversed, signed, modality, thoracic_labels : bool
+        JPEG Lossless .4.70 or uncompressed; files numbered feet to head; PixelRepresentation 1 (intercept 0) or 0
+        (12 bits, intercept -1024); Modality tag present; T1-T3 labelled in the mask.
+    """
+
+    uid: str
+    seed: int
+    fractures: tuple[tuple[str, str], ...] = ()
+    size: int = 256
+    spacing: tuple[float, float] = (0.5, 1.0)
+    fov: tuple[float, float] = (150.0, 250.0)
+    head: tuple[float, float] = (5.0, 60.0)
+    chest: tuple[float, float] = (5.0, 80.0)
+    noise: tuple[float, float] = (5.0, 30.0)
+    compressed: bool = True
+    reversed: bool = False
+    signed: bool = True
+    modality: bool = True
+    thoracic_labels: bool = True
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """The study's eight labels (train.csv columns); patient_overall is the OR of C1-C7."""
+        fractured = {v for v, _ in self.fractures}
+        out = {v: int(v in fractured) for v in VERTEBRAE}
+        return {"patient_overall": int(any(out.values())), **out}
+
+
+@dataclass
+class SyntheticStudy:
+    """A rendered study: the truth every test can compare against.
+
+    Attributes
+    ----------
+    spec : StudySpec
+    hu : (z, y, x) int16 ndarray
+        HU exactly as written to the DICOM files, z from head to feet.
+    labels : (z, y, x) uint8 ndarray
+        Vertebra labels (1-7 = C1-C7, 8-10 = T1-T3 when ``spec.thoracic_labels``), z from head to feet.
+    fracture : (z, y, x) uint8 ndarray
+        On each fracture voxel the label of the fractured vertebra, 0 elsewhere.
+    spacing : (dz, dy, dx)
+        mm.
+    z_head : float
+        ImagePositionPatient z of the most cranial slice (z decreases toward the feet), mm.
+    origin_xy : (float, float)
+        ImagePositionPatient x, y, mm.
+    file_numbers : (z,) int ndarray
+        File number ``n`` of ``<n>.dcm`` for each slice, head to feet.
+    anatomy : Anatomy
+        Geometry the volume was drawn from (vertebra positions, mm).
+    """
+
+    spec: StudySpec
+    hu: np.ndarray
+    labels: np.ndarray
+    fracture: np.ndarray
+    spacing: tuple[float, float, float]
+    z_head: float
+    origin_xy: tuple[float, float]
+    file_numbers: np.ndarray
+    anatomy: Anatomy
+    window: tuple[float, float] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.hu.shape
+
+    def boxes(self) -> list[dict]:
+        """Fracture boxes per axial slice in train_bounding_boxes.csv's columns (one per fractured vertebra and
+        slice it crosses; x/y/width/height in pixels, slice_number = the file number)."""
+        rows = []
+        for i in np.flatnonzero(self.fracture.any(axis=(1, 2))):
+            sl = self.fracture[i]
+            for lab in np.unique(sl[sl > 0]):
+                ys, xs = np.nonzero(sl == lab)
+                rows.append(
+                    {
+                        "StudyInstanceUID": self.spec.uid,
+                        "x": float(xs.min()),
+                        "y": float(ys.min()),
+                        "width": float(xs.max() - xs.min() + 1),
+                        "height": float(ys.max() - ys.min() + 1),
+                        "slice_number": int(self.file_numbers[i]),
+                    }
+                )
+        return rows
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """What :func:`generate_dataset` wrote for one study."""
+
+    spec: StudySpec
+    split: str
+    folder: Path
+    segmented: bool
+    n_slices: int
+    spacing: tuple[float, float, float]
+    n_boxes: int
+
+    @property
+    def uid(self) -> str:
+        return self.spec.uid
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return self.spec.labels
+
+
+@dataclass(frozen=True)
+class SyntheticDataset:
+    """A dataset written by :func:`generate_dataset`: its root, its studies and the parameters used."""
+
+    root: Path
+    train: tuple[StudyRecord, ...]
+    test: tuple[StudyRecord, ...]
+    params: dict = field(default_factory=dict)
+
+    @property
+    def studies(self) -> tuple[StudyRecord, ...]:
+        return self.train + self.test
+
+    def record(self, uid: str) -> StudyRecord:
+        for r in self.studies:
+            if r.uid == uid:
+                return r
+        raise KeyError(f"study {uid} is not in {self.root}")
+
+
+def _uniform(rng: np.random.Generator, lo_hi: tuple[float, float]) -> float:
+    lo, hi = lo_hi
+    return float(lo if hi <= lo else rng.uniform(lo, hi))
+
+
+def render_study(spec: StudySpec) -> SyntheticStudy:
+    """Render a study from its spec (deterministic).
+
+    Returns
+    -------
+    SyntheticStudy
+        HU volume (as it will be stored: noise added, clipped to the stored range), labels and fracture voxels.
+    """
+    import cv2
+
+    rng = np.random.default_rng(spec.seed)
+    size = int(spec.size)
+    fov = _uniform(rng, spec.fov)
+    px = round(fov / size, 6)
+    dz = round(max(0.1, _uniform(rng, spec.spacing)), 3)
+    head_mm = _uniform(rng, spec.head)
+    chest_mm = _uniform(rng, spec.chest)
+    noise = _uniform(rng, spec.noise)
+    z_head = round(float(rng.uniform(-250.0, 150.0)), 2)
+    origin_xy = (round(-fov / 2 + float(rng.uniform(-20, 20)), 2), round(-fov / 2 + float(rng.uniform(-20, 20)), 2))
+    window = (400.0, 1800.0) if rng.random() < 0.5 else None
+    padded = spec.signed and rng.random() < 0.5
+    anatomy = build_anatomy(rng, fov, px, head_mm, dict(spec.fractures))
+    nz = int(np.floor((anatomy.z_c7 + chest_mm) / dz)) + 1
+    shape = (nz, size, size)
+
+    background = draw_background(anatomy, shape, dz, px)
+    rendered = render_volume(shape, dz, px, background, list(anatomy.vertebrae))
+    labels = rendered.labels
+    if not spec.thoracic_labels:
+        labels[labels > 7] = 0
+
+    # Scanner-like finish, slice by slice (bounded memory): slight blur (partial volume), Gaussian noise, the
+    # stored range, and for some signed studies -2048 padding outside the reconstruction circle as real CTs have.
+    lo = -2048 if spec.signed else -1024
+    hu = rendered.hu
+    noise_rng = np.random.default_rng([spec.seed, 1])
+    yy, xx = np.mgrid[0:size, 0:size]
+    outside = ((yy - (size - 1) / 2) ** 2 + (xx - (size - 1) / 2) ** 2) > (size / 2) ** 2
+    for i in range(nz):
+        sl = cv2.GaussianBlur(hu[i].astype(np.float32), (0, 0), 0.6)
+        sl += noise_rng.standard_normal(sl.shape, dtype=np.float32) * np.float32(noise)
+        np.clip(np.rint(sl), lo, 3071, out=sl)
+        if padded:
+            sl[outside] = -2048
+        hu[i] = sl.astype(np.int16)
+
+    return SyntheticStudy(
+        spec=spec,
+        hu=hu,
+        labels=labels,
+        fracture=rendered.fracture,
+        spacing=(dz, px, px),
+        z_head=z_head,
+        origin_xy=origin_xy,
+        file_numbers=file_numbers(nz, spec.reversed),
+        anatomy=anatomy,
+        window=window,
+    )
+
+
+def write_study(study: SyntheticStudy, folder: Path) -> list[Path]:
+    """Write a rendered study's DICOM files into ``folder`` (``<n>.dcm``); returns them head to feet."""
+    spec = study.spec
+    return write_dicom_series(
+        Path(folder),
+        study.hu,
+        study_uid=spec.uid,
+        series_uid=f"{spec.uid}.1",
+        spacing=study.spacing,
+        z_head=study.z_head,
+        origin_xy=study.origin_xy,
+        reversed_=spec.reversed,
+        compressed=spec.compressed,
+        signed=spec.signed,
+        modality=spec.modality,
+        window=study.window,
+    )
+
+
+def write_study_mask(study: SyntheticStudy, path: Path) -> Path:
+    """Write the study's label volume as ``segmentations/<uid>.nii`` is stored in the competition."""
+    return write_mask(Path(path), study.labels, study.spacing, study.z_head, study.origin_xy)
+
+
+def _exact_flags(rng: np.random.Generator, n: int, fraction: float) -> np.ndarray:
+    """n booleans, exactly round(fraction * n) of them True, in random order (so small sets keep their mix)."""
+    k = int(round(float(fraction) * n))
+    flags = np.zeros(n, bool)
+    flags[:k] = True
+    return rng.permutation(flags)
+
+
+def plan_specs(n: int, seed: int, **params) -> list[StudySpec]:
+    """The specs of ``n`` studies drawn with :func:`generate_dataset`'s parameters (no rendering, no IO)."""
+    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    unknown = sorted(set(p) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown generator parameter(s) {unknown}; known: {sorted(DEFAULTS)}")
+    prevalence = {**DEFAULTS["prevalence"], **dict(p["prevalence"])}
+    bad = [v for v in prevalence if v not in VERTEBRAE or not 0.0 <= float(prevalence[v]) <= 1.0]
+    if bad:
+        raise ValueError(f"prevalence: expected probabilities for {list(VERTEBRAE)}, got bad entries {bad}")
+    rng = np.random.default_rng(seed)
+    numbers = rng.choice(np.arange(10000, 33000), size=n, replace=False)
+    compressed = _exact_flags(rng, n, p["compressed_fraction"])
+    reversed_ = _exact_flags(rng, n, p["reversed_fraction"])
+    signed = _exact_flags(rng, n, p["signed_fraction"])
+    no_modality = _exact_flags(rng, n, p["no_modality_fraction"])
+    thoracic = _exact_flags(rng, n, p["thoracic_label_fraction"])
+    specs = []
+    for i in range(n):
+        fractures = []
+        for v in VERTEBRAE:
+            if rng.random() < float(prevalence[v]):
+                wedge = v not in ("C1", "C2") and rng.random() < float(p["wedge_fraction"])
+                fractures.append((v, "wedge" if wedge else "line"))
+        specs.append(
+            StudySpec(
+                uid=f"{UID_PREFIX}{int(numbers[i])}",
+                seed=int(rng.integers(0, 2**31 - 1)),
+                fractures=tuple(fractures),
+                size=int(p["size"]),
+                spacing=tuple(float(x) for x in p["spacing"]),
+                fov=tuple(float(x) for x in p["fov"]),
+                head=tuple(float(x) for x in p["head"]),
+                chest=tuple(float(x) for x in p["chest"]),
+                noise=tuple(float(x) for x in p["noise"]),
+                compressed=bool(compressed[i]),
+                reversed=bool(reversed_[i]),
+                signed=bool(signed[i]),
+                modality=not bool(no_modality[i]),
+                thoracic_labels=bool(thoracic[i]),
+            )
+        )
+    return specs
+
+
+def _write_csv(path: Path, columns, rows) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([row[c] for c in columns])
+
+
+def generate_study(folder: str | Path, spec: StudySpec, mask_path: str | Path | None = None) -> SyntheticStudy:
+    """Render one study and write its DICOM files into ``folder`` (and its mask when ``mask_path`` is given).
+
+    Returns the rendered :class:`SyntheticStudy` (the truth).
+    """
+    study = render_study(spec)
+    write_study(study, Path(folder))
+    if mask_path is not None:
+        write_study_mask(study, Path(mask_path))
+    return study
+
+
+def generate_dataset(
+    out_dir: str | Path,
+    n_train: int = 6,
+    n_test: int = 3,
+    seed: int = 0,
+    *,
+    n_segmented: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+    **params,
+) -> SyntheticDataset:
+    """Write a synthetic dataset in the competition's layout.
+
+    Parameters
+    ----------
+    out_dir : path
+        Created; must be empty or absent unless ``force`` (then the dataset's own files are replaced).
+    n_train, n_test : int
+        Numbers of training and test studies.
+    seed : int
+        Everything follows from it: same seed and parameters, same bytes.
+    n_segmented : int, optional
+        Training studies that get a ``segmentations/<uid>.nii`` mask (the first ones drawn); default all of them.
+    force : bool
+        Replace an existing dataset in ``out_dir``.
+    progress : bool
+        Show a tqdm bar.
+    **params
+        Keys of :data:`DEFAULTS`: ``size`` (px), ``spacing`` (mm range), ``fov`` (mm range), ``head``/``chest``
+        (mm range of the scan above the top of C1 / below the bottom of C7), ``noise`` (HU range),
+        ``compressed_fraction``, ``reversed_fraction``, ``signed_fraction``, ``no_modality_fraction``,
+        ``wedge_fraction``, ``thoracic_label_fraction``, ``prevalence`` (``{vertebra: probability}``).
+
+    Returns
+    -------
+    SyntheticDataset
+    """
+    from tqdm import tqdm
+
+    root = Path(out_dir)
+    outputs = ["train_images", "test_images", "segmentations", "train.csv", "train_bounding_boxes.csv",
+               "test.csv", "sample_submission.csv", "test_labels.csv"]
+    if root.exists() and any(root.iterdir()):
+        if not force:
+            raise FileExistsError(f"{root}: not empty; pass force=True (--force) to replace a dataset there")
+        for name in outputs:
+            target = root / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    n_seg = n_train if n_segmented is None else int(n_segmented)
+    if not 0 <= n_seg <= n_train:
+        raise ValueError(f"n_segmented={n_segmented}: must be between 0 and n_train={n_train}")
+    specs = plan_specs(n_train + n_test, seed, **params)
+    (root / "train_images").mkdir(parents=True, exist_ok=True)
+    (root / "test_images").mkdir(parents=True, exist_ok=True)
+    if n_seg:
+        (root / "segmentations").mkdir(parents=True, exist_ok=True)
+
+    train, test, boxes = [], [], []
+    for i, spec in enumerate(tqdm(specs, desc="synthetic studies", unit="study", disable=not progress)):
+        split = "train" if i < n_train else "test"
+        folder = root / f"{split}_images" / spec.uid
+        segmented = split == "train" and i < n_seg
+        study = generate_study(folder, spec, root / "segmentations" / f"{spec.uid}.nii" if segmented else None)
+        study_boxes = study.boxes() if split == "train" else []
+        boxes.extend(study_boxes)
+        record = StudyRecord(spec, split, folder, segmented, study.shape[0], study.spacing, len(study_boxes))
+        (train if split == "train" else test).append(record)
+        del study
+
+    _write_csv(root / "train.csv", TRAIN_COLUMNS, [{"StudyInstanceUID": r.uid, **r.labels} for r in train])
+    boxes.sort(key=lambda b: (b["StudyInstanceUID"], b["slice_number"], b["x"], b["y"]))
+    _write_csv(root / "train_bounding_boxes.csv", BOX_COLUMNS, boxes)
+    test_rows = [
+        {"row_id": f"{r.uid}_{t}", "StudyInstanceUID": r.uid, "prediction_type": t}
+        for r in test
+        for t in PREDICTION_TYPES
+    ]
+    _write_csv(root / "test.csv", ("row_id", "StudyInstanceUID", "prediction_type"), test_rows)
+    _write_csv(root / "sample_submission.csv", ("row_id", "fractured"),
+               [{"row_id": r["row_id"], "fractured": 0.5} for r in test_rows])
+    _write_csv(root / "test_labels.csv", TRAIN_COLUMNS, [{"StudyInstanceUID": r.uid, **r.labels} for r in test])
+
+    used = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    used = {k: (list(v) if isinstance(v, tuple) else v) for k, v in used.items()}
+    used.update(n_train=n_train, n_test=n_test, seed=seed, n_segmented=n_seg)
+    return SyntheticDataset(root, tuple(train), tuple(test), used)
+
+
+def spec_to_dict(spec: StudySpec) -> dict:
+    """A JSON-able dict of a spec (for logs and reports)."""
+    return asdict(spec)

@@ -1,0 +1,65 @@
+"""Shared pytest fixtures: a small synthetic dataset in the competition's layout, generated once per session.
+
+Fixtures
+--------
+synthetic_dataset : Path
+    Root of the dataset: ``train_images/``, ``test_images/``, ``segmentations/``, ``train.csv``,
+    ``train_bounding_boxes.csv``, ``test.csv``, ``sample_submission.csv``, ``test_labels.csv``.
+    6 training studies (the first 4 with masks), 3 test studies, 128 x 128 px, 3-4 mm slices (tens of slices),
+    a mix of JPEG Lossless .4.70 and uncompressed files, 3 studies numbered feet to head, both PixelRepresentations.
+    Treat it as read-only (copy a study to ``tmp_path`` before damaging it).
+synthetic_info : cspine_submit.synthetic.SyntheticDataset
+    What was written: ``.train`` / ``.test`` records (uid, labels, spec with flags such as ``spec.reversed``,
+    ``spec.compressed``, folder, n_slices, spacing, segmented), ``.params``.
+synthetic_truth : callable
+    ``synthetic_truth(uid) -> SyntheticStudy``: the rendered truth of a study (``hu`` as written, ``labels`` the axial
+    label volume z head to feet, ``fracture`` voxels, ``spacing``, ``file_numbers``); cached.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+SYNTH_PARAMS = dict(
+    n_train=6,
+    n_test=3,
+    seed=119,
+    n_segmented=4,
+    size=128,
+    spacing=(3.0, 4.0),
+    compressed_fraction=0.67,
+    reversed_fraction=0.34,
+    signed_fraction=0.5,
+    no_modality_fraction=0.34,
+    # Seed and prevalence chosen so that the set has 2 negative and 4 positive training studies (5 vertebrae
+    # fractured, a wedge among them), 1 negative test study, reversed studies with and without masks, and all four
+    # (compressed, signed) combinations among the masked studies; tests/test_synthetic.py checks this mix.
+    prevalence={"C1": 0.2, "C2": 0.2, "C3": 0.2, "C4": 0.2, "C5": 0.2, "C6": 0.2, "C7": 0.2},
+)
+"""Parameters of the session dataset (keyword arguments of ``generate_dataset``)."""
+
+
+@pytest.fixture(scope="session")
+def synthetic_info(tmp_path_factory):
+    from cspine_submit.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "rsna-synthetic"
+    return generate_dataset(root, **SYNTH_PARAMS)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(synthetic_info):
+    return synthetic_info.root
+
+
+@pytest.fixture(scope="session")
+def synthetic_truth(synthetic_info):
+    from cspine_submit.synthetic import render_study
+
+    @functools.lru_cache(maxsize=None)
+    def truth(uid: str):
+        return render_study(synthetic_info.record(uid).spec)
+
+    return truth

@@ -1,0 +1,334 @@
+"""The synthetic study generator: layout, CSVs, DICOM geometry and pixels, masks, fractures, determinism."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE
+
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames), list(reader)
+
+
+def _read_plain(folder: Path):
+    """Read a study with plain pydicom (independent of the package's reader): head-to-feet datasets and HU."""
+    import pydicom
+
+    dss = [pydicom.dcmread(p) for p in folder.glob("*.dcm")]
+    dss.sort(key=lambda ds: -float(ds.ImagePositionPatient[2]))
+    hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in dss])
+    return dss, hu
+
+
+# -- the fixture's mix ---------------------------------------------------------------------------------------------
+
+
+def test_fixture_has_the_promised_mix(synthetic_info):
+    train, test = synthetic_info.train, synthetic_info.test
+    assert len(train) == 6 and len(test) == 3
+    assert [r.segmented for r in train] == [True] * 4 + [False] * 2
+    assert sum(r.labels["patient_overall"] == 0 for r in train) == 2
+    assert sum(r.labels["patient_overall"] == 0 for r in test) == 1
+    assert any(kind == "wedge" for r in train for _, kind in r.spec.fractures)
+    assert any(r.spec.reversed for r in train if r.segmented)
+    assert any(r.spec.reversed for r in test)
+    assert {(r.spec.compressed, r.spec.signed) for r in train if r.segmented} == {
+        (True, True), (True, False), (False, True), (False, False)}
+    assert any(not r.spec.modality for r in synthetic_info.studies)
+    for r in synthetic_info.studies:
+        assert 30 <= r.n_slices <= 99, "tens of slices per test study"
+
+
+# -- layout and CSVs -------------------------------------------------------------------------------------------------
+
+
+def test_layout_and_csv_columns(synthetic_dataset, synthetic_info):
+    root = synthetic_dataset
+    cols, train_rows = _read_csv(root / "train.csv")
+    assert cols == ["StudyInstanceUID", "patient_overall", *VERTEBRAE]
+    assert [r["StudyInstanceUID"] for r in train_rows] == [r.uid for r in synthetic_info.train]
+    for row, rec in zip(train_rows, synthetic_info.train):
+        labels = {k: int(row[k]) for k in PREDICTION_TYPES}
+        assert labels == rec.labels
+        assert labels["patient_overall"] == max(labels[v] for v in VERTEBRAE)
+        assert labels == {"patient_overall": int(bool(rec.spec.fractures)),
+                          **{v: int(v in dict(rec.spec.fractures)) for v in VERTEBRAE}}
+        assert (root / "train_images" / rec.uid).is_dir()
+        assert (root / "segmentations" / f"{rec.uid}.nii").is_file() == rec.segmented
+    assert sorted(p.name for p in (root / "segmentations").iterdir()) == sorted(
+        f"{r.uid}.nii" for r in synthetic_info.train if r.segmented)
+
+    cols, test_rows = _read_csv(root / "test.csv")
+    assert cols == ["row_id", "StudyInstanceUID", "prediction_type"]
+    assert len(test_rows) == 8 * len(synthetic_info.test)
+    for rec in synthetic_info.test:
+        rows = [r for r in test_rows if r["StudyInstanceUID"] == rec.uid]
+        assert sorted(r["prediction_type"] for r in rows) == sorted(PREDICTION_TYPES)
+        assert all(r["row_id"] == f"{rec.uid}_{r['prediction_type']}" for r in rows)
+        assert (root / "test_images" / rec.uid).is_dir()
+    cols, sub = _read_csv(root / "sample_submission.csv")
+    assert cols == ["row_id", "fractured"]
+    assert [r["row_id"] for r in sub] == [r["row_id"] for r in test_rows]
+    cols, truth = _read_csv(root / "test_labels.csv")
+    assert cols == ["StudyInstanceUID", "patient_overall", *VERTEBRAE]
+    assert [{k: int(r[k]) for k in PREDICTION_TYPES} for r in truth] == [r.labels for r in synthetic_info.test]
+    assert all(re.fullmatch(r"1\.2\.826\.0\.1\.3680043\.[1-9][0-9]*", r.uid) for r in synthetic_info.studies)
+
+
+def test_bounding_boxes_cover_the_fractures(synthetic_dataset, synthetic_info, synthetic_truth):
+    cols, boxes = _read_csv(synthetic_dataset / "train_bounding_boxes.csv")
+    assert cols == ["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]
+    boxed = {b["StudyInstanceUID"] for b in boxes}
+    assert boxed == {r.uid for r in synthetic_info.train if r.labels["patient_overall"]}
+    for rec in synthetic_info.train:
+        if not rec.labels["patient_overall"]:
+            continue
+        study = synthetic_truth(rec.uid)
+        mine = [b for b in boxes if b["StudyInstanceUID"] == rec.uid]
+        assert len(mine) == rec.n_boxes > 0
+        index_of = {int(n): i for i, n in enumerate(study.file_numbers)}
+        for b in mine:
+            i = index_of[int(b["slice_number"])]
+            x, y, w, h = (int(float(b[k])) for k in ("x", "y", "width", "height"))
+            frac = study.fracture[i]
+            inside = frac[y:y + h, x:x + w]
+            # The box holds fracture voxels of one vertebra, and it is tight: its edges touch them.
+            assert inside.any()
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            assert len(np.unique(inside[inside > 0])) == 1
+        # Every slice with fracture voxels has a box.
+        fractured_slices = {int(study.file_numbers[i]) for i in np.flatnonzero(study.fracture.any(axis=(1, 2)))}
+        assert fractured_slices == {int(b["slice_number"]) for b in mine}
+
+
+# -- DICOM -----------------------------------------------------------------------------------------------------------
+
+
+def test_dicom_headers_geometry_and_pixels(synthetic_info, synthetic_truth):
+    for rec in synthetic_info.studies:
+        study = synthetic_truth(rec.uid)
+        dss, hu = _read_plain(rec.folder)
+        n = len(dss)
+        assert hu.shape == study.shape == (rec.n_slices, 128, 128)
+        # Pixels: exactly the rendered HU, in head-to-feet order once sorted by ImagePositionPatient z.
+        np.testing.assert_array_equal(hu, study.hu)
+        z = np.array([float(ds.ImagePositionPatient[2]) for ds in dss])
+        np.testing.assert_allclose(-np.diff(z), rec.spacing[0], atol=2e-3)
+        np.testing.assert_allclose(z[0], study.z_head, atol=1e-3)
+        numbers = [int(ds.InstanceNumber) for ds in dss]
+        expected = list(range(n, 0, -1)) if rec.spec.reversed else list(range(1, n + 1))
+        assert numbers == expected
+        assert sorted(p.name for p in rec.folder.iterdir()) == sorted(f"{k}.dcm" for k in range(1, n + 1))
+        for ds in dss[:: max(1, n // 4)]:
+            assert ds.filename.endswith(f"{ds.InstanceNumber}.dcm")
+            assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+            assert [float(v) for v in ds.PixelSpacing] == pytest.approx([rec.spacing[1]] * 2, abs=1e-5)
+            assert float(ds.SliceThickness) == pytest.approx(rec.spacing[0], abs=1e-3)
+            assert ds.StudyInstanceUID == rec.uid == rec.folder.name
+            for uid in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID):
+                assert UID_RE.match(uid) and len(uid) <= 64
+            assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+            ts = ds.file_meta.TransferSyntaxUID
+            assert ts == ("1.2.840.10008.1.2.4.70" if rec.spec.compressed else "1.2.840.10008.1.2.1")
+            if rec.spec.signed:
+                assert (ds.PixelRepresentation, ds.BitsStored, float(ds.RescaleIntercept)) == (1, 16, 0.0)
+            else:
+                assert (ds.PixelRepresentation, ds.BitsStored, float(ds.RescaleIntercept)) == (0, 12, -1024.0)
+            assert ("Modality" in ds) == rec.spec.modality
+    uids = [ds.SOPInstanceUID for ds in _read_plain(synthetic_info.train[0].folder)[0]]
+    assert len(set(uids)) == len(uids)
+
+
+@pytest.mark.parametrize("plugin", ["gdcm", "pylibjpeg"])
+def test_jpeg_lossless_decodes_the_same_with_both_plugins(synthetic_info, synthetic_truth, plugin):
+    from pydicom.pixels import pixel_array
+
+    for rec in synthetic_info.studies:
+        if not rec.spec.compressed:
+            continue
+        study = synthetic_truth(rec.uid)
+        i = rec.n_slices // 2
+        n = int(study.file_numbers[i])
+        import pydicom
+
+        ds = pydicom.dcmread(rec.folder / f"{n}.dcm")
+        arr = pixel_array(rec.folder / f"{n}.dcm", decoding_plugin=plugin)
+        np.testing.assert_array_equal(arr * float(ds.RescaleSlope) + float(ds.RescaleIntercept), study.hu[i])
+
+
+def test_package_reader_reads_every_study_in_order(synthetic_info, synthetic_truth):
+    dicom = pytest.importorskip("cspine_submit.dicom")
+    if not hasattr(dicom, "scan_study") or not hasattr(dicom, "read_slices"):
+        pytest.skip("cspine_submit.dicom.scan_study/read_slices not there yet (reader issue)")
+    for rec in synthetic_info.studies:
+        study = synthetic_truth(rec.uid)
+        header = dicom.scan_study(rec.folder)
+        assert header.shape == study.shape
+        assert header.reversed == rec.spec.reversed
+        assert header.spacing == pytest.approx(study.spacing, abs=2e-3)
+        assert [int(Path(f).stem) for f in header.files] == list(study.file_numbers)
+        idx = np.array([0, rec.n_slices // 2, rec.n_slices - 1])
+        np.testing.assert_array_equal(dicom.read_slices(header, idx), study.hu[idx].astype(np.float32))
+
+
+# -- masks -----------------------------------------------------------------------------------------------------------
+
+
+def test_masks_convert_back_with_the_competition_conversion(synthetic_info, synthetic_truth):
+    import nibabel as nib
+
+    from cspine_submit.orientation import competition_to_axial
+
+    for rec in synthetic_info.train:
+        if not rec.segmented:
+            continue
+        study = synthetic_truth(rec.uid)
+        img = nib.load(rec.folder.parents[1] / "segmentations" / f"{rec.uid}.nii")
+        raw = np.asanyarray(img.dataobj)
+        assert raw.dtype == np.uint8
+        mask = competition_to_axial(raw)
+        assert mask.shape == study.shape
+        np.testing.assert_array_equal(mask, study.labels)
+        present = set(np.unique(mask)) - {0}
+        assert set(range(1, 8)) <= present
+        assert present <= set(range(1, 11))
+        assert (present > set(range(1, 8))) or not rec.spec.thoracic_labels
+        # C1 above C2 above ... C7 (z grows toward the feet): mean slice index increases with the label.
+        zc = [np.nonzero(mask == lab)[0].mean() for lab in range(1, 8)]
+        assert zc == sorted(zc)
+        # Bone under the mask: cortical and cancellous HU, not soft tissue.
+        under = study.hu[mask > 0].astype(float)
+        assert np.median(under) > 300
+        assert np.mean(under > 100) > 0.9
+        assert np.percentile(study.hu[(mask == 0) & (study.hu > -500)], 50) < 100
+        # The affine puts each voxel where the DICOM header says the pixel is (RAS = LPS with x, y negated).
+        dss, _ = _read_plain(rec.folder)
+        nz, rows, cols = study.shape
+        for zi, r, c in [(0, 0, 0), (nz - 1, rows - 1, 5), (nz // 2, 7, cols - 3)]:
+            ds = dss[zi]
+            ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+            px = float(ds.PixelSpacing[0])
+            lps = ipp + np.array([c * px, r * px, 0.0])
+            ijk = np.array([c, rows - 1 - r, nz - 1 - zi, 1.0])
+            ras = img.affine @ ijk
+            np.testing.assert_allclose(ras[:3], [-lps[0], -lps[1], lps[2]], atol=1e-3)
+        assert nib.aff2axcodes(img.affine) == ("L", "A", "S")
+
+
+def test_fractures_lie_in_the_labelled_vertebra(synthetic_info, synthetic_truth):
+    for rec in synthetic_info.studies:
+        study = synthetic_truth(rec.uid)
+        fractured = dict(rec.spec.fractures)
+        labels_with_fracture = set(np.unique(study.fracture)) - {0}
+        assert labels_with_fracture == {VERTEBRAE.index(v) + 1 for v in fractured}
+        for v, kind in fractured.items():
+            lab = VERTEBRAE.index(v) + 1
+            voxels = study.fracture == lab
+            assert voxels.sum() >= 5
+            # Inside that vertebra's mask ...
+            assert np.all(study.labels[voxels] == lab)
+            hu = study.hu[voxels].astype(float)
+            bone = study.hu[(study.labels == lab) & ~voxels].astype(float)
+            if kind == "line":
+                # ... and visibly darker than the bone around it (a low-density gap) ...
+                assert np.median(hu) < np.median(bone) - 150
+            else:
+                # ... or denser (impacted trabeculae under a compressed endplate).
+                assert np.median(hu) > 350
+
+
+def test_vertebra_extents_and_overlaps_are_realistic(synthetic_info, synthetic_truth):
+    for rec in synthetic_info.train:
+        study = synthetic_truth(rec.uid)
+        dz = study.spacing[0]
+        ranges = {}
+        for lab, v in enumerate(VERTEBRAE, start=1):
+            zs = np.flatnonzero((study.labels == lab).any(axis=(1, 2)))
+            ranges[v] = (zs.min(), zs.max())
+        extent = {v: (b - a + 1) * dz for v, (a, b) in ranges.items()}
+        assert 40 <= extent["C2"] <= 62, extent
+        for v in ("C1", "C3", "C4", "C5", "C6", "C7"):
+            assert 20 <= extent[v] <= 45, (v, extent)
+        for upper, lower in zip(VERTEBRAE[1:], VERTEBRAE[2:]):
+            overlap = (ranges[upper][1] - ranges[lower][0] + 1) * dz
+            assert 4 <= overlap <= 22, (upper, lower, overlap)
+
+
+def test_scan_extent_and_position_vary(synthetic_info, synthetic_truth):
+    above, below, centres = [], [], []
+    for rec in synthetic_info.train:
+        study = synthetic_truth(rec.uid)
+        dz = study.spacing[0]
+        zs1 = np.flatnonzero((study.labels == 1).any(axis=(1, 2)))
+        zs7 = np.flatnonzero((study.labels == 7).any(axis=(1, 2)))
+        above.append(zs1.min() * dz)
+        below.append((study.shape[0] - 1 - zs7.max()) * dz)
+        ys, xs = np.nonzero((study.labels == 4).any(axis=0))
+        centres.append((ys.mean() * study.spacing[1], xs.mean() * study.spacing[2]))
+    assert np.ptp(above) > 15 and np.ptp(below) > 15
+    assert np.ptp([c[0] for c in centres]) > 5 or np.ptp([c[1] for c in centres]) > 5
+
+
+# -- determinism, parameters, CLI ------------------------------------------------------------------------------------
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(tmp_path):
+    from cspine_submit.synthetic import generate_dataset
+
+    params = dict(size=64, spacing=(4.0, 5.0), compressed_fraction=0.5, reversed_fraction=0.5,
+                  prevalence={v: 0.5 for v in VERTEBRAE})
+    generate_dataset(tmp_path / "a", 2, 1, seed=7, n_segmented=1, **params)
+    generate_dataset(tmp_path / "b", 2, 1, seed=7, n_segmented=1, **params)
+    generate_dataset(tmp_path / "c", 2, 1, seed=8, n_segmented=1, **params)
+    a, b, c = _digest(tmp_path / "a"), _digest(tmp_path / "b"), _digest(tmp_path / "c")
+    assert a == b
+    assert len(a) > 10
+    assert a != c
+
+
+def test_refuses_to_overwrite_and_rejects_unknown_parameters(tmp_path):
+    from cspine_submit.synthetic import generate_dataset
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        generate_dataset(tmp_path / "x", 1, 0, size=48, spacing=(5.0, 5.0))
+    with pytest.raises(ValueError, match="unknown generator parameter"):
+        generate_dataset(tmp_path / "y", 1, 0, sizes=48)
+    with pytest.raises(ValueError, match="prevalence"):
+        generate_dataset(tmp_path / "z", 1, 0, prevalence={"C8": 0.1})
+    ds = generate_dataset(tmp_path / "x", 1, 0, force=True, size=48, spacing=(5.0, 5.0))
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+    assert len(ds.train) == 1 and (tmp_path / "x" / "train.csv").is_file()
+
+
+def test_synth_command(tmp_path, capsys):
+    from cspine_submit.cli import main
+
+    out = tmp_path / "synth"
+    args = ["synth", str(out), "--studies", "2", "--test", "1", "--segmented", "1", "--seed", "5", "--size", "48",
+            "--spacing", "5", "6", "--prevalence", "C1=1.0,C2=0", "--quiet"]
+    assert main(args) == 0
+    assert "wrote 2 training studies" in capsys.readouterr().out
+    _, rows = _read_csv(out / "train.csv")
+    assert [(r["C1"], r["C2"], r["patient_overall"]) for r in rows] == [("1", "0", "1")] * 2
+    assert len(list((out / "segmentations").glob("*.nii"))) == 1
+    assert main(args) == 2
+    assert "--force" in capsys.readouterr().out
+    assert main(args + ["--force"]) == 0

@@ -111,11 +111,22 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
         if header.study_uid != job.uid:
             warnings.append(f"folder {job.uid} holds StudyInstanceUID {header.study_uid}; rows use the folder name")
         stage, t = "plan", time.perf_counter()
-        plans = ranges.plan_crops(header, job.ranges, job.config)
+        cue_indices: tuple[int, ...] = ()
+        if not job.vertebrae:
+            plans = {}  # no classifier at all: nothing to plan (the study is still scanned, to report on it)
+        elif job.ranges.method == "profile":
+            # The profile planner decodes a few cue slices; measure them here so they count as slices read.
+            cue = ranges.measure_cue(header, job.ranges)
+            cue_indices = cue.indices
+            if cue.fallback:
+                warnings.append(f"planner: {cue.fallback}")
+            plans = ranges.plan_crops(header, job.ranges, job.config, cue=cue)
+        else:
+            plans = ranges.plan_crops(header, job.ranges, job.config)
         plans = {v: p for v, p in plans.items() if v in job.vertebrae and len(p.slice_indices)}
         seconds["plan"] = time.perf_counter() - t
         stage, t = "read", time.perf_counter()
-        needed = crop.slices_needed(plans, job.config, header.n_slices)
+        needed = crop.slices_needed(plans, job.config, header.n_slices) if plans else np.zeros(0, dtype=np.int64)
         slices = dicom.read_slices(header, needed)
         seconds["read"] = time.perf_counter() - t
         stage, t = "crop", time.perf_counter()
@@ -123,7 +134,8 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
         seconds["crop"] = time.perf_counter() - t
     except Exception as exc:  # noqa: BLE001 - any failure of one study becomes that study's fallback
         raise StudyFailure(f"{stage}: {type(exc).__name__}: {exc}") from None
-    return PreparedStudy(job.uid, crops, int(len(needed)), header.n_slices, seconds, warnings)
+    slices_read = len(set(int(i) for i in needed) | set(cue_indices))
+    return PreparedStudy(job.uid, crops, slices_read, header.n_slices, seconds, warnings)
 
 
 @dataclass
@@ -280,29 +292,60 @@ def load_ranges_for(weights_dir: Path) -> tuple[SliceRanges, Path, list[str]]:
 
 
 def load_models(weights_dir: Path) -> tuple[ModelConfig, dict, list[str]]:
-    """Config and the classifiers whose files exist; a vertebra without a classifier file is left out (it will take
-    its prior) instead of failing the run. Returns ``(config, {vertebra: model}, warnings)``."""
+    """Config and every classifier that loads; a vertebra whose classifier file is missing or unreadable is left
+    out (it will take its prior, loudly) instead of failing the run.
+
+    Returns ``(config, {vertebra: model}, warnings)``. Raises FileNotFoundError / ValueError only when the folder
+    or its model_config.json is missing or malformed (and the folder is not a seed-notebook folder).
+    """
     import warnings as _warnings
 
     from cspine_submit.models import load_classifiers
 
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise FileNotFoundError(f"{weights_dir}: weights folder not found")
     config_path = weights_dir / "model_config.json"
-    present = list(VERTEBRAE)
-    if config_path.is_file():
-        config = ModelConfig.from_json(config_path)
-        present = [v for v in VERTEBRAE if v in config.classifier_files
-                   and (weights_dir / config.classifier_files[v]).is_file()]
-        if not present:
-            return config, {}, []
-    with _warnings.catch_warnings(record=True) as caught:
-        _warnings.simplefilter("always")
-        config, models = load_classifiers(weights_dir, present)
-    messages = [str(w.message) for w in caught if "DefaultConfig" in type(w.message).__name__]
+    messages: list[str] = []
+    config = ModelConfig.from_json(config_path) if config_path.is_file() else None
+    models: dict = {}
+    for v in VERTEBRAE:
+        if config is not None and not (v in config.classifier_files and (weights_dir / config.classifier_files[v]).is_file()):
+            continue  # reported by prepare_run as "no classifier"
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            try:
+                loaded_config, loaded = load_classifiers(weights_dir, [v])
+            except FileNotFoundError:
+                if config is None:
+                    raise  # neither model_config.json nor the seed notebook's files: nothing to run
+                continue
+            except (ValueError, OSError) as exc:
+                messages.append(f"classifier for {v} could not be loaded ({exc}); {v} gets its prior")
+                continue
+        messages += [str(w.message) for w in caught if "DefaultConfig" in type(w.message).__name__
+                     and str(w.message) not in messages]
+        config = loaded_config
+        models[v] = loaded[v]
     return config, models, messages
 
 
-def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_size: int | None = None) -> RunSetup:
+def _placeholder_ranges() -> SliceRanges:
+    """Ranges that are never planned with (no classifier is loaded when they are used)."""
+    return SliceRanges(method="fraction", layout="competition", per_vertebra={v: {} for v in VERTEBRAE}, n_masks=0,
+                       source="placeholder: no slice ranges could be loaded")
+
+
+def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_size: int | None = None,
+                weights_error: str = "raise") -> RunSetup:
     """Plan the rows, load classifiers, config and ranges, and collect the warnings to announce.
+
+    Parameters
+    ----------
+    weights_error : "raise" or "priors"
+        What to do when the weights folder or its config cannot be loaded at all: raise (the default: a local
+        misconfiguration should stop the run), or carry on with no classifier so that every study gets the
+        default priors (on Kaggle, where a complete submission scores and a crash does not).
 
     Raises FileNotFoundError / ValueError for problems that concern the whole run (missing weights, a malformed
     test.csv); per-study problems never raise.
@@ -311,7 +354,13 @@ def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_si
 
     weights_dir = Path(weights_dir)
     plan = plan_rows(test_dir, test_csv)
-    config, models, warnings = load_models(weights_dir)
+    try:
+        config, models, warnings = load_models(weights_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        if weights_error != "priors":
+            raise
+        config, models = ModelConfig(trained_on="untrained", source="defaults: the weights could not be loaded"), {}
+        warnings = [f"the weights could not be loaded ({exc}); EVERY study gets the default priors"]
     if batch_size:
         config = config.replace(batch_size=int(batch_size))
     missing = [v for v in VERTEBRAE if v not in models]
@@ -327,7 +376,14 @@ def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_si
         )
     elif config.trained_on == "untrained":
         warnings.append(f"the classifiers in {weights_dir} are marked trained_on='untrained'")
-    ranges, ranges_path, notes = load_ranges_for(weights_dir)
+    try:
+        ranges, ranges_path, notes = load_ranges_for(weights_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        if weights_error != "priors":
+            raise
+        ranges, ranges_path, notes = _placeholder_ranges(), Path("-"), []
+        warnings.append(f"no usable slice ranges ({exc}); EVERY study gets the priors")
+        models = {}
     return RunSetup(
         plan=plan, weights_dir=weights_dir, config=config, models=models, ranges=ranges, ranges_path=ranges_path,
         warnings=warnings, notes=list(plan.notes) + notes,

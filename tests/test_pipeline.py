@@ -214,3 +214,22 @@ def test_parse_duration():
     assert parse_duration("2") == 7200.0
     with pytest.raises(ValueError, match="8.5h"):
         parse_duration("soon")
+
+
+def test_corrupt_classifier_and_unloadable_weights(testset, weights, tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(weights, w)
+    (w / "C5.keras").write_bytes(b"not a keras file")
+    setup = pipeline.prepare_run(testset / "test_images", testset / "test.csv", w)
+    assert "C5" not in setup.models and len(setup.models) == 6
+    assert any("C5" in m and "could not be loaded" in m for m in setup.warnings)
+    # No weights at all: raise by default, all priors when asked (Kaggle).
+    with pytest.raises(FileNotFoundError):
+        pipeline.prepare_run(testset / "test_images", testset / "test.csv", tmp_path / "nothing")
+    setup = pipeline.prepare_run(testset / "test_images", testset / "test.csv", tmp_path / "nothing",
+                                 weights_error="priors")
+    assert setup.models == {} and "EVERY study" in setup.warnings[0]
+    result = pipeline.run_submission(setup, tmp_path / "s.csv", workers=0, progress=False)
+    assert len(result.probabilities) == 8 * len(ALL)
+    assert result.probabilities[f"{GOOD[0]}_C1"] == pytest.approx(0.072)
+    assert result.studies[GOOD[0]]["priors_used"] == ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]

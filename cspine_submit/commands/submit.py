@@ -118,7 +118,8 @@ def run(args) -> int:
     demo = where["demo"] is not None
     try:
         setup = pipeline.prepare_run(where["test_dir"], where["test_csv"], where["weights"], demo=demo,
-                                     batch_size=args.batch_size)
+                                     batch_size=args.batch_size,
+                                     weights_error="priors" if KAGGLE_INPUT.exists() else "raise")
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}")
         return 2

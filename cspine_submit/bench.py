@@ -1,0 +1,345 @@
+"""Per-stage cost of the submission pipeline against a naive baseline, and a projection for Kaggle.
+
+:func:`run_benchmark` generates synthetic studies at the competition's scale (512x512, about 300 slices, mostly
+JPEG Lossless .4.70), then measures in one run:
+
+- ours, per stage and per study: header scan, planning, decoding only the planned slices, crop preparation,
+  compiled batched scoring, aggregation, writing; end to end through :func:`cspine_submit.pipeline.run_submission`
+  with 1 and 2 worker processes;
+- the naive baseline the way the seed notebook works: pydicom + pylibjpeg decoding every slice in file-name order
+  in one process, preprocessing every slice, scoring one slice at a time with eager calls of every classifier;
+- the decode stage against its own limit: the planned slices decoded with the fastest plugin called directly;
+- CPU throughput of the classifier heads (crops/s);
+- peak memory;
+- a projection for the hidden test set on Kaggle (1500 studies, 2 CPU cores, 2x T4) with its assumptions.
+
+On the CPU both sides score with the ``tiny`` head (random weights), so the ratio measures the pipeline, not the
+backbone; the heads' own throughput is reported separately.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cspine_submit.config import VERTEBRAE, ModelConfig
+
+STAGES = ("scan", "plan", "decode", "crop", "score", "aggregate", "write", "end_to_end")
+"""Stages reported per study, in pipeline order."""
+
+KAGGLE_STUDIES = 1500
+KAGGLE_CPU_WORKERS = 2
+KAGGLE_GPUS = 2
+KAGGLE_HOURS = 9.0
+T4_RESNET50_224_MIXED = 990.0
+"""ResNet50 images/s on one T4 at 224x224 with mixed precision (NVIDIA's TensorFlow figures, FACTS.md)."""
+
+ASSUMED_EXTENT_MM = 250.0
+"""Typical z-extent of a synthetic study (C1-C7 plus the head and chest margins), used to pick the slice spacing
+that gives about the requested number of slices."""
+
+
+def _timed(fn: Callable, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
+
+
+def make_studies(out_dir: Path, n_studies: int, size: int, slices: int, seed: int = 0) -> list[Path]:
+    """Synthetic test studies at benchmark scale, all JPEG Lossless .4.70 but one in four uncompressed.
+
+    Returns the study folders.
+    """
+    from cspine_submit.synthetic import generate_dataset
+
+    spacing = ASSUMED_EXTENT_MM / max(int(slices), 1)
+    ds = generate_dataset(
+        out_dir, n_train=0, n_test=n_studies, seed=seed, size=size, spacing=(spacing, spacing),
+        compressed_fraction=0.75, force=True,
+    )
+    return [r.folder for r in ds.test]
+
+
+def make_weights(weights_dir: Path, config: ModelConfig, seed: int = 0) -> dict:
+    """Seven classifiers of ``config.head`` with random weights, their config and the default slice ranges.
+
+    Returns ``{vertebra: keras.Model}``.
+    """
+    import keras
+
+    from cspine_submit.models import build_classifier, save_classifier
+    from cspine_submit.pipeline import default_weights_dir
+
+    keras.utils.set_random_seed(seed)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for v in VERTEBRAE:
+        models[v] = build_classifier(config.head, config.input_shape)
+        save_classifier(models[v], weights_dir / config.classifier_files[v])
+    config.to_json(weights_dir / "model_config.json")
+    shutil.copyfile(default_weights_dir() / "slice_ranges.json", weights_dir / "slice_ranges.json")
+    return models
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ours, stage by stage
+
+
+def ours_per_study(folder: Path, ranges, config: ModelConfig, models: dict) -> tuple[dict, int]:
+    """Our stages on one study, in this process. Returns ``({stage: seconds}, slices decoded)``."""
+    from cspine_submit import aggregate, crop, dicom
+    from cspine_submit.models import score
+    from cspine_submit.ranges import plan_crops
+
+    sec = {}
+    header, sec["scan"] = _timed(dicom.scan_study, folder)
+    plans, sec["plan"] = _timed(plan_crops, header, ranges, config)
+    needed = crop.slices_needed(plans, config, header.n_slices)
+    slices, sec["decode"] = _timed(dicom.read_slices, header, needed)
+    crops, sec["crop"] = _timed(
+        lambda: {v: crop.prepare_crops(slices, needed, p, config) for v, p in plans.items()}
+    )
+    probs, sec["score"] = _timed(score, models, crops, config.batch_size)
+    _, sec["aggregate"] = _timed(aggregate.aggregate_study, probs, config)
+    return sec, int(len(needed))
+
+
+def decode_limit(folder: Path, ranges, config: ModelConfig) -> tuple[float, float, int]:
+    """The planned slices of one study decoded by our reader and by the fastest plugin called directly.
+
+    Returns ``(reader seconds, direct seconds, slices)``. The direct loop is
+    ``pydicom.pixels.pixel_array(path, decoding_plugin=fastest)`` per file, with no header scan, no HU conversion
+    and no checks: the floor our reader is compared against.
+    """
+    from pydicom.pixels import pixel_array
+
+    from cspine_submit import crop, dicom
+    from cspine_submit.ranges import plan_crops
+
+    header = dicom.scan_study(folder)
+    needed = crop.slices_needed(plan_crops(header, ranges, config), config, header.n_slices)
+    _, ours = _timed(dicom.read_slices, header, needed)
+    t = time.perf_counter()
+    for i in needed:
+        plugins = [p for p in dicom.available_plugins(header.transfer_syntaxes[i]) if p != "native"]
+        pixel_array(str(header.files[i]), decoding_plugin=plugins[0] if plugins else "")
+    return ours, time.perf_counter() - t, int(len(needed))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The naive baseline
+
+
+def naive_per_study(folder: Path, config: ModelConfig, models: dict) -> tuple[dict, int]:
+    """The seed notebook's way: every slice, file-name order, pylibjpeg, one slice and one model call at a time.
+
+    Returns ``({stage: seconds}, slices decoded)``. Every slice is preprocessed whole (no localization: the naive
+    pipeline does not know where the vertebrae are) and scored by all seven classifiers with eager calls.
+    """
+    import pydicom
+
+    from cspine_submit import aggregate, crop
+    from cspine_submit.ranges import CropPlan
+
+    sec = dict.fromkeys(("scan", "plan", "decode", "crop", "score", "aggregate"), 0.0)
+    t = time.perf_counter()
+    files = sorted(Path(folder).glob("*.dcm"), key=lambda p: int(p.stem))
+    sec["scan"] = time.perf_counter() - t
+    probs = {v: [] for v in VERTEBRAE}
+    for path in files:
+        t = time.perf_counter()
+        ds = pydicom.dcmread(path)
+        ds.pixel_array_options(decoding_plugin="pylibjpeg")
+        hu = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+        sec["decode"] += time.perf_counter() - t
+        t = time.perf_counter()
+        whole = CropPlan("slice", (0,), (0, 0, hu.shape[0], hu.shape[1]))
+        x = crop.prepare_crops(hu[None], np.array([0]), whole, config)
+        sec["crop"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for v in VERTEBRAE:
+            probs[v].append(float(np.asarray(models[v](x, training=False))[0, 0]))
+        sec["score"] += time.perf_counter() - t
+    _, sec["aggregate"] = _timed(aggregate.aggregate_study, {v: np.array(p) for v, p in probs.items()}, config)
+    return sec, len(files)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Heads, memory, projection
+
+
+def head_throughput(heads: list[str], input_size: int, channels: int, batch_size: int, batches: int = 2) -> dict:
+    """CPU crops/s of each head with the compiled batched path (after one warm-up batch)."""
+    import keras
+
+    from cspine_submit.models import build_classifier, predict
+
+    out = {}
+    for head in heads:
+        keras.utils.set_random_seed(0)
+        model = build_classifier(head, (input_size, input_size, channels))
+        x = np.random.default_rng(0).random((batch_size, input_size, input_size, channels), dtype=np.float32)
+        predict(model, x, batch_size)
+        _, sec = _timed(lambda: [predict(model, x, batch_size) for _ in range(batches)])
+        out[head] = {"input": [input_size, input_size, channels], "batch": batch_size,
+                     "crops_per_s": round(batches * batch_size / sec, 2), "params": int(model.count_params())}
+        del model
+        keras.backend.clear_session()
+    return out
+
+
+def peak_memory_mb() -> dict:
+    """Peak resident memory (MB) of this process and of its finished worker processes."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    return {"main_mb": round(own, 1), "largest_worker_mb": round(children, 1)}
+
+
+def kaggle_projection(cpu_stage_seconds: float, crops_per_study: float, input_size: int,
+                      main_seconds: float) -> dict:
+    """Projected wall time of the hidden test set on Kaggle.
+
+    Parameters
+    ----------
+    cpu_stage_seconds : float
+        Worker-side seconds per study measured here (scan + plan + decode + crop).
+    crops_per_study : float
+        Classifier inputs per study (7 vertebrae x slices per vertebra).
+    input_size : int
+        Side of the model input, pixels.
+    main_seconds : float
+        Main-process CPU seconds per study besides the GPU (aggregation, writing), measured here.
+    """
+    gpu_rate = T4_RESNET50_224_MIXED * (224.0 / input_size) ** 2 * KAGGLE_GPUS
+    cpu = cpu_stage_seconds / KAGGLE_CPU_WORKERS
+    gpu = crops_per_study / gpu_rate
+    # Workers prepare study i+1 while the GPUs score study i: the slower side sets the pace.
+    per_study = max(cpu, gpu) + main_seconds
+    total_h = per_study * KAGGLE_STUDIES / 3600.0
+    return {
+        "seconds_per_study": round(per_study, 3),
+        "cpu_seconds_per_study": round(cpu, 3),
+        "gpu_seconds_per_study": round(gpu, 4),
+        "total_hours": round(total_h, 3),
+        "limit_hours": KAGGLE_HOURS,
+        "assumptions": [
+            f"{KAGGLE_STUDIES} studies like the benchmark's (size, slices, share of .4.70)",
+            f"CPU stages measured here, split over {KAGGLE_CPU_WORKERS} worker processes (Kaggle's 2 cores are "
+            "assumed as fast as this machine's)",
+            f"ResNet50 at {T4_RESNET50_224_MIXED:g} img/s per T4 at 224x224 mixed precision (NVIDIA), scaled by "
+            f"pixels to {input_size}x{input_size}: {gpu_rate / KAGGLE_GPUS:.0f} img/s per T4, {KAGGLE_GPUS} T4s",
+            f"{crops_per_study:g} crops per study; decoding overlaps scoring, so the slower of the two sets the pace",
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole run
+
+
+def run_benchmark(n_studies: int = 3, size: int = 512, slices: int = 300, input_size: int = 256,
+                  heads: tuple[str, ...] = ("tiny", "gap"), work_dir: str | Path | None = None,
+                  naive: bool = True, progress: Callable[[str], None] | None = None) -> dict:
+    """Run every measurement; returns the results as a JSON-able dict.
+
+    Keys: ``ours`` / ``naive`` / ``ratio`` (``{stage: seconds per study}``, ratio = naive / ours), ``decode``
+    (slices/s and the direct-plugin limit), ``end_to_end`` (by worker count), ``heads`` (crops/s), ``memory``,
+    ``projection``, ``studies`` (slice counts), ``machine``.
+    """
+    import os
+    import platform
+
+    from cspine_submit import dicom, submission
+    from cspine_submit.pipeline import prepare_run, run_submission
+    from cspine_submit.ranges import load_ranges
+
+    say = progress or (lambda _msg: None)
+    own_tmp = work_dir is None
+    root = Path(tempfile.mkdtemp(prefix="cspine-bench-")) if own_tmp else Path(work_dir)
+    try:
+        say(f"generating {n_studies} synthetic studies ({size}x{size}, ~{slices} slices) in {root}")
+        folders = make_studies(root / "data", n_studies, size, slices)
+        config = ModelConfig(head="tiny", input_size=input_size, trained_on="untrained",
+                             source="benchmark: random tiny classifiers")
+        weights_dir = root / "weights"
+        models = make_weights(weights_dir, config)
+        ranges = load_ranges(weights_dir / "slice_ranges.json")
+
+        # Warm up TensorFlow (tracing, thread pools) outside the timed runs, for both sides.
+        ours_per_study(folders[0], ranges, config, models)
+
+        say("ours, stage by stage")
+        ours_rows, decoded = [], []
+        for f in folders:
+            sec, n = ours_per_study(f, ranges, config, models)
+            ours_rows.append(sec)
+            decoded.append(n)
+        setup = prepare_run(root / "data" / "test_images", None, weights_dir)
+        probabilities = {rid: 0.5 for rid in setup.plan.row_ids}
+        _, write_s = _timed(submission.write_submission, root / "write_test.csv", setup.plan.row_ids, probabilities)
+        ours = {k: float(np.mean([r[k] for r in ours_rows])) for k in ours_rows[0]}
+        ours["write"] = write_s / len(folders)
+
+        end_to_end = {}
+        for workers in (1, 2):
+            say(f"ours end to end, {workers} worker(s)")
+            result, wall = _timed(run_submission, setup, root / f"submission_w{workers}.csv", workers=workers,
+                                  progress=False)
+            end_to_end[f"workers_{workers}"] = {"seconds_per_study": round(wall / len(folders), 3),
+                                                "studies_per_s": round(len(folders) / wall, 3)}
+        ours["end_to_end"] = end_to_end["workers_2"]["seconds_per_study"]
+
+        say("decode stage against the direct plugin loop")
+        lim = [decode_limit(f, ranges, config) for f in folders]
+        reader_s, direct_s, n_planned = (float(sum(x[i] for x in lim)) for i in range(3))
+        headers = [dicom.scan_study(f) for f in folders]
+        n_total = sum(h.n_slices for h in headers)
+        decode = {
+            "planned_slices_per_study": round(n_planned / len(folders), 1),
+            "all_slices_per_study": round(n_total / len(folders), 1),
+            "reader_slices_per_s": round(n_planned / reader_s, 1),
+            "direct_plugin_slices_per_s": round(n_planned / direct_s, 1),
+            "reader_over_direct": round(reader_s / direct_s, 3),
+        }
+
+        naive_res, ratio = None, None
+        if naive:
+            say("naive baseline")
+            rows = []
+            for f in folders:
+                t = time.perf_counter()
+                sec, _ = naive_per_study(f, config, models)
+                sec["write"] = ours["write"]  # the same writer: writing is not what the baseline is about
+                sec["end_to_end"] = time.perf_counter() - t + sec["write"]
+                rows.append(sec)
+            naive_res = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            ratio = {k: (round(naive_res[k] / ours[k], 2) if ours.get(k) else None) for k in STAGES}
+
+        say("classifier heads on this CPU")
+        heads_res = head_throughput(list(heads), input_size, config.n_channels, batch_size=8)
+
+        cpu = sum(ours[k] for k in ("scan", "plan", "decode", "crop"))
+        crops_per_study = len(VERTEBRAE) * config.slices_per_vertebra
+        projection = kaggle_projection(cpu, crops_per_study, input_size, ours["aggregate"] + ours["write"])
+        return {
+            "ours": {k: round(ours[k], 4) for k in STAGES},
+            "naive": {k: round(naive_res[k], 4) for k in STAGES} if naive_res else None,
+            "ratio": ratio,
+            "decode": decode,
+            "end_to_end": end_to_end,
+            "heads": heads_res,
+            "memory": peak_memory_mb(),
+            "projection": projection,
+            "studies": {"n": len(folders), "size": size, "slices": [h.n_slices for h in headers],
+                        "compressed": [h.transfer_syntaxes[0] for h in headers]},
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        }
+    finally:
+        if own_tmp:
+            shutil.rmtree(root, ignore_errors=True)

@@ -233,3 +233,20 @@ def test_corrupt_classifier_and_unloadable_weights(testset, weights, tmp_path):
     assert len(result.probabilities) == 8 * len(ALL)
     assert result.probabilities[f"{GOOD[0]}_C1"] == pytest.approx(0.072)
     assert result.studies[GOOD[0]]["priors_used"] == ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
+
+
+def test_submit_defaults_on_kaggle(tmp_path, monkeypatch):
+    from cspine_submit.cli import _get_parser
+    from cspine_submit.commands import submit
+
+    comp = tmp_path / "input" / "rsna-2022-cervical-spine-fracture-detection"
+    (comp / "test_images").mkdir(parents=True)
+    monkeypatch.setattr(submit, "KAGGLE_INPUT", tmp_path / "input")
+    monkeypatch.setattr(submit, "KAGGLE_COMPETITION", comp)
+    monkeypatch.setattr(submit, "KAGGLE_OUT", tmp_path / "working" / "submission.csv")
+    where = submit._resolve(_get_parser().parse_args(["submit"]))
+    assert where["test_dir"] == comp / "test_images" and where["test_csv"] == comp / "test.csv"
+    assert where["out"] == tmp_path / "working" / "submission.csv"
+    assert where["budget"] == 8.5 * 3600 and where["demo"] is None
+    where = submit._resolve(_get_parser().parse_args(["submit", "--time-budget", "30m"]))
+    assert where["budget"] == 1800.0

@@ -104,6 +104,10 @@ def _print_summary(result, demo_data) -> None:
 
 
 def run(args) -> int:
+    import os
+
+    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) would bury the warnings that matter.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from cspine_submit import pipeline
 
     try:

@@ -340,7 +340,8 @@ def read_slice_header(path: str | Path) -> SliceInfo:
             tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
             if not tsyntax:
                 implicit, little = ds.original_encoding
-                tsyntax = "1.2.840.10008.1.2" if implicit else ("1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
+                tsyntax = ("1.2.840.10008.1.2" if implicit
+                           else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
             if tsyntax != _DEFLATED:
                 # (the deflated syntax compresses the whole dataset; zlib notices truncation when decoding)
                 problem = _check_pixel_data_length(fp, file_size)
@@ -440,8 +441,8 @@ def order_slices(infos: Sequence[SliceInfo]) -> SliceOrder:
     group = []
     for s in infos:
         if s.series_uid != series:
-            skipped.append((s.path.name, f"other series {s.series_uid or '(empty)'!s} (study series is "
-                                         f"{series or '(empty)'})"))
+            other, main = s.series_uid or "(empty)", series or "(empty)"
+            skipped.append((s.path.name, f"other series {other} (study series is {main})"))
         elif (s.rows, s.cols) != (rows, cols):
             skipped.append((s.path.name, f"slice size {s.rows}x{s.cols} differs from the study's {rows}x{cols}"))
         else:
@@ -470,8 +471,7 @@ def order_slices(infos: Sequence[SliceInfo]) -> SliceOrder:
     sign = -1.0 if normal[2] >= 0 else 1.0
 
     with_pos = [s for s in group if s.position is not None]
-    thick = next((s.spacing_between or s.slice_thickness for s in group if s.spacing_between or s.slice_thickness),
-                 None)
+    thick = next((s.spacing_between or s.slice_thickness for s in group if s.spacing_between or s.slice_thickness), None)
     if with_pos:
         for s in group:
             if s.position is None:
@@ -481,10 +481,9 @@ def order_slices(infos: Sequence[SliceInfo]) -> SliceOrder:
         method = "position"
     else:
         dz_guess = thick or 1.0
-        if all(s.instance_number is not None for s in group) and len({s.instance_number for s in group}) == len(
-            group
-        ):
-            rank = np.array([s.instance_number for s in group], dtype=np.float64)
+        numbers = [s.instance_number for s in group]
+        if None not in numbers and len(set(numbers)) == len(numbers):
+            rank = np.array(numbers, dtype=np.float64)
             warns.append("no ImagePositionPatient: ordered by InstanceNumber (assumed to grow head to feet), "
                          f"dz {dz_guess} mm from SliceThickness/SpacingBetweenSlices")
             method = "instance"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from cspine_submit import cli
 
 SERIES = Path(__file__).parent / "data" / "dicom" / "series_j2k_ct"

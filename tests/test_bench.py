@@ -1,0 +1,37 @@
+"""The benchmark's projection arithmetic and its naive baseline on a tiny synthetic study."""
+
+import numpy as np
+import pytest
+
+from cspine_submit import bench
+from cspine_submit.config import VERTEBRAE, ModelConfig
+
+
+def test_projection_matches_hand_computation():
+    # 0.8 s of CPU stages over 2 workers = 0.4 s; 105 crops at 448 px on 2 T4s:
+    # 990 * (224/448)^2 = 247.5 img/s per T4, 495 img/s for two -> 105 / 495 = 0.2121 s. CPU is slower: 0.4 + 0.01.
+    p = bench.kaggle_projection(0.8, 105, 448, 0.01)
+    assert p["cpu_seconds_per_study"] == pytest.approx(0.4)
+    assert p["gpu_seconds_per_study"] == pytest.approx(105 / 495, abs=1e-4)
+    assert p["seconds_per_study"] == pytest.approx(0.41)
+    assert p["total_hours"] == pytest.approx(0.41 * 1500 / 3600, abs=1e-3)
+    # When the GPU is the bottleneck it sets the pace instead.
+    p = bench.kaggle_projection(0.01, 10000, 512, 0.0)
+    assert p["seconds_per_study"] == pytest.approx(10000 / (2 * 990 * (224 / 512) ** 2), rel=1e-3)
+
+
+def test_naive_baseline_scores_every_slice_and_ours_only_the_planned(synthetic_dataset, tmp_path):
+    from cspine_submit.ranges import load_ranges
+
+    config = ModelConfig(head="tiny", input_size=32, slices_per_vertebra=4, trained_on="untrained")
+    models = bench.make_weights(tmp_path / "w", config)
+    ranges = load_ranges(tmp_path / "w" / "slice_ranges.json")
+    folder = sorted((synthetic_dataset / "test_images").iterdir())[0]
+    naive, n_naive = bench.naive_per_study(folder, config, models)
+    ours, n_ours = bench.ours_per_study(folder, ranges, config, models)
+    n_files = len(list(folder.glob("*.dcm")))
+    assert n_naive == n_files
+    assert 0 < n_ours < n_files
+    assert set(naive) >= {"decode", "crop", "score", "aggregate"}
+    assert all(np.isfinite(v) and v >= 0 for v in list(naive.values()) + list(ours.values()))
+    assert set(models) == set(VERTEBRAE)

@@ -409,7 +409,7 @@ def _fracture(rng: np.random.Generator, name: str, solids: tuple[Solid, ...], ki
     """A fracture of the given kind placed inside one part of the vertebra (line: body, dens or ring; wedge: body)."""
     width = max(1.3, 1.6 * px)
     if kind == "wedge":
-        return Fracture("wedge", "body", compression=float(rng.uniform(0.3, 0.5)), width=width)
+        return Fracture("wedge", "body", compression=float(rng.uniform(0.25, 0.45)), width=width)
     if name == "C1":
         parts = ["ring"]
     elif name == "C2":
@@ -511,7 +511,7 @@ def build_anatomy(
             t2 = proto.slope(c2[2] + 0.5 * c2[3])
             cy = cy2 + 0.5 * s + t2 * (zmid - c2[2])
             # The atlas ring is inclined, anterior arch up (its axial slices span ~30 mm in real masks).
-            tilt = t2 - 0.35
+            tilt = t2 - 0.3
         fracture = None
         if name in fractures:
             fracture = _fracture(rng, name, solids, fractures[name], px)

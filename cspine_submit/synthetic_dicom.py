@@ -10,6 +10,7 @@ its own (it would fill in Modality, StudyDate with today's date, ...).
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +76,13 @@ def encode_jpeg_lossless(pixels: np.ndarray, bits_stored: int) -> bytes:
     if fragments is None or fragments.GetNumberOfFragments() != 1:
         raise OSError("GDCM returned no single JPEG fragment")
     value = fragments.GetFragment(0).GetByteValue()
-    # GDCM's Python binding hands buffers over as str decoded with surrogateescape; this gives the bytes back.
-    data = value.GetBuffer().encode("utf-8", "surrogateescape")
     expected = int(str(value.GetLength()))
+    try:
+        # Copy straight from GDCM's buffer (a SWIG void* converts to its address).
+        data = ctypes.string_at(int(value.GetVoidPointer()), expected)
+    except (TypeError, ValueError):
+        # GDCM's binding also hands buffers over as str decoded with surrogateescape: slower, same bytes.
+        data = value.GetBuffer().encode("utf-8", "surrogateescape")
     if len(data) != expected:
         raise OSError(f"GDCM fragment: got {len(data)} bytes, expected {expected}")
     return data
@@ -257,7 +262,8 @@ def write_mask(
 
     from cspine_submit.orientation import axial_to_competition
 
-    arr = np.ascontiguousarray(axial_to_competition(labels.astype(np.uint8)))
+    # A view: NIfTI stores Fortran order, so nibabel writes this (X, Y, Z) view without a strided copy.
+    arr = axial_to_competition(labels.astype(np.uint8, copy=False))
     img = nib.Nifti1Image(arr, competition_affine(labels.shape, spacing, z_head, origin_xy))
     img.header.set_data_dtype(np.uint8)
     img.header.set_xyzt_units("mm")

@@ -288,3 +288,22 @@ def test_resume_after_sigkill_of_a_real_process(testset, weights, tmp_path):
     setup = pipeline.prepare_run(images, None, weights)
     reference = pipeline.run_submission(setup, tmp_path / "ref.csv", workers=0, progress=False).out
     assert out.read_bytes() == reference.read_bytes()
+
+
+def test_synthetic_competition_layout_end_to_end(synthetic_dataset, weights, tmp_path):
+    """The generator's competition layout (.4.70 and uncompressed, reversed studies, test.csv) with the shipped
+    default slice ranges: every study scores, the rows follow test.csv, and the metric reads the result."""
+    from cspine_submit import metric
+    from cspine_submit.submission import read_test_csv
+
+    w = tmp_path / "w"
+    shutil.copytree(weights, w)
+    (w / "slice_ranges.json").unlink()  # -> the package default weights/slice_ranges.json
+    setup = pipeline.prepare_run(synthetic_dataset / "test_images", synthetic_dataset / "test.csv", w)
+    assert setup.ranges_path == pipeline.default_weights_dir() / "slice_ranges.json"
+    result = pipeline.run_submission(setup, tmp_path / "s.csv", workers=0, progress=False)
+    assert all(e["status"] == "ok" for e in result.studies.values()), result.studies
+    rows = [r.split(",")[0] for r in (tmp_path / "s.csv").read_text().splitlines()[1:]]
+    assert rows == [rid for rid, _, _ in read_test_csv(synthetic_dataset / "test.csv")]
+    ev = metric.evaluate_files(tmp_path / "s.csv", synthetic_dataset / "test_labels.csv")
+    assert ev.n_studies == 3 and np.isfinite(ev.score)

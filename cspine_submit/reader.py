@@ -141,7 +141,7 @@ def _iter_pool(
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append([item, pool.submit(_call, work_fn, item)])
+                pending.append([item, _submit(pool, work_fn, item)])
             if not pending:
                 return
             item, state = pending[0]
@@ -151,10 +151,23 @@ def _iter_pool(
                 except BrokenProcessPool:
                     pool = _recover(pool, pending, new_pool, work_fn)
                     continue
+                except Exception as exc:  # e.g. an item or a result that cannot be pickled
+                    state = Outcome(item=item, error=f"{type(exc).__name__}: {exc}")
             pending.popleft()
             yield state
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _submit(pool: ProcessPoolExecutor, work_fn: Callable, item: Any) -> Future:
+    """Submit, or, when the pool already broke (a worker died since the last check), a future failed with
+    BrokenProcessPool so that :func:`_recover` handles the item like the other in-flight ones."""
+    try:
+        return pool.submit(_call, work_fn, item)
+    except BrokenProcessPool as exc:
+        failed: Future = Future()
+        failed.set_exception(exc)
+        return failed
 
 
 def _recover(pool: ProcessPoolExecutor, pending: collections.deque, new_pool: Callable, work_fn: Callable):
@@ -172,9 +185,11 @@ def _recover(pool: ProcessPoolExecutor, pending: collections.deque, new_pool: Ca
             entry[1] = _outcome(item, state.result())
             continue
         try:
-            entry[1] = _outcome(item, pool.submit(_call, work_fn, item).result())
+            entry[1] = _outcome(item, _submit(pool, work_fn, item).result())
         except BrokenProcessPool as exc:
             entry[1] = Outcome(item=item, error=f"{WORKER_DIED}: {exc}")
             pool.shutdown(wait=False, cancel_futures=True)
             pool = new_pool()
+        except Exception as exc:  # e.g. an item or a result that cannot be pickled
+            entry[1] = Outcome(item=item, error=f"{type(exc).__name__}: {exc}")
     return pool

@@ -32,6 +32,16 @@ def die_on_two(x: int) -> int:
     return -x
 
 
+def unpicklable_result(x: int):
+    return (lambda: x) if x == 1 else x  # a lambda cannot travel back from a worker
+
+
+def test_unpicklable_result_costs_only_its_item():
+    out = list(iter_studies(range(3), unpicklable_result, workers=1, prefetch=2))
+    assert [o.value for o in out] == [0, None, 2]
+    assert out[1].error and "pickle" in out[1].error.lower()
+
+
 def test_in_process_runs_in_order_and_reports_errors():
     out = list(iter_studies(range(6), fail_on_three, workers=0))
     assert [o.item for o in out] == [0, 1, 2, 3, 4, 5]

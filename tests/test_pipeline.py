@@ -202,7 +202,12 @@ def test_submit_cli_public_quirk_and_no_overwrite(testset, weights, tmp_path, ca
     assert len(rows) == 1 + 16 and rows[1].startswith(f"{GOOD[0]}_patient_overall,")
     assert main(argv) == 1  # exists: refuses without --force
     assert "--force" in capsys.readouterr().out
-    assert main(argv + ["--force"]) == 0
+    assert main(argv + ["--force", "--report", str(tmp_path / "elsewhere" / "r.json")]) == 0
+    report = json.loads((tmp_path / "elsewhere" / "r.json").read_text())
+    assert set(report) == {"studies", "totals"} and set(report["studies"]) == set(GOOD)
+    for entry in report["studies"].values():
+        assert {"status", "reason", "slices_read", "seconds"} <= set(entry)
+    assert "quirk" in report["totals"]["notes"][0]
 
 
 def test_parse_duration():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 WORKER_DIED = "worker process died while working on this item (e.g. a crash inside a decoder)"
+TIMED_OUT = "timed out"
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ def iter_studies(
     prefetch: int = 4,
     start_method: str = "spawn",
     progress: bool | str = False,
+    timeout: float | None = None,
 ) -> Iterator[Outcome]:
     """Yield ``work_fn(item)`` for every item, in input order, computed ahead in worker processes.
 
@@ -89,6 +91,10 @@ def iter_studies(
         TensorFlow threads, where ``fork`` can deadlock.
     progress : bool or str
         Show a tqdm bar (a str is its description).
+    timeout : float, optional
+        Seconds to wait for an item once it is the next one to yield (workers take items in order, so it
+        has been running at least that long). On expiry the workers are killed, the item gets a
+        ``"timed out ..."`` error, and the other in-flight items are rerun. Ignored with ``workers=0``.
 
     Yields
     ------
@@ -112,7 +118,7 @@ def iter_studies(
                 if bar is not None:
                     bar.update(1)
             return
-        for outcome in _iter_pool(iter(items), work_fn, workers, prefetch, start_method):
+        for outcome in _iter_pool(iter(items), work_fn, workers, prefetch, start_method, timeout):
             yield outcome
             if bar is not None:
                 bar.update(1)
@@ -122,7 +128,7 @@ def iter_studies(
 
 
 def _iter_pool(
-    items: Iterator[Any], work_fn: Callable, workers: int, prefetch: int, start_method: str
+    items: Iterator[Any], work_fn: Callable, workers: int, prefetch: int, start_method: str, timeout: float | None
 ) -> Iterator[Outcome]:
     context = multiprocessing.get_context(start_method)
 
@@ -147,9 +153,14 @@ def _iter_pool(
             item, state = pending[0]
             if isinstance(state, Future):
                 try:
-                    state = _outcome(item, state.result())
+                    state = _outcome(item, state.result(timeout=timeout))
+                except TimeoutError:
+                    _kill(pool)
+                    pending[0][1] = Outcome(item=item, error=f"{TIMED_OUT} after {timeout} s")
+                    pool = _recover(pool, pending, new_pool, work_fn, timeout)
+                    continue
                 except BrokenProcessPool:
-                    pool = _recover(pool, pending, new_pool, work_fn)
+                    pool = _recover(pool, pending, new_pool, work_fn, timeout)
                     continue
                 except Exception as exc:  # e.g. an item or a result that cannot be pickled
                     state = Outcome(item=item, error=f"{type(exc).__name__}: {exc}")
@@ -170,8 +181,23 @@ def _submit(pool: ProcessPoolExecutor, work_fn: Callable, item: Any) -> Future:
         return failed
 
 
-def _recover(pool: ProcessPoolExecutor, pending: collections.deque, new_pool: Callable, work_fn: Callable):
-    """After a worker died: rerun every unfinished in-flight item alone in a fresh pool to find the culprit.
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """Kill the pool's worker processes (a hung decoder ignores polite shutdown)."""
+    # ProcessPoolExecutor has no public way to do this before Python 3.14 (terminate_workers).
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            process.kill()
+        except Exception:  # already gone
+            pass
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _recover(
+    pool: ProcessPoolExecutor, pending: collections.deque, new_pool: Callable, work_fn: Callable,
+    timeout: float | None = None,
+) -> ProcessPoolExecutor:
+    """After a worker died (or was killed): rerun every unfinished in-flight item alone in a fresh pool, so
+    that the culprit is found for certain.
 
     Items whose future had already finished keep their result. Returns the pool to continue with.
     """
@@ -185,7 +211,11 @@ def _recover(pool: ProcessPoolExecutor, pending: collections.deque, new_pool: Ca
             entry[1] = _outcome(item, state.result())
             continue
         try:
-            entry[1] = _outcome(item, _submit(pool, work_fn, item).result())
+            entry[1] = _outcome(item, _submit(pool, work_fn, item).result(timeout=timeout))
+        except TimeoutError:
+            entry[1] = Outcome(item=item, error=f"{TIMED_OUT} after {timeout} s")
+            _kill(pool)
+            pool = new_pool()
         except BrokenProcessPool as exc:
             entry[1] = Outcome(item=item, error=f"{WORKER_DIED}: {exc}")
             pool.shutdown(wait=False, cancel_futures=True)

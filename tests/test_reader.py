@@ -42,6 +42,18 @@ def test_unpicklable_result_costs_only_its_item():
     assert out[1].error and "pickle" in out[1].error.lower()
 
 
+def hang_on_one(x: int) -> int:
+    if x == 1:
+        time.sleep(120)  # a decoder stuck on a corrupt file
+    return x
+
+
+def test_hung_item_times_out_and_the_rest_go_on():
+    out = list(iter_studies(range(4), hang_on_one, workers=2, prefetch=3, timeout=3.0))
+    assert [o.value for o in out] == [0, None, 2, 3]
+    assert out[1].error == "timed out after 3.0 s"
+
+
 def test_in_process_runs_in_order_and_reports_errors():
     out = list(iter_studies(range(6), fail_on_three, workers=0))
     assert [o.item for o in out] == [0, 1, 2, 3, 4, 5]

@@ -245,18 +245,17 @@ def preview_study(
     """
     from cspine_submit.config import ModelConfig
     from cspine_submit.dicom import read_slices, scan_study
-    from cspine_submit.ranges import measure_cue, plans_from_positions
+    from cspine_submit.ranges import measure_cue, plan_crops
 
     header = scan_study(study_dir)
     config = config or ModelConfig()
     idx = subset_indices(header.n_slices, max_slices)
     slices = read_slices(header, idx)
-    anchor, cue_read = None, 0
+    cue, cue_read = None, 0
     if ranges.method == "profile":
         cue = measure_cue(header, ranges)
-        anchor, cue_read = cue.anchor_mm, len(set(cue.indices) - set(idx.tolist()))
-    plans = plans_from_positions(header.z, header.rows, header.cols, ranges, config.slices_per_vertebra,
-                                 method=ranges.method, anchor_mm=anchor)
+        cue_read = len(set(cue.indices) - set(idx.tolist()))
+    plans = plan_crops(header, ranges, config, cue=cue)
     mask = None
     if mask_path is not None:
         import nibabel as nib

@@ -51,6 +51,8 @@ DEFAULT_CUE = {"max_slices": 40, "min_slices": 12, "step_mm": 5.0}
 """How many slices the ``profile`` method decodes at inference: about one every ``step_mm``, clipped."""
 
 TEMPLATE_STEP_MM: float = 2.0
+DEFAULT_SCALES: tuple[float, ...] = tuple(round(0.85 + 0.025 * i, 3) for i in range(13))
+"""Column-length scales (study / reference) the profile alignment tries, 0.85-1.15."""
 DEFAULT_Z_MARGIN_MM: float = 2.0
 
 
@@ -103,6 +105,9 @@ class StudyTruth:
         project onto each pixel of its box; used for in-plane box coverage.
     profile : (n, len(FEATURES)) ndarray or None
         Image features per slice (NaN for slices not measured), when the study's images were read.
+    centroids : (n, 2) ndarray or None
+        Median (y, x) pixel position of the bone pixels of each measured slice (NaN when not measured or no
+        bone), when the study's images were read.
     """
 
     uid: str
@@ -114,10 +119,16 @@ class StudyTruth:
     boxes: dict[str, tuple[int, int, int, int]]
     footprints: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     profile: np.ndarray | None = field(default=None, repr=False)
+    centroids: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n_slices(self) -> int:
         return len(self.z_mm)
+
+    @property
+    def column_length_mm(self) -> float:
+        """Top of C1 to bottom of C7 (mm)."""
+        return float(self.z_mm[self.z_ranges["C7"][1]] - self.z_mm[self.z_ranges["C1"][0]])
 
     @property
     def anchor_mm(self) -> float:
@@ -231,6 +242,29 @@ def slice_features(slices: np.ndarray, pixel_spacing: tuple[float, float]) -> np
     return np.log1p(np.stack([bone, body], axis=1).astype(np.float64))
 
 
+def bone_centroids(slices: np.ndarray) -> np.ndarray:
+    """Median (y, x) pixel position of the bone (HU >= ``BONE_HU``) of each slice.
+
+    Parameters
+    ----------
+    slices : (m, rows, cols) ndarray
+        HU.
+
+    Returns
+    -------
+    (m, 2) ndarray of float64
+        Full-resolution pixel coordinates; NaN for a slice with fewer than 4 bone pixels (counted at the feature
+        stride).
+    """
+    sub = np.asarray(slices)[:, ::FEATURE_STRIDE, ::FEATURE_STRIDE]
+    out = np.full((len(sub), 2), np.nan)
+    for i, s in enumerate(sub):
+        ys, xs = np.nonzero(s >= BONE_HU)
+        if ys.size >= 4:
+            out[i] = (np.median(ys) * FEATURE_STRIDE, np.median(xs) * FEATURE_STRIDE)
+    return out
+
+
 def cue_indices(n_slices: int, z_mm: np.ndarray, cue: Mapping[str, float] | None = None) -> np.ndarray:
     """Which slices the ``profile`` method decodes for its image cue.
 
@@ -263,7 +297,8 @@ def _quantiles(values: Sequence[float]) -> dict[str, float]:
     return out
 
 
-def study_coordinates(truth_or_z: StudyTruth | np.ndarray, method: str, anchor_mm: float | None = None) -> np.ndarray:
+def study_coordinates(truth_or_z: StudyTruth | np.ndarray, method: str, anchor_mm: float | None = None,
+                      scale: float | None = None, ref_length_mm: float | None = None) -> np.ndarray:
     """Normalised z coordinate of every slice of a study under ``method``.
 
     Parameters
@@ -272,16 +307,21 @@ def study_coordinates(truth_or_z: StudyTruth | np.ndarray, method: str, anchor_m
     method : one of :data:`METHODS`
     anchor_mm : float
         Column centre in mm (``profile`` only; taken from the truth when a StudyTruth is given).
+    scale : float
+        ``profile`` only: the study's column length over the reference length (from the truth's column length and
+        ``ref_length_mm`` when a StudyTruth is given; default 1).
 
     Returns
     -------
     (n,) ndarray: fraction of the extent (``fraction``), mm below the first slice (``mm_top``) or mm from the
-    column centre (``profile``), increasing toward the feet.
+    column centre divided by the scale (``profile``: "reference mm"), increasing toward the feet.
     """
     if isinstance(truth_or_z, StudyTruth):
         z = truth_or_z.z_mm
         if anchor_mm is None and method == "profile":
             anchor_mm = truth_or_z.anchor_mm
+        if scale is None and ref_length_mm:
+            scale = truth_or_z.column_length_mm / ref_length_mm
     else:
         z = np.asarray(truth_or_z, dtype=float)
     if method == "fraction":
@@ -292,12 +332,62 @@ def study_coordinates(truth_or_z: StudyTruth | np.ndarray, method: str, anchor_m
     if method == "profile":
         if anchor_mm is None:
             raise ValueError("method 'profile' needs the column centre (anchor_mm)")
-        return z - anchor_mm
+        return (z - anchor_mm) / (scale or 1.0)
     raise ValueError(f"method={method!r}: expected one of {list(METHODS)}")
 
 
-def learn_template(truths: Sequence[StudyTruth], step_mm: float = TEMPLATE_STEP_MM) -> dict[str, Any] | None:
+def column_point(z_mm: np.ndarray, centroids: np.ndarray, lo_mm: float, hi_mm: float) -> tuple[float, float] | None:
+    """In-plane position of the cervical column: median bone centroid of the measured slices in [lo_mm, hi_mm].
+
+    Parameters
+    ----------
+    z_mm : (m,) ndarray
+        Positions of the measured slices, mm.
+    centroids : (m, 2) ndarray
+        :func:`bone_centroids` of those slices (pixels, NaN allowed).
+
+    Returns
+    -------
+    (y, x) in pixels, or None when fewer than 2 slices in the range have bone.
+    """
+    z_mm = np.asarray(z_mm, dtype=float)
+    c = np.asarray(centroids, dtype=float)
+    ok = (z_mm >= lo_mm) & (z_mm <= hi_mm) & np.isfinite(c).all(axis=1)
+    if ok.sum() < 2:
+        return None
+    y, x = np.median(c[ok], axis=0)
+    return float(y), float(x)
+
+
+def column_point_truth(t: StudyTruth) -> tuple[float, float] | None:
+    """:func:`column_point` of a training study, from its cue slices inside its true C1-top..C7-bottom range."""
+    if t.centroids is None:
+        return None
+    idx = cue_indices(t.n_slices, t.z_mm)
+    lo, hi = t.z_mm[t.z_ranges["C1"][0]], t.z_mm[t.z_ranges["C7"][1]]
+    return column_point(t.z_mm[idx], t.centroids[idx], lo, hi)
+
+
+def _box_mm_quantiles(truths: Sequence[StudyTruth], v: str, points: Sequence[tuple[float, float]]) -> dict:
+    """Quantiles of a vertebra's box edges in mm from a reference point (y, x) in pixels, per study."""
+    keys = ("y0", "x0", "y1", "x1")
+    vals: dict[str, list[float]] = {k: [] for k in keys}
+    for t, (py, px) in zip(truths, points):
+        y0, x0, y1, x1 = t.boxes[v]
+        dy, dx = t.spacing[1], t.spacing[2]
+        vals["y0"].append((y0 - py) * dy)
+        vals["x0"].append((x0 - px) * dx)
+        vals["y1"].append((y1 - py) * dy)
+        vals["x1"].append((x1 - px) * dx)
+    return {k: _quantiles(vals[k]) for k in keys}
+
+
+def learn_template(truths: Sequence[StudyTruth], step_mm: float = TEMPLATE_STEP_MM,
+                   ref_length_mm: float | None = None) -> dict[str, Any] | None:
     """Median feature profile along z relative to the column centre, over the studies that have one.
+
+    Each study's positions are divided by its column length over ``ref_length_mm`` (when given), so that the
+    head-neck and neck-shoulder transitions of short and long necks line up.
 
     Returns
     -------
@@ -308,7 +398,7 @@ def learn_template(truths: Sequence[StudyTruth], step_mm: float = TEMPLATE_STEP_
     with_profile = [t for t in truths if t.profile is not None]
     if not with_profile:
         return None
-    rel = [t.z_mm - t.anchor_mm for t in with_profile]
+    rel = [study_coordinates(t, "profile", ref_length_mm=ref_length_mm) for t in with_profile]
     lo = math.floor(min(r.min() for r in rel) / step_mm) * step_mm
     hi = math.ceil(max(r.max() for r in rel) / step_mm) * step_mm
     grid = np.arange(lo, hi + step_mm / 2, step_mm)
@@ -357,7 +447,8 @@ def ranges_from_truths(
         raise ValueError("no usable masks to learn from")
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {list(METHODS)}")
-    template = learn_template(truths)
+    ref_length = float(np.median([t.column_length_mm for t in truths]))
+    template = learn_template(truths, ref_length_mm=ref_length)
     if method == "profile" and template is None:
         raise ValueError("method 'profile' needs studies with images (a learned feature profile); none had any")
     methods = [m for m in METHODS if m != "profile" or template is not None]
@@ -367,7 +458,7 @@ def ranges_from_truths(
         for m in methods:
             starts, ends = [], []
             for t in truths:
-                coords = study_coordinates(t, m)
+                coords = study_coordinates(t, m, ref_length_mm=ref_length)
                 first, last = t.z_ranges[v]
                 starts.append(coords[first])
                 ends.append(coords[last])
@@ -378,9 +469,16 @@ def ranges_from_truths(
             "y1": _quantiles([t.boxes[v][2] / t.rows for t in truths]),
             "x1": _quantiles([t.boxes[v][3] / t.cols for t in truths]),
         }
+        entry["box_mm_centre"] = _box_mm_quantiles(truths, v, [((t.rows / 2, t.cols / 2)) for t in truths])
+        with_point = [(t, column_point_truth(t)) for t in truths]
+        with_point = [(t, pt) for t, pt in with_point if pt is not None]
+        if with_point:
+            entry["box_mm_bone"] = _box_mm_quantiles([t for t, _ in with_point], v, [pt for _, pt in with_point])
         entry["length_mm"] = _quantiles([t.z_mm[t.z_ranges[v][1]] - t.z_mm[t.z_ranges[v][0]] for t in truths])
         per_vertebra[v] = entry
-    extra: dict[str, Any] = {"methods": methods, "cue": {**DEFAULT_CUE, **(cue or {})}}
+    extra: dict[str, Any] = {"methods": methods, "cue": {**DEFAULT_CUE, **(cue or {})},
+                             "column_length_mm": _quantiles([t.column_length_mm for t in truths]),
+                             "scales": list(DEFAULT_SCALES)}
     if template is not None:
         extra["profile_template"] = template
         extra["n_with_images"] = sum(t.profile is not None for t in truths)
@@ -472,8 +570,11 @@ def truth_from_files(
     # The cue slices too, so that leave-one-out evaluation sees exactly what the planner would measure.
     idx = np.union1d(np.arange(0, header.n_slices, step), cue_indices(header.n_slices, header.z))
     profile = np.full((header.n_slices, len(FEATURES)), np.nan)
-    profile[idx] = slice_features(read_slices(header, idx), header.spacing[1:])
-    return _replace_truth(truth, profile=profile)
+    centroids = np.full((header.n_slices, 2), np.nan)
+    hu = read_slices(header, idx)
+    profile[idx] = slice_features(hu, header.spacing[1:])
+    centroids[idx] = bone_centroids(hu)
+    return _replace_truth(truth, profile=profile, centroids=centroids)
 
 
 def _replace_truth(truth: StudyTruth, **changes: Any) -> StudyTruth:
@@ -595,8 +696,14 @@ def match_profile(
     ranges: SliceRanges,
     study_z: tuple[float, float],
     search_step_mm: float = 1.0,
-) -> tuple[float | None, float]:
-    """Find the column centre of a study by aligning its measured features to the learned template.
+) -> tuple[float | None, float, float]:
+    """Find the column centre (and length scale) of a study by aligning its features to the learned template.
+
+    Every candidate centre ``a`` (1 mm steps) and scale ``s`` (``extra["scales"]``) maps a measured slice at ``z``
+    to the template position ``(z - a) / s``; the cost is the mean squared difference between the measured and
+    the template features, with a free constant offset per feature (features are log areas: the offset is the
+    patient's size). Candidates keep C1's expected top and C7's expected bottom inside the study, give or take
+    10 mm (a cervical-spine CT contains its cervical spine) and need half the measured slices on the template.
 
     Parameters
     ----------
@@ -607,44 +714,51 @@ def match_profile(
     ranges : SliceRanges
         With ``extra["profile_template"]``.
     study_z : (first, last)
-        z of the study's first and last slice, mm: the candidate centres keep C1's expected top and C7's expected
-        bottom within the study (a cervical-spine CT contains its cervical spine), give or take 10 mm.
+        z of the study's first and last slice, mm.
 
     Returns
     -------
-    (anchor_mm, cost)
-        Best centre (None when no candidate has enough overlap) and its mean squared feature difference.
+    (anchor_mm, scale, cost)
+        Best centre (None when no candidate has enough overlap), its scale and cost.
     """
     tpl = ranges.extra["profile_template"]
     grid = np.asarray(tpl["grid_mm"], dtype=float)
     template = np.asarray(tpl["template"], dtype=float)
+    scales = np.asarray(ranges.extra.get("scales", [1.0]), dtype=float)
     pv = ranges.per_vertebra
     c1_top = pv["C1"]["profile"]["start"]["q50"]
     c7_bottom = pv["C7"]["profile"]["end"]["q50"]
-    slack = 10.0
-    lo = study_z[0] - c1_top - slack
-    hi = study_z[1] - c7_bottom + slack
-    if hi < lo:  # the study is shorter than a cervical column: let the profile decide anywhere in it
-        lo, hi = study_z[0] - grid[-1], study_z[1] - grid[0]
-    candidates = np.arange(lo, hi + search_step_mm / 2, search_step_mm)
     ok = np.isfinite(features).all(axis=1)
-    z_mm, features = np.asarray(z_mm, float)[ok], np.asarray(features, float)[ok]
-    best, best_cost = None, np.inf
-    min_points = max(4, int(0.5 * len(z_mm)))
-    for a in candidates:
-        r = z_mm - a
-        inside = (r >= grid[0]) & (r <= grid[-1])
-        if inside.sum() < min_points:
+    z, f = np.asarray(z_mm, float)[ok], np.asarray(features, float)[ok]
+    min_points = max(4, int(0.5 * len(z)))
+    slack = 10.0
+    best: tuple[float | None, float, float] = (None, 1.0, np.inf)
+    for s in scales:
+        lo = study_z[0] - s * c1_top - slack
+        hi = study_z[1] - s * c7_bottom + slack
+        if hi < lo:  # the study is shorter than a cervical column: let the profile decide anywhere in it
+            lo, hi = study_z[0] - s * grid[-1], study_z[1] - s * grid[0]
+        anchors = np.arange(lo, hi + search_step_mm / 2, search_step_mm)
+        if anchors.size == 0:
             continue
-        expected = np.stack([np.interp(r[inside], grid, template[:, f]) for f in range(template.shape[1])], axis=1)
-        cost = float(np.mean((features[inside] - expected) ** 2))
-        if cost < best_cost:
-            best, best_cost = float(a), cost
-    return best, best_cost
+        r = (z[None, :] - anchors[:, None]) / s  # (A, m) template positions
+        inside = (r >= grid[0]) & (r <= grid[-1])
+        n_in = inside.sum(axis=1)
+        expected = np.stack([np.interp(r, grid, template[:, j]) for j in range(template.shape[1])], axis=-1)
+        resid = np.where(inside[..., None], f[None] - expected, 0.0)  # (A, m, F)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = resid.sum(axis=1) / n_in[:, None]
+            sq = np.where(inside[..., None], (resid - mean[:, None, :]) ** 2, 0.0)
+            cost = sq.sum(axis=(1, 2)) / (n_in * f.shape[1])
+        cost = np.where(n_in >= min_points, cost, np.inf)
+        i = int(np.argmin(cost))
+        if cost[i] < best[2]:
+            best = (float(anchors[i]), float(s), float(cost[i]))
+    return best
 
 
 def _range_mm(ranges: SliceRanges, vertebra: str, method: str, z: np.ndarray, anchor_mm: float | None,
-              lo_q: str = "q50", hi_q: str = "q50") -> tuple[float, float]:
+              scale: float = 1.0, lo_q: str = "q50", hi_q: str = "q50") -> tuple[float, float]:
     entry = ranges.per_vertebra[vertebra][method]
     start, end = entry["start"][lo_q], entry["end"][hi_q]
     if method == "fraction":
@@ -652,7 +766,7 @@ def _range_mm(ranges: SliceRanges, vertebra: str, method: str, z: np.ndarray, an
         return z[0] + start * extent, z[0] + end * extent
     if method == "mm_top":
         return z[0] + start, z[0] + end
-    return anchor_mm + start, anchor_mm + end
+    return anchor_mm + scale * start, anchor_mm + scale * end
 
 
 def planned_ranges_mm(
@@ -660,17 +774,18 @@ def planned_ranges_mm(
     ranges: SliceRanges,
     method: str | None = None,
     anchor_mm: float | None = None,
+    scale: float = 1.0,
 ) -> dict[str, tuple[float, float]]:
     """Expected (start, end) in mm of every vertebra in a study with slice positions ``z_mm`` (pure).
 
-    ``anchor_mm`` (column centre) is needed for ``profile``; when it is None the learned ``fraction`` ranges are
-    used instead (the fallback).
+    ``anchor_mm`` (column centre) and ``scale`` (column length over the reference) are used by ``profile``; when
+    the anchor is None the learned ``fraction`` ranges are used instead (the fallback).
     """
     method = method or ranges.method
     z = np.asarray(z_mm, dtype=float)
     if method == "profile" and anchor_mm is None:
         method = "fraction"
-    return {v: _range_mm(ranges, v, method, z, anchor_mm) for v in VERTEBRAE}
+    return {v: _range_mm(ranges, v, method, z, anchor_mm, scale) for v in VERTEBRAE}
 
 
 def indices_in_range(z_mm: np.ndarray, start_mm: float, end_mm: float, k: int) -> tuple[int, ...]:
@@ -693,15 +808,61 @@ def indices_in_range(z_mm: np.ndarray, start_mm: float, end_mm: float, k: int) -
     return tuple(int(i) for i in idx)
 
 
-def planned_box(ranges: SliceRanges, vertebra: str, rows: int, cols: int,
-                quantiles: tuple[str, str] = ("q10", "q90")) -> tuple[int, int, int, int]:
-    """In-plane box in pixels from the learned box quantiles: ``quantiles[0]`` of the starts, ``[1]`` of the ends."""
-    b = ranges.per_vertebra[vertebra]["box"]
+BOX_MODES: tuple[str, ...] = ("fraction", "mm_centre", "mm_bone")
+"""How the in-plane box is placed: learned fractions of rows/columns; learned mm offsets from the image centre
+(headers only; right when the pixel size varies); learned mm offsets from the column's bone centroid measured on
+the ``profile`` cue slices."""
+
+
+def planned_box(
+    ranges: SliceRanges,
+    vertebra: str,
+    rows: int,
+    cols: int,
+    pixel_spacing: tuple[float, float] | None = None,
+    point: tuple[float, float] | None = None,
+    mode: str = "auto",
+    quantiles: tuple[str, str] = ("q10", "q90"),
+) -> tuple[int, int, int, int]:
+    """In-plane box in pixels from the learned box quantiles: ``quantiles[0]`` of the starts, ``[1]`` of the ends.
+
+    Parameters
+    ----------
+    pixel_spacing : (dy, dx), mm
+        Needed by the mm modes.
+    point : (y, x), pixels
+        Column point (:func:`column_point`) for ``mm_bone``.
+    mode : str
+        One of :data:`BOX_MODES`, or ``auto``: ``mm_bone`` when a point is given and learned, else ``fraction``.
+    """
+    entry = ranges.per_vertebra[vertebra]
+    if mode == "auto":
+        # Measured on synthetic studies (benchmarks/bench_ranges.py): around the bone centroid is best by far;
+        # without a cue, fractions of the image beat mm from the image centre there (0.97 vs 0.95 coverage).
+        mode = "mm_bone" if point is not None and "box_mm_bone" in entry and pixel_spacing is not None else "fraction"
     lo, hi = quantiles
-    y0 = int(np.clip(math.floor(b["y0"][lo] * rows), 0, rows - 1))
-    x0 = int(np.clip(math.floor(b["x0"][lo] * cols), 0, cols - 1))
-    y1 = int(np.clip(math.ceil(b["y1"][hi] * rows), y0 + 1, rows))
-    x1 = int(np.clip(math.ceil(b["x1"][hi] * cols), x0 + 1, cols))
+    if mode == "fraction":
+        b = entry["box"]
+        fy0, fx0 = b["y0"][lo] * rows, b["x0"][lo] * cols
+        fy1, fx1 = b["y1"][hi] * rows, b["x1"][hi] * cols
+    else:
+        if pixel_spacing is None:
+            raise ValueError(f"box mode {mode!r} needs the pixel spacing")
+        if mode == "mm_centre":
+            b, (py, px) = entry["box_mm_centre"], (rows / 2, cols / 2)
+        elif mode == "mm_bone":
+            if point is None or "box_mm_bone" not in entry:
+                raise ValueError("box mode 'mm_bone' needs a column point and learned 'box_mm_bone'")
+            b, (py, px) = entry["box_mm_bone"], point
+        else:
+            raise ValueError(f"box mode {mode!r}: expected one of {list(BOX_MODES)} or 'auto'")
+        dy, dx = pixel_spacing
+        fy0, fx0 = py + b["y0"][lo] / dy, px + b["x0"][lo] / dx
+        fy1, fx1 = py + b["y1"][hi] / dy, px + b["x1"][hi] / dx
+    y0 = int(np.clip(math.floor(fy0), 0, rows - 1))
+    x0 = int(np.clip(math.floor(fx0), 0, cols - 1))
+    y1 = int(np.clip(math.ceil(fy1), y0 + 1, rows))
+    x1 = int(np.clip(math.ceil(fx1), x0 + 1, cols))
     return (y0, x0, y1, x1)
 
 
@@ -714,25 +875,101 @@ def plans_from_positions(
     z_margin_mm: float = DEFAULT_Z_MARGIN_MM,
     method: str | None = None,
     anchor_mm: float | None = None,
+    pixel_spacing: tuple[float, float] | None = None,
+    point: tuple[float, float] | None = None,
+    box_mode: str = "auto",
+    box_quantiles: tuple[str, str] = ("q10", "q90"),
+    scale: float = 1.0,
 ) -> dict[str, CropPlan]:
-    """The pure core of :func:`plan_crops`: plans from slice positions, image size and an optional anchor."""
-    mm = planned_ranges_mm(z_mm, ranges, method, anchor_mm)
+    """The pure core of :func:`plan_crops`: plans from slice positions, image geometry and an optional cue.
+
+    Parameters
+    ----------
+    z_mm : (n,) ndarray
+        Slice positions, mm toward the feet.
+    rows, cols : int
+    ranges : SliceRanges
+    k : int
+        Slices per vertebra.
+    z_margin_mm : float
+        Added above and below each expected range.
+    method : str, optional
+        Default ``ranges.method``.
+    anchor_mm : float, optional
+        Column centre found by the profile cue (``profile`` falls back to ``fraction`` without it).
+    pixel_spacing : (dy, dx), optional
+        mm; enables the mm box modes.
+    point : (y, x), optional
+        Column point from the cue (``mm_bone`` box).
+    box_mode, box_quantiles
+        See :func:`planned_box`.
+    scale : float
+        Column length scale found by the profile cue.
+    """
+    mm = planned_ranges_mm(z_mm, ranges, method, anchor_mm, scale)
     plans = {}
     for v in VERTEBRAE:
         start, end = mm[v]
         idx = indices_in_range(z_mm, start - z_margin_mm, end + z_margin_mm, k)
-        plans[v] = CropPlan(vertebra=v, slice_indices=idx, box=planned_box(ranges, v, rows, cols))
+        box = planned_box(ranges, v, rows, cols, pixel_spacing, point, box_mode, box_quantiles)
+        plans[v] = CropPlan(vertebra=v, slice_indices=idx, box=box)
     return plans
 
 
 @dataclass(frozen=True)
 class Cue:
-    """The image cue measured for the ``profile`` method (None fields when not used)."""
+    """The image cue of the ``profile`` method for one study.
+
+    Attributes
+    ----------
+    indices : tuple of int
+        Slices decoded for the cue (count them as slices read).
+    anchor_mm : float or None
+        Column centre (mm); None when the profile could not be aligned (the planner then uses ``fraction``).
+    scale : float
+        Column length over the learned reference length.
+    point : (y, x) or None
+        Column point in pixels (median bone centroid of the cue slices inside the expected C1-C7 range).
+    cost : float or None
+        Mean squared feature difference at the best alignment.
+    fallback : str or None
+        What the planner used instead when the profile could not be aligned (None when it was).
+    """
 
     indices: tuple[int, ...] = ()
     anchor_mm: float | None = None
+    scale: float = 1.0
+    point: tuple[float, float] | None = None
     cost: float | None = None
     fallback: str | None = None
+
+
+def cue_from_measurements(
+    z_cue: np.ndarray,
+    features: np.ndarray,
+    centroids: np.ndarray | None,
+    ranges: SliceRanges,
+    study_z: tuple[float, float],
+    indices: Sequence[int] = (),
+) -> Cue:
+    """Align measured cue features (pure): column centre, then column point from the centroids in its range."""
+    anchor, scale, cost = match_profile(z_cue, features, ranges, study_z)
+    point = None
+    if anchor is not None and centroids is not None:
+        pv = ranges.per_vertebra
+        lo = anchor + scale * pv["C1"]["profile"]["start"]["q50"]
+        hi = anchor + scale * pv["C7"]["profile"]["end"]["q50"]
+        point = column_point(z_cue, centroids, lo, hi)
+    return Cue(indices=tuple(int(i) for i in indices), anchor_mm=anchor, scale=scale, point=point,
+               cost=None if anchor is None else cost,
+               fallback=None if anchor is not None else "fraction ranges (the z profile could not be aligned)")
+
+
+def study_cue_indices(header, ranges: SliceRanges) -> np.ndarray:
+    """Slices :func:`plan_crops` decodes for the image cue of this study: empty unless the method is ``profile``."""
+    if ranges.method != "profile":
+        return np.zeros(0, dtype=int)
+    return cue_indices(header.n_slices, header.z, ranges.extra.get("cue"))
 
 
 def measure_cue(
@@ -741,7 +978,7 @@ def measure_cue(
     read: Callable[[Any, np.ndarray], np.ndarray] | None = None,
     slices: np.ndarray | None = None,
 ) -> Cue:
-    """Decode the cue slices of a study (or use ``slices`` already decoded for :func:`cue_indices`) and align.
+    """Decode the cue slices of a study (or use ``slices`` already decoded for them) and align the profile.
 
     Parameters
     ----------
@@ -758,9 +995,9 @@ def measure_cue(
             from cspine_submit.dicom import read_slices as read
         slices = read(header, idx)
     feats = slice_features(slices, header.spacing[1:])
-    anchor, cost = match_profile(header.z[idx], feats, ranges, (float(header.z[0]), float(header.z[-1])))
-    return Cue(indices=tuple(int(i) for i in idx), anchor_mm=anchor, cost=cost,
-               fallback=None if anchor is not None else "fraction (no profile match)")
+    cents = bone_centroids(slices)
+    return cue_from_measurements(header.z[idx], feats, cents, ranges, (float(header.z[0]), float(header.z[-1])),
+                                 idx)
 
 
 def plan_crops(
@@ -775,16 +1012,17 @@ def plan_crops(
     """Plan the crops of C1-C7 for one study.
 
     Headers only for the ``fraction`` and ``mm_top`` methods. For ``profile``, the study's cue slices
-    (:func:`cue_indices`: 12-40 evenly spaced slices, about one per 5 mm) are decoded through ``read`` (default
-    ``read_slices``) unless a measured ``cue`` is passed (see :func:`measure_cue`, whose ``Cue.indices`` the
-    pipeline can count as slices read); when the profile cannot be aligned the ``fraction`` ranges are used.
+    (:func:`study_cue_indices`: 12-40 evenly spaced slices, about one per 5 mm) are decoded through ``read``
+    (default ``read_slices``) unless a measured ``cue`` is passed (see :func:`measure_cue`); when the profile
+    cannot be aligned the ``fraction`` ranges are used. The in-plane box is placed by :func:`planned_box` in
+    ``auto`` mode (around the column's bone centroid with a cue, else in mm from the image centre).
 
     Parameters
     ----------
     header : StudyHeader
     ranges : SliceRanges
     config : ModelConfig
-        ``slices_per_vertebra`` gives K.
+        ``slices_per_vertebra`` gives K. (The in-plane ``crop_margin`` is applied later, by ``crop.prepare_crops``.)
     z_margin_mm : float
         Added above and below each expected range, mm.
 
@@ -793,13 +1031,15 @@ def plan_crops(
     dict
         ``{vertebra: CropPlan}`` for C1-C7; slice indices inside ``[0, n_slices)``, strictly increasing, at most K.
     """
-    anchor = None
+    anchor = point = None
+    scale = 1.0
     if ranges.method == "profile":
         if cue is None:
             cue = measure_cue(header, ranges, read=read)
-        anchor = cue.anchor_mm
+        anchor, point, scale = cue.anchor_mm, cue.point, cue.scale
     return plans_from_positions(
-        header.z, header.rows, header.cols, ranges, config.slices_per_vertebra, z_margin_mm, ranges.method, anchor
+        header.z, header.rows, header.cols, ranges, config.slices_per_vertebra, z_margin_mm, ranges.method, anchor,
+        pixel_spacing=(float(header.spacing[1]), float(header.spacing[2])), point=point, scale=scale,
     )
 
 
@@ -845,6 +1085,8 @@ def evaluate_ranges(
     k: int = 15,
     z_margin_mm: float = DEFAULT_Z_MARGIN_MM,
     layout: str = "competition",
+    box_mode: str = "auto",
+    box_quantiles: tuple[str, str] = ("q10", "q90"),
 ) -> dict[str, Any]:
     """Leave-one-out evaluation: learn from all studies but one, plan the one left out, score against its mask.
 
@@ -857,31 +1099,40 @@ def evaluate_ranges(
         Default: ``profile`` when every truth has a profile, else ``fraction``.
     k : int
         Slices per vertebra (``ModelConfig.slices_per_vertebra``).
+    z_margin_mm, box_mode, box_quantiles
+        As for :func:`plans_from_positions`.
 
     Returns
     -------
     dict
         ``{"method", "n_studies", "per_vertebra": {v: {"coverage", "purity", "box_coverage"}}, "mean": {...},
-        "per_study": {uid: {v: {...}}}, "anchor_error_mm": [...] (profile only)}``.
+        "mean_box_area" (planned box area as a share of the image, mean over vertebrae and studies), "per_study": {uid: {v: {...}}}, "anchor_error_mm": [...] (profile only)}``.
     """
     if len(truths) < 2:
         raise ValueError(f"leave-one-out needs at least 2 masks, got {len(truths)}")
     if method is None:
         method = "profile" if all(t.profile is not None for t in truths) else "fraction"
     per_study: dict[str, dict[str, dict[str, float]]] = {}
-    anchor_errors = []
+    anchor_errors: list[float | None] = []
+    box_areas: list[float] = []
     for i, held in enumerate(truths):
         rest = [t for j, t in enumerate(truths) if j != i]
         learned = ranges_from_truths(rest, method=method, layout=layout)
-        anchor = None
+        anchor = point = None
+        scale = 1.0
         if method == "profile":
             idx = cue_indices(held.n_slices, held.z_mm, learned.extra.get("cue"))
-            feats = held.profile[idx]
-            anchor, _ = match_profile(held.z_mm[idx], feats, learned, (held.z_mm[0], held.z_mm[-1]))
+            cue = cue_from_measurements(held.z_mm[idx], held.profile[idx],
+                                        None if held.centroids is None else held.centroids[idx], learned,
+                                        (held.z_mm[0], held.z_mm[-1]), idx)
+            anchor, point, scale = cue.anchor_mm, cue.point, cue.scale
             anchor_errors.append(None if anchor is None else float(anchor - held.anchor_mm))
-        plans = plans_from_positions(held.z_mm, held.rows, held.cols, learned, k, z_margin_mm, method, anchor)
+        plans = plans_from_positions(held.z_mm, held.rows, held.cols, learned, k, z_margin_mm, method, anchor,
+                                     pixel_spacing=held.spacing[1:], point=point, box_mode=box_mode,
+                                     box_quantiles=box_quantiles, scale=scale)
         key = held.uid or f"study{i}"
         per_study[key] = score_plans(held, plans)
+        box_areas.extend((p.box[2] - p.box[0]) * (p.box[3] - p.box[1]) / (held.rows * held.cols) for p in plans.values())
     keys = ("coverage", "purity", "box_coverage")
     per_vertebra = {
         v: {key: float(np.mean([s[v][key] for s in per_study.values()])) for key in keys} for v in VERTEBRAE
@@ -892,8 +1143,10 @@ def evaluate_ranges(
         "n_studies": len(truths),
         "k": k,
         "z_margin_mm": z_margin_mm,
+        "box_mode": box_mode,
         "per_vertebra": per_vertebra,
         "mean": mean,
+        "mean_box_area": float(np.mean(box_areas)),
         "per_study": per_study,
     }
     if method == "profile":

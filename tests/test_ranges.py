@@ -251,3 +251,88 @@ def test_profile_plan_reads_cue_slices_through_reader():
     np.testing.assert_array_equal(calls[0], cue_indices(header.n_slices, header.z, ranges.extra["cue"]))
     assert 12 <= len(calls[0]) <= 40
     assert all(len(p.slice_indices) == 7 for p in plans.values())
+
+
+# ------------------------------------------------------------------------------------------------ synthetic studies
+
+
+def _segmented(info):
+    return [r for r in info.train if r.segmented]
+
+
+def test_competition_and_affine_layouts_on_normal_and_reversed_studies(synthetic_dataset, synthetic_info,
+                                                                       synthetic_truth):
+    from cspine_submit.ranges import truth_from_files
+
+    records = _segmented(synthetic_info)
+    assert {r.spec.reversed for r in records} == {False, True}  # the fixture has both kinds among the masks
+    for r in records:
+        mask = synthetic_dataset / "segmentations" / f"{r.uid}.nii"
+        labels = synthetic_truth(r.uid).labels  # axial, head to feet: the generator's own truth
+        expected = {v: tuple(int(i) for i in np.flatnonzero((labels == k).any(axis=(1, 2)))[[0, -1]])
+                    for k, v in enumerate(VERTEBRAE, start=1)}
+        for layout in ("competition", "affine"):
+            t = truth_from_files(mask, r.folder, layout=layout, with_profile=False)
+            assert t.z_ranges == expected, (r.uid, layout, r.spec.reversed)
+            assert t.n_slices == labels.shape[0] and t.z_ranges["C1"][0] < t.z_ranges["C7"][0]
+
+
+def test_renumbered_feet_to_head_copy_gives_the_same_truth(synthetic_dataset, synthetic_info, tmp_path):
+    """The same study with its files numbered the other way round: scan_study sorts by position, so the
+    competition conversion (which follows the patient, not the file numbers) must give the same answer."""
+    from cspine_submit.dicom import scan_study
+    from cspine_submit.ranges import truth_from_files
+
+    r = next(r for r in _segmented(synthetic_info) if not r.spec.reversed)
+    files = sorted(r.folder.glob("*.dcm"), key=lambda p: int(p.stem))
+    copy = tmp_path / r.uid
+    copy.mkdir()
+    for f in files:
+        (copy / f"{len(files) + 1 - int(f.stem)}.dcm").write_bytes(f.read_bytes())
+    assert scan_study(copy).reversed and not scan_study(r.folder).reversed
+    mask = synthetic_dataset / "segmentations" / f"{r.uid}.nii"
+    a = truth_from_files(mask, r.folder, with_profile=False)
+    b = truth_from_files(mask, copy, with_profile=False)
+    assert a.z_ranges == b.z_ranges and a.boxes == b.boxes
+
+
+def test_mask_of_another_study_is_skipped(synthetic_dataset, synthetic_info, tmp_path):
+    from cspine_submit.ranges import truth_from_files
+
+    a, b = _segmented(synthetic_info)[:2]
+    assert a.n_slices != b.n_slices
+    with pytest.raises(MaskError, match="mask is .* but study"):
+        truth_from_files(synthetic_dataset / "segmentations" / f"{a.uid}.nii", b.folder)
+
+
+# Floors set from measurements on this fixture (4 masks, 3-4 mm slices): profile 0.94 / 0.93 / 0.995,
+# fraction 0.31 / 0.32 / 0.93 (the scans' extents above C1 and below C7 differ).
+def test_eval_ranges_on_synthetic_set_above_floor(synthetic_dataset):
+    truths, skipped = load_truths(synthetic_dataset / "segmentations", synthetic_dataset / "train_images")
+    assert len(truths) == 4 and skipped == []
+    prof = evaluate_ranges(truths, method="profile", k=15)
+    frac = evaluate_ranges(truths, method="fraction", k=15)
+    assert prof["mean"]["coverage"] >= 0.85 and prof["mean"]["purity"] >= 0.8
+    assert prof["mean"]["box_coverage"] >= 0.95
+    assert all(abs(e) <= 5.0 for e in prof["anchor_error_mm"])
+    assert prof["mean"]["coverage"] > frac["mean"]["coverage"] + 0.3
+    for v in VERTEBRAE:
+        assert prof["per_vertebra"][v]["coverage"] >= 0.7
+
+
+def test_learn_and_eval_commands(synthetic_dataset, tmp_path, capsys):
+    from cspine_submit.cli import main
+
+    out = tmp_path / "ranges.json"
+    seg, img = str(synthetic_dataset / "segmentations"), str(synthetic_dataset / "train_images")
+    assert main(["learn-ranges", "--segmentations", seg, "--images", img, "--out", str(out)]) == 0
+    ranges = load_ranges(out)
+    assert ranges.method == "profile" and ranges.n_masks == 4 and ranges.layout == "competition"
+    assert len(ranges.study_uids) == 4 and ranges.package_version and "learn-ranges" in ranges.source
+    assert main(["learn-ranges", "--segmentations", seg, "--images", img, "--out", str(out)]) == 2  # no --force
+    capsys.readouterr()
+    assert main(["eval-ranges", "--segmentations", seg, "--images", img, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["per_vertebra"]) == set(VERTEBRAE)
+    assert set(result["mean"]) == {"coverage", "purity", "box_coverage"}
+    assert result["mean"]["coverage"] >= 0.85

@@ -1,0 +1,81 @@
+"""The preview picture: a valid PNG of the expected size, bands where the plan says, mask outline when given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cspine_submit.config import VERTEBRAE
+from cspine_submit.preview import COLOURS_BGR, LANE_W, N_LANES, render_preview, subset_indices
+from cspine_submit.ranges import CropPlan
+
+cv2 = pytest.importorskip("cv2")
+
+
+def _hand_made(n=60, rows=40, cols=50):
+    """A study of n slices at 2 mm: a bright column in a soft-tissue body, and plans of 6 slices per vertebra."""
+    hu = np.full((n, rows, cols), -1000.0, dtype=np.float32)
+    hu[:, 5:35, 5:45] = 40.0
+    hu[:, 18:26, 20:30] = 900.0
+    z = 100.0 + 2.0 * np.arange(n)
+    plans = {v: CropPlan(v, tuple(range(5 + 7 * k, 5 + 7 * k + 11, 2)), (15, 17, 29, 33)) for k, v in enumerate(VERTEBRAE)}
+    return hu, z, plans
+
+
+def test_render_preview_size_and_bands():
+    hu, z, plans = _hand_made()
+    idx = subset_indices(len(z), 20)
+    assert len(idx) == 20 and idx[0] == 0 and idx[-1] == len(z) - 1
+    image, geo = render_preview(hu[idx], idx, z, (2.0, 0.8, 0.8), plans)
+    # Physical scale: 120 mm of z, 32 x 40 mm in-plane -> 512 / 120 px per mm.
+    assert geo.scale == pytest.approx(512 / 120)
+    assert image.shape == (geo.height, geo.width, 3) and image.dtype == np.uint8
+    assert geo.height == 512 and geo.sag_w == round(40 * 0.8 * geo.scale) and geo.cor_w == round(50 * 0.8 * geo.scale)
+    assert geo.width == geo.sag_w + geo.cor_w + 2 * N_LANES * LANE_W + 6
+    for v, plan in plans.items():
+        first, last = plan.slice_indices[0], plan.slice_indices[-1]
+        top, bottom = geo.row_of(z[first] - 1.0), geo.row_of(z[last] + 1.0) - 1
+        for strip in (0, 1):
+            x0, x1 = geo.lane_x(v, strip)
+            x = x0 + 1  # left of the name text
+            assert tuple(image[top + 1, x]) == COLOURS_BGR[v]
+            assert tuple(image[bottom - 1, x]) == COLOURS_BGR[v]
+            assert tuple(image[top + (bottom - top) // 2, x1 - 2]) == COLOURS_BGR[v]
+            if top >= 2:  # just above the band: not this vertebra's colour (lanes keep neighbours apart)
+                assert tuple(image[top - 2, x]) != COLOURS_BGR[v]
+    # The bone window shows the column brighter than soft tissue at the panel's centre column.
+    mid_row = geo.height // 2
+    col_px = geo.sagittal_x0 + int(22 * 0.8 * geo.scale)
+    soft_px = geo.sagittal_x0 + int(8 * 0.8 * geo.scale)
+    assert image[mid_row, col_px].mean() > image[mid_row, soft_px].mean() + 100
+
+
+def test_render_preview_draws_mask_outline():
+    hu, z, plans = _hand_made()
+    idx = subset_indices(len(z), 30)
+    mask = np.zeros_like(hu, dtype=np.uint8)
+    mask[10:20, 16:28, 18:32] = 3  # C3
+    without, geo = render_preview(hu[idx], idx, z, (2.0, 0.8, 0.8), plans)
+    with_mask, _ = render_preview(hu[idx], idx, z, (2.0, 0.8, 0.8), plans, mask=mask[idx])
+    panel = slice(geo.sagittal_x0 + 8, geo.sagittal_x0 + geo.sag_w)  # right of the slice ticks
+    colour = np.array(COLOURS_BGR["C3"])
+    n_without = np.all(without[:, panel] == colour, axis=-1).sum()
+    n_with = np.all(with_mask[:, panel] == colour, axis=-1).sum()
+    assert n_with > n_without + 50
+
+
+def test_preview_command_on_synthetic_study(synthetic_dataset, synthetic_info, tmp_path):
+    from cspine_submit.cli import main
+
+    record = next(r for r in synthetic_info.train if r.segmented)
+    out = tmp_path / "p.png"
+    mask = synthetic_dataset / "segmentations" / f"{record.uid}.nii"
+    assert main(["preview", str(record.folder), "--out", str(out), "--mask", str(mask), "--max-slices", "24"]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    img = cv2.imread(str(out))
+    assert img is not None and img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 200
+    # Refuses to overwrite without --force.
+    assert main(["preview", str(record.folder), "--out", str(out)]) == 2

@@ -527,7 +527,7 @@ def order_slices(infos: Sequence[SliceInfo]) -> SliceOrder:
 
     if len(z) > 1:
         steps = np.diff(z)
-        dz = float(np.median(steps))
+        dz = round(float(np.median(steps)), 6)  # positions are decimal strings: drop float noise
         uneven = np.abs(steps - dz) > 0.1 * dz + 0.01
         if uneven.any():
             warns.append(f"uneven slice spacing: {int(uneven.sum())} step(s) differ from the median {dz:.3f} mm "

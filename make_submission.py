@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-WHEELS = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "python-gdcm")
 
 
 def find_package_root():
@@ -51,8 +50,10 @@ def install_wheels(root):
         print(f"make_submission.py: decoders missing and no {wheels}; continuing (studies may fall back)")
         return
     print(f"make_submission.py: installing decoder wheels offline from {wheels}", flush=True)
+    # The wheel files themselves, not package names: an older pydicom already installed would "satisfy" a name.
+    files = sorted(glob.glob(os.path.join(wheels, "*.whl")))
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels, "--quiet",
-                    "--disable-pip-version-check", *WHEELS], check=False)
+                    "--disable-pip-version-check", *files], check=False)
     for name in [m for m in sys.modules if m == "pydicom" or m.startswith("pydicom.")]:
         del sys.modules[name]  # an old pydicom imported by decoders_ok() must not shadow the new one
     importlib.invalidate_caches()

@@ -97,8 +97,12 @@ def prepare_demo(cache: Path | None = None, n_studies: int = DEMO_N_STUDIES, see
 
     weights = Path(weights) if weights else demo_weights_dir()
     params, _ = generator_params(weights)
+    # The generator's own source is part of the key: a changed generator must not reuse studies made by the old one.
+    sources = sorted(Path(synthetic.__file__).parent.glob("synthetic*.py"))
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
     key = hashlib.sha256(
-        json.dumps({"params": params, "n": n_studies, "seed": seed, "v": __version__}, sort_keys=True).encode()
+        json.dumps({"params": params, "n": n_studies, "seed": seed, "v": __version__, "code": code},
+                   sort_keys=True).encode()
     ).hexdigest()[:12]
     root = Path(cache or cache_root()) / "demo" / key
     done = root / "DONE"

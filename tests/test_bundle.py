@@ -142,8 +142,8 @@ def _environment_without_decoders(dest: Path) -> Path:
     src = Path(numpy.__file__).parent.parent
     dest.mkdir()
     for entry in src.iterdir():
-        stem = entry.name.split(".")[0].split("-")[0].lower()
-        if stem in DECODER_ENTRIES or entry.suffix == ".pth" or "cspine" in entry.name.lower():
+        name = entry.name.lower()
+        if name.startswith(DECODER_ENTRIES) or entry.suffix == ".pth" or "cspine" in name:
             continue
         (dest / entry.name).symlink_to(entry)
     return dest

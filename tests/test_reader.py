@@ -8,7 +8,14 @@ import time
 
 import pytest
 
+from pathlib import Path
+
+import numpy as np
+
+from cspine_submit.dicom import read_slices, scan_study
 from cspine_submit.reader import WORKER_DIED, Outcome, iter_studies
+
+SERIES = Path(__file__).parent / "data" / "dicom" / "series_j2k_ct"
 
 
 # Work functions must be top-level (picklable by reference) for the spawned workers.
@@ -52,6 +59,21 @@ def test_hung_item_times_out_and_the_rest_go_on():
     out = list(iter_studies(range(4), hang_on_one, workers=2, prefetch=3, timeout=3.0))
     assert [o.value for o in out] == [0, None, 2, 3]
     assert out[1].error == "timed out after 3.0 s"
+
+
+def read_two_slices(folder: str):
+    header = scan_study(folder)
+    return header, read_slices(header, [0, header.n_slices - 1])
+
+
+def test_real_study_through_a_worker_and_a_missing_one(tmp_path):
+    missing = tmp_path / "gone"
+    out = list(iter_studies([str(SERIES), str(missing), str(SERIES)], read_two_slices, workers=1, prefetch=2))
+    header, slices = out[0].value
+    assert header.n_slices == 20 and slices.shape == (2, 512, 512) and slices.dtype == np.float32
+    np.testing.assert_array_equal(slices, out[2].value[1])
+    np.testing.assert_array_equal(slices, read_two_slices(str(SERIES))[1])  # same pixels as in-process
+    assert out[1].value is None and out[1].error.startswith(f"DicomReadError: {missing}: no such study folder")
 
 
 def test_in_process_runs_in_order_and_reports_errors():

@@ -306,6 +306,20 @@ def _exact_flags(rng: np.random.Generator, n: int, fraction: float) -> np.ndarra
     return rng.permutation(flags)
 
 
+def _check_params(p: dict) -> None:
+    """Raise ValueError naming the first parameter that is out of range."""
+    if int(p["size"]) < 16:
+        raise ValueError(f"size={p['size']}: at least 16 pixels")
+    for key, low in (("spacing", 0.1), ("fov", 40.0), ("head", 0.0), ("chest", 0.0), ("noise", 0.0)):
+        value = p[key]
+        if len(value) != 2 or float(value[0]) > float(value[1]) or float(value[0]) < low:
+            raise ValueError(f"{key}={value}: expected a (low, high) range with {low} <= low <= high")
+    for key in ("compressed_fraction", "reversed_fraction", "signed_fraction", "no_modality_fraction",
+                "wedge_fraction", "thoracic_label_fraction"):
+        if not 0.0 <= float(p[key]) <= 1.0:
+            raise ValueError(f"{key}={p[key]}: expected a fraction in [0, 1]")
+
+
 def plan_specs(n: int, seed: int, **params) -> list[StudySpec]:
     """The specs of ``n`` studies drawn with :func:`generate_dataset`'s parameters (no rendering, no IO)."""
     p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
@@ -316,6 +330,7 @@ def plan_specs(n: int, seed: int, **params) -> list[StudySpec]:
     bad = [v for v in prevalence if v not in VERTEBRAE or not 0.0 <= float(prevalence[v]) <= 1.0]
     if bad:
         raise ValueError(f"prevalence: expected probabilities for {list(VERTEBRAE)}, got bad entries {bad}")
+    _check_params(p)
     rng = np.random.default_rng(seed)
     numbers = rng.choice(np.arange(10000, 33000), size=n, replace=False)
     compressed = _exact_flags(rng, n, p["compressed_fraction"])

@@ -332,3 +332,12 @@ def test_synth_command(tmp_path, capsys):
     assert main(args) == 2
     assert "--force" in capsys.readouterr().out
     assert main(args + ["--force"]) == 0
+
+
+@pytest.mark.parametrize("bad", [{"size": 8}, {"spacing": (1.0, 0.5)}, {"spacing": (0.0, 1.0)},
+                                 {"reversed_fraction": 1.5}, {"fov": (10.0, 20.0)}])
+def test_out_of_range_parameters_are_named(tmp_path, bad):
+    from cspine_submit.synthetic import generate_dataset
+
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        generate_dataset(tmp_path / "d", 1, 0, **bad)

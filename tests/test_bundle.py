@@ -114,9 +114,21 @@ def test_committed_weights_manifest_matches():
     assert bundle.verify_manifest(REPO / "weights", extra_ok=False) == []
 
 
+def _repo_copy(dest: Path) -> Path:
+    """The files build_bundle reads, copied, with a fresh weights manifest (independent of work in progress)."""
+    dest.mkdir()
+    shutil.copytree(REPO / "cspine_submit", dest / "cspine_submit", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "weights", dest / "weights")
+    for name in ("make_submission.py", "kernel-metadata.json", "setup.cfg", "pyproject.toml"):
+        shutil.copy2(REPO / name, dest / name)
+    bundle.write_manifest(dest / "weights")
+    return dest
+
+
 def test_bundle_layout_without_wheels(tmp_path):
     out = tmp_path / "ds"
-    result = bundle.build_bundle(out, wheels=False, owner="someone")
+    repo = _repo_copy(tmp_path / "repo")
+    result = bundle.build_bundle(out, wheels=False, owner="someone", repo=repo)
     for rel in ("cspine_submit/__init__.py", "cspine_submit/cli.py", "make_submission.py", "weights/MANIFEST.json",
                 "dataset-metadata.json", "kernel-metadata.json", "setup.cfg"):
         assert (out / rel).is_file(), rel
@@ -127,7 +139,11 @@ def test_bundle_layout_without_wheels(tmp_path):
     assert kernel["dataset_sources"] == ["someone/cspine-submit-package"]
     assert bundle.verify_manifest(out / "weights") == []
     with pytest.raises(FileExistsError):
-        bundle.build_bundle(out, wheels=False)
+        bundle.build_bundle(out, wheels=False, repo=repo)
+    # A weight file changed after the manifest was written: the bundle refuses, naming it.
+    (repo / "weights" / "slice_ranges.json").write_text("{}")
+    with pytest.raises(ValueError, match="slice_ranges.json"):
+        bundle.build_bundle(tmp_path / "ds2", wheels=False, repo=repo)
 
 
 DECODER_ENTRIES = ("pydicom", "pylibjpeg", "libjpeg", "_libjpeg", "openjpeg", "_openjpeg", "gdcm", "_gdcm",

@@ -51,11 +51,12 @@ def test_compare_golden_names_each_difference():
 GOLDEN = default_weights_dir() / "demo" / reproduce.GOLDEN_NAME
 
 
-def test_golden_reproduces_and_a_changed_value_is_named(tmp_path, capsys):
+def test_golden_reproduces_and_a_changed_value_is_named(tmp_path, capsys, monkeypatch):
     """The committed demo weights reproduce the committed golden output; a golden value nudged by 2e-5 fails."""
     assert GOLDEN.is_file(), f"{GOLDEN} missing: run `cspine-submit check --write-golden`"
+    monkeypatch.setenv("CSPINE_SUBMIT_CACHE", str(tmp_path / "cache"))
     demo_weights = GOLDEN.parent
-    result = reproduce.run_check(demo_weights, cache=tmp_path / "cache")
+    result = reproduce.run_check(demo_weights)
     assert result.golden_problems == [], result.golden_problems
     stored = json.loads(GOLDEN.read_text())
     assert len(stored["studies"]) >= 3 and all(len(v) == 8 for v in stored["studies"].values())

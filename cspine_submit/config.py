@@ -199,18 +199,25 @@ class SliceRanges:
     Attributes
     ----------
     method : str
-        Normalisation used along z (e.g. ``fraction`` of the study's z-extent, or an anchored method).
+        Normalisation the planner uses along z (:data:`cspine_submit.ranges.METHODS`): ``fraction`` of the study's
+        z-extent, ``mm_top`` (mm below the first slice) or ``profile`` (mm from the column centre found by aligning
+        a learned image profile; needs ``extra["profile_template"]``).
     layout : str
         How masks were brought into the axial head-to-feet frame: ``competition`` or ``affine``.
     per_vertebra : dict
-        ``{vertebra: {...}}``: quantiles of the normalised z-start and z-end (0 = head end) and of the
-        in-plane box (fractions of rows/columns), as the learner writes them.
+        ``{vertebra: {method: {"start": Q, "end": Q}, ..., "box": {"y0": Q, "x0": Q, "y1": Q, "x1": Q},
+        "box_mm_centre": {...}, "box_mm_bone": {...}, "length_mm": Q}}`` where ``Q`` is ``{"q05", "q10", "q25",
+        "q50", "q75", "q90", "q95", "mean", "std"}``. start/end are the vertebra's first/last slice in the method's
+        coordinate (growing toward the feet); ``box`` in fractions of rows/columns, ``box_mm_centre`` in mm from the
+        image centre, ``box_mm_bone`` in mm from the column's bone centroid (learned with images only).
     n_masks : int
         Number of masks learned from.
     study_uids : tuple of str
         The studies (or mask file stems) learned from.
     extra : dict
-        Method-specific learned data (for example a z profile used for alignment).
+        Method-specific learned data: ``methods`` (those learned), ``cue`` (how many slices the profile cue
+        decodes), ``column_length_mm`` (quantiles), ``scales`` (tried by the profile alignment) and, when learned
+        with images, ``profile_template`` and ``n_with_images``.
     source : str
         Free text: which data and command produced the file.
     package_version : str

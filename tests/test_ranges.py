@@ -22,6 +22,7 @@ from cspine_submit.ranges import (
     load_ranges,
     load_truths,
     plan_crops,
+    plans_from_positions,
     ranges_from_truths,
     score_plans,
 )
@@ -139,7 +140,11 @@ def test_plan_crops_hand_computed():
     plans = plan_crops(header, ranges, ModelConfig(slices_per_vertebra=5), z_margin_mm=1.0)
     assert list(plans) == list(VERTEBRAE)
     # C3 learned at fraction 0.30-0.39 -> z 30-39 mm -> with 1 mm margin [29, 40] mm -> slices 58..80.
-    assert plans["C3"] == CropPlan("C3", (58, 64, 69, 74, 80), (32, 8, 96, 40))
+    # Box learned as (16, 8, 48, 40) px of a 64 x 64 image at 0.5 mm = y -8..+8 mm, x -12..+4 mm from the centre
+    # (32, 32); in a 128 x 64 image at 0.5 mm (centre (64, 32)): y 48..80, x 8..40 (mm_centre mode, headers only).
+    assert plans["C3"] == CropPlan("C3", (58, 64, 69, 74, 80), (48, 8, 80, 40))
+    fraction_box = plans_from_positions(header.z, header.rows, header.cols, ranges, 5, box_mode="fraction")["C3"].box
+    assert fraction_box == (32, 8, 96, 40)  # fractions 0.25-0.75 of the rows, 0.125-0.625 of the columns
     for p in plans.values():
         idx = np.asarray(p.slice_indices)
         assert len(idx) == 5 and np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < header.n_slices

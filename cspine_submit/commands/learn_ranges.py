@@ -32,14 +32,20 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import sys
+    import datetime
 
     from cspine_submit.ranges import learn_ranges
 
     if args.out.exists() and not args.force:
         print(f"error: {args.out} exists; use --force to overwrite")
         return 2
-    source = args.source or "cspine-submit learn-ranges " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
+    command = f"cspine-submit learn-ranges --segmentations {args.segmentations} --layout {args.layout}"
+    if args.images is not None:
+        command += f" --images {args.images}"
+    if args.method is not None:
+        command += f" --method {args.method}"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    source = args.source or f"{command} ({stamp})"
     try:
         ranges, skipped = learn_ranges(args.segmentations, args.images, layout=args.layout, method=args.method,
                                        source=source, progress=True)

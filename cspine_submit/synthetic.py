@@ -123,6 +123,10 @@ class SyntheticStudy:
         File number ``n`` of ``<n>.dcm`` for each slice, head to feet.
     anatomy : Anatomy
         Geometry the volume was drawn from (vertebra positions, mm).
+    window : (level, width) or None
+        WindowCenter/WindowWidth written, if any.
+    thickness : float
+        SliceThickness written, mm (the spacing, or more for overlapping reconstructions).
     """
 
     spec: StudySpec
@@ -135,6 +139,7 @@ class SyntheticStudy:
     file_numbers: np.ndarray
     anatomy: Anatomy
     window: tuple[float, float] | None = None
+    thickness: float | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -228,6 +233,8 @@ def render_study(spec: StudySpec) -> SyntheticStudy:
     z_head = round(float(rng.uniform(-250.0, 150.0)), 2)
     origin_xy = (round(-fov / 2 + float(rng.uniform(-20, 20)), 2), round(-fov / 2 + float(rng.uniform(-20, 20)), 2))
     window = (400.0, 1800.0) if rng.random() < 0.5 else None
+    # Some series are reconstructed with overlap (thickness > spacing): readers must take spacing from positions.
+    thickness = dz if rng.random() < 0.7 else round(dz * float(rng.uniform(1.2, 2.0)), 3)
     padded = spec.signed and rng.random() < 0.5
     anatomy = build_anatomy(rng, fov, px, head_mm, dict(spec.fractures))
     nz = int(np.floor((anatomy.z_c7 + chest_mm) / dz)) + 1
@@ -271,6 +278,7 @@ def render_study(spec: StudySpec) -> SyntheticStudy:
         file_numbers=file_numbers(nz, spec.reversed),
         anatomy=anatomy,
         window=window,
+        thickness=thickness,
     )
 
 
@@ -290,6 +298,7 @@ def write_study(study: SyntheticStudy, folder: Path) -> list[Path]:
         signed=spec.signed,
         modality=spec.modality,
         window=study.window,
+        thickness=study.thickness,
     )
 
 

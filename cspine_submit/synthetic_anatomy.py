@@ -110,7 +110,8 @@ class Fracture:
 @dataclass(frozen=True)
 class Vertebra:
     """A vertebra placed in the image frame: ``(cx, cy)`` in-plane centre of its body (mm), ``z0`` the local origin
-    (top of the body; top of the ring for C1), ``tilt`` the sagittal shear (dY/dZ of the column), and its solids."""
+    (top of the body; top of the ring for C1), ``tilt`` the sagittal shear (dY/dZ of the column), ``yaw`` its axial
+    rotation (radians, the patient's head turned), and its solids."""
 
     name: str
     cx: float
@@ -122,6 +123,7 @@ class Vertebra:
     cortical_hu: float
     cortex_mm: float
     fracture: Fracture | None = None
+    yaw: float = 0.0
 
     @property
     def label(self) -> int:
@@ -132,6 +134,13 @@ class Vertebra:
         b = np.array([s.local_bounds() for s in self.solids])
         xmin, xmax = b[:, 0].min(), b[:, 1].max()
         ymin, ymax = b[:, 2].min(), b[:, 3].max()
+        if self.yaw:
+            # Bounds of the rotated local box (local = R(yaw) image, so image = R(-yaw) local).
+            c, s_ = np.cos(self.yaw), np.sin(self.yaw)
+            corners = np.array([[x, y] for x in (xmin, xmax) for y in (ymin, ymax)])
+            xs = c * corners[:, 0] - s_ * corners[:, 1]
+            ys = s_ * corners[:, 0] + c * corners[:, 1]
+            xmin, xmax, ymin, ymax = xs.min(), xs.max(), ys.min(), ys.max()
         zmin, zmax = b[:, 4].min(), b[:, 5].max()
         t = abs(self.tilt)
         ya = max(abs(ymin), abs(ymax))
@@ -164,8 +173,11 @@ def _local(v: Vertebra, Z: np.ndarray, Y: np.ndarray, X: np.ndarray):
     """Image-frame coordinates (broadcast (nz,1,1), (1,ny,1), (1,1,nx) arrays, mm) -> the vertebra's local frame."""
     dz = Z - v.z0
     yl = Y - v.cy - v.tilt * dz
-    zl = dz + v.tilt * yl
     xl = X - v.cx
+    if v.yaw:
+        c, s = np.float32(np.cos(v.yaw)), np.float32(np.sin(v.yaw))
+        xl, yl = c * xl + s * yl, -s * xl + c * yl
+    zl = dz + v.tilt * yl
     return xl, yl, zl
 
 
@@ -480,6 +492,7 @@ def build_anatomy(
     lordosis = float(rng.uniform(0.0, 12.0))
     drift = float(rng.uniform(-6.0, 6.0))
     lean = float(rng.uniform(-0.12, 0.12))
+    yaw = float(np.deg2rad(rng.uniform(-7.0, 7.0)))
     disc = [float(rng.uniform(4.0, 5.5)) * s for _ in range(10)]
 
     # Stack the vertebrae along z first (local origins), then place them in-plane on the centreline.
@@ -527,6 +540,7 @@ def build_anatomy(
                 cortical_hu=float(rng.uniform(750.0, 1150.0)),
                 cortex_mm=float(max(1.0, 1.2 * px)),
                 fracture=fracture,
+                yaw=yaw + float(np.deg2rad(rng.uniform(-2.0, 2.0))),
             )
         )
     neck = (float(rng.uniform(48.0, 62.0)) * s, float(rng.uniform(48.0, 60.0)) * s)
@@ -591,5 +605,29 @@ def draw_background(anatomy: Anatomy, shape: tuple[int, int, int], dz: float, px
             _ellipse(img, (cx, cy + 12.0), (24.0 + 40.0 * o, 20.0 + 45.0 * o), px, 1000.0, 15, 165, thickness=6.0)
         if a.mandible and a.z_c1 - 5.0 < z < a.z_c1 + 45.0:
             _ellipse(img, (cx, cy - 30.0), (40.0, 34.0), px, 1100.0, 200, 340, thickness=7.0)
+        # Skull base just above C1: occipital condyles over its lateral masses, the clivus rising in front, the
+        # mastoids on the sides. Bone that is not a vertebra, right where C1 starts.
+        if a.z_c1 - 14.0 < z < a.z_c1 + 1.0:
+            for side in (-1, 1):
+                _ellipse(img, (cx + side * 12.0, cy + 1.0), (5.5, 8.0), px, 850.0)
+        if a.z_c1 - 45.0 < z < a.z_c1 - 8.0:
+            up = a.z_c1 - 8.0 - z
+            _ellipse(img, (cx, cy - 12.0 - 0.7 * up), (11.0, 6.0), px, 800.0)
+        if a.z_c1 - 40.0 < z < a.z_c1 - 4.0:
+            for side in (-1, 1):
+                _ellipse(img, (cx + side * 46.0, cy + 4.0), (8.0, 10.0), px, 650.0)
+        # First ribs and clavicles at T1-T2: curved bone beside the lower cervical levels.
+        for k, v in enumerate(a.vertebrae[7:], start=1):
+            zt = v.z0 + 8.0 * k
+            if abs(z - zt) < 4.0:
+                rx, ry = 42.0 + 12.0 * k, 36.0 + 6.0 * k
+                _ellipse(img, (cx, cy + 6.0), (rx, ry), px, 750.0, -55, 15, thickness=6.0)
+                _ellipse(img, (cx, cy + 6.0), (rx, ry), px, 750.0, 165, 235, thickness=6.0)
+        if len(a.vertebrae) > 7:
+            zt = a.vertebrae[7].z0 + 10.0
+            if 0.0 < z - zt < 14.0:
+                for side in (-1, 1):
+                    _ellipse(img, (cx + side * 40.0, cy - 55.0), (38.0, 12.0), px, 700.0,
+                             200 if side < 0 else 270, 270 if side < 0 else 340, thickness=9.0)
         out[i] = np.clip(np.round(img), -32768, 32767).astype(np.int16)
     return out

@@ -114,6 +114,7 @@ def write_dicom_series(
     signed: bool,
     modality: bool,
     window: tuple[float, float] | None = None,
+    thickness: float | None = None,
 ) -> list[Path]:
     """Write an axial volume as ``<n>.dcm`` files.
 
@@ -139,6 +140,8 @@ def write_dicom_series(
         Write the Modality tag (some competition files lack it).
     window : (level, width) or None
         WindowCenter/WindowWidth to write.
+    thickness : float, optional
+        SliceThickness, mm (default: the slice spacing).
 
     Returns
     -------
@@ -168,7 +171,7 @@ def write_dicom_series(
     ds.SeriesInstanceUID = series_uid
     ds.FrameOfReferenceUID = series_uid + ".0"
     ds.SeriesNumber = 1
-    ds.SliceThickness = _ds(dz)
+    ds.SliceThickness = _ds(dz if thickness is None else thickness)
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"

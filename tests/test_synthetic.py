@@ -34,7 +34,7 @@ def _read_plain(folder: Path):
 # -- the fixture's mix ---------------------------------------------------------------------------------------------
 
 
-def test_fixture_has_the_promised_mix(synthetic_info):
+def test_fixture_has_the_promised_mix(synthetic_info, synthetic_truth):
     train, test = synthetic_info.train, synthetic_info.test
     assert len(train) == 6 and len(test) == 3
     assert [r.segmented for r in train] == [True] * 4 + [False] * 2
@@ -46,6 +46,7 @@ def test_fixture_has_the_promised_mix(synthetic_info):
     assert {(r.spec.compressed, r.spec.signed) for r in train if r.segmented} == {
         (True, True), (True, False), (False, True), (False, False)}
     assert any(not r.spec.modality for r in synthetic_info.studies)
+    assert any(synthetic_truth(r.uid).thickness > r.spacing[0] + 0.1 for r in synthetic_info.studies)
     for r in synthetic_info.studies:
         assert 30 <= r.n_slices <= 99, "tens of slices per test study"
 
@@ -134,7 +135,8 @@ def test_dicom_headers_geometry_and_pixels(synthetic_info, synthetic_truth):
             assert ds.filename.endswith(f"{ds.InstanceNumber}.dcm")
             assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
             assert [float(v) for v in ds.PixelSpacing] == pytest.approx([rec.spacing[1]] * 2, abs=1e-5)
-            assert float(ds.SliceThickness) == pytest.approx(rec.spacing[0], abs=1e-3)
+            assert float(ds.SliceThickness) == pytest.approx(study.thickness, abs=1e-3)
+            assert float(ds.SliceThickness) >= rec.spacing[0] - 1e-3
             assert ds.StudyInstanceUID == rec.uid == rec.folder.name
             for uid in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID):
                 assert UID_RE.match(uid) and len(uid) <= 64

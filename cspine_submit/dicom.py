@@ -195,6 +195,26 @@ def decoder_table(tsyntaxes: Iterable[str] = COMPETITION_TRANSFER_SYNTAXES) -> l
     return rows
 
 
+REQUIRED_TRANSFER_SYNTAXES: tuple[str, ...] = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.70")
+"""Without a decoder for these the competition's studies cannot be read (uncompressed and JPEG Lossless SV1)."""
+
+
+def missing_decoders(
+    required: Iterable[str] = REQUIRED_TRANSFER_SYNTAXES, table: list[dict] | None = None
+) -> list[str]:
+    """What to install so that every ``required`` syntax can be decoded: ``["<plugin>: <pip install ...>", ...]``.
+
+    Empty when all can be decoded. For a syntax with no plugin, any one of its listed packages suffices.
+    Meant for a start-up check that fails with one message listing every missing package.
+    """
+    required = set(required)
+    rows = decoder_table(sorted(required)) if table is None else table
+    return list(dict.fromkeys(
+        f"{plugin}: {need}" for row in rows if row["uid"] in required and not row["ok"]
+        for plugin, need in row["missing"].items()
+    ))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Header scan
 # ----------------------------------------------------------------------------------------------------------------
@@ -481,7 +501,8 @@ def order_slices(infos: Sequence[SliceInfo]) -> SliceOrder:
     sign = -1.0 if normal[2] >= 0 else 1.0
 
     with_pos = [s for s in group if s.position is not None]
-    thick = next((s.spacing_between or s.slice_thickness for s in group if s.spacing_between or s.slice_thickness), None)
+    stated = [s.spacing_between or s.slice_thickness for s in group]
+    thick = next((t for t in stated if t), None)
     if with_pos:
         for s in group:
             if s.position is None:

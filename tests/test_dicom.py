@@ -24,6 +24,7 @@ from cspine_submit.dicom import (
     compress_jpeg_lossless,
     decode_slice,
     decoder_table,
+    missing_decoders,
     read_slice_header,
     read_slices,
     read_study,
@@ -131,6 +132,8 @@ def test_decoder_table_covers_competition_syntaxes():
     assert "gdcm" in rows["1.2.840.10008.1.2.4.70"]["available"]
     (r53,) = decoder_table(["1.2.840.10008.1.2.4.53"])
     assert not r53["ok"] and r53["available"] == [] and r53["missing"]
+    assert missing_decoders() == []  # this environment decodes everything the competition needs
+    assert missing_decoders(["1.2.840.10008.1.2.4.53"]) == ["(none): pydicom has no decoder for this transfer syntax"]
 
 
 # --------------------------------------------------------------------------------------------------------------

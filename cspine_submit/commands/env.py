@@ -31,8 +31,6 @@ LIBRARIES: tuple[tuple[str, str, str], ...] = (
     ("pandas", "pandas", "pandas"),
 )
 
-# Syntaxes without which the competition's studies cannot be read.
-REQUIRED_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.70")
 
 
 def add_arguments(parser) -> None:
@@ -80,15 +78,11 @@ def _tensorflow() -> dict:
 def collect(tensorflow: bool = True) -> dict:
     """Everything ``env`` reports, as a JSON-able dict (library function: no printing)."""
     from cspine_submit import __version__
-    from cspine_submit.dicom import decoder_table
+    from cspine_submit.dicom import REQUIRED_TRANSFER_SYNTAXES, decoder_table, missing_decoders
 
     libs = {label: {"package": dist, "version": _version(dist, module)} for label, dist, module in LIBRARIES}
     table = decoder_table()
-    # One message listing every package that would make a required syntax decodable (any one suffices).
-    missing_required = list(dict.fromkeys(
-        f"{plugin}: {need}" for row in table if row["uid"] in REQUIRED_SYNTAXES and not row["ok"]
-        for plugin, need in row["missing"].items()
-    ))
+    missing_required = missing_decoders(REQUIRED_TRANSFER_SYNTAXES, table)
     return {
         "cspine_submit": __version__,
         "python": sys.version.split()[0],
@@ -97,7 +91,7 @@ def collect(tensorflow: bool = True) -> dict:
         "tensorflow": _tensorflow() if tensorflow else None,
         "decoders": table,
         "missing_required": missing_required,
-        "ok": all(row["ok"] for row in table if row["uid"] in REQUIRED_SYNTAXES),
+        "ok": all(row["ok"] for row in table if row["uid"] in REQUIRED_TRANSFER_SYNTAXES),
     }
 
 

@@ -31,7 +31,9 @@ class Outcome:
     value : Any
         ``work_fn(item)``, or None when it failed.
     error : str or None
-        ``"<ExceptionType>: <message>"`` (or :data:`WORKER_DIED` text) when it failed, else None.
+        When it failed: ``"<ExceptionType>: <message> (at <file>:<line>)"`` for an exception raised by
+        ``work_fn`` (the line where it was raised), text starting with :data:`WORKER_DIED` when the worker
+        process died, ``"timed out after <t> s"``; None on success.
     seconds : float
         Wall time of ``work_fn(item)`` inside the worker (0.0 when the worker died).
     """

@@ -452,8 +452,7 @@ def generate_dataset(
     specs = plan_specs(n_train + n_test, seed, **params)
     (root / "train_images").mkdir(parents=True, exist_ok=True)
     (root / "test_images").mkdir(parents=True, exist_ok=True)
-    if n_seg:
-        (root / "segmentations").mkdir(parents=True, exist_ok=True)
+    (root / "segmentations").mkdir(parents=True, exist_ok=True)
 
     train, test, boxes = [], [], []
     for i, spec in enumerate(tqdm(specs, desc="synthetic studies", unit="study", disable=not progress)):

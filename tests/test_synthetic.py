@@ -343,3 +343,25 @@ def test_out_of_range_parameters_are_named(tmp_path, bad):
 
     with pytest.raises(ValueError, match=next(iter(bad))):
         generate_dataset(tmp_path / "d", 1, 0, **bad)
+
+
+def test_synth_command_reads_a_params_file(tmp_path, capsys):
+    import json
+
+    from cspine_submit.cli import main
+
+    params = {"generate_dataset": {"size": 40, "spacing": [6.0, 6.0], "n_train": 1, "n_test": 2, "seed": 4,
+                                   "compressed_fraction": 0.0, "prevalence": {"C3": 1.0}}}
+    (tmp_path / "p.json").write_text(json.dumps(params))
+    assert main(["synth", str(tmp_path / "out"), "--params", str(tmp_path / "p.json"), "--quiet"]) == 0
+    capsys.readouterr()
+    _, train = _read_csv(tmp_path / "out" / "train.csv")
+    _, truth = _read_csv(tmp_path / "out" / "test_labels.csv")
+    assert len(train) == 1 and len(truth) == 2
+    assert all(r["C3"] == "1" for r in train + truth)
+    import pydicom
+
+    files = sorted((tmp_path / "out" / "test_images").rglob("*.dcm"))
+    ds = pydicom.dcmread(files[0])
+    assert (ds.Rows, ds.Columns) == (40, 40)
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"

@@ -72,7 +72,10 @@ def run(args) -> int:
         path = Path(args.params)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-        params = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        # Accept the parameters at the top level or nested as the demo's synthetic_params.json may hold them.
+        params = dict(data.get("generate_dataset", data.get("params", data)))
+        params = {k: v for k, v in params.items() if k not in ("out_dir", "force", "progress")}
     for key in ("spacing", "fov", "head", "chest", "noise", "size", "compressed_fraction", "reversed_fraction",
                 "signed_fraction", "no_modality_fraction", "wedge_fraction"):
         value = getattr(args, key)

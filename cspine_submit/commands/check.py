@@ -37,13 +37,11 @@ def run(args) -> int:
         print(f"wrote {path}")
         return 0
     result = reproduce.run_check(weights, golden=not args.no_golden)
-    width = max(len(k) for k, _ in result.environment + result.decoders)
-    print("environment:")
-    for k, v in result.environment:
-        print(f"  {k:<{width}}  {v}")
-    print("decoders:")
-    for k, v in result.decoders:
-        print(f"  {k:<{width}}  {v}")
+    for title, rows in (("environment", result.environment), ("decoders", result.decoders)):
+        width = max((len(k) for k, _ in rows), default=0)
+        print(f"{title}:")
+        for k, v in rows:
+            print(f"  {k:<{width}}  {v}")
     print(f"manifest {result.manifest}: {'OK' if not result.manifest_problems else 'DIFFERS'}")
     for p in result.manifest_problems:
         print(f"  DIFFERS: {p}")

@@ -268,6 +268,9 @@ def draw_roc_png(y: np.ndarray, p: np.ndarray, path: str | Path, title: str, siz
         cv2.polylines(img, [pts], False, (200, 80, 0), 2, cv2.LINE_AA)
     text = f"{title}  AUC={'n/a' if np.isnan(auc) else f'{auc:.3f}'}"
     cv2.putText(img, text, (m, m - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    for label, (x, y) in (("0", px(0, 0)), ("1", px(1, 0)), ("1", px(0, 1))):
+        dx, dy = (-14, 4) if (x, y) == px(0, 1) else (-4, 16)
+        cv2.putText(img, label, (x + dx, y + dy), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, "FPR", (size // 2 - 12, size - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, "TPR", (4, size // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     if not cv2.imwrite(str(path), img):

@@ -15,6 +15,11 @@ Every study is a pure function of its :class:`StudySpec` (which holds its own se
 volume in HU exactly as written, the axial label volume and the fracture voxels, so tests can compare what the
 package reads against the truth. Same seed, same bytes.
 
+Entry points: :func:`generate_dataset` (a whole set), :func:`plan_specs` (the specs a set would have, no IO),
+:func:`generate_study` (one spec into one folder, optionally with its mask), :func:`render_study` (arrays only).
+The anatomy lives in :mod:`cspine_submit.synthetic_anatomy`, the DICOM/NIfTI writing in
+:mod:`cspine_submit.synthetic_dicom`.
+
 Axis convention: ``volume : (z, y, x) ndarray``, z from head to feet, y rows, x columns.
 """
 

@@ -32,6 +32,13 @@ def parse_duration(text: str) -> float:
     return value * {"h": 3600.0, "m": 60.0, "s": 1.0}[unit]
 
 
+def default_workers() -> int:
+    """One CPU stays with the main process (scoring, aggregation); decoding gets the rest (Kaggle: 4 -> 3)."""
+    import os
+
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--test-dir", type=Path, help="folder with one sub-folder per study (default: Kaggle's "
                         "test_images, else the demo)")
@@ -39,7 +46,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", type=Path, help="weights folder (default: weights/, or weights/demo for the demo)")
     parser.add_argument("--out", type=Path, help="submission CSV (default: /kaggle/working/submission.csv on Kaggle, "
                         "./submission.csv elsewhere, the demo's cache folder for the demo)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes reading studies (0: in-process)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="worker processes reading studies (0: in-process; default: CPUs - 1, at most 4)")
     parser.add_argument("--batch-size", type=int, help="crops per forward pass (default: model_config.json)")
     parser.add_argument("--time-budget", help="e.g. 8.5h, 90m, 300s (default: 8.5h on Kaggle, none elsewhere)")
     parser.add_argument("--resume", action="store_true", help="skip studies already in the journal beside --out")

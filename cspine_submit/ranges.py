@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from cspine_submit.config import VERTEBRAE, SliceRanges, _read_json
+from cspine_submit.config import VERTEBRAE, SliceRanges
 
 METHODS: tuple[str, ...] = ("fraction", "mm_top", "profile")
 """Normalisations along z the learner records and the planner can use."""
@@ -411,12 +411,11 @@ def learn_template(truths: Sequence[StudyTruth], step_mm: float = TEMPLATE_STEP_
             vals = np.interp(grid, r[ok], t.profile[ok, f], left=np.nan, right=np.nan)
             stack[i, :, f] = vals
     count = np.isfinite(stack[:, :, 0]).sum(axis=0)
-    with np.errstate(all="ignore"):
-        import warnings
+    import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            template = np.nanmedian(stack, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN grid columns; dropped just below
+        template = np.nanmedian(stack, axis=0)
     keep = count > 0
     return {
         "grid_mm": [round(float(g), 3) for g in grid[keep]],
@@ -1056,8 +1055,7 @@ def plan_crops(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def score_plans(truth: StudyTruth, plans: Mapping[str, CropPlan], start_end_idx: Mapping[str, tuple[int, int]] | None
-                = None) -> dict[str, dict[str, float]]:
+def score_plans(truth: StudyTruth, plans: Mapping[str, CropPlan]) -> dict[str, dict[str, float]]:
     """Coverage, purity and box coverage of one study's plans against its truth (pure).
 
     coverage
@@ -1072,7 +1070,7 @@ def score_plans(truth: StudyTruth, plans: Mapping[str, CropPlan], start_end_idx:
         first, last = truth.z_ranges[v]
         plan = plans[v]
         idx = np.asarray(plan.slice_indices)
-        p_lo, p_hi = (start_end_idx[v] if start_end_idx else (idx.min(), idx.max()))
+        p_lo, p_hi = int(idx.min()), int(idx.max())
         true_n = last - first + 1
         overlap = max(0, min(last, p_hi) - max(first, p_lo) + 1)
         coverage = overlap / true_n

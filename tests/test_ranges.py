@@ -341,3 +341,21 @@ def test_learn_and_eval_commands(synthetic_dataset, tmp_path, capsys):
     assert set(result["per_vertebra"]) == set(VERTEBRAE)
     assert set(result["mean"]) == {"coverage", "purity", "box_coverage"}
     assert result["mean"]["coverage"] >= 0.85
+
+
+def test_profile_planner_falls_back_on_tiny_studies():
+    from cspine_submit.ranges import measure_cue
+
+    rng = np.random.default_rng(7)
+    ranges = ranges_from_truths([_profile_truth(i, rng) for i in range(3)], method="profile")
+
+    def air(h, idx):
+        return np.full((len(idx), h.rows, h.cols), -1000.0, dtype=np.float32)
+
+    for n in (1, 3):
+        header = _header(n, dz=2.0)
+        cue = measure_cue(header, ranges, read=air)
+        assert cue.anchor_mm is None and cue.fallback and "fraction" in cue.fallback
+        plans = plan_crops(header, ranges, ModelConfig(slices_per_vertebra=15), cue=cue)
+        for p in plans.values():
+            assert 1 <= len(p.slice_indices) <= n and all(0 <= i < n for i in p.slice_indices)

@@ -1093,8 +1093,12 @@ def evaluate_ranges(
     layout: str = "competition",
     box_mode: str = "auto",
     box_quantiles: tuple[str, str] = ("q10", "q90"),
+    ranges: SliceRanges | None = None,
 ) -> dict[str, Any]:
     """Leave-one-out evaluation: learn from all studies but one, plan the one left out, score against its mask.
+
+    With ``ranges`` given, no learning: every study is planned with those ranges (to check a shipped
+    ``slice_ranges.json`` against new masks).
 
     Parameters
     ----------
@@ -1107,6 +1111,8 @@ def evaluate_ranges(
         Slices per vertebra (``ModelConfig.slices_per_vertebra``).
     z_margin_mm, box_mode, box_quantiles
         As for :func:`plans_from_positions`.
+    ranges : SliceRanges, optional
+        Fixed ranges to evaluate instead of leave-one-out learning (``method`` defaults to ``ranges.method``).
 
     Returns
     -------
@@ -1114,16 +1120,27 @@ def evaluate_ranges(
         ``{"method", "n_studies", "per_vertebra": {v: {"coverage", "purity", "box_coverage"}}, "mean": {...},
         "mean_box_area" (planned box area as a share of the image, mean over vertebrae and studies), "per_study": {uid: {v: {...}}}, "anchor_error_mm": [...] (profile only)}``.
     """
-    if len(truths) < 2:
+    if ranges is None and len(truths) < 2:
         raise ValueError(f"leave-one-out needs at least 2 masks, got {len(truths)}")
+    if not truths:
+        raise ValueError("no masks to evaluate")
     if method is None:
-        method = "profile" if all(t.profile is not None for t in truths) else "fraction"
+        if ranges is not None:
+            method = ranges.method
+        else:
+            method = "profile" if all(t.profile is not None for t in truths) else "fraction"
+    if method == "profile" and any(t.profile is None for t in truths):
+        raise ValueError("method 'profile' needs the studies' images (--images) to measure the cue")
+    if ranges is not None and method not in ranges.extra.get("methods", [ranges.method]):
+        raise ValueError(f"the given ranges have no {method!r} data (learned: {ranges.extra.get('methods')})")
     per_study: dict[str, dict[str, dict[str, float]]] = {}
     anchor_errors: list[float | None] = []
     box_areas: list[float] = []
     for i, held in enumerate(truths):
-        rest = [t for j, t in enumerate(truths) if j != i]
-        learned = ranges_from_truths(rest, method=method, layout=layout)
+        if ranges is not None:
+            learned = ranges
+        else:
+            learned = ranges_from_truths([t for j, t in enumerate(truths) if j != i], method=method, layout=layout)
         anchor = point = None
         scale = 1.0
         if method == "profile":
@@ -1146,6 +1163,7 @@ def evaluate_ranges(
     mean = {key: float(np.mean([per_vertebra[v][key] for v in VERTEBRAE])) for key in keys}
     result: dict[str, Any] = {
         "method": method,
+        "leave_one_out": ranges is None,
         "n_studies": len(truths),
         "k": k,
         "z_margin_mm": z_margin_mm,

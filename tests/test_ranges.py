@@ -359,3 +359,17 @@ def test_profile_planner_falls_back_on_tiny_studies():
         plans = plan_crops(header, ranges, ModelConfig(slices_per_vertebra=15), cue=cue)
         for p in plans.values():
             assert 1 <= len(p.slice_indices) <= n and all(0 <= i < n for i in p.slice_indices)
+
+
+def test_eval_with_fixed_ranges_file(synthetic_dataset, tmp_path, capsys):
+    from cspine_submit.cli import main
+
+    seg, img = str(synthetic_dataset / "segmentations"), str(synthetic_dataset / "train_images")
+    default = str(Path(__file__).parents[1] / "weights" / "slice_ranges.json")
+    assert main(["eval-ranges", "--segmentations", seg, "--images", img, "--ranges", default, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["leave_one_out"] is False and result["method"] == "fraction" and result["n_studies"] == 4
+    # The VerSe default asked for the profile method it never learned: a clear error, exit code 2.
+    assert main(["eval-ranges", "--segmentations", seg, "--images", img, "--ranges", default,
+                 "--method", "profile"]) == 2
+    assert "no 'profile' data" in capsys.readouterr().out

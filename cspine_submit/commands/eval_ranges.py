@@ -23,11 +23,14 @@ def add_arguments(parser) -> None:
                         help="method to evaluate (default: profile with --images, else fraction); 'all' compares")
     parser.add_argument("--slices", type=int, default=15, help="K slices per vertebra (default 15)")
     parser.add_argument("--z-margin", type=float, default=2.0, help="mm added above and below each range")
+    parser.add_argument("--ranges", type=Path, default=None,
+                        help="evaluate this slice_ranges.json on every mask instead of leave-one-out learning")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def format_table(result: dict) -> str:
-    lines = [f"method {result['method']}: leave-one-out over {result['n_studies']} masks, K={result['k']}, "
+    how = "leave-one-out over" if result.get("leave_one_out", True) else "fixed ranges on"
+    lines = [f"method {result['method']}: {how} {result['n_studies']} masks, K={result['k']}, "
              f"z margin {result['z_margin_mm']} mm",
              f"{'vertebra':<9}{'coverage':>10}{'purity':>9}{'box_cov':>9}"]
     rows = list(result["per_vertebra"].items()) + [("mean", result["mean"])]
@@ -41,7 +44,15 @@ def format_table(result: dict) -> str:
 
 
 def run(args) -> int:
-    from cspine_submit.ranges import METHODS, evaluate_ranges, load_truths
+    from cspine_submit.ranges import METHODS, evaluate_ranges, load_ranges, load_truths
+
+    fixed = None
+    if args.ranges is not None:
+        try:
+            fixed = load_ranges(args.ranges)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}")
+            return 2
 
     try:
         truths, skipped = load_truths(args.segmentations, args.images, layout=args.layout,
@@ -54,18 +65,20 @@ def run(args) -> int:
             print(f"skipped {Path(path).name}: {reason}")
     if args.method == "all":
         methods = [m for m in METHODS if m != "profile" or all(t.profile is not None for t in truths)]
+        if fixed is not None:
+            methods = [m for m in methods if m in fixed.extra.get("methods", [fixed.method])]
     else:
         methods = [args.method]
     results = []
     try:
         for m in methods:
             results.append(evaluate_ranges(truths, method=m, k=args.slices, z_margin_mm=args.z_margin,
-                                           layout=args.layout))
+                                           layout=args.layout, ranges=fixed))
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
     if args.json:
-        keep = ("method", "n_studies", "k", "z_margin_mm", "per_vertebra", "mean", "anchor_error_mm")
+        keep = ("method", "leave_one_out", "n_studies", "k", "z_margin_mm", "per_vertebra", "mean", "anchor_error_mm")
         out = [{k: r[k] for k in keep if k in r} for r in results]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
     else:

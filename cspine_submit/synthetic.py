@@ -26,6 +26,7 @@ Axis convention: ``volume : (z, y, x) ndarray``, z from head to feet, y rows, x 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cspine_submit.config import PREDICTION_TYPES, TRAIN_PREVALENCE, VERTEBRAE
-from cspine_submit.synthetic_anatomy import Anatomy, build_anatomy, draw_background, render_volume
+from cspine_submit.synthetic_anatomy import Anatomy, build_anatomy, draw_background, draw_table, render_volume
 from cspine_submit.synthetic_dicom import file_numbers, write_dicom_series, write_mask
 
 UID_PREFIX = "1.2.826.0.1.3680043."
@@ -52,6 +53,7 @@ DEFAULTS: dict = {
     "no_modality_fraction": 0.3,
     "wedge_fraction": 0.3,
     "thoracic_label_fraction": 0.5,
+    "table_fraction": 0.0,
     "prevalence": {v: TRAIN_PREVALENCE[v] for v in VERTEBRAE},
 }
 """Default generator parameters (the keyword arguments of :func:`generate_dataset`)."""
@@ -80,6 +82,8 @@ class StudySpec:
     compressed, reversed, signed, modality, thoracic_labels : bool
         JPEG Lossless .4.70 or uncompressed; files numbered feet to head; PixelRepresentation 1 (intercept 0) or 0
         (12 bits, intercept -1024); Modality tag present; T1-T3 labelled in the mask.
+    table : bool
+        A patient table / head rest (a curved dense shell behind the neck) in the field of view.
     """
 
     uid: str
@@ -96,6 +100,7 @@ class StudySpec:
     signed: bool = True
     modality: bool = True
     thoracic_labels: bool = True
+    table: bool = False
 
     @property
     def labels(self) -> dict[str, int]:
@@ -246,6 +251,9 @@ def render_study(spec: StudySpec) -> SyntheticStudy:
     shape = (nz, size, size)
 
     background = draw_background(anatomy, shape, dz, px)
+    if spec.table:
+        # Own generator: the table's draws must not shift those of a study without one.
+        draw_table(np.random.default_rng([spec.seed, 2]), anatomy, background, dz, px)
     rendered = render_volume(shape, dz, px, background, list(anatomy.vertebrae))
     labels = rendered.labels
     if not spec.thoracic_labels:
@@ -329,7 +337,7 @@ def _check_params(p: dict) -> None:
         if len(value) != 2 or float(value[0]) > float(value[1]) or float(value[0]) < low:
             raise ValueError(f"{key}={value}: expected a (low, high) range with {low} <= low <= high")
     for key in ("compressed_fraction", "reversed_fraction", "signed_fraction", "no_modality_fraction",
-                "wedge_fraction", "thoracic_label_fraction"):
+                "wedge_fraction", "thoracic_label_fraction", "table_fraction"):
         if not 0.0 <= float(p[key]) <= 1.0:
             raise ValueError(f"{key}={p[key]}: expected a fraction in [0, 1]")
 
@@ -377,7 +385,9 @@ def plan_specs(n: int, seed: int, **params) -> list[StudySpec]:
                 thoracic_labels=bool(thoracic[i]),
             )
         )
-    return specs
+    # Drawn after everything else so that adding this option left the other draws of a seed unchanged.
+    table = _exact_flags(rng, n, p["table_fraction"])
+    return [dataclasses.replace(sp, table=bool(t)) for sp, t in zip(specs, table)]
 
 
 def _write_csv(path: Path, columns, rows) -> None:
@@ -431,7 +441,8 @@ def generate_dataset(
         Keys of :data:`DEFAULTS`: ``size`` (px), ``spacing`` (mm range), ``fov`` (mm range), ``head``/``chest``
         (mm range of the scan above the top of C1 / below the bottom of C7), ``noise`` (HU range),
         ``compressed_fraction``, ``reversed_fraction``, ``signed_fraction``, ``no_modality_fraction``,
-        ``wedge_fraction``, ``thoracic_label_fraction``, ``prevalence`` (``{vertebra: probability}``).
+        ``wedge_fraction``, ``thoracic_label_fraction``, ``table_fraction`` (studies with a patient table / head
+        rest in view; default 0), ``prevalence`` (``{vertebra: probability}``).
 
     Returns
     -------

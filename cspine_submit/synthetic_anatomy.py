@@ -631,3 +631,33 @@ def draw_background(anatomy: Anatomy, shape: tuple[int, int, int], dz: float, px
                              200 if side < 0 else 270, 270 if side < 0 else 340, thickness=9.0)
         out[i] = np.clip(np.round(img), -32768, 32767).astype(np.int16)
     return out
+
+
+def draw_table(rng: np.random.Generator, anatomy: Anatomy, volume: np.ndarray, dz: float, px: float) -> np.ndarray:
+    """Add a patient table / head rest: a curved dense shell (carbon fibre, 150-450 HU) behind the neck.
+
+    Parameters
+    ----------
+    volume : (nz, ny, nx) int16 ndarray
+        Background HU, z from head to feet; modified in place and returned.
+
+    Notes
+    -----
+    The shell follows the back of the head and neck at a fixed height, so it is dense, long and off the column:
+    a realistic trap for anything that takes "bone" to mean "HU above a threshold".
+    """
+    nz = volume.shape[0]
+    gap = float(rng.uniform(8.0, 30.0))
+    thick = float(rng.uniform(3.0, 6.0))
+    hu = float(rng.uniform(150.0, 450.0))
+    curve = float(rng.uniform(80.0, 200.0))
+    # Height of the shell: behind the deepest point of the neck outline over the study.
+    y_back = max(anatomy.centre(z * dz)[1] + 8.0 + anatomy.neck[1] for z in range(0, nz, max(1, nz // 16)))
+    yc = y_back + gap
+    cx = anatomy.cx0
+    for i in range(nz):
+        img = volume[i].astype(np.float32)
+        # An arc of a wide ellipse whose lowest part sits under the neck: curved like a head rest.
+        _ellipse(img, (cx, yc - curve), (curve * 1.6, curve), px, hu, 20, 160, thickness=thick)
+        volume[i] = img.astype(np.int16)
+    return volume

@@ -365,3 +365,23 @@ def test_synth_command_reads_a_params_file(tmp_path, capsys):
     ds = pydicom.dcmread(files[0])
     assert (ds.Rows, ds.Columns) == (40, 40)
     assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+
+
+def test_table_option_adds_a_dense_shell_and_changes_nothing_else():
+    import dataclasses
+
+    from cspine_submit.synthetic import plan_specs, render_study
+
+    plain = plan_specs(3, 9, size=64, spacing=(5.0, 6.0))
+    tabled = plan_specs(3, 9, size=64, spacing=(5.0, 6.0), table_fraction=1.0)
+    assert [dataclasses.replace(s, table=False) for s in tabled] == plain
+    assert not any(s.table for s in plain) and all(s.table for s in tabled)
+    a, b = render_study(plain[0]), render_study(tabled[0])
+    np.testing.assert_array_equal(a.labels, b.labels)
+    changed = a.hu != b.hu
+    assert changed.sum() > 100
+    assert not (changed & (a.labels > 0)).any()
+    # The shell lies behind the neck (larger row index than the column) and is denser than soft tissue.
+    ys = np.nonzero(changed)[1]
+    assert ys.min() > np.nonzero(a.labels.any(axis=(0, 2)))[0].max()
+    assert np.median(b.hu[changed]) > 100

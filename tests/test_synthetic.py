@@ -384,4 +384,5 @@ def test_table_option_adds_a_dense_shell_and_changes_nothing_else():
     # The shell lies behind the neck (larger row index than the column) and is denser than soft tissue.
     ys = np.nonzero(changed)[1]
     assert ys.min() > np.nonzero(a.labels.any(axis=(0, 2)))[0].max()
-    assert np.median(b.hu[changed]) > 100
+    # (Blur spreads it a little, so compare the voxels it really raised.)
+    assert ((b.hu.astype(int) - a.hu) > 500).sum() > 100

@@ -39,7 +39,7 @@ def bench_size(size: int, slices: int, out: Path) -> dict:
     t0 = time.perf_counter()
     write_study(study, raw_dir)
     t_raw = time.perf_counter() - t0
-    study.spec = dataclasses.replace(spec, compressed=True)
+    study = dataclasses.replace(study, spec=dataclasses.replace(spec, compressed=True))
     jpeg_dir = out / f"jpeg_{size}" / spec.uid
     t0 = time.perf_counter()
     write_study(study, jpeg_dir)

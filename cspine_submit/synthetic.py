@@ -110,7 +110,7 @@ class StudySpec:
         return {"patient_overall": int(any(out.values())), **out}
 
 
-@dataclass
+@dataclass(frozen=True)
 class SyntheticStudy:
     """A rendered study: the truth every test can compare against.
 

@@ -159,7 +159,7 @@ class Vertebra:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rendered:
     """Output of :func:`render_volume` (arrays share the (z, y, x) grid, z from head to feet)."""
 

@@ -54,6 +54,7 @@ DEFAULTS: dict = {
     "wedge_fraction": 0.3,
     "thoracic_label_fraction": 0.5,
     "table_fraction": 0.0,
+    "boxed_fraction": 1.0,
     "prevalence": {v: TRAIN_PREVALENCE[v] for v in VERTEBRAE},
 }
 """Default generator parameters (the keyword arguments of :func:`generate_dataset`)."""
@@ -84,6 +85,9 @@ class StudySpec:
         (12 bits, intercept -1024); Modality tag present; T1-T3 labelled in the mask.
     table : bool
         A patient table / head rest (a curved dense shell behind the neck) in the field of view.
+    boxed : bool
+        For a fractured training study: its fracture boxes go into train_bounding_boxes.csv (the competition has
+        boxes for only a quarter of its fractured studies).
     """
 
     uid: str
@@ -101,6 +105,7 @@ class StudySpec:
     modality: bool = True
     thoracic_labels: bool = True
     table: bool = False
+    boxed: bool = True
 
     @property
     def labels(self) -> dict[str, int]:
@@ -337,7 +342,7 @@ def _check_params(p: dict) -> None:
         if len(value) != 2 or float(value[0]) > float(value[1]) or float(value[0]) < low:
             raise ValueError(f"{key}={value}: expected a (low, high) range with {low} <= low <= high")
     for key in ("compressed_fraction", "reversed_fraction", "signed_fraction", "no_modality_fraction",
-                "wedge_fraction", "thoracic_label_fraction", "table_fraction"):
+                "wedge_fraction", "thoracic_label_fraction", "table_fraction", "boxed_fraction"):
         if not 0.0 <= float(p[key]) <= 1.0:
             raise ValueError(f"{key}={p[key]}: expected a fraction in [0, 1]")
 
@@ -385,9 +390,10 @@ def plan_specs(n: int, seed: int, **params) -> list[StudySpec]:
                 thoracic_labels=bool(thoracic[i]),
             )
         )
-    # Drawn after everything else so that adding this option left the other draws of a seed unchanged.
+    # Drawn after everything else so that adding these options left the other draws of a seed unchanged.
     table = _exact_flags(rng, n, p["table_fraction"])
-    return [dataclasses.replace(sp, table=bool(t)) for sp, t in zip(specs, table)]
+    boxed = _exact_flags(rng, n, p["boxed_fraction"])
+    return [dataclasses.replace(sp, table=bool(t), boxed=bool(b)) for sp, t, b in zip(specs, table, boxed)]
 
 
 def _write_csv(path: Path, columns, rows) -> None:
@@ -442,7 +448,8 @@ def generate_dataset(
         (mm range of the scan above the top of C1 / below the bottom of C7), ``noise`` (HU range),
         ``compressed_fraction``, ``reversed_fraction``, ``signed_fraction``, ``no_modality_fraction``,
         ``wedge_fraction``, ``thoracic_label_fraction``, ``table_fraction`` (studies with a patient table / head
-        rest in view; default 0), ``prevalence`` (``{vertebra: probability}``).
+        rest in view; default 0), ``boxed_fraction`` (studies whose fracture boxes are written; default 1),
+        ``prevalence`` (``{vertebra: probability}``).
 
     Returns
     -------
@@ -476,7 +483,7 @@ def generate_dataset(
         folder = root / f"{split}_images" / spec.uid
         segmented = split == "train" and i < n_seg
         study = generate_study(folder, spec, root / "segmentations" / f"{spec.uid}.nii" if segmented else None)
-        study_boxes = study.boxes() if split == "train" else []
+        study_boxes = study.boxes() if split == "train" and spec.boxed else []
         boxes.extend(study_boxes)
         record = StudyRecord(spec, split, folder, segmented, study.shape[0], study.spacing, len(study_boxes))
         (train if split == "train" else test).append(record)

@@ -91,7 +91,8 @@ def test_bounding_boxes_cover_the_fractures(synthetic_dataset, synthetic_info, s
     cols, boxes = _read_csv(synthetic_dataset / "train_bounding_boxes.csv")
     assert cols == ["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]
     boxed = {b["StudyInstanceUID"] for b in boxes}
-    assert boxed == {r.uid for r in synthetic_info.train if r.labels["patient_overall"]}
+    assert boxed == {r.uid for r in synthetic_info.train if r.labels["patient_overall"] and r.spec.boxed}
+    assert all(r.spec.boxed for r in synthetic_info.train)
     for rec in synthetic_info.train:
         if not rec.labels["patient_overall"]:
             continue
@@ -386,3 +387,14 @@ def test_table_option_adds_a_dense_shell_and_changes_nothing_else():
     assert ys.min() > np.nonzero(a.labels.any(axis=(0, 2)))[0].max()
     # (Blur spreads it a little, so compare the voxels it really raised.)
     assert ((b.hu.astype(int) - a.hu) > 500).sum() > 100
+
+
+def test_boxed_fraction_leaves_some_fractured_studies_without_boxes(tmp_path):
+    from cspine_submit.synthetic import generate_dataset
+
+    ds = generate_dataset(tmp_path / "d", 4, 0, seed=2, size=40, spacing=(6.0, 6.0), boxed_fraction=0.5,
+                          prevalence={"C4": 1.0})
+    _, boxes = _read_csv(tmp_path / "d" / "train_bounding_boxes.csv")
+    assert {b["StudyInstanceUID"] for b in boxes} == {r.uid for r in ds.train if r.spec.boxed}
+    assert sum(r.spec.boxed for r in ds.train) == 2
+    assert all(r.labels["C4"] == 1 for r in ds.train)

@@ -36,6 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--signed-fraction", type=float, help="share with PixelRepresentation 1 (intercept 0)")
     parser.add_argument("--no-modality-fraction", type=float, help="share of studies without a Modality tag")
     parser.add_argument("--wedge-fraction", type=float, help="share of C3-C7 fractures that are wedge compressions")
+    parser.add_argument("--table-fraction", type=float, help="share of studies with a patient table in view")
+    parser.add_argument("--boxed-fraction", type=float,
+                        help="share of fractured training studies whose boxes are written (default 1)")
     parser.add_argument(
         "--prevalence",
         help="fracture probability per vertebra: one number for all, or C1=0.1,C2=0.2,... (default: train.csv's)",
@@ -77,7 +80,7 @@ def run(args) -> int:
         params = dict(data.get("generate_dataset", data.get("params", data)))
         params = {k: v for k, v in params.items() if k not in ("out_dir", "force", "progress")}
     for key in ("spacing", "fov", "head", "chest", "noise", "size", "compressed_fraction", "reversed_fraction",
-                "signed_fraction", "no_modality_fraction", "wedge_fraction"):
+                "signed_fraction", "no_modality_fraction", "wedge_fraction", "table_fraction", "boxed_fraction"):
         value = getattr(args, key)
         if value is not None:
             params[key] = value

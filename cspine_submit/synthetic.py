@@ -448,7 +448,8 @@ def generate_dataset(
         (mm range of the scan above the top of C1 / below the bottom of C7), ``noise`` (HU range),
         ``compressed_fraction``, ``reversed_fraction``, ``signed_fraction``, ``no_modality_fraction``,
         ``wedge_fraction``, ``thoracic_label_fraction``, ``table_fraction`` (studies with a patient table / head
-        rest in view; default 0), ``boxed_fraction`` (studies whose fracture boxes are written; default 1),
+        rest in view; default 0), ``boxed_fraction`` (share of studies, drawn over all of them, whose fracture
+        boxes are written; only fractured training studies have boxes; default 1),
         ``prevalence`` (``{vertebra: probability}``).
 
     Returns

@@ -38,7 +38,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--wedge-fraction", type=float, help="share of C3-C7 fractures that are wedge compressions")
     parser.add_argument("--table-fraction", type=float, help="share of studies with a patient table in view")
     parser.add_argument("--boxed-fraction", type=float,
-                        help="share of fractured training studies whose boxes are written (default 1)")
+                        help="share of studies whose fracture boxes are written, drawn over all studies; only "
+                             "fractured training studies have boxes (default 1)")
     parser.add_argument(
         "--prevalence",
         help="fracture probability per vertebra: one number for all, or C1=0.1,C2=0.2,... (default: train.csv's)",

@@ -60,8 +60,21 @@ def golden_location(weights: Path) -> Path | None:
     return None
 
 
+def cpu_only() -> bool:
+    """Hide GPUs from TensorFlow (if it has not touched them yet), so the golden output is computed and
+    reproduced on the same float32 CPU path everywhere (a GPU's float16 / cuDNN results differ by more than 1e-5).
+    Returns True when GPUs are hidden or there are none."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+        return True
+    except RuntimeError:  # TensorFlow already initialised its devices
+        return not tf.config.list_logical_devices("GPU")
+
+
 def demo_predictions(weights: Path, cache: Path | None = None, workers: int = 0) -> tuple[dict, dict]:
-    """Generate the demo studies and score them with ``weights``.
+    """Generate the demo studies and score them with ``weights`` (on the CPU, see :func:`cpu_only`).
 
     Returns
     -------
@@ -72,6 +85,7 @@ def demo_predictions(weights: Path, cache: Path | None = None, workers: int = 0)
     from cspine_submit import demo, pipeline
     from cspine_submit.config import PREDICTION_TYPES
 
+    on_cpu = cpu_only()
     data = demo.prepare_demo(cache=cache, weights=weights)
     setup = pipeline.prepare_run(data.test_dir, data.test_csv, weights, demo=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +94,7 @@ def demo_predictions(weights: Path, cache: Path | None = None, workers: int = 0)
     studies = {uid: {t: result.probabilities[f"{uid}_{t}"] for t in PREDICTION_TYPES} for uid in setup.plan.studies}
     statuses = {uid: e["status"] for uid, e in result.studies.items()}
     return studies, {"params": data.params, "n_studies": demo.DEMO_N_STUDIES, "seed": demo.DEMO_SEED,
-                     "statuses": statuses, "submission_csv": text}
+                     "statuses": statuses, "submission_csv": text, "cpu_only": on_cpu}
 
 
 def write_golden(weights: Path, cache: Path | None = None) -> Path:

@@ -36,8 +36,9 @@ from cspine_submit.ranges import CropPlan
 PAD_HU: float = -1024.0
 """HU written where the crop square leaves the image (air)."""
 
-# OpenCV's resize accepts at most 512 channels per call (CV_CN_MAX); we stack slices as channels.
-_CV_MAX_CHANNELS = 512
+# Slices are stacked as channels to resize several per call; OpenCV's resize takes at most 4 channels for
+# some interpolation / scale combinations, so 4 it is.
+_CV_MAX_CHANNELS = 4
 
 
 def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:

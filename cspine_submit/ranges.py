@@ -1012,7 +1012,7 @@ def plan_crops(
     ranges: SliceRanges,
     config,
     *,
-    z_margin_mm: float = DEFAULT_Z_MARGIN_MM,
+    z_margin_mm: float | None = None,
     cue: Cue | None = None,
     read: Callable[[Any, np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, CropPlan]:
@@ -1029,15 +1029,18 @@ def plan_crops(
     header : StudyHeader
     ranges : SliceRanges
     config : ModelConfig
-        ``slices_per_vertebra`` gives K. (The in-plane ``crop_margin`` is applied later, by ``crop.prepare_crops``.)
-    z_margin_mm : float
-        Added above and below each expected range, mm.
+        ``slices_per_vertebra`` gives K and ``z_margin_mm`` the z margin. (The in-plane ``crop_margin`` is
+        applied later, by ``crop.prepare_crops``.)
+    z_margin_mm : float, optional
+        Added above and below each expected range, mm; overrides ``config.z_margin_mm`` (evaluation sweeps).
 
     Returns
     -------
     dict
         ``{vertebra: CropPlan}`` for C1-C7; slice indices inside ``[0, n_slices)``, strictly increasing, at most K.
     """
+    if z_margin_mm is None:
+        z_margin_mm = getattr(config, "z_margin_mm", DEFAULT_Z_MARGIN_MM)
     anchor = point = None
     scale = 1.0
     if ranges.method == "profile":

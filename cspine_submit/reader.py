@@ -49,8 +49,20 @@ class Outcome:
         return self.error is None
 
 
-def _call(work_fn: Callable[[Any], Any], item: Any) -> tuple[Any, str | None, float]:
+# Set in each worker process by _init_worker: shared wall-clock start times, one slot per in-flight item,
+# so that the parent can time an item from when it really started (not from worker start-up or queueing).
+_STARTS = None
+
+
+def _init_worker(starts) -> None:
+    global _STARTS
+    _STARTS = starts
+
+
+def _call(work_fn: Callable[[Any], Any], item: Any, slot: int | None = None) -> tuple[Any, str | None, float]:
     """Run ``work_fn(item)`` in a worker; exceptions become text so that unpicklable ones cannot break the pool."""
+    if slot is not None and _STARTS is not None:
+        _STARTS[slot] = time.time()
     start = time.perf_counter()
     try:
         return work_fn(item), None, time.perf_counter() - start
@@ -94,9 +106,9 @@ def iter_studies(
     progress : bool or str
         Show a tqdm bar (a str is its description).
     timeout : float, optional
-        Seconds to wait for an item once it is the next one to yield (workers take items in order, so it
-        has been running at least that long). On expiry the workers are killed, the item gets a
-        ``"timed out ..."`` error, and the other in-flight items are rerun. Ignored with ``workers=0``.
+        Seconds an item may run in its worker (counted from when the worker starts it, not from worker
+        start-up or queueing). On expiry the workers are killed, the item gets a ``"timed out after <t> s"``
+        error, and the other in-flight items are rerun. Ignored with ``workers=0``.
 
     Yields
     ------
@@ -129,18 +141,69 @@ def iter_studies(
             bar.close()
 
 
+class _Pool:
+    """A ProcessPoolExecutor plus the shared start-time slots its workers write."""
+
+    def __init__(self, context, workers: int, starts) -> None:
+        self.starts = starts
+        self.executor = ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(starts,)
+        )
+
+    def submit(self, work_fn: Callable, item: Any, slot: int) -> Future:
+        """Submit, or, when the pool already broke (a worker died since the last check), return a future
+        failed with BrokenProcessPool so that recovery handles the item like the other in-flight ones."""
+        self.starts[slot] = 0.0
+        try:
+            return self.executor.submit(_call, work_fn, item, slot)
+        except BrokenProcessPool as exc:
+            failed: Future = Future()
+            failed.set_exception(exc)
+            return failed
+
+    def wait(self, future: Future, slot: int, timeout: float | None):
+        """``future.result()``; raises TimeoutError once the item has *run* for ``timeout`` seconds."""
+        if timeout is None:
+            return future.result()
+        while True:
+            started = self.starts[slot]
+            if started and time.time() - started >= timeout:
+                raise TimeoutError
+            # Not started yet (queued, or workers still starting): poll until its clock starts.
+            wait = max(started + timeout - time.time(), 0.01) if started else 0.2
+            try:
+                return future.result(timeout=wait)
+            except TimeoutError:
+                continue
+
+    def kill(self) -> None:
+        """Kill the worker processes (a hung decoder ignores polite shutdown)."""
+        # ProcessPoolExecutor has no public way to do this before Python 3.14 (terminate_workers).
+        for process in list((getattr(self.executor, "_processes", None) or {}).values()):
+            try:
+                process.kill()
+            except Exception:  # already gone
+                pass
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
 def _iter_pool(
     items: Iterator[Any], work_fn: Callable, workers: int, prefetch: int, start_method: str, timeout: float | None
 ) -> Iterator[Outcome]:
     context = multiprocessing.get_context(start_method)
+    # In-flight items never exceed ``prefetch`` and leave in order, so ``seq % prefetch`` slots never collide.
+    starts = context.RawArray("d", prefetch)  # lock-free: a killed worker cannot leave a lock held
 
-    def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    def new_pool(n: int = workers) -> _Pool:
+        return _Pool(context, n, starts)
 
     pool = new_pool()
-    # Each entry: [item, Future or finished Outcome]
+    # Each entry: [item, Future or finished Outcome, slot]
     pending: collections.deque[list] = collections.deque()
-    exhausted = False
+    exhausted, seq = False, 0
     try:
         while True:
             while not exhausted and len(pending) < prefetch:
@@ -149,15 +212,16 @@ def _iter_pool(
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append([item, _submit(pool, work_fn, item)])
+                slot, seq = seq % prefetch, seq + 1
+                pending.append([item, pool.submit(work_fn, item, slot), slot])
             if not pending:
                 return
-            item, state = pending[0]
+            item, state, slot = pending[0]
             if isinstance(state, Future):
                 try:
-                    state = _outcome(item, state.result(timeout=timeout))
+                    state = _outcome(item, pool.wait(state, slot, timeout))
                 except TimeoutError:
-                    _kill(pool)
+                    pool.kill()
                     pending[0][1] = Outcome(item=item, error=f"{TIMED_OUT} after {timeout} s")
                     pool = _recover(pool, pending, new_pool, work_fn, timeout)
                     continue
@@ -169,59 +233,35 @@ def _iter_pool(
             pending.popleft()
             yield state
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown()
 
 
-def _submit(pool: ProcessPoolExecutor, work_fn: Callable, item: Any) -> Future:
-    """Submit, or, when the pool already broke (a worker died since the last check), a future failed with
-    BrokenProcessPool so that :func:`_recover` handles the item like the other in-flight ones."""
-    try:
-        return pool.submit(_call, work_fn, item)
-    except BrokenProcessPool as exc:
-        failed: Future = Future()
-        failed.set_exception(exc)
-        return failed
-
-
-def _kill(pool: ProcessPoolExecutor) -> None:
-    """Kill the pool's worker processes (a hung decoder ignores polite shutdown)."""
-    # ProcessPoolExecutor has no public way to do this before Python 3.14 (terminate_workers).
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        try:
-            process.kill()
-        except Exception:  # already gone
-            pass
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _recover(
-    pool: ProcessPoolExecutor, pending: collections.deque, new_pool: Callable, work_fn: Callable,
-    timeout: float | None = None,
-) -> ProcessPoolExecutor:
-    """After a worker died (or was killed): rerun every unfinished in-flight item alone in a fresh pool, so
-    that the culprit is found for certain.
-
-    Items whose future had already finished keep their result. Returns the pool to continue with.
+def _recover(pool: _Pool, pending: collections.deque, new_pool: Callable, work_fn: Callable,
+             timeout: float | None) -> _Pool:
+    """After a worker died (or was killed): rerun every unfinished in-flight item alone, in a one-worker
+    pool, so that the culprit is found for certain. Items whose future had already finished keep their
+    result. Returns a fresh full pool to continue with.
     """
-    pool.shutdown(wait=False, cancel_futures=True)
-    pool = new_pool()
+    pool.shutdown()
+    solo = new_pool(1)
     for entry in pending:
-        item, state = entry
+        item, state, slot = entry
         if isinstance(state, Outcome):
             continue
         if state.done() and not state.cancelled() and state.exception() is None:
             entry[1] = _outcome(item, state.result())
             continue
         try:
-            entry[1] = _outcome(item, _submit(pool, work_fn, item).result(timeout=timeout))
+            entry[1] = _outcome(item, solo.wait(solo.submit(work_fn, item, slot), slot, timeout))
         except TimeoutError:
             entry[1] = Outcome(item=item, error=f"{TIMED_OUT} after {timeout} s")
-            _kill(pool)
-            pool = new_pool()
+            solo.kill()
+            solo = new_pool(1)
         except BrokenProcessPool as exc:
             entry[1] = Outcome(item=item, error=f"{WORKER_DIED}: {exc}")
-            pool.shutdown(wait=False, cancel_futures=True)
-            pool = new_pool()
+            solo.shutdown()
+            solo = new_pool(1)
         except Exception as exc:  # e.g. an item or a result that cannot be pickled
             entry[1] = Outcome(item=item, error=f"{type(exc).__name__}: {exc}")
-    return pool
+    solo.shutdown()
+    return new_pool()

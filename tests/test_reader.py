@@ -56,9 +56,9 @@ def hang_on_one(x: int) -> int:
 
 
 def test_hung_item_times_out_and_the_rest_go_on():
-    out = list(iter_studies(range(4), hang_on_one, workers=2, prefetch=3, timeout=3.0))
+    out = list(iter_studies(range(4), hang_on_one, workers=2, prefetch=3, timeout=2.0))
     assert [o.value for o in out] == [0, None, 2, 3]
-    assert out[1].error == "timed out after 3.0 s"
+    assert out[1].error == "timed out after 2.0 s"
 
 
 def read_two_slices(folder: str):
@@ -74,6 +74,18 @@ def test_real_study_through_a_worker_and_a_missing_one(tmp_path):
     np.testing.assert_array_equal(slices, out[2].value[1])
     np.testing.assert_array_equal(slices, read_two_slices(str(SERIES))[1])  # same pixels as in-process
     assert out[1].value is None and out[1].error.startswith(f"DicomReadError: {missing}: no such study folder")
+
+
+def sleep_one_second(x: int) -> int:
+    time.sleep(1.0)
+    return x
+
+
+def test_timeout_counts_from_the_start_of_the_item_not_from_queueing():
+    # One worker, three 1 s items: item 2 waits 2 s in the queue (item 0 also waits for the worker to
+    # start), yet none of them ran for 1.8 s.
+    out = list(iter_studies(range(3), sleep_one_second, workers=1, prefetch=3, timeout=1.8))
+    assert [(o.value, o.error) for o in out] == [(0, None), (1, None), (2, None)]
 
 
 def test_in_process_runs_in_order_and_reports_errors():

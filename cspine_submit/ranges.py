@@ -1040,7 +1040,7 @@ def plan_crops(
         ``{vertebra: CropPlan}`` for C1-C7; slice indices inside ``[0, n_slices)``, strictly increasing, at most K.
     """
     if z_margin_mm is None:
-        z_margin_mm = getattr(config, "z_margin_mm", DEFAULT_Z_MARGIN_MM)
+        z_margin_mm = config.z_margin_mm
     anchor = point = None
     scale = 1.0
     if ranges.method == "profile":

@@ -157,12 +157,12 @@ def _iter_in_process(items: Iterable, work_fn: Callable) -> Iterator[_Outcome]:
         yield _Outcome(item, value, error, time.perf_counter() - t)
 
 
-def _iter_outcomes(items: Iterable, work_fn: Callable, workers: int) -> Iterator:
+def _iter_outcomes(items: Iterable, work_fn: Callable, workers: int, timeout: float | None = None) -> Iterator:
     if workers <= 0:
         return _iter_in_process(items, work_fn)
     from cspine_submit.reader import iter_studies
 
-    return iter_studies(items, work_fn, workers=workers, prefetch=max(2, 2 * workers))
+    return iter_studies(items, work_fn, workers=workers, prefetch=max(2, 2 * workers), timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,6 +416,7 @@ def run_submission(
     report_path: str | Path | None = None,
     progress: bool = True,
     on_study: Callable[[str, dict], None] | None = None,
+    study_timeout: float | None = None,
 ) -> RunResult:
     """Process every study of ``setup.plan`` and write the submission and its report.
 
@@ -431,6 +432,7 @@ def run_submission(
     progress : show a tqdm bar
     on_study : called as ``on_study(uid, report_entry)`` after each study is journaled (tests use it to simulate
         a kill)
+    study_timeout : seconds one study may spend in a worker before it is abandoned (falls back); workers > 0 only
     """
     from tqdm import tqdm
 
@@ -494,7 +496,7 @@ def run_submission(
     t_prev = t_loop
     done = 0
     try:
-        outcomes = _iter_outcomes(jobs(), _prepare_or_skip, workers)
+        outcomes = _iter_outcomes(jobs(), _prepare_or_skip, workers, study_timeout)
         for outcome in outcomes:
             job: StudyJob = outcome.item
             t_got = time.perf_counter()

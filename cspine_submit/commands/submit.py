@@ -50,6 +50,9 @@ def add_arguments(parser) -> None:
                         help="worker processes reading studies (0: in-process; default: CPUs - 1, at most 4)")
     parser.add_argument("--batch-size", type=int, help="crops per forward pass (default: model_config.json)")
     parser.add_argument("--time-budget", help="e.g. 8.5h, 90m, 300s (default: 8.5h on Kaggle, none elsewhere)")
+    parser.add_argument("--study-timeout", type=float, default=600.0,
+                        help="seconds one study may take in a worker before it gets the priors (default 600; "
+                        "guards against a decoder that hangs)")
     parser.add_argument("--resume", action="store_true", help="skip studies already in the journal beside --out")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
     parser.add_argument("--report", type=Path, help="run report JSON (default: <out stem>.report.json beside --out)")
@@ -146,6 +149,7 @@ def run(args) -> int:
     for warning in setup.warnings:
         _loud(warning)
     result = pipeline.run_submission(setup, out, workers=args.workers, time_budget=where["budget"],
-                                     resume=args.resume, report_path=args.report, progress=not args.no_progress)
+                                     resume=args.resume, report_path=args.report, progress=not args.no_progress,
+                                     study_timeout=args.study_timeout if args.study_timeout > 0 else None)
     _print_summary(result, where["demo"])
     return 0

@@ -459,12 +459,31 @@ def _bucket(n: int, batch_size: int) -> int:
     return min(b, batch_size)
 
 
+class _OwnTracesFilter:
+    """Drop TensorFlow's "N out of the last N calls ... triggered tf.function retracing" for our functions: there is
+    one compiled function per classifier (seven models -> seven traces), which TF's heuristic mistakes for retracing."""
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        return not ("_predict_fn.<locals>" in msg and "retracing" in msg)
+
+
+_FILTER_INSTALLED = False
+
+
 def _predict_fn(model):
     """A compiled inference function for ``model``, cached; splits batches over replicas with several GPUs."""
+    global _FILTER_INSTALLED
     fn = _PREDICT_FNS.get(model)
     if fn is not None:
         return fn
+    import logging
+
     import tensorflow as tf
+
+    if not _FILTER_INSTALLED:
+        logging.getLogger("tensorflow").addFilter(_OwnTracesFilter())
+        _FILTER_INSTALLED = True
 
     strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
     n_rep = strategy.num_replicas_in_sync

@@ -9,7 +9,8 @@ vertebra-level validation AUC, and ``resume`` after an interruption.
 Writes into ``out_dir``::
 
     C1.keras ... C7.keras     the classifiers (no optimizer state)
-    model_config.json         the config inference reads (classifier_files, trained_on, source filled in)
+    model_config.json         the config inference reads (classifier_files, trained_on, source, and priors =
+                              the label prevalence of the training studies)
     history.csv               vertebra, epoch, loss, auc, val_loss, val_auc, lr, seconds
     validation.json           per-vertebra and pooled vertebra-level AUC on the held-out studies, the split
     training_curves.png       loss and AUC per epoch (train dashed, validation solid), one colour per vertebra
@@ -30,7 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cspine_submit.config import VERTEBRAE, ModelConfig
+from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE, ModelConfig
 
 HISTORY_COLUMNS = ("vertebra", "epoch", "loss", "auc", "val_loss", "val_auc", "lr", "seconds")
 OUTPUT_FILES = ("model_config.json", "history.csv", "validation.json", "training_curves.png")
@@ -114,6 +115,14 @@ class TrainResult:
 
 # --------------------------------------------------------------------------------------------------------------
 # Small pure helpers
+
+
+def existing_outputs(out_dir: str | Path) -> list[Path]:
+    """The files and folders a training run writes that already exist in ``out_dir`` (other files are left alone)."""
+    out_dir = Path(out_dir)
+    names = [f"{v}.keras" for v in VERTEBRAE] + list(OUTPUT_FILES) + [
+        "slice_ranges.json", "MANIFEST.json", "train_state.json", "checkpoints", "cache"]
+    return [out_dir / n for n in names if (out_dir / n).exists()]
 
 
 def write_manifest(out_dir: str | Path, names: Sequence[str], created_by: str = "cspine-submit train") -> Path:
@@ -427,8 +436,10 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
         raise ValueError(f"unknown vertebrae {unknown}; expected a subset of {list(VERTEBRAE)}")
     if config.head not in models_mod.ARCHITECTURES:
         raise ValueError(f"unknown classifier head {config.head!r}; valid heads: {sorted(models_mod.ARCHITECTURES)}")
-    if out_dir.exists() and any(out_dir.iterdir()) and not resume:
-        raise FileExistsError(f"{out_dir}: not empty; use resume to continue a run there, or choose another folder")
+    existing = existing_outputs(out_dir)
+    if existing and not resume:
+        raise FileExistsError(f"{out_dir}: already holds training outputs ({', '.join(p.name for p in existing[:4])}"
+                              f"{' ...' if len(existing) > 4 else ''}); resume the run, remove them, or choose another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     from cspine_submit.ranges import load_ranges
@@ -514,7 +525,11 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
 
     if ranges_path.resolve() != (out_dir / "slice_ranges.json").resolve():
         shutil.copyfile(ranges_path, out_dir / "slice_ranges.json")  # inference must plan as training did
+    # Priors (used for a study or vertebra that cannot be scored) = prevalence in the labels trained on.
+    lo, hi = config.clip
+    priors = {t: float(np.clip(np.mean([labels[u][t] for u in uids]), lo, hi)) for t in PREDICTION_TYPES}
     final_config = config.replace(
+        priors=priors,
         classifier_files={v: f"{v}.keras" for v in VERTEBRAE},
         trained_on=options.trained_on,
         source=options.source or f"cspine-submit train on {data_dir} ({len(uids)} studies)",

@@ -68,7 +68,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes reading and cropping studies")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N studies (smoke runs)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    parser.add_argument("--force", action="store_true", help="delete an existing --out first")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the training outputs already in --out (other files there are kept)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -83,13 +84,16 @@ def run(args) -> int:
     import shutil
 
     from cspine_submit.config import ModelConfig
-    from cspine_submit.train import TrainOptions, train_classifiers
+    from cspine_submit.train import TrainOptions, existing_outputs, train_classifiers
 
-    if args.out.exists() and any(args.out.iterdir()) and not args.resume:
+    existing = existing_outputs(args.out)
+    if existing and not args.resume:
         if not args.force:
-            print(f"error: {args.out} is not empty; use --resume to continue a run there or --force to replace it")
+            print(f"error: {args.out} already holds training outputs ({', '.join(p.name for p in existing[:4])}); "
+                  "use --resume to continue that run or --force to replace them")
             return 2
-        shutil.rmtree(args.out)
+        for path in existing:  # only what training writes; other files in --out stay
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     try:
         config = ModelConfig.from_json(args.config) if args.config else ModelConfig()
         changes = {k: v for k, v in {

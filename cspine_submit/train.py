@@ -436,7 +436,7 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
         raise ValueError(f"unknown vertebrae {unknown}; expected a subset of {list(VERTEBRAE)}")
     if config.head not in models_mod.ARCHITECTURES:
         raise ValueError(f"unknown classifier head {config.head!r}; valid heads: {sorted(models_mod.ARCHITECTURES)}")
-    existing = existing_outputs(out_dir)
+    existing = [p for p in existing_outputs(out_dir) if p.resolve() != ranges_path.resolve()]
     if existing and not resume:
         raise FileExistsError(f"{out_dir}: already holds training outputs ({', '.join(p.name for p in existing[:4])}"
                               f"{' ...' if len(existing) > 4 else ''}); resume the run, remove them, or choose another folder")

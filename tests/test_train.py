@@ -148,3 +148,20 @@ def test_tiny_model_learns_synthetic_fractures(tmp_path):
     auc = result.validation["pooled_auc"]
     print(f"pooled held-out vertebra AUC {auc:.3f}")
     assert auc > 0.62
+
+
+def test_cli_keeps_outputs_without_force(tmp_path, fixture_ranges, synthetic_dataset, capsys):
+    from cspine_submit.cli import main
+
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "model_config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    argv = ["train", "--data", str(synthetic_dataset), "--ranges", str(fixture_ranges), "--out", str(out),
+            "--head", "tiny", "--vertebrae", "C1,C9"]
+    assert main(argv) == 2
+    assert "--force" in capsys.readouterr().out and (out / "model_config.json").read_text() == "{}"
+    # With --force only training's own outputs go; an unknown vertebra is then a clear error.
+    assert main(argv + ["--force"]) == 2
+    assert "C9" in capsys.readouterr().out
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "model_config.json").exists()

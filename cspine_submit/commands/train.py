@@ -86,14 +86,6 @@ def run(args) -> int:
     from cspine_submit.config import ModelConfig
     from cspine_submit.train import TrainOptions, existing_outputs, train_classifiers
 
-    existing = existing_outputs(args.out)
-    if existing and not args.resume:
-        if not args.force:
-            print(f"error: {args.out} already holds training outputs ({', '.join(p.name for p in existing[:4])}); "
-                  "use --resume to continue that run or --force to replace them")
-            return 2
-        for path in existing:  # only what training writes; other files in --out stay
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
     try:
         config = ModelConfig.from_json(args.config) if args.config else ModelConfig()
         changes = {k: v for k, v in {
@@ -105,10 +97,21 @@ def run(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
+    # After reading --config: it may be one of the outputs being replaced.
+    # The ranges input may live in --out (weights/slice_ranges.json): it is an input, never replaced.
+    existing = [p for p in existing_outputs(args.out) if p.resolve() != args.ranges.resolve()]
+    if existing and not args.resume:
+        if not args.force:
+            print(f"error: {args.out} already holds training outputs ({', '.join(p.name for p in existing[:4])}); "
+                  "use --resume to continue that run or --force to replace them")
+            return 2
+        for path in existing:  # only what training writes; other files in --out stay
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     options = TrainOptions(
         vertebrae=tuple(v.strip() for v in args.vertebrae.split(",") if v.strip()),
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience,
-        val_fraction=args.val_fraction, seed=args.seed, augment=not args.no_augment, balance=not args.no_balance, shared=args.shared,
+        val_fraction=args.val_fraction, seed=args.seed, augment=not args.no_augment, balance=not args.no_balance,
+        shared=args.shared,
         box_policy=args.box_policy, other_weight=args.other_weight,
         backbone_weights=str(args.imagenet_weights) if args.imagenet_weights else None,
         workers=args.workers, limit=args.limit, cache_dir=str(args.cache) if args.cache else None,

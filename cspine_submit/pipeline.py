@@ -182,6 +182,8 @@ class BudgetController:
         K to start with (from the model config).
     min_slices : int
         K never goes below this.
+    min_history : int
+        Studies measured (since the last change of K) before K is changed again.
     safety : float
         Plan to finish within ``safety * budget_s``, leaving room for writing and for slow studies at the end.
 
@@ -191,8 +193,11 @@ class BudgetController:
     spent, :attr:`exhausted` is set and the remaining studies get their priors.
     """
 
-    def __init__(self, budget_s, n_studies: int, slices_per_vertebra: int, min_slices: int = 2, safety: float = 0.95):
+    def __init__(self, budget_s, n_studies: int, slices_per_vertebra: int, min_slices: int = 2, safety: float = 0.95,
+                 min_history: int = 3):
         self.budget_s = None if budget_s is None else float(budget_s)
+        # The first studies carry one-off costs (graph tracing, worker start-up); acting on them alone overreacts.
+        self.min_history = max(1, int(min_history))
         self.n_studies = int(n_studies)
         self.k = int(slices_per_vertebra)
         self.min_slices = max(1, min(int(min_slices), self.k))
@@ -221,7 +226,8 @@ class BudgetController:
             return self.k
         projected = self.projected_total(elapsed, done)
         plan = self.safety * self.budget_s
-        if projected is not None and projected > plan and self.k > self.min_slices:
+        if (projected is not None and projected > plan and self.k > self.min_slices
+                and len(self._since_change) >= self.min_history):
             mean = float(np.mean(self._since_change))
             per_study_left = (plan - elapsed) / (self.n_studies - done)
             new_k = max(self.min_slices, min(self.k - 1, int(math.floor(self.k * per_study_left / mean))))

@@ -161,7 +161,7 @@ def test_time_budget_lowers_slices_then_falls_back(testset, weights, tmp_path):
 
 
 def test_budget_controller_projection():
-    b = pipeline.BudgetController(100.0, n_studies=10, slices_per_vertebra=15)
+    b = pipeline.BudgetController(100.0, n_studies=10, slices_per_vertebra=15, min_history=1)
     # 1 study in 10 s: projected 10 + 9 * 10 = 100 > 95 planned; time left per study (95 - 10) / 9 = 9.44 s
     # -> K = floor(15 * 9.44 / 10) = 14.
     assert b.update(10.0, elapsed=10.0, done=1) == 14
@@ -175,6 +175,15 @@ def test_budget_controller_projection():
     # Over budget: exhausted, K unchanged.
     b.update(80.0, elapsed=105.0, done=4)
     assert b.exhausted and "spent" in b.events[-1]["action"]
+
+
+def test_budget_waits_for_min_history():
+    b = pipeline.BudgetController(100.0, n_studies=10, slices_per_vertebra=15)  # min_history 3
+    assert b.update(30.0, elapsed=30.0, done=1) == 15  # a slow first study (warm-up) alone changes nothing
+    assert b.update(5.0, elapsed=35.0, done=2) == 15
+    # 3 studies, mean 13.33 s: projected 40 + 7 * 13.33 = 133 > 95 -> K = floor(15 * (55 / 7) / 13.33) = 8.
+    assert b.update(5.0, elapsed=40.0, done=3) == 8
+    assert b.events[0]["after_study"] == 3
 
 
 def test_no_budget_never_changes_k():

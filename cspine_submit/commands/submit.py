@@ -143,7 +143,7 @@ def run(args) -> int:
           f"{len(setup.models)}/7 classifiers)\nslice ranges: {setup.ranges_path}\n"
           f"studies: {len(setup.plan.studies)}, rows: {len(setup.plan.row_ids)}, out: {out}")
     if where["budget"]:
-        print(f"time budget: {where['budget'] / 3600:.2f} h")
+        print(f"time budget: {where['budget'] / 3600:.2f} h ({where['budget']:.0f} s)")
     for note in setup.notes:
         print(f"note: {note}")
     for warning in setup.warnings:

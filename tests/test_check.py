@@ -69,3 +69,19 @@ def test_golden_reproduces_and_a_changed_value_is_named(tmp_path, capsys, monkey
     assert main(["check", "--weights", str(copy)]) == 1
     out = capsys.readouterr().out
     assert f"study {uid} C3" in out and "check: FAILED" in out
+
+
+def test_demo_runs_twice_and_writes_the_same_bytes(tmp_path, capsys, monkeypatch):
+    """`python make_submission.py` with no arguments (no Kaggle data here) = the demo; twice in a row works
+    (it owns its output in the cache folder) and gives a byte-identical submission.csv."""
+    monkeypatch.setenv("CSPINE_SUBMIT_CACHE", str(tmp_path / "cache"))
+    outputs = []
+    for _ in range(2):
+        assert main(["submit", "--workers", "0", "--no-progress"]) == 0
+        printed = capsys.readouterr().out
+        assert "BUILT-IN DEMO" in printed and "DEMO score" in printed
+        (sub,) = (tmp_path / "cache" / "demo").glob("*/submission.csv")
+        outputs.append(sub.read_bytes())
+    assert outputs[0] == outputs[1]
+    rows = outputs[0].decode().splitlines()
+    assert len(rows) == 1 + 8 * 4 and all(0 < float(r.split(",")[1]) < 1 for r in rows[1:])

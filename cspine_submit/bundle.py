@@ -347,7 +347,7 @@ def build_bundle(out: str | Path, *, python_version: str | None = None, platform
         wheels/                 decoder wheels for the target Python (see WHEEL_PACKAGES)
         setup.cfg, pyproject.toml, README.md   so the folder is also pip-installable
         dataset-metadata.json   Kaggle dataset metadata (id from kernel-metadata.json's dataset_sources)
-        kernel-metadata.json    copy, for reference (push the kernel from the repo root)
+        kernel-metadata.json    copy (ids rewritten for ``owner``): ``kaggle kernels push -p OUT`` pushes the kernel
 
     Parameters
     ----------
@@ -410,6 +410,10 @@ def build_bundle(out: str | Path, *, python_version: str | None = None, platform
         kernel_copy["dataset_sources"] = [dataset_id]
     (out / "kernel-metadata.json").write_text(json.dumps(kernel_copy, indent=2) + "\n", encoding="utf-8")
     (out / "dataset-metadata.json").write_text(json.dumps(dataset_meta, indent=2) + "\n", encoding="utf-8")
+    # The copy is a complete kernel folder too (code file beside it): `kaggle kernels push -p OUT` works.
+    kv = validate_kernel_metadata(out / "kernel-metadata.json", dataset_id=dataset_id)
+    if not kv.ok:
+        raise ValueError(f"{out / 'kernel-metadata.json'}: " + "; ".join(kv.errors))
     result = BundleResult(out=out, kernel=kv, dataset_id=dataset_id)
     if wheels:
         result.wheels, result.wheel_errors = download_wheels(out / "wheels", python_version, platforms)

@@ -2,8 +2,8 @@
 
 The folder holds the package, make_submission.py, weights/ (verified against weights/MANIFEST.json), decoder
 wheels for the target Python (pip download --only-binary=:all: --no-deps; TensorFlow is not bundled, Kaggle's
-image has it) and dataset-metadata.json. Upload it with `kaggle datasets create -p DIR` (or `version`), then push
-the kernel from the repo root with `kaggle kernels push -p .`. `--check-only` validates kernel-metadata.json the
+image has it), dataset-metadata.json and kernel-metadata.json. Upload it with `kaggle datasets create -p DIR` (or
+`version`), then push the kernel with `kaggle kernels push -p DIR`. `--check-only` validates kernel-metadata.json the
 way Kaggle's CLI does and explains every fault.
 """
 
@@ -59,5 +59,7 @@ def run(args) -> int:
         print(f"  wheel {w.name}")
     for note in result.wheel_errors:
         print(f"warning: {note}")
-    print(f"next: kaggle datasets create -p {result.out}   (then: kaggle kernels push -p {repo_root()})")
+    print(f"next: kaggle datasets create -p {result.out}   (or `kaggle datasets version -p {result.out} -m ...`)\n"
+          f"then: kaggle kernels push -p {result.out}   (its kernel-metadata.json attaches {result.dataset_id} "
+          "and the competition)")
     return 1 if result.wheel_errors and not any(result.wheels) else 0

@@ -12,7 +12,8 @@ import os
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# Kaggle may run a script kernel as a notebook cell, where __file__ is not defined.
+HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
 
 
 def find_package_root():
@@ -70,5 +71,16 @@ def main(argv):
     return cli_main(["submit", *argv])
 
 
+def _argv():
+    """Command-line options, but none when run by a Jupyter kernel (its own ``-f kernel.json`` is not for us)."""
+    if "ipykernel" in os.path.basename(sys.argv[0]) or "ipykernel" in sys.modules:
+        return []
+    return sys.argv[1:]
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(_argv())
+    if "ipykernel" not in sys.modules:  # sys.exit inside a notebook cell shows a traceback-like SystemExit
+        sys.exit(code)
+    elif code:
+        raise RuntimeError(f"cspine-submit submit failed with exit code {code}")

@@ -72,10 +72,17 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--weights", type=Path, default=demo.demo_weights_dir())
     parser.add_argument("--rules", action="store_true", help="compare aggregation rules")
+    parser.add_argument("--size", type=int, help="override the generator's image size (e.g. 512, the competition's)")
+    parser.add_argument("--spacing", type=float, nargs=2, help="override the slice spacing range, mm")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
-    data = demo.prepare_demo(n_studies=args.n, seed=args.seed, weights=args.weights)
+    overrides = {}
+    if args.size:
+        overrides["size"] = args.size
+    if args.spacing:
+        overrides["spacing"] = list(args.spacing)
+    data = demo.prepare_demo(n_studies=args.n, seed=args.seed, weights=args.weights, overrides=overrides)
     print(f"{args.n} synthetic studies in {data.root} ({time.perf_counter() - t0:.1f} s to generate or reuse); "
           f"params {data.params}")
     stages = ("scan", "plan", "read", "crop", "wait", "score", "aggregate")

@@ -85,8 +85,10 @@ def _accepted(fn, params: dict) -> dict:
 
 
 def prepare_demo(cache: Path | None = None, n_studies: int = DEMO_N_STUDIES, seed: int = DEMO_SEED,
-                 weights: Path | None = None) -> DemoData:
+                 weights: Path | None = None, overrides: dict | None = None) -> DemoData:
     """Generate (or reuse) the demo test studies.
+
+    ``overrides`` replaces generator parameters (benchmarks: e.g. ``{"size": 512}`` for full-size studies).
 
     Returns
     -------
@@ -97,6 +99,7 @@ def prepare_demo(cache: Path | None = None, n_studies: int = DEMO_N_STUDIES, see
 
     weights = Path(weights) if weights else demo_weights_dir()
     params, _ = generator_params(weights)
+    params.update(overrides or {})
     # The generator's own source is part of the key: a changed generator must not reuse studies made by the old one.
     sources = sorted(Path(synthetic.__file__).parent.glob("synthetic*.py"))
     code = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()

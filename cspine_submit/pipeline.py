@@ -259,6 +259,7 @@ class RunSetup:
     notes: list
     fingerprint: str
     demo: bool = False
+    load_seconds: float = 0.0
 
 
 def _weights_fingerprint(weights_dir: Path, config: ModelConfig, ranges: SliceRanges, plan) -> str:
@@ -358,6 +359,7 @@ def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_si
     """
     from cspine_submit.submission import plan_rows
 
+    t0 = time.perf_counter()
     weights_dir = Path(weights_dir)
     plan = plan_rows(test_dir, test_csv)
     try:
@@ -394,6 +396,7 @@ def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_si
         plan=plan, weights_dir=weights_dir, config=config, models=models, ranges=ranges, ranges_path=ranges_path,
         warnings=warnings, notes=list(plan.notes) + notes,
         fingerprint=_weights_fingerprint(weights_dir, config, ranges, plan), demo=demo,
+        load_seconds=time.perf_counter() - t0,
     )
 
 
@@ -583,6 +586,7 @@ def _totals(studies, setup, wall, setup_s, budget, journal_notes, n_resumed, tim
         "slices_read": int(sum(e.get("slices_read", 0) for e in fresh.values())),
         "wall_seconds": round(wall, 3),
         "setup_seconds": round(setup_s, 3),
+        "load_seconds": round(setup.load_seconds, 3),
         "studies_per_s": round(len(fresh) / wall, 4) if wall > 0 else None,
         "seconds_by_stage": stage_sums,
         "time_budget": {"budget_s": time_budget, "final_slices_per_vertebra": budget.k, "events": budget.events},

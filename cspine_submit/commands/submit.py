@@ -98,7 +98,7 @@ def _print_summary(result, demo_data) -> None:
     for uid, reason in t["fallback_reasons"].items():
         print(f"  fallback {uid}: {reason}")
     rate = t["studies_per_s"]
-    print(f"wall {t['wall_seconds']:.2f} s (setup {t['setup_seconds']:.2f} s), "
+    print(f"wall {t['wall_seconds']:.2f} s (+ {t['load_seconds']:.2f} s loading classifiers, ranges and test.csv), "
           f"{'n/a' if rate is None else f'{rate:.3f}'} studies/s, slices read {t['slices_read']}")
     if t["seconds_by_stage"]:
         print("seconds by stage (summed over studies; worker stages overlap the main process): " + ", ".join(

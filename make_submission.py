@@ -52,9 +52,13 @@ def install_wheels(root):
         return
     print(f"make_submission.py: installing decoder wheels offline from {wheels}", flush=True)
     # The wheel files themselves, not package names: an older pydicom already installed would "satisfy" a name.
-    files = sorted(glob.glob(os.path.join(wheels, "*.whl")))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels, "--quiet",
-                    "--disable-pip-version-check", *files], check=False)
+    # One at a time: if one cannot be installed (e.g. pylibjpeg-libjpeg needs numpy >= 2 and the image has 1.x),
+    # the others (GDCM alone decodes .4.70) still are.
+    for wheel in sorted(glob.glob(os.path.join(wheels, "*.whl"))):
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels,
+                               "--quiet", "--disable-pip-version-check", wheel], check=False)
+        if done.returncode:
+            print(f"make_submission.py: could not install {os.path.basename(wheel)} (see pip's message above)")
     for name in [m for m in sys.modules if m == "pydicom" or m.startswith("pydicom.")]:
         del sys.modules[name]  # an old pydicom imported by decoders_ok() must not shadow the new one
     importlib.invalidate_caches()
@@ -66,6 +70,9 @@ def main(argv):
         sys.path.insert(0, root)
     if not decoders_ok():
         install_wheels(root)
+        if not decoders_ok():
+            print("make_submission.py: WARNING: still no JPEG Lossless decoder; compressed studies will fall back "
+                  "to the priors (see the run report)")
     from cspine_submit.cli import main as cli_main
 
     return cli_main(["submit", *argv])

@@ -116,7 +116,7 @@ def _build_tiny(k, input_shape, backbone_weights=None):
     x = inp
     for i, filters in enumerate((16, 32, 64, 96)):
         x = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
-        x = L.BatchNormalization(name=f"bn{i}")(x)
+        x = L.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)  # small data: track statistics quickly
         x = L.Activation("relu", name=f"relu{i}")(x)
         x = L.MaxPooling2D(2, name=f"pool{i}")(x)
     x = L.GlobalAveragePooling2D(name="gap")(x)

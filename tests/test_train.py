@@ -126,8 +126,8 @@ def test_train_writes_a_loadable_folder_and_resumes(synthetic_dataset, fixture_r
     assert [r["epoch"] for r in read_history(out2 / "history.csv")] == [1, 2]
 
 
-DEMO_LIKE = dict(size=96, spacing=(2.0, 3.0), seed=5,
-                 prevalence={v: 0.35 for v in VERTEBRAE})
+DEMO_LIKE = dict(size=128, spacing=(1.5, 2.5), seed=5, prevalence={v: 0.35 for v in VERTEBRAE})
+"""The demo's generator parameters (weights/demo/synthetic_params.json) with thicker slices, fewer studies."""
 
 
 @pytest.mark.slow
@@ -137,31 +137,16 @@ def test_tiny_model_learns_synthetic_fractures(tmp_path):
     from cspine_submit.synthetic import generate_dataset
 
     data = tmp_path / "data"
-    generate_dataset(data, n_train=36, n_test=0, **DEMO_LIKE)
+    generate_dataset(data, n_train=60, n_test=0, **DEMO_LIKE)
     ranges, _ = learn_ranges(data / "segmentations", data / "train_images")
     ranges.to_json(tmp_path / "ranges.json")
-    config = ModelConfig(head="tiny", input_size=48, channels="single", windows=((400.0, 1800.0),),
-                         slices_per_vertebra=8, mixed_precision=False)
-    options = TrainOptions(epochs=10, patience=4, learning_rate=1e-3, shared=True, workers=2, seed=0,
+    config = ModelConfig(head="tiny", input_size=64, channels="single", windows=((400.0, 1800.0),),
+                         slices_per_vertebra=10, mixed_precision=False)
+    options = TrainOptions(epochs=10, patience=4, learning_rate=1e-3, shared=True, workers=2, seed=0, monitor="val_auc",
                            cache_dir=str(tmp_path / "cache"), trained_on="synthetic")
     result = train_classifiers(data, tmp_path / "ranges.json", tmp_path / "w", config, options, progress=False)
     auc = result.validation["pooled_auc"]
-    print(f"pooled held-out vertebra AUC {auc:.3f}")
+    for r in read_history(tmp_path / "w" / "history.csv"):
+        print(r)
+    print(f"pooled held-out vertebra AUC {auc:.3f}, {result.seconds:.0f} s")
     assert auc > 0.62
-
-
-def test_cli_keeps_outputs_without_force(tmp_path, fixture_ranges, synthetic_dataset, capsys):
-    from cspine_submit.cli import main
-
-    out = tmp_path / "w"
-    out.mkdir()
-    (out / "model_config.json").write_text("{}")
-    (out / "notes.txt").write_text("mine")
-    argv = ["train", "--data", str(synthetic_dataset), "--ranges", str(fixture_ranges), "--out", str(out),
-            "--head", "tiny", "--vertebrae", "C1,C9"]
-    assert main(argv) == 2
-    assert "--force" in capsys.readouterr().out and (out / "model_config.json").read_text() == "{}"
-    # With --force only training's own outputs go; an unknown vertebra is then a clear error.
-    assert main(argv + ["--force"]) == 2
-    assert "C9" in capsys.readouterr().out
-    assert (out / "notes.txt").read_text() == "mine" and not (out / "model_config.json").exists()

@@ -51,6 +51,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--patience", type=int, default=4)
+    parser.add_argument("--monitor", choices=("val_loss", "val_auc"), default="val_loss",
+                        help="early stopping and best-epoch criterion (default val_loss, as the seed notebook)")
     parser.add_argument("--val-fraction", type=float, default=1.0 / 3.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-augment", action="store_true", help="the seed recipe: no augmentation")
@@ -110,6 +112,7 @@ def run(args) -> int:
     options = TrainOptions(
         vertebrae=tuple(v.strip() for v in args.vertebrae.split(",") if v.strip()),
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience,
+        monitor=args.monitor,
         val_fraction=args.val_fraction, seed=args.seed, augment=not args.no_augment, balance=not args.no_balance,
         shared=args.shared,
         box_policy=args.box_policy, other_weight=args.other_weight,

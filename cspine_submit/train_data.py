@@ -33,8 +33,8 @@ BOX_POLICIES: tuple[str, ...] = ("exclude", "downweight", "study")
 """How the crops of a fractured vertebra without a fracture box are labelled (see the module docstring)."""
 
 CACHE_FIELDS: tuple[str, ...] = ("input_size", "channels", "windows", "neighbour_offset", "crop_margin",
-                                 "slices_per_vertebra")
-"""The config fields that change the crops (and so the cache key)."""
+                                 "slices_per_vertebra", "z_margin_mm")
+"""The config fields that change the crops (and so the cache key); fields a config lacks are skipped."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -164,7 +164,8 @@ def class_weights(y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
 def cache_key(config: ModelConfig, ranges_path: str | Path) -> str:
     """Short hash of what determines the crops: the crop fields of the config and the ranges file's bytes."""
     h = hashlib.sha256()
-    h.update(json.dumps({f: getattr(config, f) for f in CACHE_FIELDS}, sort_keys=True, default=list).encode())
+    fields = {f: getattr(config, f) for f in CACHE_FIELDS if hasattr(config, f)}
+    h.update(json.dumps(fields, sort_keys=True, default=list).encode())
     h.update(Path(ranges_path).read_bytes())
     return h.hexdigest()[:12]
 

@@ -193,3 +193,38 @@ def test_keras2_seed_at_512_loads_exactly(tmp_path):
     assert models["C1"].count_params() == 157_799_681
     _assert_same_weights(models["C1"], m2)
     np.testing.assert_allclose(M.score(models, {"C1": x}, batch_size=2)["C1"], want, rtol=1e-5, atol=1e-6)
+
+
+_MIRRORED_SCRIPT = r"""
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from cspine_submit import models as M
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    mirrored = M.build_classifier("tiny", (32, 32, 1))
+single = M.build_classifier("tiny", (32, 32, 1))
+rng = np.random.default_rng(0)
+weights = [rng.normal(0, 0.2, w.shape).astype(w.dtype) for w in single.get_weights()]
+weights = [np.abs(w) + 0.5 if "moving_variance" in v.name else w for v, w in zip(single.weights, weights)]
+single.set_weights(weights)
+mirrored.set_weights(weights)
+x = rng.uniform(0, 1, (11, 32, 32, 1)).astype(np.float32)
+got = M.predict(mirrored, x, batch_size=4)
+want = M.predict(single, x, batch_size=4)
+assert M._predict_fn(mirrored).n_replicas == 2
+np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+print("OK", got.shape)
+"""
+
+
+def test_mirrored_strategy_splits_batches_over_replicas():
+    # Two logical CPU devices stand in for Kaggle's two T4s (device setup needs a fresh process).
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK (11,)" in proc.stdout

@@ -14,6 +14,10 @@ Slice labels (:func:`crop_targets`), for the crops of vertebra V in study s:
   model that a fractured vertebra looks intact; ``downweight``: those other crops are negatives with weight
   ``other_weight``; ``study``: every crop of V is a positive (the seed notebook's study-level labels);
 - V fractured, s has no boxes: every crop of V is a positive (only the study label is known).
+
+Measured (``benchmarks/bench_box_policy.py``: tiny shared model, the demo's 72 synthetic studies, 24 held out,
+8 epochs, one seed): held-out vertebra-level AUC ``exclude`` 0.80, ``downweight`` 0.77, ``study`` 0.65; hence
+``exclude`` is the default.
 """
 
 from __future__ import annotations

@@ -228,3 +228,18 @@ def test_mirrored_strategy_splits_batches_over_replicas():
     proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK (11,)" in proc.stdout
+
+
+def test_precision_policy_stays_float32_without_a_fast_gpu():
+    import keras
+
+    cfg = ModelConfig(mixed_precision=True)
+    if not M.fast_float16_available():
+        assert M.precision_policy(cfg) == "float32"
+    assert M.precision_policy(cfg.replace(mixed_precision=False)) == "float32"
+    before = keras.config.dtype_policy().name
+    with M.dtype_policy("mixed_float16"):
+        m = M.build_classifier("tiny", SHAPE)
+    assert keras.config.dtype_policy().name == before
+    # float16 compute, but the probability layer stays float32
+    assert m.get_layer("conv0").compute_dtype == "float16" and m.output.dtype == "float32"

@@ -150,3 +150,23 @@ def test_tiny_model_learns_synthetic_fractures(tmp_path):
         print(r)
     print(f"pooled held-out vertebra AUC {auc:.3f}, {result.seconds:.0f} s")
     assert auc > 0.62
+
+
+def test_training_crops_are_the_inference_crops(synthetic_info, fixture_ranges, tmp_path):
+    """No train/serve skew: the cached training crops equal what the submission pipeline feeds the models."""
+    from cspine_submit.pipeline import StudyJob, prepare_study
+    from cspine_submit.ranges import load_ranges
+
+    config = ModelConfig(head="tiny", input_size=32, channels="neighbours", neighbour_offset=1,
+                         slices_per_vertebra=4, mixed_precision=False)
+    ranges = load_ranges(fixture_ranges)
+    for record in synthetic_info.train[:2]:
+        job = td.CacheJob(record.uid, str(record.folder), str(tmp_path), str(fixture_ranges),
+                          json.dumps(td._config_dict(config)))
+        meta = td.cache_study(job)
+        served = prepare_study(StudyJob(record.uid, str(record.folder), ranges, config, VERTEBRAE)).crops
+        assert served, record.uid
+        for v, crops in served.items():
+            cached = np.load(tmp_path / record.uid / meta["vertebrae"][v]["file"])
+            assert cached.shape == crops.shape == (len(meta["vertebrae"][v]["slice_indices"]), 32, 32, 3)
+            np.testing.assert_array_equal(cached, crops.astype(np.float16))

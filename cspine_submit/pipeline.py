@@ -138,30 +138,30 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
     return PreparedStudy(job.uid, crops, slices_read, header.n_slices, seconds, warnings)
 
 
-@dataclass
-class _Outcome:
-    item: Any
-    value: Any
-    error: str | None
-    seconds: float
+def _failure_reason(error: str | None) -> str:
+    """The report's reason for a study the workers could not prepare.
 
-
-def _iter_in_process(items: Iterable, work_fn: Callable) -> Iterator[_Outcome]:
-    """``workers=0``: the same outcomes as :func:`reader.iter_studies`, computed in this process (tests, debugging)."""
-    for item in items:
-        t = time.perf_counter()
-        try:
-            value, error = work_fn(item), None
-        except Exception as exc:  # noqa: BLE001
-            value, error = None, str(exc)
-        yield _Outcome(item, value, error, time.perf_counter() - t)
+    A :class:`StudyFailure` already names its stage and cause (``"read: DicomReadError: <file>: ..."``); the
+    reader's ``"StudyFailure: "`` prefix and its ``" (at pipeline.py:<line>)"`` suffix would only repeat where it was
+    raised. Other errors (a worker that died, a timeout) are kept as the reader words them.
+    """
+    if not error:
+        return "no result from the worker"
+    prefix = f"{StudyFailure.__name__}: "
+    if error.startswith(prefix):
+        error = error[len(prefix):]
+        at = error.rfind(" (at ")
+        if at != -1 and error.endswith(")"):
+            error = error[:at]
+    return error
 
 
 def _iter_outcomes(items: Iterable, work_fn: Callable, workers: int, timeout: float | None = None) -> Iterator:
-    if workers <= 0:
-        return _iter_in_process(items, work_fn)
+    """Outcomes of ``work_fn`` per item from :func:`reader.iter_studies` (``workers=0``: in this process), so that
+    run reports read the same whatever the worker count."""
     from cspine_submit.reader import iter_studies
 
+    workers = max(0, int(workers))
     return iter_studies(items, work_fn, workers=workers, prefetch=max(2, 2 * workers), timeout=timeout)
 
 
@@ -518,7 +518,7 @@ def run_submission(
             t_got = time.perf_counter()
             seconds = {"wait": round(t_got - t_prev, 4)}
             if outcome.error is not None or outcome.value is None:
-                reason = outcome.error or "no result from the worker"
+                reason = _failure_reason(outcome.error)
                 if job.folder == "":
                     reason = "time budget spent before this study; priors used"
                 finish(job.uid, priors, _fallback_entry(reason, seconds))

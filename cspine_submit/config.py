@@ -84,8 +84,34 @@ def _write_json(obj: Any, path: str | Path) -> Path:
     return path
 
 
+class _JsonFile:
+    """``to_json`` / ``from_json`` for the frozen config dataclasses below."""
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write as JSON (atomically: temporary file + rename) and return the path."""
+        return _write_json(self, path)
+
+    @classmethod
+    def from_json(cls, path: str | Path):
+        """Read a file written by :meth:`to_json`; keys it lacks take their defaults.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``path`` does not exist (the message names it).
+        ValueError
+            Not JSON, an unknown key, or a value the dataclass rejects (the message names the file).
+        """
+        data = _read_json(path)
+        _check_keys(cls, data, path)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_JsonFile):
     """How HU slices become model input and model outputs become the eight probabilities.
 
     Attributes
@@ -181,23 +207,10 @@ class ModelConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
-    def to_json(self, path: str | Path) -> Path:
-        """Write the config as JSON (atomically) and return the path."""
-        return _write_json(self, path)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
-        """Read a config written by :meth:`to_json`; missing keys take their defaults."""
-        data = _read_json(path)
-        _check_keys(cls, data, path)
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from exc
 
 
 @dataclass(frozen=True)
-class SliceRanges:
+class SliceRanges(_JsonFile):
     """Per-vertebra slice ranges and in-plane boxes learned from segmentation masks.
 
     Attributes
@@ -242,17 +255,3 @@ class SliceRanges:
         if missing:
             raise ValueError(f"per_vertebra lacks {missing}")
         object.__setattr__(self, "study_uids", tuple(self.study_uids))
-
-    def to_json(self, path: str | Path) -> Path:
-        """Write as JSON (atomically) and return the path."""
-        return _write_json(self, path)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "SliceRanges":
-        """Read a file written by :meth:`to_json`."""
-        data = _read_json(path)
-        _check_keys(cls, data, path)
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from exc

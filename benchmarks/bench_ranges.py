@@ -83,7 +83,7 @@ def main() -> None:
     print(f"\n## synthetic, leave-one-out over {len(truths)} studies, K={k}")
     table(truths, METHODS, args.margins, k)
 
-    print(f"\n## in-plane box placement (profile z-ranges, z margin 2 mm), leave-one-out")
+    print("\n## in-plane box placement (profile z-ranges, z margin 2 mm), leave-one-out")
     print(f"{'box mode':<12}{'quantiles':>12}{'box_cov':>9}{'box area (share of image)':>27}")
     for mode in ("fraction", "mm_centre", "mm_bone"):
         for q in (("q10", "q90"), ("q05", "q95")):

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     print(f"{args.n} synthetic studies in {data.root} ({time.perf_counter() - t0:.1f} s to generate or reuse); "
           f"params {data.params}")
     stages = ("scan", "plan", "read", "crop", "wait", "score", "aggregate")
-    print(f"| workers | load s | wall s | studies/s | slices read | ok | score | "
+    print("| workers | load s | wall s | studies/s | slices read | ok | score | "
           + " | ".join(f"{s} s" for s in stages) + " |")
     print("|" + "---|" * (7 + len(stages)))
     for w in args.workers:

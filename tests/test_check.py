@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
-
 from cspine_submit import bundle, reproduce
 from cspine_submit.cli import main
 from cspine_submit.pipeline import default_weights_dir

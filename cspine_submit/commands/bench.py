@@ -51,7 +51,8 @@ def _table(results: dict) -> str:
         lines.append(f"head {head:<5} input {h['input']}: {h['crops_per_s']:.1f} crops/s on this CPU "
                      f"({h['params']:,} parameters)")
     m = results["memory"]
-    lines.append(f"peak memory: main process {m['main_mb']:.0f} MB, largest worker {m['largest_worker_mb']:.0f} MB")
+    lines.append(f"peak memory: main process {m['main_mb']:.0f} MB (TensorFlow and the classifiers), one worker "
+                 f"{m['worker_mb']:.0f} MB")
     p = results["projection"]
     lines += [
         "",

@@ -8,8 +8,9 @@ the coronal panel its x-extent), and the planned slices are ticks on the panel's
 outline of every labelled vertebra on the reformat plane is drawn in the same colour.
 
 The reformats are built from a subset of the slices (at most ``max_slices``, evenly spaced), so a preview costs a
-few dozen decoded slices; each panel is a thin maximum-intensity slab (``slab_mm`` thick) through the centre of
-the planned boxes, so the column shows even when it curves slightly out of the plane.
+few dozen decoded slices; each panel is a thin maximum-intensity slab (``slab_mm`` thick), so the column shows even
+when it curves slightly out of the plane: the sagittal one through the centre column of the planned boxes, the
+coronal one through the row with the most bone inside the boxes (the boxes' centre row often misses the column).
 """
 
 from __future__ import annotations
@@ -104,6 +105,34 @@ def _resample_z(planes: np.ndarray, z_sub: np.ndarray, z_rows: np.ndarray, neare
     return planes[i0] * (1 - t) + planes[i1] * t
 
 
+def _coronal_row(slices: np.ndarray, indices: np.ndarray, plans: Mapping, rows: int, half_slab: int = 0) -> int:
+    """Row (y, pixels) of the coronal cut: the centre of the slab (``2 * half_slab + 1`` rows) with the most bone
+    inside the crop boxes.
+
+    The boxes are much deeper (front to back) than the vertebral bodies, so their centre row often passes in
+    front of or behind the column and the coronal panel would show no spine. Counted on the subset slices inside
+    the planned ranges (all subset slices when none is), over the union of the boxes; the box centre when no bone.
+    """
+    from cspine_submit.ranges import BONE_HU
+
+    boxes = [p.box for p in plans.values()]
+    if not boxes:
+        return rows // 2
+    y0, x0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    y1, x1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    centre = int(np.clip(round(np.mean([(b[0] + b[2]) / 2 for b in boxes])), 0, rows - 1))
+    planned = np.asarray([i for p in plans.values() for i in p.slice_indices], dtype=int)
+    idx = np.asarray(indices)
+    sel = (idx >= planned.min()) & (idx <= planned.max()) if planned.size else np.zeros(len(idx), dtype=bool)
+    block = slices[sel] if sel.any() else slices
+    counts = (block[:, y0:y1, x0:x1] >= BONE_HU).sum(axis=(0, 2)).astype(float)
+    if counts.size == 0 or counts.max() == 0:
+        return centre
+    if half_slab > 0:
+        counts = np.convolve(counts, np.ones(2 * half_slab + 1), mode="same")
+    return int(y0 + np.argmax(counts))
+
+
 def render_preview(
     slices: np.ndarray,
     indices: np.ndarray,
@@ -152,10 +181,10 @@ def render_preview(
     cor_w = max(1, int(round(cols * dx * scale)))
 
     boxes = [p.box for p in plans.values()]
-    yc = int(np.clip(round(np.mean([(b[0] + b[2]) / 2 for b in boxes])), 0, rows - 1)) if boxes else rows // 2
     xc = int(np.clip(round(np.mean([(b[1] + b[3]) / 2 for b in boxes])), 0, cols - 1)) if boxes else cols // 2
     hx = max(0, int(round(slab_mm / 2 / dx)))
     hy = max(0, int(round(slab_mm / 2 / dy)))
+    yc = _coronal_row(slices, indices, plans, rows, hy)
     sag_planes = slices[:, :, max(0, xc - hx) : xc + hx + 1].max(axis=2)  # (m, rows)
     cor_planes = slices[:, max(0, yc - hy) : yc + hy + 1, :].max(axis=1)  # (m, cols)
     z_rows = z_top + (np.arange(height) + 0.5) / scale

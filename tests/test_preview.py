@@ -78,3 +78,18 @@ def test_preview_command_on_synthetic_study(synthetic_dataset, synthetic_info, t
     assert img is not None and img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 200
     # Refuses to overwrite without --force.
     assert main(["preview", str(record.folder), "--out", str(out)]) == 2
+
+
+def test_coronal_panel_cuts_through_the_column_not_the_box_centre():
+    # Boxes much deeper than the column (as learned boxes are): their centre row (20) lies in front of the bone
+    # (rows 27-31), so a cut at the box centre would show soft tissue only.
+    hu, z, plans = _hand_made()
+    hu[:, 18:26, 20:30] = 40.0
+    hu[:, 27:32, 20:30] = 900.0
+    plans = {v: CropPlan(v, p.slice_indices, (6, 12, 34, 38)) for v, p in plans.items()}
+    idx = subset_indices(len(z), 20)
+    image, geo = render_preview(hu[idx], idx, z, (2.0, 0.8, 0.8), plans, slab_mm=1.6)
+    mid_row = geo.height // 2
+    bone_px = geo.coronal_x0 + int(25 * 0.8 * geo.scale)
+    soft_px = geo.coronal_x0 + int(8 * 0.8 * geo.scale)
+    assert image[mid_row, bone_px].mean() > image[mid_row, soft_px].mean() + 100

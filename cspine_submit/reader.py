@@ -12,9 +12,14 @@ import multiprocessing
 import time
 import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as _FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
+
+# Before Python 3.11, Future.result(timeout=...) raises concurrent.futures.TimeoutError, a class of its own rather
+# than the built-in TimeoutError: catch both, or on 3.10 an item still queued would be failed as "TimeoutError".
+_TIMEOUTS = (TimeoutError, _FutureTimeout)
 
 WORKER_DIED = "worker process died while working on this item (e.g. a crash inside a decoder)"
 TIMED_OUT = "timed out"
@@ -173,7 +178,7 @@ class _Pool:
             wait = max(started + timeout - time.time(), 0.01) if started else 0.2
             try:
                 return future.result(timeout=wait)
-            except TimeoutError:
+            except _TIMEOUTS:
                 continue
 
     def kill(self) -> None:
@@ -220,7 +225,7 @@ def _iter_pool(
             if isinstance(state, Future):
                 try:
                     state = _outcome(item, pool.wait(state, slot, timeout))
-                except TimeoutError:
+                except _TIMEOUTS:
                     pool.kill()
                     pending[0][1] = Outcome(item=item, error=f"{TIMED_OUT} after {timeout} s")
                     pool = _recover(pool, pending, new_pool, work_fn, timeout)
@@ -253,7 +258,7 @@ def _recover(pool: _Pool, pending: collections.deque, new_pool: Callable, work_f
             continue
         try:
             entry[1] = _outcome(item, solo.wait(solo.submit(work_fn, item, slot), slot, timeout))
-        except TimeoutError:
+        except _TIMEOUTS:
             entry[1] = Outcome(item=item, error=f"{TIMED_OUT} after {timeout} s")
             solo.kill()
             solo = new_pool(1)

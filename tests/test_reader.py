@@ -139,3 +139,24 @@ def test_prefetch_bounds_items_taken_ahead():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="prefetch"):
         list(iter_studies([1], square_slowly, workers=1, prefetch=0))
+
+
+def test_wait_polls_through_the_futures_timeout_class():
+    # Before Python 3.11 concurrent.futures.TimeoutError is not the built-in TimeoutError: a queued item whose
+    # clock has not started must keep being polled, not be failed as "TimeoutError" (the first study on 3.10).
+    import concurrent.futures
+
+    from cspine_submit.reader import _Pool
+
+    class SlowFuture:
+        calls = 0
+
+        def result(self, timeout=None):
+            SlowFuture.calls += 1
+            if SlowFuture.calls < 3:
+                raise concurrent.futures.TimeoutError
+            return "done"
+
+    pool = object.__new__(_Pool)
+    pool.starts = [0.0]  # not started yet: polled every 0.2 s
+    assert pool.wait(SlowFuture(), 0, timeout=5.0) == "done" and SlowFuture.calls == 3

@@ -518,6 +518,8 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
                             val_studies=vu, val_labels=[int(a) for a in vy], val_probs=[float(a) for a in vp])
             validation["per_vertebra"][v] = info
             say(f"{v}: saved {final.name}; validation vertebra AUC {info.get('auc', float('nan')):.3f}")
+        # validation.json before the state: a resumed run skips this unit and finds its validation there.
+        (out_dir / "validation.json").write_text(json.dumps(validation, indent=2, default=float) + "\n")
         state["done"] = sorted(set(state["done"]) | set(members))
         _save_state(out_dir, state)
         for p in (out_dir / "checkpoints").glob(f"{name}.*"):

@@ -170,3 +170,29 @@ def test_training_crops_are_the_inference_crops(synthetic_info, fixture_ranges, 
             cached = np.load(tmp_path / record.uid / meta["vertebrae"][v]["file"])
             assert cached.shape == crops.shape == (len(meta["vertebrae"][v]["slice_indices"]), 32, 32, 3)
             np.testing.assert_array_equal(cached, crops.astype(np.float16))
+
+
+def test_resume_keeps_the_validation_of_vertebrae_finished_before_the_interruption(
+        synthetic_dataset, fixture_ranges, tmp_path, monkeypatch):
+    import cspine_submit.train as train_mod
+
+    config = ModelConfig(head="tiny", input_size=32, channels="single", windows=((400.0, 1800.0),),
+                         slices_per_vertebra=3, mixed_precision=False)
+    options = TrainOptions(vertebrae=("C5", "C7"), epochs=1, batch_size=8, box_policy="study", workers=0, seed=3,
+                           cache_dir=str(tmp_path / "cache"), trained_on="synthetic")
+    out = tmp_path / "weights"
+    real = train_mod.train_vertebra
+
+    def interrupted(name, *args, **kwargs):
+        if name == "C7":
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_vertebra", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifiers(synthetic_dataset, fixture_ranges, out, config, options, progress=False)
+    monkeypatch.setattr(train_mod, "train_vertebra", real)
+    result = train_classifiers(synthetic_dataset, fixture_ranges, out, config, options, resume=True, progress=False)
+    assert sorted(result.validation["per_vertebra"]) == ["C5", "C7"]
+    saved = json.loads((out / "validation.json").read_text())
+    assert sorted(saved["per_vertebra"]) == ["C5", "C7"] and "auc" in saved["per_vertebra"]["C5"]

@@ -137,6 +137,27 @@ PLUGIN_PACKAGES: dict[str, str] = {
 }
 
 
+# pydicom names a plugin's dependencies by import name; pip wants the distribution name.
+_PIP_NAMES: dict[str, str] = {"gdcm": "python-gdcm"}
+
+
+def install_hint(missing: str) -> str:
+    """pydicom's ``"<plugin> - requires <dep> and <dep>"`` -> ``'pip install "<dist>" "<dist>"'`` (pip names, quoted).
+
+    pydicom spells GDCM's dependency ``gdcm>=3.0.10``, but ``pip install gdcm`` does not give GDCM: the package
+    is ``python-gdcm``. A text without ``requires`` (a plugin unavailable for another reason) is returned as is.
+    """
+    _, sep, deps = missing.partition(" - requires ")
+    if not sep:
+        return missing.partition(" - ")[2] or missing
+    parts = [d.strip() for d in re.split(r",\s*|\s+and\s+", deps) if d.strip()]
+    out = []
+    for dep in parts:
+        name = re.match(r"[A-Za-z0-9_.\-]+", dep).group(0)
+        out.append(_PIP_NAMES.get(name.lower(), name) + dep[len(name):])
+    return "pip install " + " ".join(f'"{d}"' if re.search(r"[<>=!~ ]", d) else d for d in out)
+
+
 def _uid_name(uid: str) -> str:
     from pydicom.uid import UID
 
@@ -186,10 +207,8 @@ def decoder_table(tsyntaxes: Iterable[str] = COMPETITION_TRANSFER_SYNTAXES) -> l
         row["available"] = list(available_plugins(uid))
         if not decoder.is_native:
             for text in decoder.missing_dependencies:
-                plugin, _, need = text.partition(" - ")
-                row["missing"][plugin] = need.replace("requires ", "pip install ").strip() or PLUGIN_PACKAGES.get(
-                    plugin, plugin
-                )
+                plugin = text.partition(" - ")[0]
+                row["missing"][plugin] = install_hint(text).strip() or PLUGIN_PACKAGES.get(plugin, plugin)
         row["ok"] = bool(row["available"])
         rows.append(row)
     return rows
@@ -692,7 +711,8 @@ def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | Non
             except NotImplementedError:
                 raise DicomReadError(_unsupported_message(path, tsyntax)) from None
             if not decoder.is_native and not decoder.available_plugins:
-                missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+                missing = "; ".join(f"{t.partition(' - ')[0]}: {install_hint(t)}"
+                                    for t in decoder.missing_dependencies) or "a decoding plugin"
                 raise DicomReadError(
                     f"{path}: cannot decode transfer syntax {tsyntax} ({_uid_name(tsyntax)}): no decoding plugin is "
                     f"installed; install one of: {missing}"

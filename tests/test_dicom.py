@@ -136,6 +136,30 @@ def test_decoder_table_covers_competition_syntaxes():
     assert missing_decoders(["1.2.840.10008.1.2.4.53"]) == ["(none): pydicom has no decoder for this transfer syntax"]
 
 
+def test_missing_plugins_are_named_by_the_package_pip_installs(monkeypatch):
+    # Without GDCM and pylibjpeg, pydicom says "gdcm - requires gdcm>=3.0.10": the pip package is python-gdcm.
+    import pydicom.pixels
+
+    class NoPlugin:
+        is_native = False
+        available_plugins = ()
+        missing_dependencies = ["gdcm - requires gdcm>=3.0.10",
+                                "pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"]
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: NoPlugin())
+    uid = "1.2.840.10008.1.2.4.70"
+    (row,) = decoder_table([uid])
+    assert not row["ok"] and row["missing"] == {
+        "gdcm": 'pip install "python-gdcm>=3.0.10"',
+        "pylibjpeg": 'pip install "pylibjpeg>=2.0" "pylibjpeg-libjpeg>=2.1"',
+    }
+    assert missing_decoders([uid]) == ['gdcm: pip install "python-gdcm>=3.0.10"',
+                                       'pylibjpeg: pip install "pylibjpeg>=2.0" "pylibjpeg-libjpeg>=2.1"']
+    with pytest.raises(DicomReadError, match="python-gdcm") as info:
+        decode_slice(ts_file(uid), uid)
+    assert str(info.value).startswith(str(ts_file(uid)))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The real 20-slice series
 # --------------------------------------------------------------------------------------------------------------

@@ -291,8 +291,14 @@ def preview_study(
 
         from cspine_submit.orientation import mask_to_axial
 
-        img = nib.load(str(mask_path))
-        vol = mask_to_axial(np.asanyarray(img.dataobj), img.affine, layout, orientation=header.orientation)
+        try:
+            img = nib.load(str(mask_path))
+            array = np.asanyarray(img.dataobj)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # nibabel raises many types for a bad file
+            raise ValueError(f"{mask_path}: cannot read the mask ({type(exc).__name__}: {exc})") from exc
+        vol = mask_to_axial(array, img.affine, layout, orientation=header.orientation)
         if tuple(vol.shape) != tuple(header.shape):
             raise ValueError(f"{mask_path}: mask is {tuple(vol.shape)} (z, y, x) after the {layout!r} layout, "
                              f"study {study_dir} is {tuple(header.shape)}")

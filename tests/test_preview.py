@@ -93,3 +93,14 @@ def test_coronal_panel_cuts_through_the_column_not_the_box_centre():
     bone_px = geo.coronal_x0 + int(25 * 0.8 * geo.scale)
     soft_px = geo.coronal_x0 + int(8 * 0.8 * geo.scale)
     assert image[mid_row, bone_px].mean() > image[mid_row, soft_px].mean() + 100
+
+
+def test_preview_command_names_a_corrupt_mask(synthetic_info, tmp_path, capsys):
+    from cspine_submit.cli import main
+
+    record = next(r for r in synthetic_info.train if r.segmented)
+    bad = tmp_path / "broken.nii"
+    bad.write_bytes(b"not a nifti file at all" * 20)
+    assert main(["preview", str(record.folder), "--out", str(tmp_path / "p.png"), "--mask", str(bad),
+                 "--max-slices", "8"]) == 2
+    assert "broken.nii" in capsys.readouterr().out

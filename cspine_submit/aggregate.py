@@ -96,6 +96,12 @@ def aggregate_study(slice_probs: Mapping[str, np.ndarray], config: ModelConfig) 
         ``{type: probability}`` for the 8 PREDICTION_TYPES, clipped to ``config.clip``.
     from_prior : list of str
         The vertebrae that took their prior.
+
+    Raises
+    ------
+    ValueError
+        A slice probability is NaN or infinite (a diverged model, a float16 overflow): clipping would keep the NaN
+        and the submission could not be written, so the caller falls back for this study instead.
     """
     priors = prior_probabilities(config)
     out: dict[str, float] = {}
@@ -106,6 +112,8 @@ def aggregate_study(slice_probs: Mapping[str, np.ndarray], config: ModelConfig) 
             out[v] = priors[v]
             from_prior.append(v)
         else:
+            if not np.isfinite(np.asarray(probs, dtype=np.float64)).all():
+                raise ValueError(f"{v}: non-finite slice probabilities {np.asarray(probs).ravel().tolist()[:8]}")
             out[v] = pool_slices(probs, config.aggregation, config.top_k)
     if len(from_prior) == len(VERTEBRAE):
         # Nothing was scored: the learned overall prior beats noisy-OR of seven priors (which would be ~0.55).

@@ -62,3 +62,15 @@ def test_priors_must_be_complete():
     cfg = ModelConfig(priors={"patient_overall": 0.5})
     with pytest.raises(ValueError, match="C1"):
         aggregate.prior_probabilities(cfg)
+
+
+def test_non_finite_slice_probabilities_raise_instead_of_writing_nan():
+    # min/max clipping keeps a NaN, and submission_text then refuses the whole file: the study must fail here.
+    cfg = ModelConfig()
+    slices = {v: np.array([0.2, 0.3]) for v in VERTEBRAE}
+    slices["C4"] = np.array([0.2, np.nan])
+    with pytest.raises(ValueError, match="C4: non-finite"):
+        aggregate.aggregate_study(slices, cfg)
+    slices["C4"] = np.array([np.inf])
+    with pytest.raises(ValueError, match="C4"):
+        aggregate.aggregate_study(slices, cfg)

@@ -321,3 +321,26 @@ def test_synthetic_competition_layout_end_to_end(synthetic_dataset, weights, tmp
     assert rows == [rid for rid, _, _ in read_test_csv(synthetic_dataset / "test.csv")]
     ev = metric.evaluate_files(tmp_path / "s.csv", synthetic_dataset / "test_labels.csv")
     assert ev.n_studies == 3 and np.isfinite(ev.score)
+
+
+def test_nan_from_a_classifier_falls_back_for_that_study(testset, weights, tmp_path, monkeypatch):
+    """A NaN slice probability used to survive clipping and make the final write refuse the whole submission."""
+    from cspine_submit import models
+
+    real_score = models.score
+
+    def nan_for_good0(m, crops, batch_size=32):
+        out = real_score(m, crops, batch_size)
+        if crops and next(iter(crops.values())).shape[0] and nan_for_good0.calls == 1:
+            out["C2"] = np.full_like(out["C2"], np.nan)
+        nan_for_good0.calls += 1
+        return out
+
+    nan_for_good0.calls = 0  # call 0 is the warm-up; call 1 is the first study (GOOD[0])
+    monkeypatch.setattr(models, "score", nan_for_good0)
+    setup, result = _run(testset, weights, tmp_path / "s.csv")
+    sub = _read_sub(tmp_path / "s.csv")
+    assert len(sub) == 8 * len(ALL) and all(0 < p < 1 for p in sub.values())
+    entry = result.studies[GOOD[0]]
+    assert entry["status"] == "fallback" and "non-finite" in entry["reason"], entry
+    assert result.studies[GOOD[1]]["status"] == "ok"

@@ -504,8 +504,13 @@ def run_submission(
     if todo and setup.models:
         # Trace the scoring graphs once before the clock of the first study starts: otherwise the first study
         # looks several times slower than the rest and the time-budget projection overreacts.
+    run_warnings: list[str] = []
         shape = (config.slices_per_vertebra,) + tuple(config.input_shape)
-        score(setup.models, {v: np.zeros(shape, np.float32) for v in setup.models}, config.batch_size)
+        try:
+            score(setup.models, {v: np.zeros(shape, np.float32) for v in setup.models}, config.batch_size)
+        except Exception as exc:  # noqa: BLE001 - the studies then fall back one by one, each with the reason
+            run_warnings.append(f"the classifiers failed on a warm-up batch of shape {shape} "
+                                f"({type(exc).__name__}: {exc}); studies whose scoring fails get their priors")
     warmup_s = time.perf_counter() - t_warm
     bar = tqdm(total=len(todo), unit="study", desc="studies", disable=not progress, dynamic_ncols=True)
     t_loop = time.perf_counter()
@@ -571,6 +576,7 @@ def run_submission(
 
 def _prepare_or_skip(job: StudyJob):
     """Worker entry point: a job without a folder was skipped by the budget; it yields no crops."""
+    totals["warnings"] += run_warnings
     if not job.folder:
         return None
     return prepare_study(job)

@@ -344,3 +344,18 @@ def test_nan_from_a_classifier_falls_back_for_that_study(testset, weights, tmp_p
     entry = result.studies[GOOD[0]]
     assert entry["status"] == "fallback" and "non-finite" in entry["reason"], entry
     assert result.studies[GOOD[1]]["status"] == "ok"
+
+
+def test_classifiers_failing_warm_up_give_priors_not_a_crash(testset, weights, tmp_path, monkeypatch):
+    from cspine_submit import models
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of GPU memory (simulated)")
+
+    monkeypatch.setattr(models, "score", broken)
+    setup, result = _run(testset, weights, tmp_path / "s.csv")
+    assert len(_read_sub(tmp_path / "s.csv")) == 8 * len(ALL)
+    assert any("warm-up" in w and "simulated" in w for w in result.totals["warnings"])
+    for uid in GOOD + [ONE_BAD_FILE]:
+        assert result.studies[uid]["status"] == "fallback"
+        assert result.studies[uid]["reason"].startswith("score: RuntimeError"), result.studies[uid]

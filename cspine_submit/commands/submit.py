@@ -151,5 +151,7 @@ def run(args) -> int:
     result = pipeline.run_submission(setup, out, workers=args.workers, time_budget=where["budget"],
                                      resume=args.resume, report_path=args.report, progress=not args.no_progress,
                                      study_timeout=args.study_timeout if args.study_timeout > 0 else None)
+    for warning in result.totals["warnings"][len(setup.warnings):]:  # raised during the run (e.g. the warm-up)
+        _loud(warning)
     _print_summary(result, where["demo"])
     return 0

@@ -490,10 +490,11 @@ def run_submission(
             else:
                 yield StudyJob(uid, str(setup.plan.folders[uid]), setup.ranges, job_config(), vertebrae)
 
-    def finish(uid: str, probs: dict, entry: dict) -> None:
+    def finish(uid: str, probs: dict, entry: dict, journaled: bool = True) -> None:
         study_probs[uid] = probs
         studies[uid] = entry
-        journal.append(uid, probs, entry)
+        if journaled:
+            journal.append(uid, probs, entry)
         if on_study is not None:
             on_study(uid, entry)
 
@@ -524,9 +525,11 @@ def run_submission(
             seconds = {"wait": round(t_got - t_prev, 4)}
             if outcome.error is not None or outcome.value is None:
                 reason = _failure_reason(outcome.error)
-                if job.folder == "":
+                skipped = job.folder == ""
+                if skipped:
                     reason = "time budget spent before this study; priors used"
-                finish(job.uid, priors, _fallback_entry(reason, seconds))
+                # A study skipped for time is not finished: --resume (with time to spare) must still do it.
+                finish(job.uid, priors, _fallback_entry(reason, seconds), journaled=not skipped)
             else:
                 prepared: PreparedStudy = outcome.value
                 seconds.update({k: round(v, 4) for k, v in prepared.seconds.items()})

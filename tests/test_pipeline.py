@@ -359,3 +359,15 @@ def test_classifiers_failing_warm_up_give_priors_not_a_crash(testset, weights, t
     for uid in GOOD + [ONE_BAD_FILE]:
         assert result.studies[uid]["status"] == "fallback"
         assert result.studies[uid]["reason"].startswith("score: RuntimeError"), result.studies[uid]
+
+
+def test_resume_redoes_studies_the_budget_skipped(testset, weights, tmp_path):
+    out = tmp_path / "submission.csv"
+    _, first = _run(testset, weights, out, time_budget=1e-3)
+    skipped = [u for u, e in first.studies.items() if "time budget" in (e["reason"] or "")]
+    assert skipped
+    _, again = _run(testset, weights, out, resume=True)  # no budget this time
+    for uid in skipped:
+        assert not again.studies[uid].get("resumed"), again.studies[uid]
+    assert all(again.studies[u]["status"] == "ok" for u in skipped if u in GOOD + [ONE_BAD_FILE])
+    assert again.totals["resumed"] == len(ALL) - len(skipped)

@@ -187,10 +187,11 @@ class BudgetController:
     safety : float
         Plan to finish within ``safety * budget_s``, leaving room for writing and for slow studies at the end.
 
-    The projection uses the mean seconds per study of the studies done since the last change of K. When
-    ``elapsed + remaining * mean`` exceeds the plan, K is scaled by ``time left per study / mean`` (the cost per
-    study is roughly proportional to K: decoding and scoring dominate) and rounded down. When the whole budget is
-    spent, :attr:`exhausted` is set and the remaining studies get their priors.
+    The projection uses the mean seconds per study of the studies done at the current K (studies the workers
+    prefetched at an older K are not counted: they would make a change of K look ineffective and lower K again).
+    When ``elapsed + remaining * mean`` exceeds the plan, K is scaled by ``time left per study / mean`` (the cost
+    per study is roughly proportional to K: decoding and scoring dominate) and rounded down. When the whole budget
+    is spent, :attr:`exhausted` is set and the remaining studies get their priors.
     """
 
     def __init__(self, budget_s, n_studies: int, slices_per_vertebra: int, min_slices: int = 2, safety: float = 0.95,
@@ -212,9 +213,11 @@ class BudgetController:
             return None
         return elapsed + (self.n_studies - done) * float(np.mean(self._since_change))
 
-    def update(self, study_seconds: float, elapsed: float, done: int) -> int:
-        """Record one finished study; returns the K to use for studies submitted from now on."""
-        self._since_change.append(float(study_seconds))
+    def update(self, study_seconds: float, elapsed: float, done: int, k: int | None = None) -> int:
+        """Record one finished study, prepared with ``k`` slices per vertebra (default: the current K); returns
+        the K to use for studies submitted from now on."""
+        if k is None or int(k) == self.k:
+            self._since_change.append(float(study_seconds))
         if self.budget_s is None or done >= self.n_studies:
             return self.k
         if elapsed >= self.budget_s:
@@ -228,7 +231,7 @@ class BudgetController:
         plan = self.safety * self.budget_s
         if (projected is not None and projected > plan and self.k > self.min_slices
                 and len(self._since_change) >= self.min_history):
-            mean = float(np.mean(self._since_change))
+            mean = max(float(np.mean(self._since_change)), 1e-9)
             per_study_left = (plan - elapsed) / (self.n_studies - done)
             new_k = max(self.min_slices, min(self.k - 1, int(math.floor(self.k * per_study_left / mean))))
             self.events.append({
@@ -554,7 +557,7 @@ def run_submission(
             done += 1
             t_prev = time.perf_counter()
             elapsed = t_prev - t_start
-            budget.update(t_prev - t_got + seconds.get("wait", 0.0), elapsed, done)
+            budget.update(t_prev - t_got + seconds.get("wait", 0.0), elapsed, done, k=job.config.slices_per_vertebra)
             projected = budget.projected_total(elapsed, done)
             if projected is not None:
                 finish_at = time.strftime("%H:%M:%S", time.localtime(time.time() + projected - elapsed))

@@ -371,3 +371,18 @@ def test_resume_redoes_studies_the_budget_skipped(testset, weights, tmp_path):
         assert not again.studies[uid].get("resumed"), again.studies[uid]
     assert all(again.studies[u]["status"] == "ok" for u in skipped if u in GOOD + [ONE_BAD_FILE])
     assert again.totals["resumed"] == len(ALL) - len(skipped)
+
+
+def test_budget_ignores_studies_prefetched_at_an_older_k():
+    # Workers prefetch studies with the K in force when they were submitted. After K drops, those older-K studies
+    # still take the old time; counting them would lower K again (and again) before any study ran at the new K.
+    b = pipeline.BudgetController(100.0, n_studies=20, slices_per_vertebra=15, min_history=1)
+    # Projected 10 + 19 * 10 = 200 > 95 planned: K = floor(15 * (85 / 19) / 10) = 6.
+    assert b.update(10.0, elapsed=10.0, done=1, k=15) == 6
+    # Two studies prefetched at K=15 finish, as slow as before: K stays 6 (it used to drop to 2 here).
+    assert b.update(10.0, elapsed=20.0, done=2, k=15) == 6
+    assert b.update(10.0, elapsed=30.0, done=3, k=15) == 6
+    assert len(b.events) == 1 and b.projected_total(30.0, 3) is None  # nothing measured at K=6 yet
+    # The first study at K=6 takes 4 s: projected 34 + 16 * 4 = 98 > 95 -> floor(6 * (61 / 16) / 4) = 5.
+    assert b.update(4.0, elapsed=34.0, done=4, k=6) == 5
+    assert b.events[-1]["slices_per_vertebra"] == [6, 5]

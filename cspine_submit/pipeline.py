@@ -504,11 +504,11 @@ def run_submission(
     for uid in todo_missing:
         finish(uid, priors, _fallback_entry(f"study folder {setup.plan.folders[uid]} does not exist"))
 
+    run_warnings: list[str] = []
     t_warm = time.perf_counter()
     if todo and setup.models:
         # Trace the scoring graphs once before the clock of the first study starts: otherwise the first study
         # looks several times slower than the rest and the time-budget projection overreacts.
-    run_warnings: list[str] = []
         shape = (config.slices_per_vertebra,) + tuple(config.input_shape)
         try:
             score(setup.models, {v: np.zeros(shape, np.float32) for v in setup.models}, config.batch_size)
@@ -576,13 +576,13 @@ def run_submission(
     wall = time.perf_counter() - t_start
     totals = _totals(studies, setup, wall, t_loop - t_start, budget, journal_notes, len(done_records), time_budget)
     totals["warmup_seconds"] = round(warmup_s, 3)
+    totals["warnings"] += run_warnings
     submission.write_report(report_path, studies, totals)
     return RunResult(out=out, report_path=report_path, probabilities=probabilities, studies=studies, totals=totals)
 
 
 def _prepare_or_skip(job: StudyJob):
     """Worker entry point: a job without a folder was skipped by the budget; it yields no crops."""
-    totals["warnings"] += run_warnings
     if not job.folder:
         return None
     return prepare_study(job)

@@ -139,3 +139,16 @@ def test_report_shape(tmp_path):
     data = json.loads(Path(path).read_text())
     assert data["studies"]["s1"]["slices_read"] == 12
     assert data["totals"]["studies_per_s"] == 2.0
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    # mkstemp creates owner-only 0600 files; the submission must be as readable as any file written with open().
+    old = os.umask(0o022)
+    try:
+        out = sub.write_submission(tmp_path / "submission.csv", ["a_C1"], {"a_C1": 0.5})
+        assert out.stat().st_mode & 0o777 == 0o644
+        os.chmod(out, 0o640)  # a file that exists keeps its mode
+        sub.write_submission(out, ["a_C1"], {"a_C1": 0.6})
+        assert out.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)

@@ -195,3 +195,15 @@ def test_bundle_installs_offline_and_runs_the_demo(tmp_path):
         [py, "-c", "import pydicom, libjpeg, gdcm; print(pydicom.__file__, libjpeg.__file__, gdcm.__file__)"],
         text=True, env=env, cwd=tmp_path)
     assert all(p.startswith(str(site)) for p in where.split()), where
+
+
+def test_bundle_cli_upload_instructions_keep_the_subfolders(tmp_path, capsys):
+    # `kaggle datasets create -p DIR` skips sub-folders by default (--dir-mode skip): the dataset would lack the
+    # package, weights/ and wheels/, and make_submission.py could not find cspine_submit on Kaggle.
+    from cspine_submit.cli import main
+
+    assert main(["bundle", "--out", str(tmp_path / "ds"), "--no-wheels"]) == 0
+    out = capsys.readouterr().out
+    create = [line for line in out.splitlines() if "kaggle datasets create" in line]
+    assert create and all("--dir-mode zip" in line for line in create), out
+    assert (tmp_path / "ds" / "cspine_submit" / "__init__.py").is_file()

@@ -2,8 +2,9 @@
 
 The folder holds the package, make_submission.py, weights/ (verified against weights/MANIFEST.json), decoder
 wheels for the target Python (pip download --only-binary=:all: --no-deps; TensorFlow is not bundled, Kaggle's
-image has it), dataset-metadata.json and kernel-metadata.json. Upload it with `kaggle datasets create -p DIR` (or
-`version`), then push the kernel with `kaggle kernels push -p DIR`. `--check-only` validates kernel-metadata.json the
+image has it), dataset-metadata.json and kernel-metadata.json. Upload it with
+`kaggle datasets create -p DIR --dir-mode zip` (or `version`; without --dir-mode the Kaggle CLI skips every
+sub-folder: the package, weights/ and wheels/), then push the kernel with `kaggle kernels push -p DIR`. `--check-only` validates kernel-metadata.json the
 way Kaggle's CLI does and explains every fault.
 """
 
@@ -59,7 +60,10 @@ def run(args) -> int:
         print(f"  wheel {w.name}")
     for note in result.wheel_errors:
         print(f"warning: {note}")
-    print(f"next: kaggle datasets create -p {result.out}   (or `kaggle datasets version -p {result.out} -m ...`)\n"
+    # --dir-mode: the Kaggle CLI's default ("skip") uploads top-level files only, i.e. neither the package nor
+    # weights/ nor wheels/.
+    print(f"next: kaggle datasets create -p {result.out} --dir-mode zip   "
+          f"(or `kaggle datasets version -p {result.out} --dir-mode zip -m ...`)\n"
           f"then: kaggle kernels push -p {result.out}   (its kernel-metadata.json attaches {result.dataset_id} "
           "and the competition)")
     return 1 if result.wheel_errors and not any(result.wheels) else 0

@@ -5,8 +5,8 @@ patient_overall negative 7, positive 14. Per study the loss is ``sum_j w_j * BCE
 predictions clipped to ``[1e-15, 1 - 1e-15]``; the score is the mean over studies (lower is better).
 
 The pure functions work on ``(n_studies, 8)`` arrays in :data:`~cspine_submit.config.PREDICTION_TYPES` order;
-:func:`load_labels` / :func:`load_predictions` turn CSV files (train.csv-style wide or ``row_id,fractured`` long)
-into such arrays.
+:func:`read_table` reads a CSV file (train.csv-style wide or ``row_id,fractured`` long) and :func:`align` turns
+labels and predictions into such arrays; :func:`evaluate_files` does both.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The folder holds the package, make_submission.py, weights/ (verified against wei
 wheels for the target Python (pip download --only-binary=:all: --no-deps; TensorFlow is not bundled, Kaggle's
 image has it), dataset-metadata.json and kernel-metadata.json. Upload it with
 `kaggle datasets create -p DIR --dir-mode zip` (or `version`; without --dir-mode the Kaggle CLI skips every
-sub-folder: the package, weights/ and wheels/), then push the kernel with `kaggle kernels push -p DIR`. `--check-only` validates kernel-metadata.json the
-way Kaggle's CLI does and explains every fault.
+sub-folder: the package, weights/ and wheels/), then push the kernel with `kaggle kernels push -p DIR`.
+`--check-only` validates kernel-metadata.json the way Kaggle's CLI does and explains every fault.
 """
 
 from __future__ import annotations

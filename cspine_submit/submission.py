@@ -148,8 +148,15 @@ def plan_rows(test_dir: str | Path, test_csv: str | Path | None = None) -> RowPl
 
 
 def format_probability(p: float) -> str:
-    """Fixed text for a probability, so that the same numbers always give the same bytes."""
-    return f"{float(p):.8f}"
+    """Fixed text for a probability, so that the same numbers always give the same bytes.
+
+    Eight decimals; a probability within 5e-9 of 0 or 1 (a config ``clip`` of e.g. 1e-9) gets all its digits
+    instead, so that the file never says exactly 0 or 1.
+    """
+    text = f"{float(p):.8f}"
+    if float(text) in (0.0, 1.0) and 0.0 < float(p) < 1.0:
+        text = f"{float(p):.17g}"
+    return text
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -152,3 +152,11 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
         assert out.stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
+
+
+def test_probabilities_near_0_and_1_never_print_as_0_or_1():
+    text = sub.submission_text(["a_C1", "a_C2", "a_C3"], {"a_C1": 1e-9, "a_C2": 1 - 1e-9, "a_C3": 0.5})
+    values = [float(line.split(",")[1]) for line in text.splitlines()[1:]]
+    assert all(0.0 < v < 1.0 for v in values), text
+    assert values[0] == 1e-9 and values[1] == 1 - 1e-9
+    assert text.splitlines()[3] == "a_C3,0.50000000"

@@ -86,3 +86,14 @@ def test_inspect_bad_folder_names_it(capsys, tmp_path):
     code, out, err = run_cli(capsys, "inspect", str(missing))
     assert code == 1 and out == ""
     assert err.startswith(f"error: {missing}: no such study folder")
+
+
+def test_env_reports_a_library_that_is_there_but_cannot_be_imported(tmp_path, monkeypatch):
+    # e.g. a conda GDCM without pip metadata whose shared library is missing: env must say so, not crash.
+    from cspine_submit.commands import env
+
+    (tmp_path / "broken_decoder_mod.py").write_text("raise ImportError('libgdcmMSFF.so: cannot open')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    version = env._version("no-such-distribution-here", "broken_decoder_mod")
+    assert version.startswith("installed but cannot be imported (ImportError: libgdcmMSFF.so")
+    assert env._version("no-such-distribution-here", "no_such_module_here") is None

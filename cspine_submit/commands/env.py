@@ -48,7 +48,10 @@ def _version(dist: str, module: str) -> str | None:
     except importlib.metadata.PackageNotFoundError:
         # Installed some other way (e.g. a conda build of GDCM): importable but without pip metadata.
         if importlib.util.find_spec(module) is not None:
-            mod = __import__(module)
+            try:
+                mod = __import__(module)
+            except Exception as exc:  # a broken build (e.g. a missing shared library) is what env must show
+                return f"installed but cannot be imported ({type(exc).__name__}: {exc})"
             return str(getattr(mod, "__version__", "installed (version unknown)"))
         return None
 

@@ -398,3 +398,14 @@ def test_boxed_fraction_leaves_some_fractured_studies_without_boxes(tmp_path):
     assert {b["StudyInstanceUID"] for b in boxes} == {r.uid for r in ds.train if r.spec.boxed}
     assert sum(r.spec.boxed for r in ds.train) == 2
     assert all(r.labels["C4"] == 1 for r in ds.train)
+
+
+def test_synth_command_names_a_bad_parameter_without_a_traceback(tmp_path, capsys):
+    from cspine_submit.cli import main
+
+    assert main(["synth", str(tmp_path / "a"), "--size", "8", "--quiet"]) == 2
+    assert capsys.readouterr().out.startswith("error: size=8")
+    assert main(["synth", str(tmp_path / "b"), "--prevalence", "C8=0.1", "--quiet"]) == 2
+    assert "unknown vertebra 'C8'" in capsys.readouterr().out
+    assert main(["synth", str(tmp_path / "c"), "--prevalence", "lots", "--quiet"]) == 2
+    assert capsys.readouterr().out.startswith("error: ")

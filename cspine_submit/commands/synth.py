@@ -86,7 +86,11 @@ def run(args) -> int:
         if value is not None:
             params[key] = value
     if args.prevalence:
-        params["prevalence"] = _prevalence(args.prevalence)
+        try:
+            params["prevalence"] = _prevalence(args.prevalence)
+        except ValueError as exc:
+            print(f"error: {exc}")
+            return 2
     n_train = args.studies if args.studies is not None else params.pop("n_train", 6)
     n_test = args.test if args.test is not None else params.pop("n_test", 3)
     n_seg = args.segmented if args.segmented is not None else params.pop("n_segmented", None)
@@ -97,7 +101,7 @@ def run(args) -> int:
         ds = generate_dataset(
             args.out, n_train, n_test, seed, n_segmented=n_seg, force=args.force, progress=not args.quiet, **params
         )
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError) as exc:  # an existing dataset, or a parameter out of range (named)
         print(f"error: {exc}")
         return 2
     n_slices = [r.n_slices for r in ds.studies]

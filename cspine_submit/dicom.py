@@ -724,14 +724,17 @@ def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | Non
             else:
                 choices = [plugin] if plugin else [p for p in available_plugins(tsyntax) if p != "native"][:1]
                 ds = Dataset()
+                # The syntax is passed on because files without a DICOM preamble/file meta, which the header scan
+                # accepts, carry none that pixel_array could find (it would refuse them).
                 try:
-                    arr = pixel_array(path, ds_out=ds, decoding_plugin=choices[0] if choices else "")
+                    arr = pixel_array(path, ds_out=ds, decoding_plugin=choices[0] if choices else "",
+                                      transfer_syntax_uid=tsyntax)
                 except Exception:
                     if plugin or decoder.is_native:
                         raise
                     # The preferred plugin failed on this file: let pydicom try every available plugin.
                     ds = Dataset()
-                    arr = pixel_array(path, ds_out=ds)
+                    arr = pixel_array(path, ds_out=ds, transfer_syntax_uid=tsyntax)
     except DicomReadError:
         raise
     except Exception as exc:

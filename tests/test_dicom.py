@@ -294,6 +294,21 @@ def test_same_volume_whatever_the_file_names(tmp_path, case):
         assert header.skipped == ()
 
 
+@pytest.mark.parametrize("implicit", [True, False])
+def test_files_without_preamble_or_file_meta_scan_and_decode(tmp_path, implicit):
+    # Some writers omit the preamble and file meta: the scan accepts such files, so decoding must too.
+    folder = make_study(tmp_path / "s", [f"{k + 1}.dcm" for k in range(N)])
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        del ds.file_meta
+        ds.preamble = None
+        ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+        assert path.read_bytes()[128:132] != b"DICM"
+    header, volume = read_study(folder)
+    assert set(header.transfer_syntaxes) == {"1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"}
+    np.testing.assert_array_equal(volume, EXPECTED)
+
+
 def test_feet_first_positions_with_instance_numbers_ignored(tmp_path):
     # InstanceNumber says the opposite of the positions: positions win.
     folder = tmp_path / "s"

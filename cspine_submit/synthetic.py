@@ -28,7 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -507,8 +507,3 @@ def generate_dataset(
     used = {k: (list(v) if isinstance(v, tuple) else v) for k, v in used.items()}
     used.update(n_train=n_train, n_test=n_test, seed=seed, n_segmented=n_seg)
     return SyntheticDataset(root, tuple(train), tuple(test), used)
-
-
-def spec_to_dict(spec: StudySpec) -> dict:
-    """A JSON-able dict of a spec (for logs and reports)."""
-    return asdict(spec)

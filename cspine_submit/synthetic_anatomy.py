@@ -13,7 +13,7 @@ around cancellous bone (less dense) in all three directions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -166,7 +166,6 @@ class Rendered:
     hu: np.ndarray
     labels: np.ndarray
     fracture: np.ndarray
-    extras: dict = field(default_factory=dict)
 
 
 def _local(v: Vertebra, Z: np.ndarray, Y: np.ndarray, X: np.ndarray):

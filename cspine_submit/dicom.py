@@ -686,7 +686,7 @@ def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | Non
     ----------
     path : str or Path
     tsyntax : str, optional
-        The file's transfer syntax if already known (saves nothing but a lookup; used for messages).
+        The file's transfer syntax if already known (from the scan); when None the header is read again to find it.
     plugin : str, optional
         Force one decoding plugin (e.g. ``"gdcm"``, ``"pylibjpeg"``); by default the preferred available one
         (see :data:`PREFERRED_PLUGINS`), then every other plugin if that one fails.

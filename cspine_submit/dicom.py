@@ -16,6 +16,7 @@ posterior for a standard axial CT), x columns.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import struct
@@ -522,6 +523,15 @@ def order_slices(infos: Sequence[SliceInfo]) -> SliceOrder:
     with_pos = [s for s in group if s.position is not None]
     stated = [s.spacing_between or s.slice_thickness for s in group]
     thick = next((t for t in stated if t), None)
+    if len(with_pos) >= 3:
+        # Positions that do not separate the slices (a broken header copied to every file) would keep one slice
+        # of the study and drop the rest as "duplicates": order as if positions were missing instead.
+        z_pos = np.round(np.array([s.position @ normal for s in with_pos]), 3)
+        if 2 * len(np.unique(z_pos)) <= len(with_pos):
+            warns.append(f"ImagePositionPatient gives only {len(np.unique(z_pos))} distinct position(s) for "
+                         f"{len(with_pos)} slices: ignored")
+            with_pos = []
+            group = [dataclasses.replace(s, position=None) for s in group]
     if with_pos:
         for s in group:
             if s.position is None:

@@ -351,6 +351,27 @@ def test_missing_positions_fall_back_to_instance_number_then_file_name(tmp_path)
     assert any("numeric file name" in w for w in header.warnings)
 
 
+def test_positions_that_do_not_separate_slices_are_ignored(tmp_path):
+    # A broken header copied to every file: one position for all slices. Keeping one slice and calling the
+    # rest duplicates would silently lose the study; the InstanceNumber fallback orders it, with a warning.
+    folder = tmp_path / "s"
+    folder.mkdir()
+    names = [f"x{n}.dcm" for n in np.random.default_rng(3).permutation(N)]
+    for k, name in enumerate(names):
+        write_slice(folder / name, k, instance=k + 1, z_step=0.0)
+    header, volume = read_study(folder)
+    np.testing.assert_array_equal(volume, EXPECTED)
+    assert header.skipped == () and header.spacing[0] == 1.0
+    assert any("distinct position" in w for w in header.warnings)
+    assert any("InstanceNumber" in w for w in header.warnings)
+    # A genuine duplicate among distinct positions is still just a duplicate.
+    dup = make_study(tmp_path / "d", [f"{k + 1}.dcm" for k in range(N)])
+    write_slice(dup / "99.dcm", 3)
+    header = scan_study(dup)
+    assert header.n_slices == N and dict(header.skipped) == {"99.dcm": "duplicate position of 4.dcm"}
+    assert header.warnings == ()
+
+
 def test_uneven_spacing_is_warned(tmp_path):
     folder = make_study(tmp_path / "s", [f"{k + 1}.dcm" for k in range(N)])
     (folder / "5.dcm").unlink()  # a gap of two steps

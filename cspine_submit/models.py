@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import warnings
-import weakref
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -448,7 +447,10 @@ def save_classifier(model, path: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------------------------
 # Scoring
 
-_PREDICT_FNS: "weakref.WeakKeyDictionary[Any, Callable]" = weakref.WeakKeyDictionary()
+_PREDICT_FN_ATTR = "_cspine_predict_fn"
+"""Attribute under which a model keeps its compiled inference function. On the model itself, not in a
+module-level cache: the function refers to the model, so a cache keyed by the model would keep every model ever
+scored alive; as an attribute, model and function form a cycle that the garbage collector frees together."""
 
 
 def _bucket(n: int, batch_size: int) -> int:
@@ -474,7 +476,7 @@ _FILTER_INSTALLED = False
 def _predict_fn(model):
     """A compiled inference function for ``model``, cached; splits batches over replicas with several GPUs."""
     global _FILTER_INSTALLED
-    fn = _PREDICT_FNS.get(model)
+    fn = getattr(model, _PREDICT_FN_ATTR, None)
     if fn is not None:
         return fn
     import logging
@@ -507,7 +509,8 @@ def _predict_fn(model):
             return model(x, training=False)
 
     fn.n_replicas = n_rep
-    _PREDICT_FNS[model] = fn
+    # object.__setattr__: Keras layers track attributes they are given; a plain function must stay untracked.
+    object.__setattr__(model, _PREDICT_FN_ATTR, fn)
     return fn
 
 

@@ -276,6 +276,11 @@ def preview_study(
     from cspine_submit.dicom import read_slices, scan_study
     from cspine_submit.ranges import measure_cue, plan_crops
 
+    if ranges is None:
+        from cspine_submit.pipeline import default_weights_dir
+        from cspine_submit.ranges import load_ranges
+
+        ranges = load_ranges(default_weights_dir() / "slice_ranges.json")
     header = scan_study(study_dir)
     config = config or ModelConfig()
     idx = subset_indices(header.n_slices, max_slices)

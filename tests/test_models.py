@@ -243,3 +243,21 @@ def test_precision_policy_stays_float32_without_a_fast_gpu():
     assert keras.config.dtype_policy().name == before
     # float16 compute, but the probability layer stays float32
     assert m.get_layer("conv0").compute_dtype == "float16" and m.output.dtype == "float32"
+
+
+def test_scored_models_can_be_freed():
+    # The compiled inference function refers to its model; keeping it in a cache keyed by the model kept every
+    # model ever scored alive (a ResNet50 per vertebra and per training unit).
+    import gc
+    import weakref
+
+    import numpy as np
+
+    from cspine_submit.models import build_classifier, predict
+
+    model = build_classifier("tiny", (32, 32, 1))
+    assert predict(model, np.zeros((3, 32, 32, 1), np.float32), 4).shape == (3,)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

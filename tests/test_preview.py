@@ -104,3 +104,13 @@ def test_preview_command_names_a_corrupt_mask(synthetic_info, tmp_path, capsys):
     assert main(["preview", str(record.folder), "--out", str(tmp_path / "p.png"), "--mask", str(bad),
                  "--max-slices", "8"]) == 2
     assert "broken.nii" in capsys.readouterr().out
+
+
+def test_preview_study_defaults_to_the_shipped_ranges(synthetic_info):
+    from cspine_submit.preview import preview_study
+
+    folder = synthetic_info.test[0].folder
+    image, _, plans, info = preview_study(folder)
+    assert image.ndim == 3 and image.shape[2] == 3
+    assert set(plans) == set(VERTEBRAE)
+    assert info["n_slices"] == synthetic_info.test[0].n_slices

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cspine_submit.config import ModelConfig
+
 NAME = "eval-ranges"
 HELP = "leave-one-out coverage/purity/box coverage of the learned slice ranges"
 ORDER = 31
@@ -21,8 +23,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--layout", choices=("competition", "affine"), default="competition")
     parser.add_argument("--method", choices=("fraction", "mm_top", "profile", "all"), default=None,
                         help="method to evaluate (default: profile with --images, else fraction); 'all' compares")
-    parser.add_argument("--slices", type=int, default=15, help="K slices per vertebra (default 15)")
-    parser.add_argument("--z-margin", type=float, default=2.0, help="mm added above and below each range")
+    defaults = ModelConfig()  # the planner's K and z margin come from model_config.json; these are its defaults
+    parser.add_argument("--slices", type=int, default=defaults.slices_per_vertebra,
+                        help=f"K slices per vertebra (default {defaults.slices_per_vertebra})")
+    parser.add_argument("--z-margin", type=float, default=defaults.z_margin_mm,
+                        help=f"mm added above and below each range (default {defaults.z_margin_mm:g})")
     parser.add_argument("--ranges", type=Path, default=None,
                         help="evaluate this slice_ranges.json on every mask instead of leave-one-out learning")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -37,14 +37,9 @@ def test_naive_baseline_scores_every_slice_and_ours_only_the_planned(synthetic_d
     assert set(models) == set(VERTEBRAE)
 
 
-def test_steady_state_leaves_out_the_first_study_and_start_up():
-    # The main loop spent wait+score+aggregate = 3.0 s on the first study (workers starting), then 0.5 and 0.7 s.
-    studies = {
-        "a": {"seconds": {"wait": 2.9, "score": 0.1, "aggregate": 0.0}},
-        "b": {"seconds": {"wait": 0.3, "score": 0.2, "aggregate": 0.0, "scan": 9.0}},  # worker stages overlap: ignored
-        "c": {"seconds": {"wait": 0.4, "score": 0.2, "aggregate": 0.1}},
-    }
-    s = bench.steady_state(studies, ["a", "b", "c"], wall=4.5)
-    assert s["seconds_per_study"] == pytest.approx(0.6)
-    assert s["studies_per_s"] == pytest.approx(1 / 0.6, abs=1e-3)
-    assert s["startup_s"] == pytest.approx(4.5 - 1.2)
+def test_marginal_seconds_take_start_up_out():
+    # One study took 4.0 s (start-up + latency), five took 6.0 s: each further study costs (6 - 4) / 4 = 0.5 s.
+    m = bench.marginal_seconds(6.0, 4.0, 5)
+    assert m["seconds_per_study"] == pytest.approx(0.5)
+    assert m["studies_per_s"] == pytest.approx(2.0)
+    assert m["startup_s"] == pytest.approx(3.5)

@@ -563,6 +563,15 @@ def run_submission(
                 finish_at = time.strftime("%H:%M:%S", time.localtime(time.time() + projected - elapsed))
                 bar.set_postfix_str(f"K={budget.k} finish~{finish_at}", refresh=False)
             bar.update(1)
+    except Exception as exc:  # noqa: BLE001 - the run itself failed (not one study): still write every row
+        # E.g. the worker pool cannot start. The studies not done yet get their priors, are not journaled (so
+        # --resume does them), and the submission below is still complete.
+        reason = f"run stopped before this study: {type(exc).__name__}: {exc}"
+        run_warnings.append(f"THE RUN STOPPED EARLY ({type(exc).__name__}: {exc}); "
+                            f"{sum(u not in studies for u in todo)} studies got their priors")
+        for uid in todo:
+            if uid not in studies:
+                finish(uid, priors, _fallback_entry(reason), journaled=False)
     finally:
         bar.close()
         journal.close()

@@ -386,3 +386,26 @@ def test_budget_ignores_studies_prefetched_at_an_older_k():
     # The first study at K=6 takes 4 s: projected 34 + 16 * 4 = 98 > 95 -> floor(6 * (61 / 16) / 4) = 5.
     assert b.update(4.0, elapsed=34.0, done=4, k=6) == 5
     assert b.events[-1]["slices_per_vertebra"] == [6, 5]
+
+
+def test_a_failing_run_still_writes_every_row(testset, weights, tmp_path, monkeypatch):
+    # The run itself fails after two studies (e.g. the worker pool dies for good): the studies not done get their
+    # priors, are not journaled (a --resume must do them), and the submission is complete.
+    real = pipeline._iter_outcomes
+
+    def two_then_fail(items, work_fn, workers, timeout=None):
+        for i, outcome in enumerate(real(items, work_fn, workers, timeout)):
+            if i == 2:
+                raise RuntimeError("worker pool cannot start")
+            yield outcome
+
+    monkeypatch.setattr(pipeline, "_iter_outcomes", two_then_fail)
+    out = tmp_path / "submission.csv"
+    setup, result = _run(testset, weights, out)
+    sub = _read_sub(out)
+    assert list(sub) == list(setup.plan.row_ids) and all(0 < p < 1 for p in sub.values())
+    stopped = [u for u, e in result.studies.items() if "run stopped" in (e["reason"] or "")]
+    assert stopped and all("worker pool cannot start" in result.studies[u]["reason"] for u in stopped)
+    assert any("STOPPED EARLY" in w for w in result.totals["warnings"])
+    journaled = {json.loads(line).get("uid") for line in companion_paths(out)[0].read_text().splitlines()[1:]}
+    assert len(journaled) >= 2 and not journaled & set(stopped)

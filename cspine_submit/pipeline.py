@@ -111,13 +111,16 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
         if header.study_uid != job.uid:
             warnings.append(f"folder {job.uid} holds StudyInstanceUID {header.study_uid}; rows use the folder name")
         stage, t = "plan", time.perf_counter()
-        cue_indices: tuple[int, ...] = ()
+        cue_indices = np.zeros(0, dtype=np.int64)
+        cue_slices = np.zeros((0, header.rows, header.cols), dtype=np.float32)
         if not job.vertebrae:
             plans = {}  # no classifier at all: nothing to plan (the study is still scanned, to report on it)
         elif job.ranges.method == "profile":
-            # The profile planner decodes a few cue slices; measure them here so they count as slices read.
-            cue = ranges.measure_cue(header, job.ranges)
-            cue_indices = cue.indices
+            # The profile planner needs a few decoded cue slices: decode them here, so that they count as slices
+            # read and so that the crops below reuse those the plans also need instead of decoding them again.
+            cue_indices = np.asarray(ranges.study_cue_indices(header, job.ranges), dtype=np.int64)
+            cue_slices = dicom.read_slices(header, cue_indices)
+            cue = ranges.measure_cue(header, job.ranges, slices=cue_slices)
             if cue.fallback:
                 warnings.append(f"planner: {cue.fallback}")
             plans = ranges.plan_crops(header, job.ranges, job.config, cue=cue)
@@ -127,15 +130,45 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
         seconds["plan"] = time.perf_counter() - t
         stage, t = "read", time.perf_counter()
         needed = crop.slices_needed(plans, job.config, header.n_slices) if plans else np.zeros(0, dtype=np.int64)
-        slices = dicom.read_slices(header, needed)
+        slices = _read_reusing(header, needed, cue_indices, cue_slices)
         seconds["read"] = time.perf_counter() - t
         stage, t = "crop", time.perf_counter()
         crops = {v: crop.prepare_crops(slices, needed, plan, job.config) for v, plan in plans.items()}
         seconds["crop"] = time.perf_counter() - t
     except Exception as exc:  # noqa: BLE001 - any failure of one study becomes that study's fallback
         raise StudyFailure(f"{stage}: {type(exc).__name__}: {exc}") from None
-    slices_read = len(set(int(i) for i in needed) | set(cue_indices))
+    slices_read = int(np.union1d(needed, cue_indices).size)
     return PreparedStudy(job.uid, crops, slices_read, header.n_slices, seconds, warnings)
+
+
+def _read_reusing(header, indices: np.ndarray, known_indices: np.ndarray, known_slices: np.ndarray) -> np.ndarray:
+    """HU slices ``indices`` of a study, decoding only those not already in ``known_slices``.
+
+    Parameters
+    ----------
+    header : StudyHeader
+    indices : (m,) ndarray of int
+        Slices wanted, head to feet indices.
+    known_indices : (j,) ndarray of int
+        Slices already decoded (e.g. the planner's cue slices), unique.
+    known_slices : (j, rows, cols) ndarray of float32
+        Their HU, in ``known_indices`` order.
+
+    Returns
+    -------
+    (m, rows, cols) ndarray of float32
+        HU in the order of ``indices``.
+    """
+    from cspine_submit import dicom
+
+    indices = np.asarray(indices, dtype=np.int64)
+    have = {int(i): r for r, i in enumerate(known_indices)}
+    fresh = np.array([i for i in indices if int(i) not in have], dtype=np.int64)
+    decoded = dict(zip(fresh.tolist(), dicom.read_slices(header, fresh))) if fresh.size else {}
+    out = np.empty((indices.size, header.rows, header.cols), dtype=np.float32)
+    for k, i in enumerate(indices.tolist()):
+        out[k] = known_slices[have[i]] if i in have else decoded[i]
+    return out
 
 
 def _failure_reason(error: str | None) -> str:

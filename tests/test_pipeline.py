@@ -409,3 +409,35 @@ def test_a_failing_run_still_writes_every_row(testset, weights, tmp_path, monkey
     assert any("STOPPED EARLY" in w for w in result.totals["warnings"])
     journaled = {json.loads(line).get("uid") for line in companion_paths(out)[0].read_text().splitlines()[1:]}
     assert len(journaled) >= 2 and not journaled & set(stopped)
+
+
+def test_profile_cue_slices_are_decoded_once(synthetic_info, monkeypatch):
+    # The profile planner decodes its cue slices; the crops reuse those the plans also need instead of decoding
+    # them a second time, and the crops equal those built from a plain read of the needed slices.
+    from cspine_submit import crop, dicom
+    from cspine_submit.config import ModelConfig, VERTEBRAE
+    from cspine_submit.ranges import load_ranges
+
+    ranges = load_ranges(pipeline.default_weights_dir() / "demo" / "slice_ranges.json")
+    assert ranges.method == "profile"
+    config = ModelConfig(head="tiny", input_size=32, channels="single", windows=((400, 1800),))
+    folder = synthetic_info.test[0].folder
+    real_read = dicom.read_slices
+    decoded: list[int] = []
+
+    def counting_read(header, indices=None, *a, **k):
+        decoded.extend(int(i) for i in indices)
+        return real_read(header, indices, *a, **k)
+
+    monkeypatch.setattr(dicom, "read_slices", counting_read)
+    prepared = pipeline.prepare_study(pipeline.StudyJob(folder.name, str(folder), ranges, config, VERTEBRAE))
+    assert len(decoded) == len(set(decoded)) == prepared.slices_read
+    monkeypatch.setattr(dicom, "read_slices", real_read)
+    header = dicom.scan_study(folder)
+    from cspine_submit.ranges import plan_crops
+
+    plans = plan_crops(header, ranges, config)
+    needed = crop.slices_needed(plans, config, header.n_slices)
+    slices = real_read(header, needed)
+    for v, plan in plans.items():
+        np.testing.assert_array_equal(prepared.crops[v], crop.prepare_crops(slices, needed, plan, config))

@@ -1,7 +1,12 @@
 """Slice probabilities -> vertebra probabilities -> patient_overall; priors; clipping.
 
 The rules and constants come from :class:`~cspine_submit.config.ModelConfig` (``aggregation``, ``top_k``,
-``overall_rule``, ``clip``, ``priors``); nothing here has its own constants.
+``overall_rule``, ``calibration``, ``clip``, ``priors``); nothing here has its own constants.
+
+Order, per study: slices -> pooled vertebra probability (``top_k`` scaled to the slices actually scored) ->
+``patient_overall`` by ``overall_rule`` from the pooled vertebrae -> each of the 8 calibrated by its
+``calibration[label] = (a, b)`` -> clipped. Training fits pooling and calibration on out-of-fold predictions
+(:mod:`cspine_submit.calibration`) through this very function, so what it fits is what inference does.
 """
 
 from __future__ import annotations
@@ -45,6 +50,33 @@ def pool_slices(probs: np.ndarray, rule: str = "topk_mean", top_k: int = 5) -> f
     if rule == "max":
         return float(probs.max())
     raise ValueError(f"aggregation={rule!r}: expected one of {list(AGGREGATIONS)}")
+
+
+def effective_top_k(top_k: int, n_slices: int, slices_per_vertebra: int) -> int:
+    """The k of ``topk_mean`` for a vertebra scored on ``n_slices`` slices when ``top_k`` was set for
+    ``slices_per_vertebra``: the same share, ``round(top_k * n / K)``, between 1 and ``n_slices``.
+
+    The time budget lowers K mid-run; mean-of-top-5 of 6 slices would be a near-mean, not the top third it
+    was fitted as.
+    """
+    n = max(int(n_slices), 1)
+    k = int(np.floor(top_k * n / max(int(slices_per_vertebra), 1) + 0.5))
+    return int(min(max(k, 1), n))
+
+
+def calibrate(p, a: float, b: float):
+    """``sigmoid(a * logit(p) + b)``, with ``p`` kept inside [1e-7, 1 - 1e-7] so the logit is finite.
+
+    Parameters
+    ----------
+    p : float or ndarray of float
+    a, b : float
+        Slope and offset on the logit scale (``(1, 0)`` is the identity).
+    """
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1.0 - 1e-7)
+    z = a * (np.log(q) - np.log1p(-q)) + b
+    out = 1.0 / (1.0 + np.exp(-z))
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def overall_probability(vertebra_probs: np.ndarray, rule: str = "noisy_or") -> float:
@@ -114,12 +146,19 @@ def aggregate_study(slice_probs: Mapping[str, np.ndarray], config: ModelConfig) 
         else:
             if not np.isfinite(np.asarray(probs, dtype=np.float64)).all():
                 raise ValueError(f"{v}: non-finite slice probabilities {np.asarray(probs).ravel().tolist()[:8]}")
-            out[v] = pool_slices(probs, config.aggregation, config.top_k)
+            k = effective_top_k(config.top_k, np.asarray(probs).size, config.slices_per_vertebra)
+            out[v] = pool_slices(probs, config.aggregation, k)
     if len(from_prior) == len(VERTEBRAE):
         # Nothing was scored: the learned overall prior beats noisy-OR of seven priors (which would be ~0.55).
         overall = priors["patient_overall"]
     else:
         overall = overall_probability(np.array([out[v] for v in VERTEBRAE]), config.overall_rule)
-    result = {"patient_overall": clip_probability(overall, config.clip)}
-    result.update({v: clip_probability(out[v], config.clip) for v in VERTEBRAE})
+    out["patient_overall"] = overall
+    scored = set(PREDICTION_TYPES) - set(from_prior) - ({"patient_overall"} if len(from_prior) == len(VERTEBRAE) else set())
+    result = {}
+    for t in PREDICTION_TYPES:
+        p = out[t]
+        if t in scored and t in config.calibration:  # a prior is already fitted to the metric: never recalibrated
+            p = calibrate(p, *config.calibration[t])
+        result[t] = clip_probability(p, config.clip)
     return result, from_prior

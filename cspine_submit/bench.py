@@ -89,7 +89,7 @@ def make_weights(weights_dir: Path, config: ModelConfig, seed: int = 0) -> dict:
     models = {}
     for v in VERTEBRAE:
         models[v] = build_classifier(config.head, config.input_shape)
-        save_classifier(models[v], weights_dir / config.classifier_files[v])
+        save_classifier(models[v], weights_dir / config.classifier_paths(v)[0])
     config.to_json(weights_dir / "model_config.json")
     shutil.copyfile(default_weights_dir() / RANGES_FILE, weights_dir / "slice_ranges.json")
     return models

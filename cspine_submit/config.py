@@ -136,15 +136,22 @@ class ModelConfig(_JsonFile):
     aggregation : str
         Slice -> vertebra rule: ``topk_mean`` (mean of the ``top_k`` highest slice probabilities), ``mean`` or ``max``.
     top_k : int
-        k for ``topk_mean``.
+        k for ``topk_mean``, out of ``slices_per_vertebra`` slices. A vertebra scored on fewer (or more) slices (the
+        time budget lowered K) pools the same share of them: ``round(top_k * n / slices_per_vertebra)``, at least 1.
     overall_rule : str
-        Vertebrae -> patient_overall: ``noisy_or`` (1 - prod(1 - p_k)) or ``max``.
+        Vertebrae -> patient_overall: ``noisy_or`` (1 - prod(1 - p_k)) or ``max``, applied to the pooled vertebra
+        probabilities before their calibration.
+    calibration : dict
+        ``{label: [a, b]}`` per prediction type: the pooled probability ``p`` becomes
+        ``sigmoid(a * logit(p) + b)``. Fitted by ``train`` on out-of-fold predictions by minimising the
+        competition metric (:mod:`cspine_submit.calibration`); a label that is absent is left as pooled.
     clip : (float, float)
         Every written probability is clipped into this open interval, so no single row costs an infinite loss.
     priors : dict
         Probability per prediction type used when a study or a vertebra cannot be scored.
     classifier_files : dict
-        File name (relative to the weights folder) of each vertebra's classifier.
+        File name (relative to the weights folder) of each vertebra's classifier, or a list of names: an
+        ensemble (e.g. the K fold models of a cross-validated run) whose probabilities are averaged.
     batch_size : int
         Crops per forward pass.
     mixed_precision : bool
@@ -168,9 +175,10 @@ class ModelConfig(_JsonFile):
     aggregation: str = "topk_mean"
     top_k: int = 5
     overall_rule: str = "noisy_or"
+    calibration: dict[str, tuple[float, float]] = field(default_factory=dict)
     clip: tuple[float, float] = (0.001, 0.999)
     priors: dict[str, float] = field(default_factory=lambda: dict(TRAIN_PREVALENCE))
-    classifier_files: dict[str, str] = field(default_factory=lambda: {v: f"{v}.keras" for v in VERTEBRAE})
+    classifier_files: dict[str, str | tuple[str, ...]] = field(default_factory=lambda: {v: f"{v}.keras" for v in VERTEBRAE})
     batch_size: int = 32
     mixed_precision: bool = True
     trained_on: str = "untrained"
@@ -192,6 +200,12 @@ class ModelConfig(_JsonFile):
         # Normalise JSON lists back to tuples so that equal configs compare (and hash) equal.
         object.__setattr__(self, "windows", tuple((float(l), float(w)) for l, w in self.windows))
         object.__setattr__(self, "clip", (float(lo), float(hi)))
+        bad = [k for k, ab in self.calibration.items() if k not in PREDICTION_TYPES or len(ab) != 2]
+        if bad:
+            raise ValueError(f"calibration: {bad}: expected {{label: [a, b]}} with labels in {list(PREDICTION_TYPES)}")
+        object.__setattr__(self, "calibration", {k: (float(a), float(b)) for k, (a, b) in self.calibration.items()})
+        object.__setattr__(self, "classifier_files", {
+            v: (f if isinstance(f, str) else tuple(str(x) for x in f)) for v, f in self.classifier_files.items()})
 
     @property
     def n_channels(self) -> int:
@@ -202,6 +216,11 @@ class ModelConfig(_JsonFile):
     def input_shape(self) -> tuple[int, int, int]:
         """Model input shape (height, width, channels)."""
         return (self.input_size, self.input_size, self.n_channels)
+
+    def classifier_paths(self, vertebra: str) -> tuple[str, ...]:
+        """The file name(s) of a vertebra's classifier, relative to the weights folder (several: an ensemble)."""
+        files = self.classifier_files[vertebra]
+        return (files,) if isinstance(files, str) else tuple(files)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed."""

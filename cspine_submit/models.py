@@ -422,8 +422,29 @@ def load_classifiers(weights_dir: str | Path, vertebrae=VERTEBRAE):
     models = {}
     with dtype_policy(precision_policy(config)), strategy.scope():
         for v in vertebrae:
-            models[v] = load_classifier(weights_dir / config.classifier_files[v], config)
+            members = [load_classifier(weights_dir / name, config) for name in config.classifier_paths(v)]
+            models[v] = members[0] if len(members) == 1 else average_classifiers(members, config.input_shape, v)
     return config, models
+
+
+def average_classifiers(members, input_shape, name: str = "ensemble"):
+    """One model whose output is the mean probability of ``members`` (an ensemble, e.g. the fold models).
+
+    One graph, so a batch of crops goes through every member in one call (no per-member Python loop).
+
+    Parameters
+    ----------
+    members : list of keras.Model
+        Each maps ``(n, *input_shape)`` to ``(n, 1)`` probabilities.
+    input_shape : (S, S, C)
+    """
+    import keras
+
+    x = keras.Input(shape=tuple(input_shape))
+    for i, m in enumerate(members):  # each member is one nested layer: names must be unique in the graph
+        m.name = f"{name}_member{i}"
+    outs = [keras.layers.Activation("linear", dtype="float32")(m(x)) for m in members]
+    return keras.Model(x, keras.layers.Average(dtype="float32")(outs), name=f"{name}_mean_of_{len(members)}")
 
 
 def is_default_config(config: ModelConfig) -> bool:

@@ -302,7 +302,7 @@ def _weights_fingerprint(weights_dir: Path, config: ModelConfig, ranges: SliceRa
     h = hashlib.sha256()
     h.update(json.dumps(_config_dict(config), sort_keys=True).encode())
     h.update(json.dumps(_config_dict(ranges), sort_keys=True, default=str).encode())
-    for name in sorted(config.classifier_files.values()):
+    for name in sorted(f for v in config.classifier_files for f in config.classifier_paths(v)):
         p = weights_dir / name
         # Size and mtime, not content: hashing 7 ResNet50 files would cost seconds at every start.
         h.update(f"{name}:{p.stat().st_size if p.exists() else -1}:{p.stat().st_mtime_ns if p.exists() else -1}".encode())
@@ -353,7 +353,8 @@ def load_models(weights_dir: Path) -> tuple[ModelConfig, dict, list[str]]:
     config = ModelConfig.from_json(config_path) if config_path.is_file() else None
     models: dict = {}
     for v in VERTEBRAE:
-        if config is not None and not (v in config.classifier_files and (weights_dir / config.classifier_files[v]).is_file()):
+        if config is not None and not (v in config.classifier_files
+                                       and all((weights_dir / f).is_file() for f in config.classifier_paths(v))):
             continue  # reported by prepare_run as "no classifier"
         with _warnings.catch_warnings(record=True) as caught:
             _warnings.simplefilter("always")

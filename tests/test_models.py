@@ -261,3 +261,18 @@ def test_scored_models_can_be_freed():
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_a_list_of_files_per_vertebra_is_an_ensemble_averaging_probabilities(tmp_path):
+    members = [_randomize(M.build_classifier("tiny", SHAPE), seed=s) for s in (11, 12, 13)]
+    x = _x(n=6)
+    want = np.mean([np.asarray(m.predict_on_batch(x))[:, 0] for m in members], axis=0)
+    files = {v: [f"{v}.fold{i}.keras" for i in range(3)] for v in VERTEBRAE}
+    config = _tiny_config("keras").replace(classifier_files=files)
+    config.to_json(tmp_path / "model_config.json")
+    for i, m in enumerate(members):
+        M.save_classifier(m, tmp_path / f"C2.fold{i}.keras")
+    _, models = M.load_classifiers(tmp_path, ["C2"])
+    got = M.score(models, {"C2": x}, batch_size=4)["C2"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert len(set(np.round(want, 4))) > 1  # the members differ, so the mean is not any one of them

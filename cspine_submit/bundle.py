@@ -14,7 +14,6 @@ internet off, the competition and the package dataset attached).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -27,7 +26,6 @@ COMPETITION = "rsna-2022-cervical-spine-fracture-detection"
 CODE_FILE = "make_submission.py"
 KAGGLE_LANGUAGES = ("python", "r", "rmarkdown")
 KAGGLE_KERNEL_TYPES = ("script", "notebook")
-MANIFEST_NAME = "MANIFEST.json"
 
 WHEEL_PACKAGES: tuple[str, ...] = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "python-gdcm")
 """What Kaggle's image lacks for decoding the competition's JPEG Lossless (.4.70) slices: pydicom 3 (the image
@@ -39,85 +37,11 @@ DEFAULT_PLATFORMS: tuple[str, ...] = ("manylinux2014_x86_64", "manylinux_2_17_x8
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Manifest
+# Manifest: one format, one writer (cspine_submit.manifest); re-exported here for callers of the bundle API.
 
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def manifest_entries(folder: str | Path) -> dict[str, dict]:
-    """``{relative posix path: {"sha256", "size"}}`` of every file under ``folder`` except MANIFEST.json itself
-    and hidden files/folders, sorted by path."""
-    folder = Path(folder)
-    entries = {}
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if not path.is_file() or rel.as_posix() == MANIFEST_NAME:
-            continue
-        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
-            continue
-        entries[rel.as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    return entries
-
-
-def write_manifest(folder: str | Path) -> Path:
-    """Write ``folder/MANIFEST.json`` listing every file under ``folder`` (see :func:`manifest_entries`)."""
-    from cspine_submit import __version__
-    from cspine_submit.submission import atomic_write_text
-
-    folder = Path(folder)
-    data = {"files": manifest_entries(folder), "package_version": __version__,
-            "note": "sha256 and size of every file under this folder; verify with `cspine-submit check`"}
-    return atomic_write_text(folder / MANIFEST_NAME, json.dumps(data, indent=2) + "\n")
-
-
-def _manifest_files(data: dict) -> dict[str, dict]:
-    """Accept ``{"files": {path: entry}}``, ``{"files": [{"path", "sha256", ...}]}`` or ``{path: entry}``."""
-    files = data.get("files", data)
-    if isinstance(files, list):
-        return {f["path"]: f for f in files if isinstance(f, dict) and "path" in f}
-    return {k: v for k, v in files.items() if isinstance(v, dict) and "sha256" in v}
-
-
-def verify_manifest(folder: str | Path, extra_ok: bool = True) -> list[str]:
-    """Check every file listed in ``folder/MANIFEST.json`` (sha256 and size).
-
-    Returns
-    -------
-    list of str
-        One line per problem, naming the file: missing, size differs, sha256 differs; also files present but not
-        listed when ``extra_ok`` is False. Empty when all is well.
-    """
-    folder = Path(folder)
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        return [f"{path}: no manifest"]
-    try:
-        listed = _manifest_files(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, AttributeError) as exc:
-        return [f"{path}: not a valid manifest ({exc})"]
-    problems = []
-    for rel, entry in sorted(listed.items()):
-        f = folder / rel
-        if not f.is_file():
-            problems.append(f"{f}: listed in {path} but missing")
-            continue
-        size = f.stat().st_size
-        if "size" in entry and int(entry["size"]) != size:
-            problems.append(f"{f}: size {size} bytes, manifest says {entry['size']}")
-        elif sha256_file(f) != entry["sha256"]:
-            problems.append(f"{f}: sha256 differs from {path} (file modified or corrupt)")
-    if not extra_ok:
-        for rel in manifest_entries(folder):
-            if rel not in listed:
-                problems.append(f"{folder / rel}: present but not listed in {path}")
-    return problems
+from cspine_submit.manifest import (  # noqa: E402
+    MANIFEST_NAME, manifest_entries, sha256_file, training_artefacts, verify_manifest, write_manifest)
+from cspine_submit.manifest import is_training_artefact as _is_training_artefact  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,6 +200,8 @@ class BundleResult:
     kernel: Validation = field(default_factory=Validation)
     dataset_id: str = ""
     manifest_problems: list = field(default_factory=list)
+    left_out: list = field(default_factory=list)
+    """Training artefacts found under weights/ and not copied (cache, checkpoints, train state, logs)."""
 
 
 def _installed_version(dist: str) -> str | None:
@@ -399,8 +325,17 @@ def build_bundle(out: str | Path, *, python_version: str | None = None, platform
     out.mkdir(parents=True)
     _copy_package(repo / "cspine_submit", out / "cspine_submit")
     shutil.copy2(repo / CODE_FILE, out / CODE_FILE)
+    left_out: list[str] = []
     if (repo / "weights").is_dir():
-        shutil.copytree(repo / "weights", out / "weights", ignore=shutil.ignore_patterns(".*", "__pycache__"))
+        weights = repo / "weights"
+        left_out = training_artefacts(weights)
+
+        def ignore(directory, names):
+            rel = Path(directory).relative_to(weights)
+            return [n for n in names if n.startswith(".") or n == "__pycache__"
+                    or _is_training_artefact(weights, rel / n)]
+
+        shutil.copytree(weights, out / "weights", ignore=ignore)
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         if (repo / name).is_file():
             shutil.copy2(repo / name, out / name)
@@ -414,7 +349,7 @@ def build_bundle(out: str | Path, *, python_version: str | None = None, platform
     kv = validate_kernel_metadata(out / "kernel-metadata.json", dataset_id=dataset_id)
     if not kv.ok:
         raise ValueError(f"{out / 'kernel-metadata.json'}: " + "; ".join(kv.errors))
-    result = BundleResult(out=out, kernel=kv, dataset_id=dataset_id)
+    result = BundleResult(out=out, kernel=kv, dataset_id=dataset_id, left_out=left_out)
     if wheels:
         result.wheels, result.wheel_errors = download_wheels(out / "wheels", python_version, platforms)
     return result

@@ -150,7 +150,7 @@ def run_check(weights: Path, cache: Path | None = None, golden: bool = True) -> 
     The manifest checked is ``weights/MANIFEST.json`` (a missing manifest is a problem). The golden output is
     ``weights/golden.json`` or ``weights/demo/golden.json``, reproduced with the weights folder that holds it.
     """
-    from cspine_submit.bundle import MANIFEST_NAME, verify_manifest
+    from cspine_submit.manifest import MANIFEST_NAME, verify_manifest
 
     weights = Path(weights)
     result = CheckResult(environment=environment_table())

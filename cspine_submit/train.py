@@ -129,24 +129,6 @@ def existing_outputs(out_dir: str | Path) -> list[Path]:
     return [out_dir / n for n in names if (out_dir / n).exists()]
 
 
-def write_manifest(out_dir: str | Path, names: Sequence[str], created_by: str = "cspine-submit train") -> Path:
-    """``MANIFEST.json``: ``{"created_by", "files": {name: {"sha256", "size"}}}`` for the named files.
-
-    The format :func:`cspine_submit.bundle.verify_manifest` (``cspine-submit check``) reads; only the files the
-    run wrote are listed (not the crop cache).
-    """
-    from cspine_submit.bundle import sha256_file
-
-    out_dir = Path(out_dir)
-    files = {}
-    for name in sorted(names):
-        p = out_dir / name
-        files[name] = {"sha256": sha256_file(p), "size": p.stat().st_size}
-    path = out_dir / "MANIFEST.json"
-    path.write_text(json.dumps({"created_by": created_by, "files": files}, indent=2) + "\n")
-    return path
-
-
 def read_history(path: str | Path) -> list[dict]:
     """Rows of history.csv as dicts of floats (vertebra kept as str); [] when absent."""
     path = Path(path)
@@ -556,6 +538,8 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
         (out_dir / "train_state.json").unlink()  # complete: nothing left to resume
     written = [f"{v}.keras" for v in VERTEBRAE if (out_dir / f"{v}.keras").is_file()]
     written += [n for n in OUTPUT_FILES + ("slice_ranges.json",) if (out_dir / n).is_file()]
-    write_manifest(out_dir, written)
+    from cspine_submit.manifest import write_manifest
+
+    write_manifest(out_dir, created_by=options.source or "cspine-submit train")
     files = {n: out_dir / n for n in written + ["MANIFEST.json"]}
     return TrainResult(out_dir, final_config, files, validation, time.perf_counter() - t_start, failed)

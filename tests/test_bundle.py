@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cspine_submit import bundle
@@ -109,6 +110,38 @@ def test_manifest_write_and_verify(tmp_path):
     assert any("new.txt" in p for p in bundle.verify_manifest(tmp_path, extra_ok=False))
 
 
+def _plant_training_artefacts(weights: Path) -> list[str]:
+    """What a user might leave in a weights folder: the old default cache, checkpoints, state, logs, and a work
+    folder under another name marked with a CACHEDIR.TAG (as `train --work-dir` marks its own)."""
+    from cspine_submit.manifest import tag_cache_dir
+
+    (weights / "cache" / "abc123" / "1.2.3").mkdir(parents=True)
+    np.save(weights / "cache" / "abc123" / "1.2.3" / "C1.npy", np.zeros((2, 4, 4), np.int16))
+    (weights / "checkpoints").mkdir()
+    (weights / "checkpoints" / "C1.last.keras").write_bytes(b"x" * 10)
+    (weights / "train_state.json").write_text("{}")
+    (weights / "history.csv").write_text("vertebra,epoch\n")
+    tag_cache_dir(weights / "my_run_scratch")
+    (weights / "my_run_scratch" / "crops.npz").write_bytes(b"y" * 10)
+    return ["cache/abc123/1.2.3/C1.npy", "checkpoints/C1.last.keras", "history.csv", "my_run_scratch/CACHEDIR.TAG",
+            "my_run_scratch/crops.npz", "train_state.json"]
+
+
+def test_manifest_and_check_leave_training_artefacts_out(tmp_path, capsys):
+    from cspine_submit.cli import main
+
+    (tmp_path / "model_config.json").write_text("{}")
+    (tmp_path / "C1.keras").write_bytes(b"model")
+    planted = _plant_training_artefacts(tmp_path)
+    assert sorted(bundle.training_artefacts(tmp_path)) == sorted(planted)
+    assert main(["check", "--weights", str(tmp_path), "--write-manifest"]) == 0
+    out = capsys.readouterr().out
+    assert "left out 6 training artefact(s)" in out and "checkpoints/C1.last.keras" in out
+    data = json.loads((tmp_path / "MANIFEST.json").read_text())
+    assert sorted(data["files"]) == ["C1.keras", "model_config.json"]
+    assert bundle.verify_manifest(tmp_path, extra_ok=False) == []  # the artefacts are not "unlisted files"
+
+
 def test_committed_weights_manifest_matches():
     assert (REPO / "weights" / "MANIFEST.json").is_file()
     assert bundle.verify_manifest(REPO / "weights", extra_ok=False) == []
@@ -140,6 +173,13 @@ def test_bundle_layout_without_wheels(tmp_path):
     assert bundle.verify_manifest(out / "weights") == []
     with pytest.raises(FileExistsError):
         bundle.build_bundle(out, wheels=False, repo=repo)
+    # Training artefacts left in weights/ are neither copied nor a reason to refuse; the result names them.
+    planted = _plant_training_artefacts(repo / "weights")
+    result = bundle.build_bundle(tmp_path / "ds3", wheels=False, repo=repo)
+    assert set(planted) <= set(result.left_out)
+    assert not any((tmp_path / "ds3" / "weights" / rel).exists() for rel in planted)
+    assert not (tmp_path / "ds3" / "weights" / "cache").exists()
+    assert (tmp_path / "ds3" / "weights" / "demo" / "model_config.json").is_file()
     # A weight file changed after the manifest was written: the bundle refuses, naming it.
     (repo / "weights" / "slice_ranges.json").write_text("{}")
     with pytest.raises(ValueError, match="slice_ranges.json"):

@@ -56,6 +56,9 @@ def run(args) -> int:
         print(f"error: {exc}")
         return 1
     print(f"wrote {result.out} (dataset id {result.dataset_id})")
+    if result.left_out:
+        print(f"left out {len(result.left_out)} training artefact(s) found under weights/ (not needed for "
+              f"inference): {', '.join(result.left_out[:5])}{' ...' if len(result.left_out) > 5 else ''}")
     for w in result.wheels:
         print(f"  wheel {w.name}")
     for note in result.wheel_errors:

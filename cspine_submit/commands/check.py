@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from cspine_submit import bundle, reproduce
+    from cspine_submit import manifest, reproduce
     from cspine_submit.pipeline import default_weights_dir
 
     weights = args.weights or default_weights_dir()
@@ -33,8 +33,12 @@ def run(args) -> int:
         print(f"wrote {reproduce.write_golden(target)}")
         return 0
     if args.write_manifest:
-        path = bundle.write_manifest(weights)
+        path = manifest.write_manifest(weights, created_by="cspine-submit check --write-manifest")
+        left_out = manifest.training_artefacts(weights)
         print(f"wrote {path}")
+        if left_out:
+            print(f"left out {len(left_out)} training artefact(s) (cache, checkpoints, train state, logs; not "
+                  f"needed for inference): {', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''}")
         return 0
     result = reproduce.run_check(weights, golden=not args.no_golden)
     for title, rows in (("environment", result.environment), ("decoders", result.decoders)):

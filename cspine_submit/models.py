@@ -9,8 +9,10 @@ Architectures (:data:`ARCHITECTURES`, one factory :func:`build_classifier`):
 
 Loading (:func:`load_classifiers`): the architecture named by ``model_config.json`` is rebuilt and the weights
 are read into it from ``.keras``, Keras-3 ``.h5``, ``.weights.h5`` or Keras-2-era full-model ``.h5`` files (the
-seed notebook's ``spine_C1.h5`` ... ``spine_C7.h5``; Keras 3 cannot always deserialize their stored configs,
-but their weights load bit-exactly into the rebuilt network). A folder with only those seven files and no
+seed notebook's ``spine_C1.h5`` ... ``spine_C7.h5``, whose ``Sequential`` holds the whole ResNet50 as one nested
+layer; Keras 3 cannot always deserialize their stored configs, nor pair a nested layer's weights, so
+:func:`read_h5_layer_weights` reads them per layer and :func:`set_weights_by_layer` copies them bit-exactly into
+the rebuilt network). A folder with only those seven files and no
 config uses :data:`NOTEBOOK_CONFIG` and says so with a :class:`DefaultConfigWarning`.
 
 Scoring (:func:`score`): one compiled ``tf.function`` per model, batches padded to a power-of-two size (so a
@@ -298,16 +300,33 @@ def inspect_model_file(path: str | Path) -> dict:
     return info
 
 
+def _config_layers(model_config: dict) -> list[dict]:
+    """Every layer entry of a stored model config, nested models (a Functional inside a Sequential) included."""
+    out = []
+    for layer in (model_config.get("config") or {}).get("layers") or []:
+        out.append(layer)
+        if isinstance(layer.get("config"), dict) and "layers" in layer["config"]:
+            out += _config_layers(layer)
+    return out
+
+
+def _stored_input_shape(model_config: dict, layers: list[dict]) -> tuple[int, ...] | None:
+    """The input shape (without the batch axis) a stored config declares, wherever that Keras version put it."""
+    candidates = [layer.get("config", {}) for layer in layers if layer.get("class_name") == "InputLayer"]
+    top = (model_config.get("config") or {}).get("layers") or []
+    if top:  # older Keras-2 Sequentials store the shape on their first layer instead of an InputLayer
+        candidates.append(top[0].get("config", {}))
+    candidates.append({"batch_input_shape": (model_config.get("config") or {}).get("build_input_shape")})
+    for cfg in candidates:
+        s = cfg.get("batch_input_shape") or cfg.get("batch_shape")
+        if s and len(s) > 1 and all(v is not None for v in s[1:]):
+            return tuple(int(v) for v in s[1:])
+    return None
+
+
 def _describe_config(model_config: dict) -> tuple[tuple[int, ...] | None, str | None]:
-    layers = (model_config.get("config") or {}).get("layers") or []
-    shape = None
-    for layer in layers:
-        if layer.get("class_name") == "InputLayer":
-            cfg = layer.get("config", {})
-            s = cfg.get("batch_input_shape") or cfg.get("batch_shape")
-            if s:
-                shape = tuple(int(v) for v in s[1:])
-            break
+    layers = _config_layers(model_config)
+    shape = _stored_input_shape(model_config, layers)
     classes = [layer.get("class_name") for layer in layers]
     names = {layer.get("name") or layer.get("config", {}).get("name") for layer in layers}
     resnet = "conv5_block3_out" in names
@@ -323,14 +342,92 @@ def _describe_config(model_config: dict) -> tuple[tuple[int, ...] | None, str | 
 
 def notebook_config(weights_dir: str | Path) -> ModelConfig:
     """:data:`NOTEBOOK_CONFIG`, with the input size/channels read from ``spine_C1.h5`` when it stores them."""
-    info = inspect_model_file(Path(weights_dir) / NOTEBOOK_FILES["C1"])
+    path = Path(weights_dir) / NOTEBOOK_FILES["C1"]
+    info = inspect_model_file(path)
     config = NOTEBOOK_CONFIG
     shape = info["input_shape"]
-    if shape and len(shape) == 3 and shape[0] == shape[1] and shape[0]:
+    if shape and len(shape) == 3:
+        if shape[0] != shape[1] or shape[2] not in (1, 3):
+            raise ValueError(f"{path}: its model takes input {tuple(shape)}; without a model_config.json only square "
+                             "inputs with 1 or 3 channels can be fed (write a model_config.json for this network)")
         config = config.replace(input_size=int(shape[0]), channels="single" if shape[2] == 1 else "replicate")
     if info["head"] in ("seed", "gap"):
         config = config.replace(head=info["head"])
     return config
+
+
+def _decode(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_h5_layer_weights(path: str | Path) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """The weights a Keras-2-era ``.h5`` stores, per layer, nested models flattened.
+
+    A Keras-2 full-model file keeps one HDF5 group per top-level layer. A nested model (the seed notebook's
+    ``resnet50 (Functional)`` inside its ``Sequential``) is ONE such group holding all its sub-layers' weights, named
+    ``<sub-layer>/<variable>:0``; a flat model has one group per layer, named the same way. Splitting every group
+    by the sub-layer part of the weight names gives the same list for both layouts.
+
+    Returns
+    -------
+    list of (layer name, {variable name: ndarray})
+        Weight-bearing layers in the order their first weight is stored; variable names without ``:0``
+        (``kernel``, ``bias``, ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``).
+    """
+    import h5py
+
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    with h5py.File(path, "r") as f:
+        root = f["model_weights"] if "model_weights" in f else f
+        for group_name in (_decode(n) for n in root.attrs.get("layer_names", [])):
+            group = root[group_name]
+            for weight_name in (_decode(n) for n in group.attrs.get("weight_names", [])):
+                parts = weight_name.split("/")
+                layer = parts[-2] if len(parts) > 1 else group_name
+                layers.setdefault(layer, {})[parts[-1].split(":")[0]] = np.asarray(group[weight_name])
+    return list(layers.items())
+
+
+def _weighted_layers(model) -> list:
+    """Layers that own weights, nested models flattened, in model order."""
+    out = []
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            out += _weighted_layers(layer)
+        elif layer.weights:
+            out.append(layer)
+    return out
+
+
+def set_weights_by_layer(model, stored: list[tuple[str, dict[str, np.ndarray]]], source: str = "file") -> None:
+    """Copy ``stored`` (from :func:`read_h5_layer_weights`) into ``model``, layer by layer, exactly.
+
+    Layers are paired by name first (every ResNet50 layer keeps its Keras name), and the rest in order (the head:
+    the seed notebook's ``dense``, ``dense_1`` are this package's ``fc256``, ``probability``). Within a layer,
+    variables are paired by name.
+
+    Raises
+    ------
+    ValueError
+        The layer counts, variable names or shapes differ; the message names ``source`` and the first mismatch.
+    """
+    targets = _weighted_layers(model)
+    if len(targets) != len(stored):
+        raise ValueError(f"{source}: {len(stored)} layers with weights, the rebuilt network has {len(targets)}")
+    by_name = dict(stored)
+    target_names = {t.name for t in targets}
+    rest = iter([(n, w) for n, w in stored if n not in target_names])
+    for layer in targets:
+        name, values = (layer.name, by_name[layer.name]) if layer.name in by_name else next(rest)
+        wanted = [w.name.split("/")[-1].split(":")[0] for w in layer.weights]
+        if sorted(wanted) != sorted(values):
+            raise ValueError(f"{source}: layer {name!r} stores {sorted(values)}, {layer.name!r} needs {sorted(wanted)}")
+        arrays = [values[w] for w in wanted]
+        for var, arr, w in zip(layer.weights, arrays, wanted):
+            if tuple(var.shape) != arr.shape:
+                raise ValueError(f"{source}: layer {name!r} {w} has shape {arr.shape}, {layer.name!r} needs "
+                                 f"{tuple(var.shape)}")
+        layer.set_weights(arrays)
 
 
 def load_classifier(path: str | Path, config: ModelConfig):
@@ -338,7 +435,8 @@ def load_classifier(path: str | Path, config: ModelConfig):
 
     The network is rebuilt from :data:`ARCHITECTURES` (under the config's precision policy) and the file's
     weights are read into it; this reads ``.keras``, Keras-3 ``.h5``, ``.weights.h5`` and Keras-2-era
-    full-model ``.h5`` alike. A head outside the table falls back to ``keras.models.load_model``.
+    full-model ``.h5`` alike (the latter flat or with the ResNet50 nested as one layer, as the seed notebook saved
+    it; its input size is the one stored in the file). A head outside the table falls back to ``keras.models.load_model``.
 
     Raises
     ------
@@ -365,10 +463,15 @@ def load_classifier(path: str | Path, config: ModelConfig):
         raise ValueError(f"{path}: the file holds a {info['head']!r} classifier, but model_config.json says {config.head!r}")
     model = build_classifier(config.head, config.input_shape)
     try:
-        with warnings.catch_warnings():
-            # Keras warns about optimizer variables it skips; treat any real mismatch as the error below.
-            warnings.simplefilter("ignore")
-            model.load_weights(path)
+        if info["format"] == "h5-keras2":
+            # Keras 3's load_weights pairs top-level layers only: the seed's nested resnet50 (one layer holding 106)
+            # fails it. Read the stored layers, nested or flat, and copy them in by name.
+            set_weights_by_layer(model, read_h5_layer_weights(path), str(path))
+        else:
+            with warnings.catch_warnings():
+                # Keras warns about optimizer variables it skips; treat any real mismatch as the error below.
+                warnings.simplefilter("ignore")
+                model.load_weights(path)
     except Exception as exc:  # noqa: BLE001
         raise ValueError(
             f"{path}: could not load its weights into a {config.head!r} classifier with input {config.input_shape}: {exc}"

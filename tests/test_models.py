@@ -143,6 +143,76 @@ def test_notebook_folder_without_config_uses_the_default(tmp_path):
     np.testing.assert_allclose(M.score(models, {"C7": x})["C7"], m2.predict(x, verbose=0)[:, 0], rtol=1e-6, atol=1e-7)
 
 
+def _write_seed_notebook_h5(path, shape, seed=0):
+    """An ``.h5`` exactly as the seed notebook saved its models: a tf-keras ``Sequential`` holding ResNet50 as ONE
+    nested Functional layer, then Flatten, Dense(256, relu), Dense(1, sigmoid) (its summary: resnet50 (Functional),
+    flatten, dense, dense_1). Weights are random at a He-like scale (BN statistics too) so that the output is
+    neither 0 nor 1 and every variable matters."""
+    tf_keras = pytest.importorskip("tf_keras")
+    base = tf_keras.applications.ResNet50(include_top=False, weights=None, input_shape=tuple(shape))
+    m2 = tf_keras.Sequential([base, tf_keras.layers.Flatten(), tf_keras.layers.Dense(256, activation="relu"),
+                              tf_keras.layers.Dense(1, activation="sigmoid")])
+    m2.compile(optimizer="adam", loss="binary_crossentropy")
+    rng = np.random.default_rng(seed)
+    new = []
+    for v, w in zip(m2.weights, m2.get_weights()):
+        if "moving_variance" in v.name or "gamma" in v.name:
+            new.append(rng.uniform(0.8, 1.2, w.shape).astype(w.dtype))
+        elif "kernel" in v.name:
+            new.append(rng.normal(0, np.sqrt(1.0 / np.prod(w.shape[:-1])), w.shape).astype(w.dtype))
+        else:
+            new.append(rng.normal(0, 0.05, w.shape).astype(w.dtype))
+    m2.set_weights(new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m2.save(path)
+    return m2
+
+
+def test_seed_notebook_nested_h5_folder_loads_and_predicts_like_tf_keras(tmp_path):
+    # The issue's reproduction: the seed's own files (nested resnet50 layer), no model_config.json, a small input.
+    shape = (40, 40, 1)  # not 512: the size must come from the file
+    m2 = _write_seed_notebook_h5(tmp_path / "spine_C1.h5", shape, seed=7)
+    assert [layer.name for layer in m2.layers] == ["resnet50", "flatten", "dense", "dense_1"]
+    for v in VERTEBRAE[1:]:
+        (tmp_path / f"spine_{v}.h5").symlink_to(tmp_path / "spine_C1.h5")
+    info = M.inspect_model_file(tmp_path / "spine_C4.h5")
+    assert info["format"] == "h5-keras2" and info["input_shape"] == shape and info["head"] == "seed"
+    x = _x(shape, 6, seed=8)
+    want = m2.predict(x, verbose=0)[:, 0]
+    assert want.std() > 1e-3 and np.all((want > 0.01) & (want < 0.99))  # a comparison that can fail
+    with pytest.warns(M.DefaultConfigWarning):
+        config, models = M.load_classifiers(tmp_path, vertebrae=("C4",))
+    assert config.head == "seed" and config.input_shape == shape and M.is_default_config(config)
+    got = M.score(models, {"C4": x}, batch_size=4)["C4"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # Every stored variable arrived unchanged (the ResNet50 ones by name, the head by order).
+    stored = dict(M.read_h5_layer_weights(tmp_path / "spine_C4.h5"))
+    assert len(stored) == 106 + 2  # 53 conv and 53 BN layers in ResNet50, then dense and dense_1
+    np.testing.assert_array_equal(models["C4"].get_layer("conv5_block3_3_bn").get_weights()[3],
+                                  stored["conv5_block3_3_bn"]["moving_variance"])
+    np.testing.assert_array_equal(models["C4"].get_layer("probability").get_weights()[0], stored["dense_1"]["kernel"])
+
+
+def test_keras2_h5_of_another_network_is_a_clear_error(tmp_path):
+    m2 = _write_keras2_h5(tmp_path / "C1.h5", "tiny", SHAPE, seed=2)
+    stored = M.read_h5_layer_weights(tmp_path / "C1.h5")
+    model = M.build_classifier("tiny", SHAPE)
+    with pytest.raises(ValueError, match="X.h5: 4 layers with weights"):
+        M.set_weights_by_layer(model, stored[:4], "X.h5")
+    bad = [(n, dict(w)) for n, w in stored]
+    bad[0][1]["kernel"] = bad[0][1]["kernel"][..., :3]
+    with pytest.raises(ValueError, match=r"X.h5: layer 'conv0' kernel has shape"):
+        M.set_weights_by_layer(model, bad, "X.h5")
+    M.set_weights_by_layer(model, stored, "X.h5")
+    _assert_same_weights(model, m2)
+    # A seed folder whose network takes a non-square input cannot be fed square crops: said, naming the file.
+    for v in VERTEBRAE:
+        _write_keras2_h5(tmp_path / f"spine_{v}.h5", "tiny", (32, 48, 1)) if v == "C1" else None
+    with pytest.raises(ValueError, match=r"spine_C1.h5: its model takes input \(32, 48, 1\)"):
+        M.notebook_config(tmp_path)
+
+
 def test_missing_and_corrupt_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_config.json"):
         M.load_classifiers(tmp_path)
@@ -181,18 +251,18 @@ def test_score_pads_batches_and_keeps_order():
 
 @pytest.mark.slow
 def test_keras2_seed_at_512_loads_exactly(tmp_path):
-    # The real notebook path: a Keras-2 seed ResNet50 at 512x512x1 named spine_C*.h5, no config.
+    # The real notebook path: the seed's Sequential(resnet50 nested, flatten, dense, dense_1) at 512x512x1 named
+    # spine_C*.h5, no config.
     x = _x((512, 512, 1), 2)
-    m2 = _write_keras2_h5(tmp_path / "spine_C1.h5", "seed", (512, 512, 1), seed=6)
+    m2 = _write_seed_notebook_h5(tmp_path / "spine_C1.h5", (512, 512, 1), seed=6)
     want = m2.predict(x, verbose=0)[:, 0]
     for v in VERTEBRAE[1:]:
         (tmp_path / f"spine_{v}.h5").symlink_to(tmp_path / "spine_C1.h5")
     with pytest.warns(M.DefaultConfigWarning):
         config, models = M.load_classifiers(tmp_path, vertebrae=("C1",))
     assert config.input_shape == (512, 512, 1) and config.head == "seed"
-    assert models["C1"].count_params() == 157_799_681
-    _assert_same_weights(models["C1"], m2)
-    np.testing.assert_allclose(M.score(models, {"C1": x}, batch_size=2)["C1"], want, rtol=1e-5, atol=1e-6)
+    assert models["C1"].count_params() == m2.count_params() == 157_799_681
+    np.testing.assert_allclose(M.score(models, {"C1": x}, batch_size=2)["C1"], want, rtol=0, atol=1e-5)
 
 
 _MIRRORED_SCRIPT = r"""

@@ -18,7 +18,7 @@ import numpy as np
 
 from cspine_submit.config import ModelConfig
 from cspine_submit.dicom import read_slices, scan_study
-from cspine_submit.ranges import (
+from cspine_submit.localize import (
     METHODS,
     evaluate_ranges,
     load_truths,

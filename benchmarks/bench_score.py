@@ -41,7 +41,7 @@ def bench_score(head, shape, batch_size, n_batches):
 def bench_crop(k=15, rows=512, input_size=256, channels="windows"):
     from cspine_submit.config import ModelConfig
     from cspine_submit.crop import prepare_crops, slices_needed
-    from cspine_submit.ranges import CropPlan
+    from cspine_submit.localize import CropPlan
 
     cfg = ModelConfig(input_size=input_size, channels=channels)
     plan = CropPlan("C3", tuple(range(10, 10 + 2 * k, 2)), (150, 160, 330, 350))

@@ -128,7 +128,7 @@ def decode_limit(folder: Path, ranges, config: ModelConfig) -> tuple[float, floa
     from pydicom.pixels import pixel_array
 
     from cspine_submit import crop, dicom
-    from cspine_submit.ranges import plan_crops
+    from cspine_submit.localize import plan_crops
 
     header = dicom.scan_study(folder)
     needed = crop.slices_needed(plan_crops(header, ranges, config), config, header.n_slices)
@@ -167,7 +167,7 @@ def naive_per_study(folder: Path, config: ModelConfig, models: dict) -> tuple[di
     import pydicom
 
     from cspine_submit import aggregate, crop
-    from cspine_submit.ranges import CropPlan
+    from cspine_submit.localize import CropPlan
 
     sec = dict.fromkeys(("scan", "plan", "decode", "crop", "score", "aggregate"), 0.0)
     t = time.perf_counter()
@@ -310,7 +310,7 @@ def run_benchmark(n_studies: int = 3, size: int = 512, slices: int = 300, input_
 
     from cspine_submit import dicom, submission
     from cspine_submit.pipeline import prepare_run, run_submission
-    from cspine_submit.ranges import load_ranges
+    from cspine_submit.localize import load_ranges
 
     say = progress or (lambda _msg: None)
     own_tmp = work_dir is None

@@ -235,7 +235,7 @@ class SliceRanges(_JsonFile):
     Attributes
     ----------
     method : str
-        Normalisation the planner uses along z (:data:`cspine_submit.ranges.METHODS`): ``fraction`` of the study's
+        Normalisation the planner uses along z (:data:`cspine_submit.localize.METHODS`): ``fraction`` of the study's
         z-extent, ``mm_top`` (mm below the first slice) or ``profile`` (mm from the column centre found by aligning
         a learned image profile; needs ``extra["profile_template"]``).
     layout : str

@@ -2,7 +2,7 @@
 
 Every constant comes from :class:`~cspine_submit.config.ModelConfig`; nothing here has its own.
 
-For each centre slice of a :class:`~cspine_submit.ranges.CropPlan`:
+For each centre slice of a :class:`~cspine_submit.localize.CropPlan`:
 
 1. **Box.** The plan's in-plane box ``(y0, x0, y1, x1)`` (half-open pixels) is grown into a *square* centred
    on the box centre, side ``round(max(h, w) * (1 + 2 * crop_margin))`` (at least 1). Square, so that the
@@ -31,7 +31,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from cspine_submit.config import ModelConfig
-from cspine_submit.ranges import CropPlan
+from cspine_submit.localize import CropPlan
 
 PAD_HU: float = -1024.0
 """HU written where the crop square leaves the image (air)."""

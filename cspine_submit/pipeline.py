@@ -96,7 +96,7 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
     StudyFailure
         Message ``"<stage>: <what went wrong>"``.
     """
-    from cspine_submit import crop, dicom, ranges
+    from cspine_submit import crop, dicom, localize
 
     seconds: dict[str, float] = {}
     stage = "scan"
@@ -118,14 +118,14 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
         elif job.ranges.method == "profile":
             # The profile planner needs a few decoded cue slices: decode them here, so that they count as slices
             # read and so that the crops below reuse those the plans also need instead of decoding them again.
-            cue_indices = np.asarray(ranges.study_cue_indices(header, job.ranges), dtype=np.int64)
+            cue_indices = np.asarray(localize.study_cue_indices(header, job.ranges), dtype=np.int64)
             cue_slices = dicom.read_slices(header, cue_indices)
-            cue = ranges.measure_cue(header, job.ranges, slices=cue_slices)
+            cue = localize.measure_cue(header, job.ranges, slices=cue_slices)
             if cue.fallback:
                 warnings.append(f"planner: {cue.fallback}")
-            plans = ranges.plan_crops(header, job.ranges, job.config, cue=cue)
+            plans = localize.plan_crops(header, job.ranges, job.config, cue=cue)
         else:
-            plans = ranges.plan_crops(header, job.ranges, job.config)
+            plans = localize.plan_crops(header, job.ranges, job.config)
         plans = {v: p for v, p in plans.items() if v in job.vertebrae and len(p.slice_indices)}
         seconds["plan"] = time.perf_counter() - t
         stage, t = "read", time.perf_counter()
@@ -326,7 +326,7 @@ def load_ranges_for(weights_dir: Path) -> tuple[SliceRanges, Path, list[str]]:
         notes.append(f"{path} not found; using the default slice ranges {fallback}")
         path = fallback
     try:
-        from cspine_submit.ranges import load_ranges
+        from cspine_submit.localize import load_ranges
 
         ranges = load_ranges(path)
     except ImportError:

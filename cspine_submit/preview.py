@@ -113,7 +113,7 @@ def _coronal_row(slices: np.ndarray, indices: np.ndarray, plans: Mapping, rows: 
     front of or behind the column and the coronal panel would show no spine. Counted on the subset slices inside
     the planned ranges (all subset slices when none is), over the union of the boxes; the box centre when no bone.
     """
-    from cspine_submit.ranges import BONE_HU
+    from cspine_submit.localize import BONE_HU
 
     boxes = [p.box for p in plans.values()]
     if not boxes:
@@ -274,11 +274,11 @@ def preview_study(
     """
     from cspine_submit.config import ModelConfig
     from cspine_submit.dicom import read_slices, scan_study
-    from cspine_submit.ranges import measure_cue, plan_crops
+    from cspine_submit.localize import measure_cue, plan_crops
 
     if ranges is None:
         from cspine_submit.pipeline import default_weights_dir
-        from cspine_submit.ranges import load_ranges
+        from cspine_submit.localize import load_ranges
 
         ranges = load_ranges(default_weights_dir() / "slice_ranges.json")
     header = scan_study(study_dir)

@@ -434,7 +434,7 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
                               f"{' ...' if len(existing) > 4 else ''}); resume the run, remove them, or choose another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from cspine_submit.ranges import load_ranges
+    from cspine_submit.localize import load_ranges
 
     load_ranges(ranges_path)  # fail early on a bad ranges file
     labels = td.read_train_labels(data_dir)

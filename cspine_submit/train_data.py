@@ -1,6 +1,6 @@
 """Training data: labels, the study split, the per-study crop cache and the streaming tf.data pipeline.
 
-Crops are made by exactly the inference path: ``dicom.scan_study`` -> ``ranges.plan_crops`` ->
+Crops are made by exactly the inference path: ``dicom.scan_study`` -> ``localize.plan_crops`` ->
 ``crop.slices_needed`` -> ``dicom.read_slices`` -> ``crop.prepare_crops``. Each study's crops are cached once
 on disk (``<cache>/<uid>/<vertebra>.npy``, float16, plus ``meta.json``); training streams them back through
 memory maps, so the data set is never held in memory.
@@ -198,16 +198,16 @@ def cache_study(job: CacheJob) -> dict:
     Returns the meta dict: ``uid``, ``n_slices``, ``vertebrae`` -> ``{slice_indices, slice_numbers, box, file}``.
     Already cached studies are returned from their meta.json without work.
     """
-    from cspine_submit import crop, dicom, ranges
+    from cspine_submit import crop, dicom, localize
 
     out = Path(job.out_dir) / job.uid
     meta_path = out / "meta.json"
     if meta_path.is_file():
         return json.loads(meta_path.read_text())
     config = ModelConfig(**json.loads(job.config_json))
-    slice_ranges = ranges.load_ranges(job.ranges_path)
+    slice_ranges = localize.load_ranges(job.ranges_path)
     header = dicom.scan_study(job.folder)
-    plans = ranges.plan_crops(header, slice_ranges, config)
+    plans = localize.plan_crops(header, slice_ranges, config)
     needed = crop.slices_needed(plans, config, header.n_slices)
     slices = dicom.read_slices(header, needed)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")

@@ -21,7 +21,7 @@ def test_projection_matches_hand_computation():
 
 
 def test_naive_baseline_scores_every_slice_and_ours_only_the_planned(synthetic_dataset, tmp_path):
-    from cspine_submit.ranges import load_ranges
+    from cspine_submit.localize import load_ranges
 
     config = ModelConfig(head="tiny", input_size=32, slices_per_vertebra=4, trained_on="untrained")
     models = bench.make_weights(tmp_path / "w", config)

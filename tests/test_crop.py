@@ -5,7 +5,7 @@ import pytest
 
 from cspine_submit.config import ModelConfig
 from cspine_submit.crop import PAD_HU, crop_square, prepare_crops, slices_needed, window
-from cspine_submit.ranges import CropPlan
+from cspine_submit.localize import CropPlan
 
 
 def _cfg(**kw):

@@ -416,7 +416,7 @@ def test_profile_cue_slices_are_decoded_once(synthetic_info, monkeypatch):
     # them a second time, and the crops equal those built from a plain read of the needed slices.
     from cspine_submit import crop, dicom
     from cspine_submit.config import ModelConfig, VERTEBRAE
-    from cspine_submit.ranges import load_ranges
+    from cspine_submit.localize import load_ranges
 
     ranges = load_ranges(pipeline.default_weights_dir() / "demo" / "slice_ranges.json")
     assert ranges.method == "profile"
@@ -434,7 +434,7 @@ def test_profile_cue_slices_are_decoded_once(synthetic_info, monkeypatch):
     assert len(decoded) == len(set(decoded)) == prepared.slices_read
     monkeypatch.setattr(dicom, "read_slices", real_read)
     header = dicom.scan_study(folder)
-    from cspine_submit.ranges import plan_crops
+    from cspine_submit.localize import plan_crops
 
     plans = plan_crops(header, ranges, config)
     needed = crop.slices_needed(plans, config, header.n_slices)

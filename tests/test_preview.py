@@ -8,7 +8,7 @@ import pytest
 
 from cspine_submit.config import VERTEBRAE
 from cspine_submit.preview import COLOURS_BGR, LANE_W, N_LANES, render_preview, subset_indices
-from cspine_submit.ranges import CropPlan
+from cspine_submit.localize import CropPlan
 
 cv2 = pytest.importorskip("cv2")
 

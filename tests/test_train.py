@@ -76,7 +76,7 @@ def test_history_png(tmp_path):
 
 @pytest.fixture(scope="module")
 def fixture_ranges(synthetic_dataset, tmp_path_factory):
-    from cspine_submit.ranges import learn_ranges
+    from cspine_submit.localize import learn_ranges
 
     ranges, _ = learn_ranges(synthetic_dataset / "segmentations", synthetic_dataset / "train_images")
     path = tmp_path_factory.mktemp("ranges") / "slice_ranges.json"
@@ -133,7 +133,7 @@ DEMO_LIKE = dict(size=128, spacing=(1.5, 2.5), seed=5, prevalence={v: 0.35 for v
 @pytest.mark.slow
 def test_tiny_model_learns_synthetic_fractures(tmp_path):
     """Held-out vertebra-level AUC of a tiny shared model on a small synthetic set is well above chance."""
-    from cspine_submit.ranges import learn_ranges
+    from cspine_submit.localize import learn_ranges
     from cspine_submit.synthetic import generate_dataset
 
     data = tmp_path / "data"
@@ -155,7 +155,7 @@ def test_tiny_model_learns_synthetic_fractures(tmp_path):
 def test_training_crops_are_the_inference_crops(synthetic_info, fixture_ranges, tmp_path):
     """No train/serve skew: the cached training crops equal what the submission pipeline feeds the models."""
     from cspine_submit.pipeline import StudyJob, prepare_study
-    from cspine_submit.ranges import load_ranges
+    from cspine_submit.localize import load_ranges
 
     config = ModelConfig(head="tiny", input_size=32, channels="neighbours", neighbour_offset=1,
                          slices_per_vertebra=4, mixed_precision=False)

@@ -49,7 +49,7 @@ def format_table(result: dict) -> str:
 
 
 def run(args) -> int:
-    from cspine_submit.ranges import METHODS, evaluate_ranges, load_ranges, load_truths
+    from cspine_submit.localize import METHODS, evaluate_ranges, load_ranges, load_truths
 
     fixed = None
     if args.ranges is not None:

@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import datetime
 
-    from cspine_submit.ranges import learn_ranges
+    from cspine_submit.localize import learn_ranges
 
     if args.out.exists() and not args.force:
         print(f"error: {args.out} exists; use --force to overwrite")

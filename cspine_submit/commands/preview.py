@@ -38,7 +38,7 @@ def run(args) -> int:
     from cspine_submit.config import ModelConfig
     from cspine_submit.dicom import DicomReadError
     from cspine_submit.preview import preview_study
-    from cspine_submit.ranges import load_ranges
+    from cspine_submit.localize import load_ranges
 
     if args.out.exists() and not args.force:
         print(f"error: {args.out} exists; use --force to overwrite")

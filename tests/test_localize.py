@@ -1,4 +1,4 @@
-"""Slice-range learner, planner and leave-one-out evaluation."""
+"""Localization (cspine_submit.localize): mask truth, range learning, crop planning and leave-one-out evaluation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from cspine_submit.config import VERTEBRAE, ModelConfig, SliceRanges
 from cspine_submit.dicom import StudyHeader
-from cspine_submit.ranges import (
+from cspine_submit.localize import (
     CropPlan,
     MaskError,
     StudyTruth,
@@ -267,7 +267,7 @@ def _segmented(info):
 
 def test_competition_and_affine_layouts_on_normal_and_reversed_studies(synthetic_dataset, synthetic_info,
                                                                        synthetic_truth):
-    from cspine_submit.ranges import truth_from_files
+    from cspine_submit.localize import truth_from_files
 
     records = _segmented(synthetic_info)
     assert {r.spec.reversed for r in records} == {False, True}  # the fixture has both kinds among the masks
@@ -286,7 +286,7 @@ def test_renumbered_feet_to_head_copy_gives_the_same_truth(synthetic_dataset, sy
     """The same study with its files numbered the other way round: scan_study sorts by position, so the
     competition conversion (which follows the patient, not the file numbers) must give the same answer."""
     from cspine_submit.dicom import scan_study
-    from cspine_submit.ranges import truth_from_files
+    from cspine_submit.localize import truth_from_files
 
     r = next(r for r in _segmented(synthetic_info) if not r.spec.reversed)
     files = sorted(r.folder.glob("*.dcm"), key=lambda p: int(p.stem))
@@ -302,7 +302,7 @@ def test_renumbered_feet_to_head_copy_gives_the_same_truth(synthetic_dataset, sy
 
 
 def test_mask_of_another_study_is_skipped(synthetic_dataset, synthetic_info, tmp_path):
-    from cspine_submit.ranges import truth_from_files
+    from cspine_submit.localize import truth_from_files
 
     a, b = _segmented(synthetic_info)[:2]
     assert a.n_slices != b.n_slices
@@ -344,7 +344,7 @@ def test_learn_and_eval_commands(synthetic_dataset, tmp_path, capsys):
 
 
 def test_profile_planner_falls_back_on_tiny_studies():
-    from cspine_submit.ranges import measure_cue
+    from cspine_submit.localize import measure_cue
 
     rng = np.random.default_rng(7)
     ranges = ranges_from_truths([_profile_truth(i, rng) for i in range(3)], method="profile")

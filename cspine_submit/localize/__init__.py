@@ -1,0 +1,102 @@
+"""Slice ranges: learn them from segmentation masks, plan crops for a new study from its headers.
+
+Axis convention: ``volume : (z, y, x)``, z from head to feet (index 0 = most cranial slice), positions ``z_mm``
+in mm growing toward the feet (``StudyHeader.z``).
+
+Three ways to put a learned vertebra range into a new study (``SliceRanges.method``), all learned at once:
+
+``fraction``
+    Start and end of each vertebra as a fraction of the study's z-extent (0 = first slice, 1 = last). Headers
+    only. Breaks when a scan includes more or less head or chest than the training scans.
+``mm_top``
+    Start and end in mm below the first (most cranial) slice. Headers only. Right when every scan starts at the
+    same anatomical level, wrong by exactly the difference otherwise.
+``profile``
+    Start and end in mm relative to the centre of the cervical column (midway between the top of C1 and the
+    bottom of C7), with the centre found in the new study by aligning a learned z profile of two cheap image
+    features (bone area and body area per slice) to the same features measured on a few evenly spaced slices
+    (:func:`cue_indices`: at most ``cue.max_slices``, about one every ``cue.step_mm`` mm). Needs training studies
+    with images; costs those few decoded slices per study at inference.
+
+The in-plane box is learned as fractions of rows and columns and is the same for every method.
+
+One job a module, imports pointing down the list (no module imports one listed after it):
+
+``features``
+    Per-slice image features of the cue (bone and body area, bone centroids) and which slices to decode.
+``masks``
+    Mask file + study headers -> :class:`StudyTruth` (both layouts, the orientation checks).
+``learn``
+    StudyTruths -> :class:`~cspine_submit.config.SliceRanges` (extents, boxes, the profile template; JSON in).
+``plan``
+    Header + SliceRanges (+ the measured cue) -> ``{vertebra: CropPlan}``.
+``evaluate``
+    Plans vs truth -> coverage / purity / box coverage, leave-one-out.
+
+Callers import from here (``from cspine_submit.localize import plan_crops``); the names below are the public face.
+"""
+
+from cspine_submit.localize.features import (
+    BODY_HU,
+    BONE_HU,
+    DEFAULT_CUE,
+    FEATURE_STRIDE,
+    FEATURES,
+    bone_centroids,
+    column_point,
+    cue_indices,
+    slice_features,
+)
+from cspine_submit.localize.masks import (
+    MaskError,
+    StudyTruth,
+    extract_truth,
+    load_truths,
+    pair_masks,
+    truth_from_files,
+)
+from cspine_submit.localize.learn import (
+    DEFAULT_SCALES,
+    METHODS,
+    QUANTILES,
+    TEMPLATE_STEP_MM,
+    column_point_truth,
+    learn_ranges,
+    learn_template,
+    load_ranges,
+    ranges_from_truths,
+    study_coordinates,
+)
+from cspine_submit.localize.plan import (
+    BOX_MODES,
+    DEFAULT_Z_MARGIN_MM,
+    CropPlan,
+    Cue,
+    cue_from_measurements,
+    indices_in_range,
+    match_profile,
+    measure_cue,
+    plan_crops,
+    planned_box,
+    planned_ranges_mm,
+    plans_from_positions,
+    study_cue_indices,
+)
+from cspine_submit.localize.evaluate import evaluate_ranges, score_plans
+
+__all__ = [
+    # features
+    "BODY_HU", "BONE_HU", "DEFAULT_CUE", "FEATURE_STRIDE", "FEATURES",
+    "bone_centroids", "column_point", "cue_indices", "slice_features",
+    # masks
+    "MaskError", "StudyTruth", "extract_truth", "load_truths", "pair_masks", "truth_from_files",
+    # learn
+    "DEFAULT_SCALES", "METHODS", "QUANTILES", "TEMPLATE_STEP_MM",
+    "column_point_truth", "learn_ranges", "learn_template", "load_ranges", "ranges_from_truths", "study_coordinates",
+    # plan
+    "BOX_MODES", "DEFAULT_Z_MARGIN_MM", "CropPlan", "Cue", "cue_from_measurements", "indices_in_range",
+    "match_profile", "measure_cue", "plan_crops", "planned_box", "planned_ranges_mm", "plans_from_positions",
+    "study_cue_indices",
+    # evaluate
+    "evaluate_ranges", "score_plans",
+]

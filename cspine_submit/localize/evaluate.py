@@ -1,0 +1,141 @@
+"""Scoring plans against truth: coverage, purity and box coverage per vertebra, and leave-one-out evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from cspine_submit.config import VERTEBRAE, SliceRanges
+from cspine_submit.localize.features import cue_indices
+from cspine_submit.localize.learn import ranges_from_truths
+from cspine_submit.localize.masks import StudyTruth
+from cspine_submit.localize.plan import (
+    DEFAULT_Z_MARGIN_MM,
+    CropPlan,
+    cue_from_measurements,
+    plans_from_positions,
+)
+
+def score_plans(truth: StudyTruth, plans: Mapping[str, CropPlan]) -> dict[str, dict[str, float]]:
+    """Coverage, purity and box coverage of one study's plans against its truth (pure).
+
+    coverage
+        Share of the vertebra's true slices inside the planned range (first to last planned slice).
+    purity
+        Share of the planned slices that contain the vertebra.
+    box_coverage
+        Share of the vertebra's mask voxels whose (y, x) lies inside the planned box.
+    """
+    out = {}
+    for v in VERTEBRAE:
+        first, last = truth.z_ranges[v]
+        plan = plans[v]
+        idx = np.asarray(plan.slice_indices)
+        p_lo, p_hi = int(idx.min()), int(idx.max())
+        true_n = last - first + 1
+        overlap = max(0, min(last, p_hi) - max(first, p_lo) + 1)
+        coverage = overlap / true_n
+        purity = float(np.mean((idx >= first) & (idx <= last)))
+        y0, x0, y1, x1 = truth.boxes[v]
+        foot = truth.footprints[v]
+        by0, bx0, by1, bx1 = plan.box
+        iy0, ix0 = max(by0, y0) - y0, max(bx0, x0) - x0
+        iy1, ix1 = min(by1, y1) - y0, min(bx1, x1) - x0
+        inside = foot[iy0:iy1, ix0:ix1].sum() if iy1 > iy0 and ix1 > ix0 else 0
+        out[v] = {"coverage": float(coverage), "purity": purity, "box_coverage": float(inside / foot.sum())}
+    return out
+
+
+def evaluate_ranges(
+    truths: Sequence[StudyTruth],
+    method: str | None = None,
+    k: int = 15,
+    z_margin_mm: float = DEFAULT_Z_MARGIN_MM,
+    layout: str = "competition",
+    box_mode: str = "auto",
+    box_quantiles: tuple[str, str] = ("q10", "q90"),
+    ranges: SliceRanges | None = None,
+) -> dict[str, Any]:
+    """Leave-one-out evaluation: learn from all studies but one, plan the one left out, score against its mask.
+
+    With ``ranges`` given, no learning: every study is planned with those ranges (to check a shipped
+    ``slice_ranges.json`` against new masks).
+
+    Parameters
+    ----------
+    truths : list of StudyTruth
+        At least two. For ``profile`` they need image profiles; the cue is measured from the left-out study's own
+        profile at :func:`cue_indices` (the slices the planner would decode).
+    method : str, optional
+        Default: ``profile`` when every truth has a profile, else ``fraction``.
+    k : int
+        Slices per vertebra (``ModelConfig.slices_per_vertebra``).
+    z_margin_mm, box_mode, box_quantiles
+        As for :func:`plans_from_positions`.
+    ranges : SliceRanges, optional
+        Fixed ranges to evaluate instead of leave-one-out learning (``method`` defaults to ``ranges.method``).
+
+    Returns
+    -------
+    dict
+        ``{"method", "n_studies", "per_vertebra": {v: {"coverage", "purity", "box_coverage"}}, "mean": {...},
+        "mean_box_area" (planned box area as a share of the image, mean over vertebrae and studies), "per_study": {uid: {v: {...}}}, "anchor_error_mm": [...] (profile only)}``.
+    """
+    if ranges is None and len(truths) < 2:
+        raise ValueError(f"leave-one-out needs at least 2 masks, got {len(truths)}")
+    if not truths:
+        raise ValueError("no masks to evaluate")
+    if method is None:
+        if ranges is not None:
+            method = ranges.method
+        else:
+            method = "profile" if all(t.profile is not None for t in truths) else "fraction"
+    if method == "profile" and any(t.profile is None for t in truths):
+        raise ValueError("method 'profile' needs the studies' images (--images) to measure the cue")
+    if ranges is not None and method not in ranges.extra.get("methods", [ranges.method]):
+        raise ValueError(f"the given ranges have no {method!r} data (learned: {ranges.extra.get('methods')})")
+    per_study: dict[str, dict[str, dict[str, float]]] = {}
+    anchor_errors: list[float | None] = []
+    box_areas: list[float] = []
+    for i, held in enumerate(truths):
+        if ranges is not None:
+            learned = ranges
+        else:
+            learned = ranges_from_truths([t for j, t in enumerate(truths) if j != i], method=method, layout=layout)
+        anchor = point = None
+        scale = 1.0
+        if method == "profile":
+            idx = cue_indices(held.n_slices, held.z_mm, learned.extra.get("cue"))
+            cue = cue_from_measurements(held.z_mm[idx], held.profile[idx],
+                                        None if held.centroids is None else held.centroids[idx], learned,
+                                        (held.z_mm[0], held.z_mm[-1]), idx)
+            anchor, point, scale = cue.anchor_mm, cue.point, cue.scale
+            anchor_errors.append(None if anchor is None else float(anchor - held.anchor_mm))
+        plans = plans_from_positions(held.z_mm, held.rows, held.cols, learned, k, z_margin_mm, method, anchor,
+                                     pixel_spacing=held.spacing[1:], point=point, box_mode=box_mode,
+                                     box_quantiles=box_quantiles, scale=scale)
+        key = held.uid or f"study{i}"
+        per_study[key] = score_plans(held, plans)
+        box_areas.extend((p.box[2] - p.box[0]) * (p.box[3] - p.box[1]) / (held.rows * held.cols) for p in plans.values())
+    keys = ("coverage", "purity", "box_coverage")
+    per_vertebra = {
+        v: {key: float(np.mean([s[v][key] for s in per_study.values()])) for key in keys} for v in VERTEBRAE
+    }
+    mean = {key: float(np.mean([per_vertebra[v][key] for v in VERTEBRAE])) for key in keys}
+    result: dict[str, Any] = {
+        "method": method,
+        "leave_one_out": ranges is None,
+        "n_studies": len(truths),
+        "k": k,
+        "z_margin_mm": z_margin_mm,
+        "box_mode": box_mode,
+        "per_vertebra": per_vertebra,
+        "mean": mean,
+        "mean_box_area": float(np.mean(box_areas)),
+        "per_study": per_study,
+    }
+    if method == "profile":
+        result["anchor_error_mm"] = anchor_errors
+    return result

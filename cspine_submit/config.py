@@ -39,6 +39,10 @@ TRAIN_PREVALENCE: dict[str, float] = {
 }
 """Share of positive labels in the competition's train.csv (2019 studies); the default priors."""
 
+CROP_CODE_SCALE: int = 65535
+"""Model inputs (in [0, 1]) cross process boundaries as uint16 ``round(x * CROP_CODE_SCALE)``: half the bytes of
+float32, at most 7.7e-6 off (:func:`cspine_submit.crop.encode_crops`; the scoring side converts back)."""
+
 CHANNEL_MODES: tuple[str, ...] = ("single", "replicate", "windows", "neighbours")
 """How an HU slice becomes model channels: one window (1 channel); one window replicated to 3 channels
 (for ImageNet backbones); one channel per window in ``windows``; or 2.5D, the slice and its neighbours at

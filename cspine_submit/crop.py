@@ -30,7 +30,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from cspine_submit.config import ModelConfig
+from cspine_submit.config import CROP_CODE_SCALE, ModelConfig
 from cspine_submit.localize import CropPlan
 
 PAD_HU: float = -1024.0
@@ -203,3 +203,25 @@ def prepare_crops(slices: np.ndarray, slice_indices, plan: CropPlan, config: Mod
     if config.channels == "replicate":
         chans = chans * 3
     return np.ascontiguousarray(np.stack(chans, axis=-1), dtype=np.float32)
+
+
+def encode_crops(crops: np.ndarray) -> np.ndarray:
+    """Model input in [0, 1] -> uint16 fixed point, the compact form crops take between processes.
+
+    Parameters
+    ----------
+    crops : (k, S, S, C) ndarray of float32 in [0, 1]
+
+    Returns
+    -------
+    (k, S, S, C) ndarray of uint16
+        ``round(crops * CROP_CODE_SCALE)``; :func:`decode_crops` (or the scoring function, on the device) maps it
+        back within ``0.5 / CROP_CODE_SCALE`` (7.7e-6).
+    """
+    x = np.asarray(crops, dtype=np.float32)
+    return np.rint(np.clip(x, 0.0, 1.0) * np.float32(CROP_CODE_SCALE)).astype(np.uint16)
+
+
+def decode_crops(code: np.ndarray) -> np.ndarray:
+    """uint16 fixed point (:func:`encode_crops`) -> float32 model input in [0, 1]."""
+    return np.asarray(code, dtype=np.float32) * np.float32(1.0 / CROP_CODE_SCALE)

@@ -17,7 +17,9 @@ config uses :data:`NOTEBOOK_CONFIG` and says so with a :class:`DefaultConfigWarn
 
 Scoring (:func:`score`): one compiled ``tf.function`` per model, batches padded to a power-of-two size (so a
 model is traced at most ``log2(batch_size) + 1`` times), float16 compute on GPUs that benefit when the config
-asks, every visible GPU through ``tf.distribute.MirroredStrategy`` when there are several, CPU otherwise.
+asks. With several GPUs the classifiers are spread over them round-robin by vertebra (:func:`plan_devices`) and
+the devices score concurrently; each batch goes to one device only. Crops may arrive as uint16 fixed point
+(what worker processes send) and are converted on the device.
 
 TensorFlow / Keras are imported inside functions: importing this module is cheap.
 """
@@ -34,7 +36,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cspine_submit.config import VERTEBRAE, ModelConfig
+from cspine_submit.config import CROP_CODE_SCALE, VERTEBRAE, ModelConfig
 
 NOTEBOOK_FILES: dict[str, str] = {v: f"spine_{v}.h5" for v in VERTEBRAE}
 """The seed notebook's classifier file names."""
@@ -237,6 +239,108 @@ def distribution_strategy():
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(len(gpus))])
     return tf.distribute.get_strategy()
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where the classifiers run, in which precision, and why.
+
+    Attributes
+    ----------
+    kind : "GPU" or "CPU"
+    devices : tuple of str
+        TensorFlow logical device names the classifiers are placed on (``/device:GPU:0`` ...).
+    names : tuple of str
+        What each device is (GPU model and compute capability).
+    precision : str
+        Keras dtype policy of the classifiers: ``mixed_float16`` or ``float32``.
+    strategy : str
+        How the seven classifiers share the devices.
+    why : tuple of str
+        Why this device kind and precision (e.g. no GPU visible to TensorFlow, and why not).
+    """
+
+    kind: str
+    devices: tuple[str, ...]
+    names: tuple[str, ...]
+    precision: str
+    strategy: str
+    why: tuple[str, ...] = ()
+
+    def device_for(self, vertebra: str) -> str:
+        """The device of one vertebra's classifier: round-robin in C1..C7 order (C1, C3, C5, C7 on the first of two)."""
+        i = VERTEBRAE.index(vertebra) if vertebra in VERTEBRAE else 0
+        return self.devices[i % len(self.devices)]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "devices": list(self.devices), "names": list(self.names),
+                "precision": self.precision, "strategy": self.strategy, "why": list(self.why),
+                "placement": {v: self.device_for(v) for v in VERTEBRAE}}
+
+    def summary(self) -> str:
+        """One line for the console."""
+        return (f"{self.kind} ({', '.join(self.names)}), precision {self.precision}, {self.strategy}"
+                + (f"; {'; '.join(self.why)}" if self.why else ""))
+
+
+def no_gpu_reasons() -> list[str]:
+    """Why TensorFlow sees no GPU, as far as this machine tells (empty when it sees one)."""
+    import os
+
+    import tensorflow as tf
+
+    if gpu_devices():
+        return []
+    reasons = []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        reasons.append(f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU")
+    if not tf.test.is_built_with_cuda():
+        reasons.append(f"this TensorFlow {tf.__version__} build has no CUDA support")
+    if Path("/proc/driver/nvidia").exists() or Path("/dev/nvidia0").exists():
+        reasons.append("an NVIDIA GPU is present but TensorFlow cannot use it (CUDA/cuDNN libraries missing or not "
+                       "matching this TensorFlow; run with --verbose to see TensorFlow's own messages)")
+    elif not reasons:
+        reasons.append("no NVIDIA GPU in this machine (on Kaggle: notebook Settings > Accelerator > GPU)")
+    return reasons
+
+
+def plan_devices(config: ModelConfig | None = None) -> DevicePlan:
+    """Decide where the classifiers run: every visible GPU, else every logical CPU device, one classifier per device
+    in turn (no MirroredStrategy: each batch goes to one device only, each model's weights live once).
+
+    Several CPU devices appear only when a program splits the CPU into logical devices (tests do, to stand in for
+    two GPUs).
+    """
+    import tensorflow as tf
+
+    gpus = gpu_devices()
+    why: list[str] = []
+    if gpus:
+        kind = "GPU"
+        names = []
+        for gpu in gpus:
+            details = tf.config.experimental.get_device_details(gpu)
+            cc = details.get("compute_capability")
+            names.append(f"{details.get('device_name', gpu.name)}" + (f" (compute capability {cc[0]}.{cc[1]})" if cc else ""))
+    else:
+        kind = "CPU"
+        why += [f"no GPU visible to TensorFlow: {r}" for r in no_gpu_reasons()]
+    devices = tuple(d.name for d in tf.config.list_logical_devices(kind))
+    if kind == "CPU":
+        import os
+
+        names = [f"{len(devices)} logical CPU device(s) on {os.cpu_count()} cores"]
+    policy = "float32" if config is None else precision_policy(config)
+    if config is not None:
+        if not config.mixed_precision:
+            why.append("float32: model_config.json sets mixed_precision false")
+        elif policy == "float32":
+            why.append("float32: float16 is slow on a CPU" if kind == "CPU" else
+                       "float32: a GPU below compute capability 7.0 (e.g. P100) gains nothing from float16")
+    strategy = ("one device" if len(devices) == 1 else
+                f"classifiers round-robin over {len(devices)} {kind} devices by vertebra, scored concurrently")
+    return DevicePlan(kind=kind, devices=devices, names=tuple(names), precision=policy, strategy=strategy, why=tuple(why))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -495,7 +599,8 @@ def load_classifiers(weights_dir: str | Path, vertebrae=VERTEBRAE):
     -------
     config : ModelConfig
     models : {vertebra: keras.Model}
-        Built under the config's precision policy and, with several GPUs, under a ``MirroredStrategy``.
+        Built under the config's precision policy, each on its device of :func:`plan_devices` (round-robin
+        by vertebra when there are several).
 
     Raises
     ------
@@ -521,12 +626,18 @@ def load_classifiers(weights_dir: str | Path, vertebrae=VERTEBRAE):
     missing = [v for v in vertebrae if v not in config.classifier_files]
     if missing:
         raise ValueError(f"{config_path}: classifier_files lacks {missing}")
-    strategy = distribution_strategy()
+    import tensorflow as tf
+
+    placement = plan_devices(config)
     models = {}
-    with dtype_policy(precision_policy(config)), strategy.scope():
+    with dtype_policy(placement.precision):
         for v in vertebrae:
-            members = [load_classifier(weights_dir / name, config) for name in config.classifier_paths(v)]
-            models[v] = members[0] if len(members) == 1 else average_classifiers(members, config.input_shape, v)
+            device = placement.device_for(v)
+            with tf.device(device):  # the weights are created there, once
+                members = [load_classifier(weights_dir / name, config) for name in config.classifier_paths(v)]
+                model = members[0] if len(members) == 1 else average_classifiers(members, config.input_shape, v)
+            object.__setattr__(model, _DEVICE_ATTR, device)
+            models[v] = model
     return config, models
 
 
@@ -571,6 +682,9 @@ def save_classifier(model, path: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------------------------
 # Scoring
 
+_DEVICE_ATTR = "_cspine_device"
+"""Attribute under which a loaded model keeps the device it was placed on (None: TensorFlow's default)."""
+
 _PREDICT_FN_ATTR = "_cspine_predict_fn"
 """Attribute under which a model keeps its compiled inference function. On the model itself, not in a
 module-level cache: the function refers to the model, so a cache keyed by the model would keep every model ever
@@ -598,7 +712,11 @@ _FILTER_INSTALLED = False
 
 
 def _predict_fn(model):
-    """A compiled inference function for ``model``, cached; splits batches over replicas with several GPUs."""
+    """A compiled inference function for ``model``, cached on it; runs on the model's device.
+
+    It takes float32 crops, or uint16 crops in the fixed-point code of :data:`CROP_CODE_SCALE` (what worker
+    processes send): those are converted on the device, so half the bytes also cross to the GPU.
+    """
     global _FILTER_INSTALLED
     fn = getattr(model, _PREDICT_FN_ATTR, None)
     if fn is not None:
@@ -610,29 +728,16 @@ def _predict_fn(model):
     if not _FILTER_INSTALLED:
         logging.getLogger("tensorflow").addFilter(_OwnTracesFilter())
         _FILTER_INSTALLED = True
+    device = getattr(model, _DEVICE_ATTR, None)
+    scale = 1.0 / CROP_CODE_SCALE
 
-    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
-    n_rep = strategy.num_replicas_in_sync
-    if n_rep > 1:
-
-        def replica_fn(x):
-            ctx = tf.distribute.get_replica_context()
-            per = tf.shape(x)[0] // ctx.num_replicas_in_sync
-            start = ctx.replica_id_in_sync_group * per
-            return model(x[start : start + per], training=False)
-
-        @tf.function
-        def fn(x):
-            out = strategy.run(replica_fn, args=(x,))
-            return tf.concat(strategy.experimental_local_results(out), axis=0)
-
-    else:
-
-        @tf.function
-        def fn(x):
+    @tf.function
+    def fn(x):
+        with tf.device(device):
+            if x.dtype == tf.uint16:
+                x = tf.cast(x, tf.float32) * scale
             return model(x, training=False)
 
-    fn.n_replicas = n_rep
     # object.__setattr__: Keras layers track attributes they are given; a plain function must stay untracked.
     object.__setattr__(model, _PREDICT_FN_ATTR, fn)
     return fn
@@ -643,30 +748,30 @@ def predict(model, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
 
     Parameters
     ----------
-    crops : (k, S, S, C) ndarray of float32
+    crops : (k, S, S, C) ndarray of float32 in [0, 1], or of uint16 (:func:`cspine_submit.crop.encode_crops`)
     batch_size : int
-        Crops per forward pass; the last batch is zero-padded to a power of two (a multiple of the replica
-        count with several GPUs) so that the compiled function sees few distinct shapes.
+        Crops per forward pass; the last batch is zero-padded to a power of two so that the compiled function
+        sees few distinct shapes.
 
     Returns
     -------
     (k,) ndarray of float32
     """
-    crops = np.asarray(crops, dtype=np.float32)
+    crops = np.asarray(crops)
+    if crops.dtype != np.uint16:
+        crops = crops.astype(np.float32, copy=False)
     k = crops.shape[0]
     if k == 0:
         return np.zeros((0,), dtype=np.float32)
     fn = _predict_fn(model)
-    n_rep = fn.n_replicas
     batch_size = max(int(batch_size), 1)
     out = np.empty((k,), dtype=np.float32)
     for start in range(0, k, batch_size):
         chunk = crops[start : start + batch_size]
         n = chunk.shape[0]
         size = _bucket(n, batch_size)
-        size = -(-size // n_rep) * n_rep
         if size != n:
-            chunk = np.concatenate([chunk, np.zeros((size - n,) + chunk.shape[1:], np.float32)])
+            chunk = np.concatenate([chunk, np.zeros((size - n,) + chunk.shape[1:], chunk.dtype)])
         prob = np.asarray(fn(chunk), dtype=np.float32).reshape(-1)
         out[start : start + n] = prob[:n]
     return out
@@ -692,4 +797,20 @@ def score(models: Mapping[str, Any], crops_by_vertebra: Mapping[str, np.ndarray]
     missing = [v for v in crops_by_vertebra if v not in models]
     if missing:
         raise ValueError(f"no classifier loaded for {missing}; loaded: {sorted(models)}")
-    return {v: predict(models[v], crops, batch_size) for v, crops in crops_by_vertebra.items()}
+    by_device: dict[Any, list[str]] = {}
+    for v in crops_by_vertebra:
+        by_device.setdefault(getattr(models[v], _DEVICE_ATTR, None), []).append(v)
+
+    def run(vertebrae):
+        return {v: predict(models[v], crops_by_vertebra[v], batch_size) for v in vertebrae}
+
+    if len(by_device) <= 1:
+        return run(list(crops_by_vertebra))
+    # One thread per device: a call blocks until its device is done, so the devices only overlap this way.
+    from concurrent.futures import ThreadPoolExecutor
+
+    out: dict[str, np.ndarray] = {}
+    with ThreadPoolExecutor(max_workers=len(by_device), thread_name_prefix="score") as pool:
+        for part in pool.map(run, by_device.values()):
+            out.update(part)
+    return {v: out[v] for v in crops_by_vertebra}

@@ -1,0 +1,113 @@
+"""Start-up checks that a run can be right, before any study is scored: the decoders really decode.
+
+Importing a decoder module proves little (a plugin can import and still fail, or decode to wrong values), so
+:func:`check_decoders` decodes a small JPEG Lossless (.4.70, the competition's compressed syntax) CT file shipped
+with the package, ``data/selftest_jpeg_lossless.dcm`` (a 64 x 64 crop of an MIT-licensed CT slice, see
+``data/LICENSE_cornerstone3D_MIT.txt``), and compares the HU with their known checksum; then it decodes one file
+of every transfer syntax found in the first study. A syntax nothing here can decode is a problem of the run, not of
+one study: every study using it would silently get the priors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SELFTEST_FILE = Path(__file__).resolve().parent / "data" / "selftest_jpeg_lossless.dcm"
+"""A 64 x 64 CT slice, JPEG Lossless Process 14 SV1 (1.2.840.10008.1.2.4.70), HU -3024..1261."""
+
+SELFTEST_SHA256 = "0517e6ed5f1cda91191a9822ec98cdea5e04b364f9f5c59b4a4ee98e5f04a718"
+"""sha256 of the self-test file's HU as float32 bytes (row-major): any correct lossless decoder gives these."""
+
+
+@dataclass
+class DecoderCheck:
+    """What the start-up decoding check found.
+
+    Attributes
+    ----------
+    problems : list of str
+        Why studies would be unreadable (each names the file, the transfer syntax and what to install).
+    notes : list of str
+        What was decoded, with which plugin.
+    """
+
+    problems: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _hu_digest(hu: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(hu, dtype=np.float32).tobytes()).hexdigest()
+
+
+def check_selftest(path: str | Path = SELFTEST_FILE, expected_sha256: str = SELFTEST_SHA256) -> DecoderCheck:
+    """Decode the shipped JPEG Lossless file the way the run decodes, and check its HU exactly."""
+    from cspine_submit import dicom
+
+    path = Path(path)
+    check = DecoderCheck()
+    tsyntax = "1.2.840.10008.1.2.4.70"
+    plugins = dicom.available_plugins(tsyntax)
+    try:
+        hu = dicom.decode_slice(path, tsyntax)
+    except (dicom.DicomReadError, OSError) as exc:
+        hint = "; ".join(dicom.missing_decoders([tsyntax])) or "a JPEG Lossless decoder (python-gdcm or pylibjpeg)"
+        check.problems.append(f"JPEG Lossless (.4.70) cannot be decoded here, so every compressed study would get "
+                              f"the priors: the self-test file {path} failed ({exc}). Install {hint}")
+        return check
+    if _hu_digest(hu) != expected_sha256:
+        check.problems.append(f"JPEG Lossless (.4.70) decodes to WRONG values here: the self-test file {path} gave "
+                              f"HU {float(hu.min()):.0f}..{float(hu.max()):.0f} whose checksum differs from the known "
+                              f"one (plugins tried first: {', '.join(plugins) or 'none'})")
+    else:
+        check.notes.append(f"JPEG Lossless (.4.70) self-test decoded exactly with {plugins[0] if plugins else '?'}")
+    return check
+
+
+def check_study_syntaxes(folder: str | Path) -> DecoderCheck:
+    """Decode one file of every transfer syntax found in one study (the first of the run).
+
+    A syntax with no decoder here is a problem; a file that fails for another reason (a corrupt file) is only a
+    note: that study falls back on its own, the run is not wrong.
+    """
+    from cspine_submit import dicom
+
+    check = DecoderCheck()
+    try:
+        header = dicom.scan_study(folder)
+    except Exception as exc:  # noqa: BLE001 - an unreadable first study is that study's problem
+        check.notes.append(f"first study {folder}: not scanned ({type(exc).__name__}: {exc})")
+        return check
+    first_of: dict[str, Path] = {}
+    for path, ts in zip(header.files, header.transfer_syntaxes):
+        first_of.setdefault(str(ts), Path(path))
+    for ts, path in first_of.items():
+        plugins = dicom.available_plugins(ts)
+        try:
+            dicom.decode_slice(path, ts)
+        except (dicom.DicomReadError, OSError) as exc:
+            if plugins:
+                check.notes.append(f"first study: {path} ({ts}) did not decode ({exc}); that study may fall back")
+            else:
+                check.problems.append(f"the first study's transfer syntax {ts} cannot be decoded here, so the studies "
+                                      f"using it would get the priors: {exc}")
+        else:
+            check.notes.append(f"first study: {ts} decoded with {plugins[0] if plugins else '?'} ({path.name})")
+    return check
+
+
+def check_decoders(first_study: str | Path | None = None) -> DecoderCheck:
+    """:func:`check_selftest`, then :func:`check_study_syntaxes` on ``first_study`` when given (and present)."""
+    check = check_selftest()
+    if first_study is not None and Path(first_study).is_dir():
+        more = check_study_syntaxes(first_study)
+        check.problems += more.problems
+        check.notes += more.notes
+    return check

@@ -63,3 +63,25 @@ def synthetic_truth(synthetic_info):
         return render_study(synthetic_info.record(uid).spec)
 
     return truth
+
+
+REAL_NECK_PARAMS = dict(size=128, slice_mm=1.25, seed=0)
+"""Parameters of the session's real-neck studies (keyword arguments of ``write_studies``)."""
+
+
+@pytest.fixture(scope="session")
+def real_neck_dataset(tmp_path_factory):
+    """The 11 real necks of tests/data/real_neck written as competition-style studies, cut like competition scans.
+
+    Returns ``(root, records)``: ``root/images/<uid>/``, ``root/segmentations/<uid>.nii``, ``root/studies.csv``,
+    ``root/studies.json``, ``root/test.csv``; ``records`` as ``write_studies`` returns them (per study ``name``,
+    ``uid``, ``cut``, ``reversed``, ``transfer_syntax``, ``z_ranges``, ...). 128 x 128 px, 1.25 mm slices, 6 of 11
+    numbered feet to head, 6 JPEG Lossless. Treat it as read-only.
+    """
+    from pathlib import Path
+
+    from cspine_submit.volume_study import write_studies
+
+    root = tmp_path_factory.mktemp("real_neck") / "real-necks"
+    records = write_studies(Path(__file__).parent / "data" / "real_neck", root, **REAL_NECK_PARAMS)
+    return root, records

@@ -8,9 +8,11 @@ For each centre slice of a :class:`~cspine_submit.localize.CropPlan`:
    on the box centre, side ``round(max(h, w) * (1 + 2 * crop_margin))`` (at least 1). Square, so that the
    resize below keeps the anatomy's aspect ratio. Parts of the square outside the image are filled with
    :data:`PAD_HU` (air).
-2. **Resize** the HU crop to ``input_size x input_size`` with OpenCV: ``cv2.INTER_AREA`` when shrinking
-   (it averages, so no aliasing of thin cortical bone), ``cv2.INTER_LINEAR`` when enlarging or keeping the
-   size. Resizing happens in HU, before windowing, so that every window sees the same interpolated values.
+2. **Clip** HU to the span the windows can tell apart (:func:`hu_span`: from the lowest window's bottom to the
+   highest window's top); values beyond it would window to 0 or 1 anyway. Then **resize** the HU crop to
+   ``input_size x input_size`` with OpenCV: ``cv2.INTER_AREA`` when shrinking (it averages, so no aliasing of
+   thin cortical bone), ``cv2.INTER_LINEAR`` when enlarging or keeping the size. Resizing happens in HU, before
+   windowing, so that every window sees the same interpolated values.
 3. **Window**: ``(hu - (level - width / 2)) / width``, clipped to [0, 1].
 4. **Channels** (``config.channels``):
 
@@ -22,6 +24,10 @@ For each centre slice of a :class:`~cspine_submit.localize.CropPlan`:
      index is clipped into ``[0, n_slices - 1]``), which is what :func:`slices_needed` asks the reader for.
 
 Output: ``(k, S, S, C)`` float32 in [0, 1], channels last, crop ``j`` for ``plan.slice_indices[j]``.
+
+The steps are two pure functions, so training can store what lies between them (:mod:`cspine_submit.train_data`):
+:func:`hu_squares` (box, clip, shrink: HU at ``min(side, input_size)`` pixels, the smallest exact form of the
+crop) and :func:`squares_to_input` (enlarge, window, channels). :func:`prepare_crops` is the two in a row.
 """
 
 from __future__ import annotations
@@ -152,6 +158,94 @@ def _channel_windows(config: ModelConfig) -> list[tuple[float, float]]:
     return [config.windows[0]]
 
 
+def hu_span(config: ModelConfig) -> tuple[float, float]:
+    """``(low, high)`` HU: the union of the windows the channels use (beyond it every channel is 0 or 1)."""
+    wins = _channel_windows(config)
+    return (min(level - width / 2.0 for level, width in wins), max(level + width / 2.0 for level, width in wins))
+
+
+def n_planes(config: ModelConfig) -> int:
+    """HU planes per crop before windowing: 3 slices for ``neighbours``, else 1 (the windows come from one plane)."""
+    return 3 if config.channels == "neighbours" else 1
+
+
+def hu_squares(slices: np.ndarray, slice_indices, plan: CropPlan, config: ModelConfig) -> np.ndarray:
+    """The first half of :func:`prepare_crops`: each crop's HU square(s), clipped to :func:`hu_span`, shrunk to
+    ``input_size`` when larger and otherwise left at the box's own resolution.
+
+    Parameters
+    ----------
+    slices, slice_indices, plan, config
+        As for :func:`prepare_crops`.
+
+    Returns
+    -------
+    (k, P, s, s) ndarray of float32, HU
+        ``P = n_planes(config)`` (the slice and its two neighbours for ``neighbours``, head to feet), ``s =
+        min(side, input_size)`` with ``side`` from :func:`crop_square`.
+    """
+    slices = np.asarray(slices)
+    idx = np.asarray(slice_indices, dtype=np.int64).ravel()
+    if slices.ndim != 3 or slices.shape[0] != idx.size:
+        raise ValueError(f"slices {slices.shape} and slice_indices ({idx.size},) disagree; need (m, rows, cols) and (m,)")
+    S, P = config.input_size, n_planes(config)
+    k = len(plan.slice_indices)
+    top, left, side = crop_square(plan.box, config.crop_margin)
+    s = min(side, S)
+    if k == 0:
+        return np.zeros((0, P, s, s), dtype=np.float32)
+    row_of = {int(i): r for r, i in enumerate(idx)}
+    centres = [int(i) for i in plan.slice_indices]
+    if config.channels == "neighbours":
+        lo, hi = int(idx.min()), int(idx.max())
+        # Clip into the decoded range first (== clipping to the study, see docstring), then look up.
+        wanted = np.clip(neighbour_indices(centres, config.neighbour_offset, hi + 1), lo, hi).ravel()
+    else:
+        wanted = np.asarray(centres, dtype=np.int64)
+    missing = sorted({int(i) for i in wanted if int(i) not in row_of})
+    if missing:
+        raise ValueError(f"{plan.vertebra}: slices {missing} are needed but were not decoded (have {sorted(row_of)})")
+    rows = np.array([row_of[int(i)] for i in wanted], dtype=np.int64)
+    # Crop each distinct slice once (neighbour sets overlap), clip, shrink in HU.
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    low, high = hu_span(config)
+    hu = np.clip(_extract(slices[uniq], top, left, side), low, high)
+    if side > S:
+        hu = resize_stack(hu, S)
+    return np.ascontiguousarray(hu[inverse].reshape(k, P, s, s))
+
+
+def squares_to_input(squares: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """The second half of :func:`prepare_crops`: HU squares -> model input.
+
+    Parameters
+    ----------
+    squares : (k, P, s, s) ndarray, HU
+        From :func:`hu_squares` (or the training cache, which stores them).
+    config : ModelConfig
+
+    Returns
+    -------
+    (k, S, S, C) ndarray of float32 in [0, 1]
+    """
+    squares = np.asarray(squares, dtype=np.float32)
+    k, P, s = squares.shape[0], squares.shape[1], squares.shape[-1]
+    S = config.input_size
+    if k == 0:
+        return np.zeros((0, S, S, config.n_channels), dtype=np.float32)
+    hu = squares.reshape(k * P, s, s)
+    if s != S:
+        hu = resize_stack(hu, S)  # s < S: enlarging, INTER_LINEAR
+    if config.channels == "neighbours":
+        level, width = config.windows[0]
+        out = window(hu.reshape(k, 3, S, S), level, width)
+        return np.ascontiguousarray(np.moveaxis(out, 1, -1))
+    chans = [window(hu, level, width) for level, width in _channel_windows(config)]
+    if config.channels == "replicate":
+        chans = chans * 3
+    return np.ascontiguousarray(np.stack(chans, axis=-1), dtype=np.float32)
+
+
 def prepare_crops(slices: np.ndarray, slice_indices, plan: CropPlan, config: ModelConfig) -> np.ndarray:
     """Model input for one vertebra's plan, from decoded HU slices.
 
@@ -171,38 +265,7 @@ def prepare_crops(slices: np.ndarray, slice_indices, plan: CropPlan, config: Mod
     (k, S, S, C) ndarray of float32 in [0, 1]
         ``k = len(plan.slice_indices)``, ``S = config.input_size``, ``C = config.n_channels``.
     """
-    slices = np.asarray(slices)
-    idx = np.asarray(slice_indices, dtype=np.int64).ravel()
-    if slices.ndim != 3 or slices.shape[0] != idx.size:
-        raise ValueError(f"slices {slices.shape} and slice_indices ({idx.size},) disagree; need (m, rows, cols) and (m,)")
-    S, C = config.input_size, config.n_channels
-    k = len(plan.slice_indices)
-    if k == 0:
-        return np.zeros((0, S, S, C), dtype=np.float32)
-    row_of = {int(i): r for r, i in enumerate(idx)}
-    centres = [int(i) for i in plan.slice_indices]
-    if config.channels == "neighbours":
-        lo, hi = int(idx.min()), int(idx.max())
-        # Clip into the decoded range first (== clipping to the study, see docstring), then look up.
-        wanted = np.clip(neighbour_indices(centres, config.neighbour_offset, hi + 1), lo, hi).ravel()
-    else:
-        wanted = np.asarray(centres, dtype=np.int64)
-    missing = sorted({int(i) for i in wanted if int(i) not in row_of})
-    if missing:
-        raise ValueError(f"{plan.vertebra}: slices {missing} are needed but were not decoded (have {sorted(row_of)})")
-    rows = np.array([row_of[int(i)] for i in wanted], dtype=np.int64)
-    # Crop each distinct slice once (neighbour sets overlap), resize in HU, then window.
-    uniq, inverse = np.unique(rows, return_inverse=True)
-    top, left, side = crop_square(plan.box, config.crop_margin)
-    hu = resize_stack(_extract(slices[uniq], top, left, side), S)[inverse]  # (len(wanted), S, S)
-    if config.channels == "neighbours":
-        level, width = config.windows[0]
-        out = window(hu.reshape(k, 3, S, S), level, width)
-        return np.ascontiguousarray(np.moveaxis(out, 1, -1))
-    chans = [window(hu, level, width) for level, width in _channel_windows(config)]
-    if config.channels == "replicate":
-        chans = chans * 3
-    return np.ascontiguousarray(np.stack(chans, axis=-1), dtype=np.float32)
+    return squares_to_input(hu_squares(slices, slice_indices, plan, config), config)
 
 
 def encode_crops(crops: np.ndarray) -> np.ndarray:

@@ -1,22 +1,49 @@
-"""Train the seven per-vertebra classifiers from competition-layout data (or the synthetic demo set).
+"""Train the seven per-vertebra classifiers with patient-level cross-validation, and fit their probabilities to the
+competition metric.
 
-The seed notebook's recipe is the baseline (binary cross-entropy, Adam 5e-4, batch 16, early stopping on the
-validation loss, 2/3 - 1/3 split by study), plus: augmentation (flip, small rotation/scaling, intensity jitter),
-class balancing (both classes get the same total weight), a seeded split stratified by ``patient_overall``,
-fracture-box slice labels (:mod:`cspine_submit.train_data`), tqdm bars, a history file, a validation plot, a
-vertebra-level validation AUC, and ``resume`` after an interruption.
+Recipe (``TrainOptions``): the seed notebook's network and optimiser (Adam, 5e-4 at a global batch of 16, binary
+cross-entropy) on a **fixed schedule** (``epochs``, cosine decay, the last epoch kept) with augmentation; sample
+weights as the metric weighs labels (a positive crop 2, a negative 1: ``pos_weight``), no class balancing; fracture
+box slice labels (:mod:`cspine_submit.train_data`). Then, step by step (:func:`train_classifiers`):
 
-Writes into ``out_dir``::
+1. **plan**: labels, K patient-level folds (stratified by the number of fractured vertebrae), the work folder;
+2. **cache**: every study's crops, compressed, in the work folder (:func:`cspine_submit.train_data.build_cache`);
+3. **fit**: per fold and vertebra (or one shared network per fold), train on the other folds, then predict the
+   held-out fold's slices (out-of-fold);
+4. **probabilities**: pooling (``top_k``, overall rule) and a per-label calibration fitted on the out-of-fold
+   predictions by minimising the metric (:mod:`cspine_submit.calibration`); priors = the metric-minimising
+   constants of the training labels;
+5. **write**: the classifiers (the K fold models as an ensemble per vertebra, or one model refit on every study),
+   ``model_config.json``, ``oof.csv``, ``validation.json``, ``slice_ranges.json``, ``MANIFEST.json``.
 
-    C1.keras ... C7.keras     the classifiers (no optimizer state)
-    model_config.json         the config inference reads (classifier_files, trained_on, source, and priors =
-                              the label prevalence of the training studies)
-    history.csv               vertebra, epoch, loss, auc, val_loss, val_auc, lr, seconds
-    validation.json           per-vertebra and pooled vertebra-level AUC on the held-out studies, the split
-    training_curves.png       loss and AUC per epoch (train dashed, validation solid), one colour per vertebra
-    MANIFEST.json             sha256 and size of every file above
-    train_state.json          progress, for ``resume``
-    checkpoints/              last and best model per vertebra while training (removed when a vertebra is done)
+Honest validation: the schedule is fixed, so no epoch is chosen on held-out studies (``patience > 0`` instead
+stops early on an inner split of the training folds, never on the held-out fold). ``oof.csv`` holds, for every
+study, what inference would write with models that never trained on it and pooling/calibration fitted on the other
+folds only (cross-fitting); ``validation.json``'s ``oof_score`` is the metric on exactly those rows.
+
+Ensemble, not refit, by default: it costs no extra training (a refit is one more run over every study, 1.25 fold
+runs at K = 5), averaging K models lowers the variance that a single model's log loss pays for, and the
+calibration is fitted on the very models that ship. Its price is K forward passes per crop at inference: at
+K = 5, 7 x 15 crops per study, 256 px on a T4 (about 760 img/s mixed precision, FACTS.md), about 0.7 s per study,
+17 min for 1500 studies. With the seed's 157.8 M-parameter head, 35 models do not fit a 16 GB GPU: use
+``final="refit"`` (or the GAP head) there.
+
+Multi-GPU: ``batch_size`` is per replica (16, the seed's, enough for BatchNorm statistics), the global batch is
+``batch_size x replicas`` and the learning rate scales linearly with it (Goyal et al. 2017), so 2 x T4 take two
+steps' worth of crops per step at the same per-crop learning rate.
+
+Writes into ``out_dir`` only what inference needs, plus the two validation reports::
+
+    <vertebra|all>.<fold>.keras  the classifiers (``final="refit"`` or ``folds=1``: <vertebra|all>.keras)
+    model_config.json            classifier_files, top_k, overall_rule, calibration, priors, trained_on, source
+    slice_ranges.json            a copy of the ranges the crops were planned with
+    oof.csv                      StudyInstanceUID,patient_overall,C1..C7: out-of-fold, cross-fitted
+    validation.json              oof_score, before/after calibration, baselines, per-label log loss and AUC
+    MANIFEST.json                sha256 and size of the files above
+
+and into ``work_dir`` (default ``<out_dir>.work``, beside it, tagged with a CACHEDIR.TAG) everything else:
+``cache/``, ``checkpoints/``, ``models/``, ``oof/``, ``train_state.json``, ``history.csv``,
+``training_curves.png``.
 """
 
 from __future__ import annotations
@@ -33,8 +60,10 @@ import numpy as np
 
 from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE, ModelConfig
 
-HISTORY_COLUMNS = ("vertebra", "epoch", "loss", "auc", "val_loss", "val_auc", "lr", "seconds")
-OUTPUT_FILES = ("model_config.json", "history.csv", "validation.json", "training_curves.png")
+HISTORY_COLUMNS = ("fold", "vertebra", "epoch", "loss", "auc", "val_loss", "val_auc", "lr", "seconds")
+OUTPUT_FILES = ("model_config.json", "oof.csv", "validation.json", "slice_ranges.json", "MANIFEST.json")
+REFERENCE_BATCH = 16
+"""The global batch at which ``learning_rate`` applies (the seed's); other global batches scale it linearly."""
 
 
 @dataclass(frozen=True)
@@ -45,61 +74,78 @@ class TrainOptions:
     ----------
     vertebrae : tuple of str
         Which classifiers to train.
+    folds : int
+        K of the patient-level cross-validation (5); 1 keeps a single split (``val_fraction`` held out) for quick
+        runs: then only the held-out studies get out-of-fold predictions.
+    final : str
+        What ships: ``ensemble`` (the K fold models, averaged) or ``refit`` (one more model on every study, same
+        schedule).
     epochs : int
-        Upper bound; early stopping usually ends sooner.
+        Length of the fixed schedule (or the upper bound with ``patience``).
     batch_size : int
-        The seed's 16.
+        Crops per step on each GPU replica (the seed's 16).
     learning_rate : float
-        Adam, the seed's 5e-4.
+        Adam's peak rate at a global batch of :data:`REFERENCE_BATCH`; scaled linearly with the global batch.
+    lr_schedule : str
+        ``cosine`` (decay to 0 over ``epochs``) or ``constant``.
     patience : int
-        Epochs without a better ``monitor`` value before stopping (the weights of the best epoch are kept).
+        0: the fixed schedule, last epoch kept. > 0: early stopping on an inner split (``val_fraction`` of each
+        fold's training studies), never on the held-out fold; the best epoch's weights are kept.
     monitor : str
-        ``val_loss`` (the seed's early stopping) or ``val_auc`` (slice-level AUC on the held-out studies; steadier
-        than the loss when the loss spikes on a few over-confident crops, as it does on small synthetic sets).
+        ``val_loss`` or ``val_auc`` on that inner split (with ``patience`` only).
     val_fraction : float
-        Share of studies held out, stratified by patient_overall (the seed's 1/3).
+        Held-out share for ``folds=1``, and the inner split's share with ``patience``.
     seed : int
-        Split, shuffling, augmentation and weight initialisation.
+        Folds, shuffling, augmentation and weight initialisation.
     augment : bool
+    pos_weight : float
+        Sample weight of a positive crop (negatives 1): 2, as the metric weighs a positive label.
     balance : bool
-        Give positives and negatives the same total weight.
+        Give positives and negatives the same total weight instead (the calibration then has odds of 10-30x to undo).
     shared : bool
-        Train ONE network on the crops of all selected vertebrae and save it as each vertebra's classifier
-        (7x the data per network; for small data sets such as the synthetic demo). Default: one network each.
+        Train ONE network per fold on the crops of all selected vertebrae, used as each vertebra's classifier.
     box_policy : str
         One of :data:`cspine_submit.train_data.BOX_POLICIES`.
     other_weight : float
         Weight of a fractured vertebra's crops without a box under ``box_policy="downweight"``.
+    calibrate : bool
+        Fit pooling and calibration on the out-of-fold predictions (else the config's pooling, no calibration).
     backbone_weights : str or None
         Local ImageNet weights file for ResNet50 heads (3-channel inputs only).
     workers : int
-        Processes that read and crop studies for the cache.
+        Processes that read and crop studies for the cache, and parallel loaders of the input pipeline.
     limit : int or None
         Use only the first ``limit`` studies of train.csv (smoke runs).
+    work_dir : str or None
+        Cache, checkpoints, models, state and logs; default ``<out_dir>.work``.
     cache_dir : str or None
-        Crop cache; default ``<out_dir>/cache``.
-    trained_on : str
-        Written into model_config.json: ``competition`` or ``synthetic``.
-    source : str
-        Written into model_config.json (the command line).
+        Crop cache; default ``<work_dir>/cache``.
+    trained_on, source : str
+        Written into model_config.json.
     """
 
     vertebrae: tuple[str, ...] = VERTEBRAE
-    epochs: int = 30
+    folds: int = 5
+    final: str = "ensemble"
+    epochs: int = 10
     batch_size: int = 16
     learning_rate: float = 5e-4
-    patience: int = 4
+    lr_schedule: str = "cosine"
+    patience: int = 0
     monitor: str = "val_loss"
     val_fraction: float = 1.0 / 3.0
     seed: int = 0
     augment: bool = True
-    balance: bool = True
+    pos_weight: float = 2.0
+    balance: bool = False
     shared: bool = False
     box_policy: str = "exclude"
     other_weight: float = 0.2
+    calibrate: bool = True
     backbone_weights: str | None = None
     workers: int = 2
     limit: int | None = None
+    work_dir: str | None = None
     cache_dir: str | None = None
     trained_on: str = "competition"
     source: str = ""
@@ -110,6 +156,7 @@ class TrainResult:
     """What a training run produced."""
 
     out_dir: Path
+    work_dir: Path
     config: ModelConfig
     files: dict[str, Path]
     validation: dict
@@ -117,20 +164,50 @@ class TrainResult:
     failed_studies: list = field(default_factory=list)
 
 
+def default_work_dir(out_dir: str | Path) -> Path:
+    """``<out_dir>.work``: beside the weights folder, never inside it."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.with_name(out_dir.name + ".work")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Small pure helpers
 
 
 def existing_outputs(out_dir: str | Path) -> list[Path]:
-    """The files and folders a training run writes that already exist in ``out_dir`` (other files are left alone)."""
+    """The files a training run writes that already exist in ``out_dir`` (other files are left alone)."""
     out_dir = Path(out_dir)
-    names = [f"{v}.keras" for v in VERTEBRAE] + list(OUTPUT_FILES) + [
-        "slice_ranges.json", "MANIFEST.json", "train_state.json", "checkpoints", "cache"]
-    return [out_dir / n for n in names if (out_dir / n).exists()]
+    found = [out_dir / n for n in OUTPUT_FILES if (out_dir / n).exists()]
+    found += sorted(p for p in out_dir.glob("*.keras") if p.name.split(".")[0] in VERTEBRAE + ("all",))
+    return found
+
+
+def learning_rate_at(options: TrainOptions, epoch: int, replicas: int = 1) -> float:
+    """Adam's rate for 1-based ``epoch``: scaled to the global batch, cosine-decayed over the schedule.
+
+    The cosine takes the value at the epoch's start, so epoch 1 runs at the peak and the last above 0.
+    """
+    peak = options.learning_rate * options.batch_size * max(int(replicas), 1) / REFERENCE_BATCH
+    if options.lr_schedule == "constant":
+        return float(peak)
+    frac = (epoch - 1) / max(options.epochs, 1)
+    return float(peak * 0.5 * (1.0 + np.cos(np.pi * frac)))
+
+
+def sample_weights(y: np.ndarray, w: np.ndarray, options: TrainOptions) -> np.ndarray:
+    """Per-crop loss weights: the crop's label weight times ``pos_weight`` for positives (or class balancing)."""
+    from cspine_submit.train_data import class_weights
+
+    y = np.asarray(y) > 0.5
+    w = np.asarray(w, np.float32)
+    if options.balance:
+        wn, wp = class_weights(y, w)
+        return (w * np.where(y, wp, wn)).astype(np.float32)
+    return (w * np.where(y, options.pos_weight, 1.0)).astype(np.float32)
 
 
 def read_history(path: str | Path) -> list[dict]:
-    """Rows of history.csv as dicts of floats (vertebra kept as str); [] when absent."""
+    """Rows of history.csv as dicts of floats (fold and vertebra kept as str); [] when absent."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -138,11 +215,11 @@ def read_history(path: str | Path) -> list[dict]:
         rows = list(csv.DictReader(fh))
     out = []
     for r in rows:
-        d = {"vertebra": r["vertebra"]}
-        for k in HISTORY_COLUMNS[1:]:
+        d = {"fold": r.get("fold", ""), "vertebra": r["vertebra"]}
+        for k in HISTORY_COLUMNS[2:]:
             try:
                 d[k] = float(r[k])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, KeyError):
                 d[k] = float("nan")
         d["epoch"] = int(d["epoch"])
         out.append(d)
@@ -222,7 +299,7 @@ def draw_history_png(history: Sequence[dict], path: str | Path, width: int = 900
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Training one vertebra
+# Training one unit (a vertebra, or the shared network) on one fold
 
 
 def _set_seeds(seed: int) -> None:
@@ -246,30 +323,33 @@ def _make_model(config: ModelConfig, options: TrainOptions, strategy):
     return model
 
 
-def _predict_samples(model, samples, batch_size: int) -> np.ndarray:
+def predict_samples(model, samples, config: ModelConfig) -> np.ndarray:
+    """Slice probabilities of every crop in ``samples`` (streamed from the cache in chunks of 256)."""
     from cspine_submit.models import predict
     from cspine_submit.train_data import load_crops
 
-    out = []
-    buf = []
-    for x in load_crops(samples):
+    out, buf = [], []
+    for x in load_crops(samples, config):
         buf.append(x)
         if len(buf) == 256:
-            out.append(predict(model, np.stack(buf), batch_size))
+            out.append(predict(model, np.stack(buf), config.batch_size))
             buf = []
     if buf:
-        out.append(predict(model, np.stack(buf), batch_size))
+        out.append(predict(model, np.stack(buf), config.batch_size))
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 def vertebra_level(study: np.ndarray, probs: np.ndarray, labels: dict, vertebra: str, config: ModelConfig):
     """Pool slice probabilities per study with the config's rule: ``(uids, y, p)`` for a vertebra-level AUC."""
-    from cspine_submit.aggregate import pool_slices
+    from cspine_submit.aggregate import effective_top_k, pool_slices
 
     uids = sorted(set(study))
-    p = np.array([pool_slices(probs[study == u], config.aggregation, config.top_k) for u in uids])
+    p = []
+    for u in uids:
+        s = probs[study == u]
+        p.append(pool_slices(s, config.aggregation, effective_top_k(config.top_k, s.size, config.slices_per_vertebra)))
     y = np.array([labels[u][vertebra] for u in uids])
-    return uids, y, p
+    return uids, y, np.array(p)
 
 
 def _tqdm_callback_class():
@@ -290,39 +370,39 @@ def _tqdm_callback_class():
     return TqdmBatches
 
 
-def _TqdmBatches(bar):
-    return _tqdm_callback_class()(bar)
+def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOptions, work: "WorkPaths", strategy,
+               progress: bool = True, log: Callable[[str], None] | None = None):
+    """Train one classifier (resuming from its checkpoint when one exists); returns the model to keep.
 
-
-def train_vertebra(vertebra: str, train_s, val_s, config: ModelConfig, options: TrainOptions, out_dir: Path,
-                   strategy, progress: bool = True, log: Callable[[str], None] | None = None):
-    """Train one classifier (resuming from its checkpoint when one exists); returns the best model."""
+    Parameters
+    ----------
+    tag : str
+        ``<fold>/<unit>``, e.g. ``f2/C5``: names checkpoints and history rows.
+    train_s, val_s : Samples
+        Training crops; ``val_s`` (the inner split, with ``patience``) may be empty.
+    """
     import warnings
 
     import keras
     from tqdm import tqdm
 
-    from cspine_submit.train_data import class_weights, make_dataset
+    from cspine_submit.train_data import make_dataset
 
     # tf.data generators have no known length; Keras warns at every epoch end that the input "ran out".
     warnings.filterwarnings("ignore", message="Your input ran out of data")
-
-    ckpt_dir = out_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = ckpt_dir / f"{vertebra}.last.keras", ckpt_dir / f"{vertebra}.best.weights.h5"
-    history_path = out_dir / "history.csv"
-    past = [r for r in read_history(history_path) if r["vertebra"] == vertebra]
+    fold, unit = tag.split("/")
+    work.checkpoints.mkdir(parents=True, exist_ok=True)
+    stem = tag.replace("/", "_")
+    last_path, best_path = work.checkpoints / f"{stem}.last.keras", work.checkpoints / f"{stem}.best.weights.h5"
+    past = [r for r in read_history(work.history) if r["fold"] == fold and r["vertebra"] == unit]
 
     train_s, val_s = train_s.kept(), val_s.kept()
     if len(train_s) == 0 or train_s.y.min() == train_s.y.max():
-        raise ValueError(f"{vertebra}: the training split needs both positive and negative crops "
+        raise ValueError(f"{tag}: the training crops need both positives and negatives "
                          f"(have {int(train_s.y.sum())} positive of {len(train_s)})")
-    w = train_s.w.copy()
-    if options.balance:
-        wn, wp = class_weights(train_s.y, train_s.w)
-        w = w * np.where(train_s.y > 0.5, wp, wn).astype(np.float32)
+    w = sample_weights(train_s.y, train_s.w, options)
 
-    offset = VERTEBRAE.index(vertebra) if vertebra in VERTEBRAE else len(VERTEBRAE)
+    offset = (VERTEBRAE.index(unit) if unit in VERTEBRAE else len(VERTEBRAE)) + 10 * (int(fold[1:]) if fold[1:].isdigit() else 9)
     _set_seeds(options.seed + offset)
     if past and last_path.is_file():
         with strategy.scope():
@@ -330,99 +410,111 @@ def train_vertebra(vertebra: str, train_s, val_s, config: ModelConfig, options: 
     else:
         past = []
         model = _make_model(config, options, strategy)
-    start_epoch = len(past)
-    # Early stopping / best epoch on options.monitor; "better" is lower for a loss and higher for an AUC.
+    replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
+    global_batch = options.batch_size * replicas
+    use_val = options.patience > 0 and len(val_s) > 0
     key = options.monitor
     sign = -1.0 if key.endswith("auc") else 1.0
-    scores = [sign * r[key] for r in past if np.isfinite(r.get(key, np.nan))]
+    scores = [sign * r[key] for r in past if np.isfinite(r.get(key, np.nan))] if use_val else []
     best = min(scores + [np.inf])
     best_epoch = next((r["epoch"] for r in past if sign * r.get(key, np.nan) == best), 0)
 
-    ds_train = make_dataset(train_s, options.batch_size, config.input_shape, shuffle=True,
-                            augment_data=options.augment, seed=options.seed * 100 + offset,
-                            sample_weight=w)
-    ds_val = make_dataset(val_s, options.batch_size, config.input_shape, shuffle=False, augment_data=False)
-    steps = int(np.ceil(len(train_s) / options.batch_size))
-    has_val = len(val_s) > 0
-
-    for epoch in range(start_epoch + 1, options.epochs + 1):
-        if epoch - best_epoch > options.patience and np.isfinite(best):
+    ds_train = make_dataset(train_s, config, global_batch, shuffle=True, augment_data=options.augment,
+                            seed=options.seed * 100 + offset, sample_weight=w, workers=options.workers)
+    ds_val = (make_dataset(val_s, config, global_batch, shuffle=False, augment_data=False, workers=options.workers)
+              if use_val else None)
+    steps = int(np.ceil(len(train_s) / global_batch))
+    for epoch in range(len(past) + 1, options.epochs + 1):
+        if use_val and epoch - best_epoch > options.patience and np.isfinite(best):
             break
+        lr = learning_rate_at(options, epoch, replicas)
+        model.optimizer.learning_rate.assign(lr)
         t0 = time.perf_counter()
-        bar = tqdm(total=steps, desc=f"{vertebra} epoch {epoch}/{options.epochs}", unit="batch", disable=not progress,
+        bar = tqdm(total=steps, desc=f"{tag} epoch {epoch}/{options.epochs}", unit="batch", disable=not progress,
                    leave=False)
-        fit = model.fit(ds_train, validation_data=ds_val if has_val else None, epochs=epoch, initial_epoch=epoch - 1,
-                        verbose=0, shuffle=False, callbacks=[_TqdmBatches(bar)])
+        fit = model.fit(ds_train, validation_data=ds_val, epochs=epoch, initial_epoch=epoch - 1, verbose=0,
+                        shuffle=False, callbacks=[_tqdm_callback_class()(bar)])
         bar.close()
         logs = {k: v[-1] for k, v in fit.history.items()}
-        row = {"vertebra": vertebra, "epoch": epoch, "loss": float(logs.get("loss", np.nan)),
-               "auc": float(logs.get("auc", np.nan)), "lr": float(options.learning_rate),
-               "val_loss": float(logs.get("val_loss", logs.get("loss", np.nan))),
-               "val_auc": float(logs.get("val_auc", np.nan))}
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        if np.isfinite(row.get(key, np.nan)) and sign * row[key] < best:
+        row = {"fold": fold, "vertebra": unit, "epoch": epoch, "loss": float(logs.get("loss", np.nan)),
+               "auc": float(logs.get("auc", np.nan)), "lr": lr,
+               "val_loss": float(logs.get("val_loss", np.nan)), "val_auc": float(logs.get("val_auc", np.nan)),
+               "seconds": round(time.perf_counter() - t0, 2)}
+        if use_val and np.isfinite(row.get(key, np.nan)) and sign * row[key] < best:
             best, best_epoch = sign * row[key], epoch
             model.save_weights(best_path)
         model.save(last_path)
-        append_history(history_path, row)  # after the checkpoint: a resumed run never repeats a logged epoch
+        append_history(work.history, row)  # after the checkpoint: a resumed run never repeats a logged epoch
         if log:
-            log(f"{vertebra} epoch {epoch}: loss {row['loss']:.4f} auc {row['auc']:.3f} "
-                f"val_loss {row['val_loss']:.4f} val_auc {row['val_auc']:.3f} ({row['seconds']:.0f} s)")
-    if best_path.is_file():
+            log(f"{tag} epoch {epoch}: loss {row['loss']:.4f} auc {row['auc']:.3f} lr {lr:.2e}"
+                + (f" inner val_loss {row['val_loss']:.4f} val_auc {row['val_auc']:.3f}" if use_val else "")
+                + f" ({row['seconds']:.0f} s)")
+    if use_val and best_path.is_file():
         model.load_weights(best_path)
     return model
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The whole run
+# The run, step by step
 
 
-def _state(out_dir: Path) -> dict:
-    p = out_dir / "train_state.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+@dataclass(frozen=True)
+class WorkPaths:
+    """Where a run keeps what inference does not need (all under one CACHEDIR.TAG-marked folder)."""
+
+    root: Path
+    cache_root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / "train_state.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "training_curves.png"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def oof(self) -> Path:
+        return self.root / "oof"
 
 
-def _save_state(out_dir: Path, state: dict) -> None:
-    p = out_dir / "train_state.json"
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(p)
+@dataclass
+class RunPlan:
+    """Step 1's result: what will be trained on what."""
+
+    labels: dict
+    uids: list
+    folds: dict            # {uid: fold index}; with folds=1 the training studies have -1 (never held out)
+    fold_names: list       # "f0".."f{K-1}", or ["split"]
+    units: list            # [(unit name, [vertebrae])]
+    boxes: dict
 
 
-def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: str | Path, config: ModelConfig,
-                      options: TrainOptions = TrainOptions(), *, resume: bool = False, progress: bool = True,
-                      log: Callable[[str], None] | None = None) -> TrainResult:
-    """Cache crops, train one classifier per vertebra, write the weights folder.
-
-    Parameters
-    ----------
-    data_dir : path
-        Competition layout: ``train.csv``, ``train_images/<uid>/``, optional ``train_bounding_boxes.csv``.
-    ranges_path : path
-        ``slice_ranges.json`` used to plan the crops (it is copied into ``out_dir``, since inference must plan
-        the same way).
-    out_dir : path
-        The weights folder to write. Must be empty or absent unless ``resume``.
-    config : ModelConfig
-        What the models see (head, input size, channels, windows, crop margin, K ...).
-    options : TrainOptions
-    resume : bool
-        Continue a run in ``out_dir``: cached crops are reused, finished vertebrae are skipped, an interrupted
-        vertebra continues from its last completed epoch.
-    log : callable, optional
-        Receives one line per epoch / step (the CLI prints them).
-    """
-    import keras
-
+def _check_inputs(out_dir: Path, ranges_path: Path, config: ModelConfig, options: TrainOptions, resume: bool) -> None:
     from cspine_submit import models as models_mod
-    from cspine_submit import train_data as td
-    from cspine_submit.metric import roc_auc
 
-    t_start = time.perf_counter()
-    data_dir, out_dir, ranges_path = Path(data_dir), Path(out_dir), Path(ranges_path)
-    say = log or (lambda s: None)
     if options.monitor not in ("val_loss", "val_auc"):
         raise ValueError(f"monitor {options.monitor!r}: expected 'val_loss' or 'val_auc'")
+    if options.final not in ("ensemble", "refit"):
+        raise ValueError(f"final {options.final!r}: expected 'ensemble' or 'refit'")
+    if options.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule {options.lr_schedule!r}: expected 'cosine' or 'constant'")
+    if options.folds < 1:
+        raise ValueError(f"folds={options.folds}: need 1 (one split) or more")
+    if options.final == "refit" and options.patience > 0:
+        raise ValueError("final='refit' needs the fixed schedule (patience 0): a refit has no studies left to stop on")
     unknown = [v for v in options.vertebrae if v not in VERTEBRAE]
     if unknown:
         raise ValueError(f"unknown vertebrae {unknown}; expected a subset of {list(VERTEBRAE)}")
@@ -432,114 +524,345 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
     if existing and not resume:
         raise FileExistsError(f"{out_dir}: already holds training outputs ({', '.join(p.name for p in existing[:4])}"
                               f"{' ...' if len(existing) > 4 else ''}); resume the run, remove them, or choose another folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     from cspine_submit.localize import load_ranges
 
     load_ranges(ranges_path)  # fail early on a bad ranges file
+
+
+def plan_run(data_dir: Path, options: TrainOptions) -> RunPlan:
+    """Step 1: labels, boxes, folds and the units of training."""
+    from cspine_submit import train_data as td
+
     labels = td.read_train_labels(data_dir)
     uids = sorted(labels)
     if options.limit:
         uids = uids[: options.limit]
         labels = {u: labels[u] for u in uids}
-    boxes = td.read_box_slices(data_dir)
-    state = _state(out_dir)
-    if resume and state.get("config") and state["config"] != json.loads(json.dumps(td._config_dict(config))):
-        raise ValueError(f"{out_dir}: resume with a different config than the interrupted run; start a new folder")
-    train_uids, val_uids = td.split_studies(labels, options.val_fraction, options.seed)
-    state.update(config=json.loads(json.dumps(td._config_dict(config))), options=asdict(options),
-                 train_uids=train_uids, val_uids=val_uids, done=state.get("done", []))
-    _save_state(out_dir, state)
-    say(f"{len(uids)} studies: {len(train_uids)} train, {len(val_uids)} validation (seed {options.seed})")
+    if options.folds >= 2:
+        folds = td.assign_folds(labels, options.folds, options.seed)
+        names = [f"f{i}" for i in range(options.folds)]
+    else:
+        train_uids, val_uids = td.split_studies(labels, options.val_fraction, options.seed)
+        folds = {**{u: -1 for u in train_uids}, **{u: 0 for u in val_uids}}
+        names = ["split"]
+    units = [("all", list(options.vertebrae))] if options.shared else [(v, [v]) for v in options.vertebrae]
+    return RunPlan(labels, uids, folds, names, units, td.read_box_slices(data_dir))
 
-    cache_dir = Path(options.cache_dir) if options.cache_dir else out_dir / "cache"
-    cache_dir = cache_dir / td.cache_key(config, ranges_path)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    metas, failed = td.build_cache(data_dir, uids, cache_dir, ranges_path, config, options.workers, progress)
-    for uid, err in failed:
-        say(f"skipped study {uid}: {err}")
-    say(f"crops cached for {len(metas)} studies in {time.perf_counter() - t0:.1f} s ({cache_dir})")
+
+def _load_state(work: WorkPaths) -> dict:
+    return json.loads(work.state.read_text()) if work.state.is_file() else {}
+
+
+def _save_state(work: WorkPaths, state: dict) -> None:
+    from cspine_submit.submission import atomic_write_text
+
+    atomic_write_text(work.state, json.dumps(state, indent=2) + "\n")
+
+
+def _fit_jobs(plan: RunPlan, options: TrainOptions) -> list[tuple[str, str, list, list, list]]:
+    """``(fold name, unit, member vertebrae, training uids, held-out uids)`` for every model to train."""
+    jobs = []
+    for i, name in enumerate(plan.fold_names):
+        train = [u for u in plan.uids if plan.folds[u] != i]
+        held = [u for u in plan.uids if plan.folds[u] == i]
+        jobs += [(name, unit, members, train, held) for unit, members in plan.units]
+    if options.final == "refit" and options.folds >= 2:
+        jobs += [("refit", unit, members, list(plan.uids), []) for unit, members in plan.units]
+    return jobs
+
+
+def _inner_split(uids: list, labels: dict, options: TrainOptions) -> tuple[list, list]:
+    from cspine_submit import train_data as td
+
+    if options.patience <= 0:
+        return uids, []
+    return td.split_studies({u: labels[u] for u in uids}, options.val_fraction, options.seed + 1)
+
+
+def fit_models(plan: RunPlan, metas: dict, cache_dir: Path, config: ModelConfig, options: TrainOptions,
+               work: WorkPaths, state: dict, progress: bool, say: Callable[[str], None]) -> None:
+    """Step 3: train every (fold, unit) model not done yet; save it and its held-out slice probabilities."""
+    import keras
+
+    from cspine_submit import models as models_mod
+    from cspine_submit import train_data as td
+    from cspine_submit.submission import atomic_write_text
 
     strategy = models_mod.distribution_strategy()
-    validation = json.loads((out_dir / "validation.json").read_text()) if (out_dir / "validation.json").is_file() else {}
-    validation.setdefault("per_vertebra", {})
-    pooled_y, pooled_p = [], []
+    replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
+    if replicas > 1:
+        say(f"{replicas} GPU replicas: global batch {options.batch_size * replicas}, peak learning rate "
+            f"{learning_rate_at(options, 1, replicas):.2e}")
 
-    def samples(v, split_uids):
-        return td.collect_samples(metas, split_uids, v, cache_dir, labels, boxes, options.box_policy,
+    def samples(v, uids):
+        return td.collect_samples(metas, uids, v, cache_dir, plan.labels, plan.boxes, options.box_policy,
                                   options.other_weight)
 
-    # Units of training: each vertebra alone, or one shared network ("all") for every selected vertebra.
-    units = [("all", list(options.vertebrae))] if options.shared else [(v, [v]) for v in options.vertebrae]
-    for name, members in units:
-        if all(v in state["done"] and (out_dir / f"{v}.keras").is_file() for v in members):
-            say(f"{name}: already trained, skipped")
+    work.models.mkdir(parents=True, exist_ok=True)
+    work.oof.mkdir(parents=True, exist_ok=True)
+    for fold, unit, members, train_uids, held_uids in _fit_jobs(plan, options):
+        tag = f"{fold}/{unit}"
+        if tag in state["done"] and (work.models / f"{fold}_{unit}.keras").is_file():
+            say(f"{tag}: already trained, skipped")
             continue
-        tr = td.Samples.concat([samples(v, train_uids) for v in members])
-        va_parts = {v: samples(v, val_uids) for v in members}
-        va = td.Samples.concat(list(va_parts.values()))
-        say(f"{name}: {len(tr.kept())} training crops ({int(tr.kept().y.sum())} positive), "
-            f"{len(va.kept())} validation crops ({int(va.kept().y.sum())} positive)")
-        best = train_vertebra(name, tr, va, config, options, out_dir, strategy, progress, log)
-        # Save a clean copy (no optimizer state) built by the same factory inference uses.
+        fit_uids, inner_uids = _inner_split(train_uids, plan.labels, options)
+        tr = td.Samples.concat([samples(v, fit_uids) for v in members])
+        inner = td.Samples.concat([samples(v, inner_uids) for v in members])
+        say(f"{tag}: {len(tr.kept())} training crops ({int(tr.kept().y.sum())} positive) from {len(fit_uids)} "
+            f"studies; {len(held_uids)} held-out studies")
+        model = train_unit(tag, tr, inner, config, options, work, strategy, progress, say)
+        # A clean copy (no optimizer state) built by the same factory inference uses.
         clean = models_mod.build_classifier(config.head, config.input_shape)
-        clean.set_weights(best.get_weights())
+        clean.set_weights(model.get_weights())
+        models_mod.save_classifier(clean, work.models / f"{fold}_{unit}.keras")
         for v in members:
-            final = out_dir / f"{v}.keras"
-            models_mod.save_classifier(clean, final)
-            # Vertebra-level validation: every validation crop of v (all weights), pooled as inference pools.
-            vs = va_parts[v]
-            info = {"trained_as": name, "n_train_crops": len(tr.kept()),
-                    "n_train_pos": int(tr.kept().y.sum())}
-            if len(vs):
-                probs = _predict_samples(clean, vs, config.batch_size)
-                vu, vy, vp = vertebra_level(vs.study, probs, labels, v, config)
-                info.update(n_val_studies=len(vu), n_val_pos=int(vy.sum()), auc=roc_auc(vy, vp),
-                            slice_auc=roc_auc(vs.y[vs.w > 0], probs[vs.w > 0]),
-                            val_studies=vu, val_labels=[int(a) for a in vy], val_probs=[float(a) for a in vp])
-            validation["per_vertebra"][v] = info
-            say(f"{v}: saved {final.name}; validation vertebra AUC {info.get('auc', float('nan')):.3f}")
-        # validation.json before the state: a resumed run skips this unit and finds its validation there.
-        (out_dir / "validation.json").write_text(json.dumps(validation, indent=2, default=float) + "\n")
-        state["done"] = sorted(set(state["done"]) | set(members))
-        _save_state(out_dir, state)
-        for p in (out_dir / "checkpoints").glob(f"{name}.*"):
+            held = samples(v, held_uids)
+            probs = predict_samples(clean, held, config) if len(held) else np.zeros(0, np.float32)
+            by_study = {u: probs[held.study == u].astype(float).round(6).tolist() for u in sorted(set(held.study))}
+            atomic_write_text(work.oof / f"{fold}_{v}.json", json.dumps(by_study) + "\n")
+        state["done"] = sorted(set(state["done"]) | {tag})  # after the model and its predictions are on disk
+        _save_state(work, state)
+        for p in work.checkpoints.glob(f"{fold}_{unit}.*"):
             p.unlink()
         keras.backend.clear_session()
 
-    for v, info in validation["per_vertebra"].items():
-        if "val_labels" in info:
-            pooled_y += info["val_labels"]
-            pooled_p += info["val_probs"]
-    validation["pooled_auc"] = roc_auc(np.array(pooled_y), np.array(pooled_p)) if pooled_y else float("nan")
-    validation["box_policy"] = options.box_policy
-    validation["val_uids"] = val_uids
-    (out_dir / "validation.json").write_text(json.dumps(validation, indent=2, default=float) + "\n")
 
-    if ranges_path.resolve() != (out_dir / "slice_ranges.json").resolve():
-        shutil.copyfile(ranges_path, out_dir / "slice_ranges.json")  # inference must plan as training did
-    # Priors (used for a study or vertebra that cannot be scored) = prevalence in the labels trained on.
-    lo, hi = config.clip
-    priors = {t: float(np.clip(np.mean([labels[u][t] for u in uids]), lo, hi)) for t in PREDICTION_TYPES}
-    final_config = config.replace(
-        priors=priors,
-        classifier_files={v: f"{v}.keras" for v in VERTEBRAE},
-        trained_on=options.trained_on,
-        source=options.source or f"cspine-submit train on {data_dir} ({len(uids)} studies)",
-    )
-    final_config.to_json(out_dir / "model_config.json")
-    history = read_history(out_dir / "history.csv")
-    if history:
-        draw_history_png(history, out_dir / "training_curves.png")
-    if (out_dir / "checkpoints").is_dir() and not any((out_dir / "checkpoints").iterdir()):
-        (out_dir / "checkpoints").rmdir()
-    if set(state["done"]) >= set(VERTEBRAE):
-        (out_dir / "train_state.json").unlink()  # complete: nothing left to resume
-    written = [f"{v}.keras" for v in VERTEBRAE if (out_dir / f"{v}.keras").is_file()]
-    written += [n for n in OUTPUT_FILES + ("slice_ranges.json",) if (out_dir / n).is_file()]
+def out_of_fold_slices(plan: RunPlan, work: WorkPaths) -> tuple[dict, dict]:
+    """``({uid: {vertebra: slice probs}}, {uid: fold})`` of every held-out study (a study that could not be cached
+    has no slice probabilities: it gets the priors, as at inference)."""
+    slice_probs: dict = {}
+    groups: dict = {}
+    for i, fold in enumerate(plan.fold_names):
+        for u in plan.uids:
+            if plan.folds[u] == i:
+                groups[u] = i
+                slice_probs.setdefault(u, {})
+        for _, members in plan.units:
+            for v in members:
+                path = work.oof / f"{fold}_{v}.json"
+                if path.is_file():
+                    for u, p in json.loads(path.read_text()).items():
+                        slice_probs.setdefault(u, {})[v] = np.asarray(p, np.float64)
+    return slice_probs, groups
+
+
+def fit_probabilities(plan: RunPlan, slice_probs: dict, groups: dict, config: ModelConfig,
+                      options: TrainOptions) -> tuple[ModelConfig, dict, np.ndarray]:
+    """Step 4: the final config (pooling, calibration, priors) and the honest out-of-fold predictions.
+
+    Returns
+    -------
+    config : ModelConfig
+        Pooling and calibration fitted on every out-of-fold study; priors fitted on every training label.
+    report : dict
+        The numbers for validation.json.
+    oof : (n, 8) ndarray
+        Cross-fitted predictions for ``sorted(groups)``: each row from models that never trained on the study and
+        pooling/calibration/priors fitted without its fold.
+    """
+    from cspine_submit import calibration as cal
+    from cspine_submit import train_data as td
+    from cspine_submit.metric import competition_score, evaluate_arrays
+
+    labels = plan.labels
+    y_all = np.array([[labels[u][t] for t in PREDICTION_TYPES] for u in plan.uids], float)
+    priors = cal.fit_priors(y_all, config.clip)
+    uids = sorted(groups)
+    y = np.array([[labels[u][t] for t in PREDICTION_TYPES] for u in uids], float).reshape(-1, 8)
+    if len(set(groups.values())) < 2:  # one split: cross-fit the calibration over parts of the held-out studies
+        groups = td.assign_folds({u: labels[u] for u in uids}, min(5, len(uids)), options.seed + 2)
+
+    def prior_of(train_uids):
+        return cal.fit_priors(np.array([[labels[u][t] for t in PREDICTION_TYPES] for u in train_uids], float),
+                              config.clip)
+
+    def fit(train_uids):
+        p = prior_of(train_uids)
+        if not options.calibrate:
+            return config.replace(priors=p, calibration={})
+        return cal.fit_pooling(slice_probs, labels, train_uids, config, priors=p)[0]
+
+    def predict(held, cfg):
+        return cal.predict_table(slice_probs, held, cfg)
+
+    _, oof = cal.cross_fitted(groups, fit, predict)
+    raw = predict(uids, config.replace(calibration={}, priors=priors))
+    if options.calibrate:
+        final, candidates = cal.fit_pooling(slice_probs, labels, uids, config, priors=priors)
+    else:
+        final, candidates = config.replace(priors=priors, calibration={}), []
+    in_sample = predict(uids, final)
+    _, prior_only = cal.cross_fitted(groups, lambda tr: config.replace(priors=prior_of(tr)),
+                                     lambda held, cfg: np.tile([cfg.priors[t] for t in PREDICTION_TYPES], (len(held), 1)))
+    ev = evaluate_arrays(y, oof, uids).to_dict()
+    report = {
+        "oof_score": ev["score"],
+        "per_label": ev["per_label"],
+        "n_studies": len(uids),
+        "oof_score_uncalibrated": competition_score(y, raw),
+        "oof_score_in_sample_calibration": competition_score(y, in_sample),
+        "baselines": {"prior_only": competition_score(y, prior_only), "constant_0.5": competition_score(y, np.full_like(y, 0.5))},
+        "pooling": {"top_k": final.top_k, "of": final.slices_per_vertebra, "overall_rule": final.overall_rule,
+                    "candidates": candidates[:8]},
+        "calibration": {k: list(v) for k, v in final.calibration.items()},
+        "priors": priors,
+        "note": ("oof_score: the competition metric on oof.csv, every study predicted by models that never trained "
+                 "on it, with pooling, calibration and priors fitted on the other folds (cross-fitted); "
+                 "oof_score_uncalibrated: the same models, the starting config's pooling, no calibration; "
+                 "oof_score_in_sample_calibration: the shipped calibration applied to the studies it was fitted on "
+                 "(optimistic, for reference only); baselines.prior_only: the metric-fitted priors of the other "
+                 "folds for every row"),
+    }
+    return final, report, oof
+
+
+def _per_vertebra_report(plan: RunPlan, slice_probs: dict, config: ModelConfig) -> dict:
+    from cspine_submit.metric import roc_auc
+
+    out = {}
+    for v in VERTEBRAE:
+        uids = [u for u in sorted(slice_probs) if v in slice_probs[u]]
+        if not uids:
+            continue
+        study = np.concatenate([[u] * len(slice_probs[u][v]) for u in uids]).astype(object)
+        probs = np.concatenate([slice_probs[u][v] for u in uids])
+        vu, vy, vp = vertebra_level(study, probs, plan.labels, v, config)
+        out[v] = {"n_studies": len(vu), "n_positive": int(vy.sum()), "auc": roc_auc(vy, vp)}
+    return out
+
+
+def write_outputs(out_dir: Path, ranges_path: Path, plan: RunPlan, final: ModelConfig, report: dict,
+                  oof_uids: list, oof: np.ndarray, options: TrainOptions, work: WorkPaths,
+                  data_dir: Path) -> list[str]:
+    """Step 5: classifiers, model_config.json, slice_ranges.json, oof.csv, validation.json, MANIFEST.json."""
     from cspine_submit.manifest import write_manifest
+    from cspine_submit.submission import atomic_write_text
 
-    write_manifest(out_dir, created_by=options.source or "cspine-submit train")
-    files = {n: out_dir / n for n in written + ["MANIFEST.json"]}
-    return TrainResult(out_dir, final_config, files, validation, time.perf_counter() - t_start, failed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if options.final == "refit" and options.folds >= 2:
+        ship = {unit: [("refit", f"{unit}.keras")] for unit, _ in plan.units}
+    elif options.folds == 1:
+        ship = {unit: [("split", f"{unit}.keras")] for unit, _ in plan.units}
+    else:
+        ship = {unit: [(f, f"{unit}.{f}.keras") for f in plan.fold_names] for unit, _ in plan.units}
+    files: dict[str, list[str]] = {}
+    for unit, members in plan.units:
+        for fold, name in ship[unit]:
+            tmp = out_dir / f".{name}.tmp"
+            shutil.copyfile(work.models / f"{fold}_{unit}.keras", tmp)
+            tmp.replace(out_dir / name)
+        for v in members:
+            files[v] = [name for _, name in ship[unit]]
+    classifier_files = {v: (f[0] if len(f) == 1 else f) for v, f in files.items()}
+    final = final.replace(
+        classifier_files={**{v: f"{v}.keras" for v in VERTEBRAE}, **classifier_files},
+        trained_on=options.trained_on,
+        source=options.source or f"cspine-submit train on {data_dir} ({len(plan.uids)} studies)",
+    )
+    final.to_json(out_dir / "model_config.json")
+    if ranges_path.resolve() != (out_dir / "slice_ranges.json").resolve():
+        atomic_write_text(out_dir / "slice_ranges.json", ranges_path.read_text())  # inference must plan as training did
+    lines = ["StudyInstanceUID," + ",".join(PREDICTION_TYPES)]
+    lines += [u + "," + ",".join(f"{x:.8f}" for x in row) for u, row in zip(oof_uids, oof)]
+    atomic_write_text(out_dir / "oof.csv", "\n".join(lines) + "\n")
+    atomic_write_text(out_dir / "validation.json", json.dumps(report, indent=2, default=float) + "\n")
+    write_manifest(out_dir, created_by=final.source)
+    return sorted({n for f in files.values() for n in f}) + list(OUTPUT_FILES)
+
+
+def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: str | Path, config: ModelConfig,
+                      options: TrainOptions = TrainOptions(), *, resume: bool = False, progress: bool = True,
+                      log: Callable[[str], None] | None = None) -> TrainResult:
+    """Cross-validate, fit probabilities to the metric, write the weights folder (see the module docstring).
+
+    Parameters
+    ----------
+    data_dir : path
+        Competition layout: ``train.csv``, ``train_images/<uid>/``, optional ``train_bounding_boxes.csv``.
+    ranges_path : path
+        ``slice_ranges.json`` used to plan the crops (copied into ``out_dir``: inference must plan the same way).
+    out_dir : path
+        The weights folder to write; it must not hold training outputs unless ``resume``.
+    config : ModelConfig
+        What the models see (head, input size, channels, windows, crop margin, K ...).
+    options : TrainOptions
+    resume : bool
+        Continue a run: cached crops are reused, finished (fold, unit) models are skipped, an interrupted one
+        continues from its last completed epoch.
+    log : callable, optional
+        Receives one line per epoch / step (the CLI prints them).
+    """
+    from cspine_submit import train_data as td
+
+    t_start = time.perf_counter()
+    data_dir, out_dir, ranges_path = Path(data_dir), Path(out_dir), Path(ranges_path)
+    say = log or (lambda s: None)
+    _check_inputs(out_dir, ranges_path, config, options, resume)
+
+    # 1. plan
+    plan = plan_run(data_dir, options)
+    root = Path(options.work_dir) if options.work_dir else default_work_dir(out_dir)
+    if root.resolve() == out_dir.resolve() or out_dir.resolve() in root.resolve().parents:
+        say(f"warning: the work folder {root} lies inside {out_dir}; it is tagged, so manifests and bundles skip it")
+    from cspine_submit.manifest import tag_cache_dir
+
+    tag_cache_dir(root, "the work folder of cspine-submit train (cache, checkpoints, state, logs)")
+    cache_root = Path(options.cache_dir) if options.cache_dir else root / "cache"
+    work = WorkPaths(root, cache_root)
+    state = _load_state(work) if resume else {}
+    config_json = json.loads(json.dumps(td._config_dict(config)))
+    if resume and state.get("config") and state["config"] != config_json:
+        raise ValueError(f"{root}: resume with a different config than the interrupted run; start a new work folder")
+    if not resume:
+        for p in (work.state, work.history, work.curves):
+            p.unlink(missing_ok=True)
+        for d in (work.checkpoints, work.models, work.oof):
+            shutil.rmtree(d, ignore_errors=True)
+    state.update(config=config_json, options=asdict(options), folds=plan.folds, done=state.get("done", []))
+    _save_state(work, state)
+    say(f"{len(plan.uids)} studies, {options.folds} fold(s) ({', '.join(plan.fold_names)}), work folder {root}")
+
+    # 2. cache
+    cache_dir = cache_root / td.cache_key(config, ranges_path)
+    t0 = time.perf_counter()
+    metas, failed = td.build_cache(data_dir, plan.uids, cache_dir, ranges_path, config, options.workers, progress)
+    for uid, err in failed:
+        say(f"skipped study {uid}: {err}")
+    say(f"crops cached for {len(metas)} studies in {time.perf_counter() - t0:.1f} s: "
+        f"{td.cache_bytes(metas) / 1e6:.1f} MB ({cache_dir})")
+
+    # 3. fit
+    fit_models(plan, metas, cache_dir, config, options, work, state, progress, say)
+
+    # 4. probabilities
+    slice_probs, groups = out_of_fold_slices(plan, work)
+    final, report, oof = fit_probabilities(plan, slice_probs, groups, config, options)
+    report["per_vertebra"] = _per_vertebra_report(plan, slice_probs, config)
+    replicas = 1
+    try:
+        from cspine_submit.models import gpu_devices
+
+        replicas = max(len(gpu_devices()), 1)
+    except Exception:  # noqa: BLE001 - reporting only
+        pass
+    report["training"] = {
+        "folds": options.folds, "fold_of_study": {u: int(f) for u, f in plan.folds.items()}, "final": options.final,
+        "epochs": options.epochs, "schedule": options.lr_schedule, "patience": options.patience,
+        "batch_per_replica": options.batch_size, "replicas": replicas,
+        "peak_learning_rate": learning_rate_at(options, 1, replicas), "pos_weight": options.pos_weight,
+        "balance": options.balance, "box_policy": options.box_policy, "shared": options.shared,
+        "failed_studies": [{"uid": u, "error": e} for u, e in failed],
+        "cache_bytes": td.cache_bytes(metas), "cache_studies": len(metas),
+    }
+    say(f"out-of-fold metric {report['oof_score']:.4f} (uncalibrated {report['oof_score_uncalibrated']:.4f}, "
+        f"prior only {report['baselines']['prior_only']:.4f}, constant 0.5 {report['baselines']['constant_0.5']:.4f})")
+
+    # 5. write
+    written = write_outputs(out_dir, ranges_path, plan, final, report, sorted(groups), oof, options, work, data_dir)
+    history = read_history(work.history)
+    if history:
+        draw_history_png([dict(r, vertebra=f"{r['fold']}/{r['vertebra']}") for r in history], work.curves)
+    shutil.rmtree(work.checkpoints, ignore_errors=True)
+    files = {n: out_dir / n for n in written}
+    return TrainResult(out_dir, root, ModelConfig.from_json(out_dir / "model_config.json"), files, report,
+                       time.perf_counter() - t_start, failed)

@@ -118,3 +118,21 @@ def test_slices_needed_and_neighbours_from_a_subset():
 def test_empty_plan_gives_no_crops():
     out = prepare_crops(np.zeros((0, 16, 16)), [], CropPlan("C7", (), (0, 0, 8, 8)), _cfg(channels="windows"))
     assert out.shape == (0, 8, 8, 1)
+
+
+def test_the_two_halves_store_the_crop_at_its_own_resolution_and_clip_to_the_windows():
+    from cspine_submit.crop import hu_span, hu_squares, squares_to_input
+
+    rng = np.random.default_rng(0)
+    slices = rng.normal(300, 900, (4, 40, 40)).astype(np.float32)
+    wins = ((400.0, 1800.0), (40.0, 400.0))
+    cfg = _cfg(input_size=32, channels="windows", windows=wins)
+    assert hu_span(cfg) == (-500.0, 1300.0)
+    small = CropPlan("C3", (1, 2), (10, 10, 22, 22))  # side 12 (margin 0) < 32: kept at 12
+    sq = hu_squares(slices, np.arange(4), small, cfg)
+    assert sq.shape == (2, 1, 12, 12) and sq.min() >= -500 and sq.max() <= 1300
+    np.testing.assert_array_equal(squares_to_input(sq, cfg), prepare_crops(slices, np.arange(4), small, cfg))
+    big = CropPlan("C3", (0,), (0, 0, 40, 40))  # side 40 > 32: shrunk to 32 already
+    assert hu_squares(slices, np.arange(4), big, cfg).shape == (1, 1, 32, 32)
+    nb = _cfg(input_size=32, channels="neighbours", neighbour_offset=1)
+    assert hu_squares(slices, np.arange(4), small, nb).shape == (2, 3, 12, 12)

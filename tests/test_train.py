@@ -1,4 +1,5 @@
-"""Training: labels, split, augmentation, outputs, resume, and that a tiny model learns synthetic fractures."""
+"""Training: labels, folds, the compact cache, augmentation, cross-validated outputs, resume, the plan, and that a
+tiny model learns synthetic fractures."""
 
 import dataclasses
 import json
@@ -8,7 +9,7 @@ import pytest
 
 from cspine_submit import train_data as td
 from cspine_submit.config import VERTEBRAE, ModelConfig
-from cspine_submit.train import TrainOptions, draw_history_png, read_history, train_classifiers
+from cspine_submit.train import TrainOptions, draw_history_png, learning_rate_at, read_history, train_classifiers
 
 
 def test_split_is_deterministic_stratified_and_order_free():
@@ -84,46 +85,156 @@ def fixture_ranges(synthetic_dataset, tmp_path_factory):
     return path
 
 
-def test_train_writes_a_loadable_folder_and_resumes(synthetic_dataset, fixture_ranges, tmp_path):
-    from cspine_submit.bundle import verify_manifest
+def test_folds_are_patient_level_stratified_and_deterministic():
+    labels = {f"s{i:02d}": {v: int(i % 5 == 0 and v == "C2") + int(i % 7 == 0 and v == "C5") for v in VERTEBRAE}
+              for i in range(40)}
+    folds = td.assign_folds(labels, 5, seed=1)
+    assert sorted(folds) == sorted(labels) and set(folds.values()) == set(range(5))
+    sizes = np.bincount(list(folds.values()))
+    assert sizes.max() - sizes.min() <= 1
+    fractured = [u for u, lab in labels.items() if sum(lab.values())]
+    per_fold = np.bincount([folds[u] for u in fractured], minlength=5)
+    assert per_fold.max() - per_fold.min() <= 1  # fractures spread over every fold
+    assert td.assign_folds(dict(reversed(list(labels.items()))), 5, seed=1) == folds
+    assert td.assign_folds(labels, 5, seed=2) != folds
+    with pytest.raises(ValueError):
+        td.assign_folds(labels, 1, seed=0)
+
+
+def test_square_codec_is_exact_for_integer_hu_and_compresses():
+    rng = np.random.default_rng(0)
+    sq = np.clip(rng.normal(40, 300, (3, 50, 50)), -1024, 3000).round().astype(np.float32)
+    buf = td.encode_square(sq)
+    back = td.decode_square(buf, 3, 50)
+    assert back.dtype == np.int16
+    np.testing.assert_array_equal(back, sq)
+    flat = np.full((1, 64, 64), -500.0, np.float32)
+    assert len(td.encode_square(flat)) < 64 * 64 * 2 / 50
+
+
+def test_learning_rate_scales_with_the_global_batch_and_decays():
+    o = TrainOptions(learning_rate=5e-4, batch_size=16, epochs=4)
+    assert learning_rate_at(o, 1, replicas=1) == pytest.approx(5e-4)
+    assert learning_rate_at(o, 1, replicas=2) == pytest.approx(1e-3)  # 2 GPUs x 16 crops
+    assert learning_rate_at(o, 3, replicas=1) == pytest.approx(5e-4 * 0.5 * (1 + np.cos(np.pi * 2 / 4)))
+    assert learning_rate_at(dataclasses.replace(o, lr_schedule="constant"), 4) == pytest.approx(5e-4)
+
+
+TINY = ModelConfig(head="tiny", input_size=32, channels="single", windows=((400.0, 1800.0),),
+                   slices_per_vertebra=3, top_k=1, mixed_precision=False)
+
+
+def test_cross_validated_run_writes_only_inference_files_and_honest_oof(synthetic_dataset, fixture_ranges, tmp_path,
+                                                                      monkeypatch):
+    import pandas as pd
+
+    import cspine_submit.train as train_mod
+    from cspine_submit.calibration import fit_priors
+    from cspine_submit.manifest import verify_manifest
+    from cspine_submit.metric import competition_score
     from cspine_submit.models import load_classifiers
 
-    config = ModelConfig(head="tiny", input_size=32, channels="single", windows=((400.0, 1800.0),),
-                         slices_per_vertebra=3, mixed_precision=False)
-    options = TrainOptions(epochs=1, batch_size=8, shared=True, box_policy="study", workers=0, seed=3,
-                           cache_dir=str(tmp_path / "cache"), trained_on="synthetic", patience=5)
+    trained_on: dict[str, set] = {}
+    real = train_mod.train_unit
+
+    def spy(tag, train_s, *args, **kwargs):
+        trained_on[tag] = set(train_s.kept().study)
+        return real(tag, train_s, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_unit", spy)
+    options = TrainOptions(folds=3, epochs=1, batch_size=8, shared=True, box_policy="study", workers=0, seed=3,
+                           trained_on="synthetic")
     out = tmp_path / "weights"
-    r1 = train_classifiers(synthetic_dataset, fixture_ranges, out, config, options, progress=False)
-    assert [r["epoch"] for r in read_history(out / "history.csv")] == [1]
-    for name in ["model_config.json", "slice_ranges.json", "history.csv", "validation.json", "training_curves.png",
-                 "MANIFEST.json"] + [f"{v}.keras" for v in VERTEBRAE]:
-        assert (out / name).is_file(), name
-    assert verify_manifest(out) == []
-    assert not (out / "train_state.json").exists() and not (out / "checkpoints").exists()
-    loaded, models = load_classifiers(out)
-    assert loaded.trained_on == "synthetic" and loaded.input_shape == (32, 32, 1)
+    result = train_classifiers(synthetic_dataset, fixture_ranges, out, TINY, options, progress=False)
+
+    # --out holds the inference files and the two validation reports, nothing else.
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["MANIFEST.json", "model_config.json", "oof.csv", "slice_ranges.json", "validation.json",
+         "all.f0.keras", "all.f1.keras", "all.f2.keras"])
+    assert result.work_dir == tmp_path / "weights.work" and (result.work_dir / "CACHEDIR.TAG").is_file()
+    assert (result.work_dir / "history.csv").is_file() and any((result.work_dir / "cache").iterdir())
+    assert verify_manifest(out, extra_ok=False) == []
+    config, models = load_classifiers(out)
+    assert config.classifier_paths("C4") == ("all.f0.keras", "all.f1.keras", "all.f2.keras")
     assert sorted(models) == list(VERTEBRAE)
-    assert r1.validation["per_vertebra"]["C1"]["n_val_studies"] == 2
+
+    # oof.csv: every training study once; oof_score is the metric on it.
+    labels = pd.read_csv(synthetic_dataset / "train.csv", dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    oof = pd.read_csv(out / "oof.csv", dtype={"StudyInstanceUID": str})
+    assert list(oof.columns) == ["StudyInstanceUID", "patient_overall"] + list(VERTEBRAE)
+    assert sorted(oof["StudyInstanceUID"]) == sorted(labels.index) and oof["StudyInstanceUID"].is_unique
+    cols = ["patient_overall"] + list(VERTEBRAE)
+    y = labels.loc[oof["StudyInstanceUID"], cols].to_numpy(float)
+    saved = json.loads((out / "validation.json").read_text())
+    assert saved["oof_score"] == pytest.approx(competition_score(y, oof[cols].to_numpy(float)), abs=1e-7)
+    assert saved["oof_score_in_sample_calibration"] <= saved["oof_score_uncalibrated"] + 1e-9
+
+    # No study got an out-of-fold probability from a model that trained on it.
+    fold_of = saved["training"]["fold_of_study"]
+    assert set(trained_on) == {"f0/all", "f1/all", "f2/all"}
+    for f in range(3):
+        held = {u for u, g in fold_of.items() if g == f}
+        assert held and not held & trained_on[f"f{f}/all"]
+        predicted = json.loads((result.work_dir / "oof" / f"f{f}_C3.json").read_text())
+        assert set(predicted) <= held
+
+    # The priors minimise the metric on the training labels: no worse than the raw prevalences.
+    y_all = labels[cols].to_numpy(float)
+    const = lambda d: np.tile([d[t] for t in cols], (len(y_all), 1))  # noqa: E731
+    assert config.priors == pytest.approx(fit_priors(y_all, config.clip))
+    assert competition_score(y_all, const(config.priors)) <= competition_score(y_all, const(dict(zip(cols, y_all.mean(0)))))
 
     with pytest.raises(FileExistsError):
-        train_classifiers(synthetic_dataset, fixture_ranges, out, config, options, progress=False)
-    # An interrupted run: state says nothing is done and a checkpoint after epoch 1 exists -> resume goes on at 2.
-    out2 = tmp_path / "weights2"
-    train_classifiers(synthetic_dataset, fixture_ranges, out2, config, options, progress=False)
-    from cspine_submit.models import build_classifier
+        train_classifiers(synthetic_dataset, fixture_ranges, out, TINY, options, progress=False)
 
-    import keras
 
-    ckpt = out2 / "checkpoints"
-    ckpt.mkdir()
-    m = build_classifier("tiny", (32, 32, 1))
-    m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
-              weighted_metrics=[keras.metrics.AUC(name="auc")])
-    m.save(ckpt / "all.last.keras")
-    (out2 / "train_state.json").write_text(json.dumps({"done": []}))
-    more = dataclasses.replace(options, epochs=2)
-    train_classifiers(synthetic_dataset, fixture_ranges, out2, config, more, resume=True, progress=False)
-    assert [r["epoch"] for r in read_history(out2 / "history.csv")] == [1, 2]
+def test_resume_continues_after_an_interrupted_fold(synthetic_dataset, fixture_ranges, tmp_path, monkeypatch):
+    import cspine_submit.train as train_mod
+
+    options = TrainOptions(vertebrae=("C5",), folds=2, epochs=1, batch_size=8, box_policy="study", workers=0,
+                           seed=3, final="refit", trained_on="synthetic")
+    out = tmp_path / "weights"
+    real = train_mod.train_unit
+    calls = []
+
+    def interrupted(tag, *args, **kwargs):
+        calls.append(tag)
+        if tag == "f1/C5" and len(calls) == 2:  # the first run only
+            raise KeyboardInterrupt
+        return real(tag, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifiers(synthetic_dataset, fixture_ranges, out, TINY, options, progress=False)
+    assert not (out / "model_config.json").exists()  # nothing half-written in --out
+    calls.clear()
+    result = train_classifiers(synthetic_dataset, fixture_ranges, out, TINY, options, resume=True, progress=False)
+    assert calls == ["f1/C5", "refit/C5"]  # the finished fold model was kept
+    assert result.config.classifier_files["C5"] == "C5.keras" and (out / "C5.keras").is_file()
+    assert sorted(result.validation["per_vertebra"]) == ["C5"]
+    assert result.validation["n_studies"] == 6  # both folds' held-out studies
+
+
+def test_plan_matches_what_a_run_writes(synthetic_dataset, fixture_ranges, tmp_path, capsys):
+    from cspine_submit.cli import main
+    from cspine_submit.train_data import build_cache, cache_key
+
+    argv = ["train", "--data", str(synthetic_dataset), "--ranges", str(fixture_ranges), "--out", str(tmp_path / "w"),
+            "--head", "tiny", "--input-size", "32", "--channels", "single", "--windows", "400/1800",
+            "--slices-per-vertebra", "3", "--workers", "0", "--plan", "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["studies"] == plan["studies_read"] == 6
+    cache = tmp_path / "cache"
+    metas, failed = build_cache(synthetic_dataset, sorted(json.loads(json.dumps(
+        td.read_train_labels(synthetic_dataset)))), cache / cache_key(TINY, fixture_ranges), fixture_ranges, TINY,
+        workers=0, progress=False)
+    assert not failed and not (tmp_path / "w").exists()
+    crops = sum(len(e["crops"]) for m in metas.values() for e in m["vertebrae"].values())
+    on_disk = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and p.name != "CACHEDIR.TAG")
+    assert plan["crops"]["total"] == crops
+    assert abs(plan["cache_bytes"]["projected"] - on_disk) <= 0.1 * on_disk
+    assert plan["input_crops_per_s"] > 0 and plan["epoch"]["T4_seconds"] is None  # no GPU figure for 'tiny'
 
 
 DEMO_LIKE = dict(size=128, spacing=(1.5, 2.5), seed=5, prevalence={v: 0.35 for v in VERTEBRAE})
@@ -132,7 +243,8 @@ DEMO_LIKE = dict(size=128, spacing=(1.5, 2.5), seed=5, prevalence={v: 0.35 for v
 
 @pytest.mark.slow
 def test_tiny_model_learns_synthetic_fractures(tmp_path):
-    """Held-out vertebra-level AUC of a tiny shared model on a small synthetic set is well above chance."""
+    """Out-of-fold vertebra-level AUC of a tiny shared model on a small synthetic set is well above chance, and the
+    calibrated out-of-fold metric beats the prior-only baseline."""
     from cspine_submit.localize import learn_ranges
     from cspine_submit.synthetic import generate_dataset
 
@@ -142,20 +254,22 @@ def test_tiny_model_learns_synthetic_fractures(tmp_path):
     ranges.to_json(tmp_path / "ranges.json")
     config = ModelConfig(head="tiny", input_size=64, channels="single", windows=((400.0, 1800.0),),
                          slices_per_vertebra=10, mixed_precision=False)
-    options = TrainOptions(epochs=10, patience=4, learning_rate=1e-3, shared=True, workers=2, seed=0, monitor="val_auc",
-                           cache_dir=str(tmp_path / "cache"), trained_on="synthetic")
+    options = TrainOptions(folds=3, epochs=6, learning_rate=1e-3, shared=True, workers=2, seed=0,
+                           trained_on="synthetic")
     result = train_classifiers(data, tmp_path / "ranges.json", tmp_path / "w", config, options, progress=False)
-    auc = result.validation["pooled_auc"]
-    for r in read_history(tmp_path / "w" / "history.csv"):
-        print(r)
-    print(f"pooled held-out vertebra AUC {auc:.3f}, {result.seconds:.0f} s")
-    assert auc > 0.62
+    v = result.validation
+    aucs = [d["auc"] for d in v["per_vertebra"].values()]
+    print(f"out-of-fold vertebra AUCs {np.round(aucs, 3)}; metric {v['oof_score']:.4f} (uncalibrated "
+          f"{v['oof_score_uncalibrated']:.4f}, prior only {v['baselines']['prior_only']:.4f}); {result.seconds:.0f} s")
+    assert np.nanmean(aucs) > 0.62
+    assert v["oof_score"] < v["baselines"]["prior_only"] < v["baselines"]["constant_0.5"]
 
 
 def test_training_crops_are_the_inference_crops(synthetic_info, fixture_ranges, tmp_path):
-    """No train/serve skew: the cached training crops equal what the submission pipeline feeds the models."""
-    from cspine_submit.pipeline import StudyJob, prepare_study
+    """No train/serve skew: the cached squares, windowed on load, are what the submission pipeline feeds the models
+    (up to the int16 rounding of HU the cache stores: half a HU, 0.5 / 1800 after the window)."""
     from cspine_submit.localize import load_ranges
+    from cspine_submit.pipeline import StudyJob, prepare_study
 
     config = ModelConfig(head="tiny", input_size=32, channels="neighbours", neighbour_offset=1,
                          slices_per_vertebra=4, mixed_precision=False)
@@ -166,33 +280,14 @@ def test_training_crops_are_the_inference_crops(synthetic_info, fixture_ranges, 
         meta = td.cache_study(job)
         served = prepare_study(StudyJob(record.uid, str(record.folder), ranges, config, VERTEBRAE)).crops
         assert served, record.uid
+        labels = {record.uid: {v: 0 for v in VERTEBRAE}}
         for v, crops in served.items():
-            cached = np.load(tmp_path / record.uid / meta["vertebrae"][v]["file"])
+            crops = np.asarray(crops)
+            if crops.dtype == np.uint16:
+                from cspine_submit.crop import decode_crops
+
+                crops = decode_crops(crops)
+            s = td.collect_samples({record.uid: meta}, [record.uid], v, tmp_path, labels, {})
+            cached = np.stack(list(td.load_crops(s, config)))
             assert cached.shape == crops.shape == (len(meta["vertebrae"][v]["slice_indices"]), 32, 32, 3)
-            np.testing.assert_array_equal(cached, crops.astype(np.float16))
-
-
-def test_resume_keeps_the_validation_of_vertebrae_finished_before_the_interruption(
-        synthetic_dataset, fixture_ranges, tmp_path, monkeypatch):
-    import cspine_submit.train as train_mod
-
-    config = ModelConfig(head="tiny", input_size=32, channels="single", windows=((400.0, 1800.0),),
-                         slices_per_vertebra=3, mixed_precision=False)
-    options = TrainOptions(vertebrae=("C5", "C7"), epochs=1, batch_size=8, box_policy="study", workers=0, seed=3,
-                           cache_dir=str(tmp_path / "cache"), trained_on="synthetic")
-    out = tmp_path / "weights"
-    real = train_mod.train_vertebra
-
-    def interrupted(name, *args, **kwargs):
-        if name == "C7":
-            raise KeyboardInterrupt
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_vertebra", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_classifiers(synthetic_dataset, fixture_ranges, out, config, options, progress=False)
-    monkeypatch.setattr(train_mod, "train_vertebra", real)
-    result = train_classifiers(synthetic_dataset, fixture_ranges, out, config, options, resume=True, progress=False)
-    assert sorted(result.validation["per_vertebra"]) == ["C5", "C7"]
-    saved = json.loads((out / "validation.json").read_text())
-    assert sorted(saved["per_vertebra"]) == ["C5", "C7"] and "auc" in saved["per_vertebra"]["C5"]
+            np.testing.assert_allclose(cached, crops, atol=0.5 / 1800 + 1e-5)

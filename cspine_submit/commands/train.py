@@ -1,18 +1,23 @@
-"""Train the seven per-vertebra classifiers and write a weights folder inference can use.
+"""Train the seven per-vertebra classifiers with K-fold cross-validation and write a weights folder inference can use.
 
-Crops come from the same planner (--ranges) and crop function as inference. Labels: train.csv per vertebra; where
+Crops come from the same planner (--ranges) and crop function as inference, cached compressed in the work folder
+(--work-dir, default OUT.work beside --out, never inside it). Labels: train.csv per vertebra; where
 train_bounding_boxes.csv marks fracture slices, a fractured vertebra's crops on boxed slices are the positives and
 its other crops are left out (--box-policy exclude; or downweight, or study for the seed's study-level labels).
-Seed recipe (BCE, Adam 5e-4, batch 16, early stopping on validation loss, 1/3 of the studies held out, seeded and
-stratified) plus augmentation and class balancing. Crops are cached per study (--cache) and streamed with tf.data.
+Recipe: the seed's network and Adam 5e-4 (per 16 crops of global batch) on a fixed cosine schedule, augmentation,
+positives weighted 2 as the metric weighs them. --folds K (default 5) patient-level folds: every study gets an
+out-of-fold prediction; pooling (top-k, overall rule) and a per-label calibration are fitted on them by
+minimising the competition metric; priors are the metric-minimising constants. The K fold models ship as an
+ensemble per vertebra (--final refit: one model refit on every study instead).
 
-Writes C1.keras..C7.keras, model_config.json, slice_ranges.json (a copy of --ranges), history.csv,
-validation.json (vertebra-level AUC on the held-out studies), training_curves.png and MANIFEST.json.
---resume continues an interrupted run in the same --out.
+Writes into --out only: the classifiers, model_config.json, slice_ranges.json (a copy of --ranges), oof.csv
+(out-of-fold, cross-fitted predictions), validation.json (oof_score, before/after calibration, baselines, per-label
+log loss and AUC) and MANIFEST.json. --resume continues an interrupted run. --plan only reads headers and prints
+the studies, crops, projected cache bytes and time per epoch on a T4 and a P100 (--json: machine-readable).
 
 Example:
   cspine-submit train --data /kaggle/input/rsna-2022-cervical-spine-fracture-detection \\
-      --ranges weights/slice_ranges.json --out weights --head gap --input-size 256 --channels windows
+      --ranges weights/slice_ranges.json --out /kaggle/working/weights --plan
 """
 
 from __future__ import annotations
@@ -47,18 +52,32 @@ def add_arguments(parser) -> None:
     parser.add_argument("--crop-margin", type=float, default=None)
     parser.add_argument("--vertebrae", default=",".join(("C1", "C2", "C3", "C4", "C5", "C6", "C7")),
                         help="comma-separated subset to train (default all)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--patience", type=int, default=4)
+    parser.add_argument("--folds", type=int, default=5, help="patient-level folds (default 5); 1: one split "
+                        "(--val-fraction held out), for quick runs")
+    parser.add_argument("--final", choices=("ensemble", "refit"), default="ensemble",
+                        help="ship the K fold models averaged (default) or one model refit on every study")
+    parser.add_argument("--epochs", type=int, default=10, help="length of the fixed schedule (default 10)")
+    parser.add_argument("--batch-size", type=int, default=16, help="crops per step per GPU (default 16)")
+    parser.add_argument("--lr", type=float, default=5e-4,
+                        help="peak Adam rate at a global batch of 16; scaled linearly with the global batch")
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    parser.add_argument("--patience", type=int, default=0,
+                        help="0 (default): fixed schedule, last epoch kept; N: early stopping on an inner split of "
+                             "each fold's training studies (never on the held-out fold)")
     parser.add_argument("--monitor", choices=("val_loss", "val_auc"), default="val_loss",
-                        help="early stopping and best-epoch criterion (default val_loss, as the seed notebook)")
-    parser.add_argument("--val-fraction", type=float, default=1.0 / 3.0)
+                        help="early stopping criterion on the inner split (with --patience)")
+    parser.add_argument("--val-fraction", type=float, default=1.0 / 3.0,
+                        help="held-out share with --folds 1, and the inner split's share with --patience")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-augment", action="store_true", help="the seed recipe: no augmentation")
-    parser.add_argument("--no-balance", action="store_true", help="no class balancing")
+    parser.add_argument("--pos-weight", type=float, default=2.0,
+                        help="loss weight of a positive crop, negatives 1 (default 2, as the metric)")
+    parser.add_argument("--balance", action="store_true",
+                        help="class balancing instead of --pos-weight (odds inflated 10-30x; calibration undoes it)")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="keep the config's pooling, no calibration (priors are still fitted)")
     parser.add_argument("--shared", action="store_true",
-                        help="train one network on all selected vertebrae's crops, saved as each vertebra's file "
+                        help="train one network per fold on all selected vertebrae's crops, used for each vertebra "
                              "(small data sets, e.g. the synthetic demo)")
     parser.add_argument("--box-policy", choices=("exclude", "downweight", "study"), default="exclude")
     parser.add_argument("--other-weight", type=float, default=0.2, help="weight of box-less crops with downweight")
@@ -66,13 +85,21 @@ def add_arguments(parser) -> None:
                         help="local ResNet50 ImageNet 'notop' weights file (3-channel inputs only; never downloaded)")
     parser.add_argument("--trained-on", choices=("competition", "synthetic"), default="competition",
                         help="recorded in model_config.json")
-    parser.add_argument("--cache", type=Path, default=None, help="crop cache folder (default OUT/cache)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="cache, checkpoints, fold models, state and logs (default: OUT.work beside --out)")
+    parser.add_argument("--cache", type=Path, default=None, help="crop cache folder (default WORK_DIR/cache)")
     parser.add_argument("--workers", type=int, default=2, help="processes reading and cropping studies")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N studies (smoke runs)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--force", action="store_true",
                         help="replace the training outputs already in --out (other files there are kept)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--plan", action="store_true",
+                        help="train nothing: read the headers, print studies, crops, projected cache bytes and time "
+                             "per epoch on a T4 and a P100")
+    parser.add_argument("--plan-sample", type=int, default=64,
+                        help="studies whose headers --plan reads (the rest are extrapolated; default 64)")
+    parser.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
 
 
 def _command_line() -> str:
@@ -99,6 +126,8 @@ def run(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
+    if args.plan:
+        return _run_plan(args, config)
     # After reading --config: it may be one of the outputs being replaced.
     # The ranges input may live in --out (weights/slice_ranges.json): it is an input, never replaced.
     existing = [p for p in existing_outputs(args.out) if p.resolve() != args.ranges.resolve()]
@@ -111,14 +140,14 @@ def run(args) -> int:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     options = TrainOptions(
         vertebrae=tuple(v.strip() for v in args.vertebrae.split(",") if v.strip()),
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience,
-        monitor=args.monitor,
-        val_fraction=args.val_fraction, seed=args.seed, augment=not args.no_augment, balance=not args.no_balance,
-        shared=args.shared,
-        box_policy=args.box_policy, other_weight=args.other_weight,
+        folds=args.folds, final=args.final, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        lr_schedule=args.schedule, patience=args.patience, monitor=args.monitor, val_fraction=args.val_fraction,
+        seed=args.seed, augment=not args.no_augment, pos_weight=args.pos_weight, balance=args.balance,
+        calibrate=not args.no_calibrate, shared=args.shared, box_policy=args.box_policy,
+        other_weight=args.other_weight,
         backbone_weights=str(args.imagenet_weights) if args.imagenet_weights else None,
-        workers=args.workers, limit=args.limit, cache_dir=str(args.cache) if args.cache else None,
-        trained_on=args.trained_on, source=_command_line(),
+        workers=args.workers, limit=args.limit, work_dir=str(args.work_dir) if args.work_dir else None,
+        cache_dir=str(args.cache) if args.cache else None, trained_on=args.trained_on, source=_command_line(),
     )
     print(f"training {config.head} classifiers, input {config.input_shape}, channels {config.channels}, "
           f"K={config.slices_per_vertebra}, box policy {options.box_policy}")
@@ -128,9 +157,30 @@ def run(args) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
-    print(f"{'vertebra':<9}{'val studies':>12}{'positive':>9}{'AUC':>7}")
-    for v, info in result.validation.get("per_vertebra", {}).items():
-        print(f"{v:<9}{info.get('n_val_studies', 0):>12}{info.get('n_val_pos', 0):>9}{info.get('auc', float('nan')):>7.3f}")
-    print(f"pooled vertebra-level validation AUC: {result.validation.get('pooled_auc', float('nan')):.3f}")
-    print(f"wrote {len(result.files)} files to {result.out_dir} in {result.seconds:.0f} s")
+    v = result.validation
+    print(f"{'label':<16}{'log loss':>9}{'AUC':>7}   (out of fold, {v['n_studies']} studies)")
+    for label, d in v["per_label"].items():
+        auc = d.get("auc")
+        print(f"{label:<16}{d['log_loss']:>9.4f}{'' if auc is None else f'{auc:>7.3f}'}")
+    print(f"competition metric out of fold: {v['oof_score']:.4f} calibrated (cross-fitted), "
+          f"{v['oof_score_uncalibrated']:.4f} before calibration; baselines: prior only "
+          f"{v['baselines']['prior_only']:.4f}, constant 0.5 {v['baselines']['constant_0.5']:.4f}")
+    print(f"wrote {len(result.files)} files to {result.out_dir} in {result.seconds:.0f} s "
+          f"(cache, checkpoints, fold models and logs in {result.work_dir})")
+    return 0
+
+
+def _run_plan(args, config) -> int:
+    import json
+
+    from cspine_submit.train_plan import format_plan, plan_training
+
+    try:
+        plan = plan_training(args.data, args.ranges, config, folds=args.folds, epochs=args.epochs,
+                             final=args.final, sample=args.plan_sample, limit=args.limit, workers=args.workers,
+                             shared=args.shared, vertebrae=len([v for v in args.vertebrae.split(",") if v.strip()]))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0

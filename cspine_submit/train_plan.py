@@ -1,0 +1,198 @@
+"""``train --plan``: what a training run will cost, from the data folder's headers, before training anything.
+
+Reads the headers of up to ``sample`` studies (no pixels), plans their crops exactly as training and inference do,
+and extrapolates to every study of train.csv: studies, crops, raw and projected cache bytes. Then it caches a few
+studies for real (decoding their slices) to measure the compression ratio and the seconds per study of building
+the cache, streams their crops through the training input pipeline to measure crops per second on this machine,
+and projects the time per epoch on a T4 and a P100 from the published GPU figures below. Every assumption is in
+the returned dict (``assumptions``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cspine_submit.config import ModelConfig
+
+GPU_TRAIN_224: dict[str, dict] = {
+    "T4": {"img_s": 1270.0 / 3.0, "precision": "mixed float16",
+           "source": "FACTS.md: V100 trains ResNet-50 at about 1270 img/s (mixed precision + XLA, 224 px, NVIDIA "
+                     "DeepLearningExamples); a T4 about a third of a V100"},
+    "P100": {"img_s": 219.0, "precision": "float32",
+             "source": "TensorFlow's published tf_cnn_benchmarks: ResNet-50 training on a P100, float32, 224 px, "
+                       "219 img/s (a P100 gains nothing from mixed precision, FACTS.md); not in FACTS.md"},
+}
+"""ResNet-50 training throughput at 224 x 224 px; scaled by pixel count to other input sizes."""
+
+
+def _header_plan(job) -> dict:
+    """Crops per vertebra and the side of each stored square, from headers only (top level: picklable)."""
+    from cspine_submit import dicom, localize
+    from cspine_submit.crop import crop_square, n_planes
+
+    folder, ranges_path, config_json = job
+    config = ModelConfig(**json.loads(config_json))
+    header = dicom.scan_study(folder)
+    plans = localize.plan_crops(header, localize.load_ranges(ranges_path), config)
+    per = {}
+    for v, plan in plans.items():
+        side = min(crop_square(plan.box, config.crop_margin)[2], config.input_size)
+        per[v] = {"crops": len(plan.slice_indices), "side": int(side)}
+    raw = sum(d["crops"] * n_planes(config) * d["side"] ** 2 * 2 for d in per.values())
+    return {"n_slices": header.n_slices, "vertebrae": per, "raw_bytes": int(raw)}
+
+
+def gpu_epoch_seconds(crops: float, input_size: int, head: str) -> dict[str, float | None]:
+    """Seconds for ``crops`` training crops on each GPU of :data:`GPU_TRAIN_224` (None for the tiny test head)."""
+    if head not in ("seed", "gap"):
+        return {g: None for g in GPU_TRAIN_224}
+    scale = (224.0 / input_size) ** 2
+    return {g: float(crops / (d["img_s"] * scale)) for g, d in GPU_TRAIN_224.items()}
+
+
+def measure_input_pipeline(samples, config: ModelConfig, workers: int = 2, batch_size: int = 16,
+                           min_crops: int = 512) -> float:
+    """Crops per second of the training input pipeline (read, decompress, enlarge, window, augment, batch)."""
+    from cspine_submit.train_data import Samples, make_dataset
+
+    reps = int(np.ceil(min_crops / max(len(samples), 1)))
+    many = Samples.concat([samples] * reps)
+    ds = make_dataset(many, config, batch_size, shuffle=True, augment_data=True, seed=0, workers=workers)
+    it = iter(ds)
+    next(it)  # trace once
+    t0 = time.perf_counter()
+    n = 0
+    for x, _, _ in it:
+        n += int(x.shape[0])
+    return n / max(time.perf_counter() - t0, 1e-9)
+
+
+def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5, epochs: int = 10,
+                  final: str = "ensemble", sample: int = 64, measure: int = 3, limit: int | None = None,
+                  workers: int = 2, shared: bool = False, vertebrae: int = 7, seed: int = 0) -> dict:
+    """The projected cost of ``train`` on ``data_dir`` (see the module docstring).
+
+    Returns
+    -------
+    dict
+        ``studies``, ``studies_read``, ``crops`` (total, per study), ``cache_bytes`` (raw, projected, per
+        study), ``compression`` (measured ratio), ``cache_build_seconds``, ``input_crops_per_s``,
+        ``epoch`` (crops per model per epoch, seconds per GPU, whether input-bound), ``run`` (models, GPU hours
+        per GPU), ``assumptions``.
+    """
+    from cspine_submit import train_data as td
+    from cspine_submit.reader import iter_studies
+
+    data_dir, ranges_path = Path(data_dir), Path(ranges_path)
+    labels = td.read_train_labels(data_dir)
+    uids = sorted(labels)[:limit] if limit else sorted(labels)
+    if not uids:
+        raise ValueError(f"{data_dir / 'train.csv'}: no studies")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(uids) if len(uids) <= sample else sorted(rng.choice(uids, sample, replace=False).tolist())
+    cfg_json = json.dumps(json.loads(json.dumps(td._config_dict(config))))
+    images = data_dir / "train_images"
+    jobs = [(str(images / u), str(ranges_path), cfg_json) for u in chosen]
+    read, failed = {}, []
+    for outcome in iter_studies(jobs, _header_plan, workers=workers, prefetch=max(2 * workers, 1)):
+        uid = Path(outcome.item[0]).name
+        if outcome.ok:
+            read[uid] = outcome.value
+        else:
+            failed.append({"uid": uid, "error": outcome.error})
+    if not read:
+        raise ValueError(f"{images}: none of the {len(chosen)} studies read could be planned "
+                         f"(first error: {failed[0]['error'] if failed else 'none'})")
+    crops_per_study = float(np.mean([sum(d["crops"] for d in r["vertebrae"].values()) for r in read.values()]))
+    raw_per_study = float(np.mean([r["raw_bytes"] for r in read.values()]))
+    ok_share = len(read) / len(chosen)
+    n_ok = len(uids) * ok_share
+
+    # Cache a few studies for real: compression ratio, build time, and crops for the input pipeline.
+    with tempfile.TemporaryDirectory(prefix="cspine_plan_") as tmp:
+        measured = sorted(read)[:measure]
+        t0 = time.perf_counter()
+        metas, _ = td.build_cache(data_dir, measured, tmp, ranges_path, config, workers=0, progress=False)
+        build_s = (time.perf_counter() - t0) / max(len(metas), 1)
+        raw_measured = sum(read[u]["raw_bytes"] for u in metas)
+        ratio = td.cache_bytes(metas) / raw_measured if raw_measured else 1.0
+        parts = [td.collect_samples(metas, metas, v, tmp, labels, {}, "study") for v in
+                 sorted({v for m in metas.values() for v in m["vertebrae"]})]
+        crops_s = measure_input_pipeline(td.Samples.concat(parts), config, workers=workers) if metas else float("nan")
+
+    per_vertebra = crops_per_study / 7.0
+    units = 1 if shared else vertebrae
+    train_share = (folds - 1) / folds if folds >= 2 else 2.0 / 3.0
+    crops_epoch = n_ok * train_share * per_vertebra * (7.0 if shared else 1.0)
+    gpu = gpu_epoch_seconds(crops_epoch, config.input_size, config.head)
+    epoch = {"crops_per_model": round(crops_epoch), "cpu_input_seconds": crops_epoch / crops_s}
+    for g, sec in gpu.items():
+        epoch[f"{g}_seconds"] = None if sec is None else max(sec, epoch["cpu_input_seconds"])
+        epoch[f"{g}_input_bound"] = None if sec is None else bool(epoch["cpu_input_seconds"] > sec)
+    models = folds * units + (units if final == "refit" and folds >= 2 else 0)
+    run = {"models": models, "epochs": epochs}
+    for g in GPU_TRAIN_224:
+        sec = epoch[f"{g}_seconds"]
+        # + one prediction pass over the held-out fold per model (a third of a training step's cost per crop)
+        run[f"{g}_hours"] = None if sec is None else models * epochs * sec / 3600.0 * (1 + 1 / (3 * epochs))
+    return {
+        "data": str(data_dir), "config": {"head": config.head, "input_shape": list(config.input_shape),
+                                          "channels": config.channels, "slices_per_vertebra": config.slices_per_vertebra},
+        "studies": len(uids), "studies_read": len(read), "studies_failed": failed,
+        "slices_per_study": float(np.mean([r["n_slices"] for r in read.values()])),
+        "crops": {"total": round(crops_per_study * n_ok), "per_study": crops_per_study},
+        "cache_bytes": {"raw_int16": round(raw_per_study * n_ok), "projected": round(raw_per_study * ratio * n_ok),
+                        "per_study": raw_per_study * ratio},
+        "compression": {"ratio": ratio, "studies_measured": len(metas)},
+        "cache_build_seconds": {"per_study_one_core": build_s, "total": build_s * n_ok / max(workers, 1)},
+        "input_crops_per_s": crops_s,
+        "epoch": epoch,
+        "run": run,
+        "assumptions": {
+            "gpu": {g: dict(d, img_s_at_input=d["img_s"] * (224.0 / config.input_size) ** 2)
+                    for g, d in GPU_TRAIN_224.items()},
+            "notes": [
+                "cache bytes: crops per study and stored square sides from the headers of studies_read studies, "
+                "compression ratio measured by caching a few of them; extrapolated to every study",
+                "GPU rates scale the 224-px ResNet-50 figure by pixel count; the seed head (Flatten + Dense) "
+                "costs a few % more",
+                "input_crops_per_s is measured on THIS machine with the given workers (read, decompress, enlarge, "
+                "window, augment); an epoch takes the longer of GPU and input time",
+                f"crops per model per epoch: the training folds' share ({train_share:.2f}) of every study's crops "
+                "of one vertebra (7 vertebrae with --shared); a fracture's box-less crops are not left out here",
+            ],
+        },
+    }
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as a few lines of text."""
+    gb = 1e9
+    e, r = plan["epoch"], plan["run"]
+    lines = [
+        f"{plan['studies']} studies ({plan['studies_read']} headers read, {plan['slices_per_study']:.0f} slices "
+        f"each on average), config {plan['config']}",
+        f"crops: {plan['crops']['total']} ({plan['crops']['per_study']:.0f} per study)",
+        f"cache: {plan['cache_bytes']['projected'] / gb:.2f} GB projected ({plan['cache_bytes']['per_study'] / 1e6:.2f} "
+        f"MB per study; raw int16 {plan['cache_bytes']['raw_int16'] / gb:.2f} GB, compression "
+        f"{plan['compression']['ratio']:.2f} measured on {plan['compression']['studies_measured']} studies)",
+        f"cache build: {plan['cache_build_seconds']['per_study_one_core']:.1f} s per study per core, about "
+        f"{plan['cache_build_seconds']['total'] / 3600:.2f} h",
+        f"input pipeline on this machine: {plan['input_crops_per_s']:.0f} crops/s",
+        f"one epoch of one model: {e['crops_per_model']} crops; input {e['cpu_input_seconds']:.0f} s",
+    ]
+    for g in GPU_TRAIN_224:
+        if e.get(f"{g}_seconds") is None:
+            lines.append(f"  {g}: no published figure for head {plan['config']['head']!r}")
+            continue
+        lines.append(f"  {g}: {e[f'{g}_seconds']:.0f} s per epoch{' (input-bound)' if e[f'{g}_input_bound'] else ''}; "
+                     f"whole run ({r['models']} models x {r['epochs']} epochs) {r[f'{g}_hours']:.1f} GPU hours")
+    lines += ["assumptions:"] + [f"  - {n}" for n in plan["assumptions"]["notes"]]
+    lines += [f"  - {g}: {d['img_s']:.0f} img/s at 224 px ({d['precision']}): {d['source']}"
+              for g, d in plan["assumptions"]["gpu"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Priors, calibration and pooling fitted to the competition metric, checked against the metric itself."""
+
+import numpy as np
+import pytest
+
+from cspine_submit import calibration as C
+from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE, ModelConfig
+from cspine_submit.metric import competition_score
+
+
+def _labels(n, seed=0):
+    rng = np.random.default_rng(seed)
+    prev = np.array([0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.2])
+    v = (rng.uniform(size=(n, 7)) < prev).astype(int)
+    return {f"s{i:03d}": dict(zip(VERTEBRAE, map(int, v[i])), patient_overall=int(v[i].any())) for i in range(n)}
+
+
+def _y(labels):
+    return np.array([[labels[u][t] for t in PREDICTION_TYPES] for u in sorted(labels)], float)
+
+
+def test_label_weights_and_priors_by_hand():
+    y = np.array([[1, 1, 0, 0, 0, 0, 0, 0], [0] * 8], float)
+    v = C.label_weights(y)
+    # study 0: weights 14, 2, 1 x 6 -> W = 22; study 1: 7 + 7 = 14
+    np.testing.assert_allclose(v[0, :2], [14 / 22, 2 / 22])
+    np.testing.assert_allclose(v[1, :2], [7 / 14, 1 / 14])
+    pri = C.fit_priors(y)
+    assert pri["patient_overall"] == pytest.approx((14 / 22) / (14 / 22 + 7 / 14))
+    assert pri["C1"] == pytest.approx((2 / 22) / (2 / 22 + 1 / 14))
+
+
+def test_metric_priors_beat_the_prevalences_and_are_the_minimum():
+    labels = _labels(400)
+    y = _y(labels)
+    pri = C.fit_priors(y)
+    const = lambda d: np.tile([d[t] for t in PREDICTION_TYPES], (len(y), 1))  # noqa: E731
+    prevalence = dict(zip(PREDICTION_TYPES, y.mean(axis=0)))
+    fitted = competition_score(y, const(pri))
+    assert fitted < competition_score(y, const(prevalence))
+    for t in PREDICTION_TYPES:  # a nudge either way is worse: it is the minimum
+        for d in (-0.01, 0.01):
+            assert competition_score(y, const(dict(pri, **{t: pri[t] + d}))) > fitted
+
+
+def test_calibration_undoes_inflated_odds_out_of_sample():
+    """Slice probabilities with odds inflated 20x (class balancing): pooled, cross-fitted calibration repairs them."""
+    labels = _labels(600, seed=1)
+    rng = np.random.default_rng(2)
+    slice_probs = {}
+    for u, lab in labels.items():
+        d = {}
+        for v in VERTEBRAE:
+            z = rng.normal(1.5 if lab[v] else -1.5, 1.0, size=15) + np.log(20.0) - 2.5
+            d[v] = 1 / (1 + np.exp(-z))
+        slice_probs[u] = d
+    cfg = ModelConfig(slices_per_vertebra=15, top_k=5)
+    uids = sorted(labels)
+    y = _y(labels)
+    raw = competition_score(y, C.predict_table(slice_probs, uids, cfg))
+    groups = {u: i % 5 for i, u in enumerate(uids)}
+    fit = lambda tr: C.fit_pooling(slice_probs, labels, tr, cfg)[0]  # noqa: E731
+    _, crossed = C.cross_fitted(groups, fit, lambda held, c: C.predict_table(slice_probs, held, c))
+    calibrated = competition_score(y, crossed)
+    assert calibrated < raw - 0.05, (raw, calibrated)
+    fitted, table = C.fit_pooling(slice_probs, labels, uids, cfg)
+    assert table[0]["score"] == min(r["score"] for r in table) and fitted.top_k == table[0]["top_k"]
+    # The fast pooled table is aggregate_study's pooling.
+    table_fast = C.PooledTable(slice_probs, uids[:50], cfg.priors).table(3, 15, "max")
+    slow = C.predict_table(slice_probs, uids[:50], cfg.replace(top_k=3, overall_rule="max", clip=(1e-9, 1 - 1e-9)))
+    np.testing.assert_allclose(table_fast, slow, atol=1e-12)
+    # What inference computes with the fitted config is what the fit scored.
+    assert competition_score(y, C.predict_table(slice_probs, uids, fitted)) == pytest.approx(table[0]["score"], abs=1e-4)
+
+
+def test_logit_affine_fit_recovers_a_known_map():
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 2, 20000)
+    truth = 1 / (1 + np.exp(-(0.5 * z - 1.0)))
+    y = (rng.uniform(size=z.size) < truth).astype(float)
+    a, b = C.fit_logit_affine(1 / (1 + np.exp(-z)), y, np.ones_like(z), l2=0.0)
+    assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(-1.0, abs=0.06)

@@ -74,14 +74,29 @@ def fit_logit_affine(p: np.ndarray, y: np.ndarray, weight: np.ndarray, l2: float
     lam = l2 * wt.sum()
     theta = np.array([1.0, 0.0])
     X = np.stack([z, np.ones_like(z)], axis=1)
+
+    def objective(t):
+        m = X @ t
+        # BCE with logits, stable: log(1 + e^m) - y m
+        return float((wt * (np.logaddexp(0.0, m) - y * m)).sum() + lam * ((t[0] - 1.0) ** 2 + t[1] ** 2))
+
+    f = objective(theta)
     for _ in range(iterations):
         q = 1.0 / (1.0 + np.exp(-(X @ theta)))
         grad = X.T @ (wt * (q - y)) + 2 * lam * (theta - [1.0, 0.0])
         hess = (X * (wt * q * (1 - q))[:, None]).T @ X + 2 * lam * np.eye(2)
         step = np.linalg.solve(hess + 1e-12 * np.eye(2), grad)
-        theta = theta - step
-        if np.abs(step).max() < 1e-10:
+        # Backtracking: a full Newton step can overshoot on the flat tails of the logistic loss.
+        t = 1.0
+        while t > 1e-6 and objective(theta - t * step) > f:
+            t *= 0.5
+        if t <= 1e-6:
             break
+        theta = theta - t * step
+        f_new = objective(theta)
+        if abs(f - f_new) < 1e-12 * max(abs(f), 1.0):
+            break
+        f = f_new
     return float(theta[0]), float(theta[1])
 
 

@@ -80,3 +80,27 @@ def test_logit_affine_fit_recovers_a_known_map():
     y = (rng.uniform(size=z.size) < truth).astype(float)
     a, b = C.fit_logit_affine(1 / (1 + np.exp(-z)), y, np.ones_like(z), l2=0.0)
     assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(-1.0, abs=0.06)
+
+
+def test_evaluate_calibrate_shows_before_and_after(tmp_path, capsys):
+    import json
+
+    from cspine_submit.cli import main
+
+    labels = _labels(300, seed=4)
+    rng = np.random.default_rng(5)
+    uids = sorted(labels)
+    rows_l = ["StudyInstanceUID," + ",".join(PREDICTION_TYPES)]
+    rows_p = list(rows_l)
+    for u in uids:
+        y = np.array([labels[u][t] for t in PREDICTION_TYPES])
+        z = rng.normal(np.where(y > 0, 1.0, -1.0), 1.0) + 2.0  # informative but odds inflated e^2
+        rows_l.append(u + "," + ",".join(str(int(v)) for v in y))
+        rows_p.append(u + "," + ",".join(f"{1 / (1 + np.exp(-v)):.6f}" for v in z))
+    (tmp_path / "labels.csv").write_text("\n".join(rows_l) + "\n")
+    (tmp_path / "oof.csv").write_text("\n".join(rows_p) + "\n")
+    assert main(["evaluate", "--submission", str(tmp_path / "oof.csv"), "--labels", str(tmp_path / "labels.csv"),
+                 "--calibrate", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["calibrated"]["before"] == pytest.approx(out["score"])
+    assert out["calibrated"]["after"] < out["calibrated"]["before"] - 0.1

@@ -308,19 +308,28 @@ def _set_seeds(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def _make_model(config: ModelConfig, options: TrainOptions, strategy):
+def _make_model(config: ModelConfig, options: TrainOptions, strategy, seed: int):
+    """The classifier to train, behind the on-device augmentation layer when ``options.augment``, compiled."""
     import keras
 
     from cspine_submit.models import build_classifier, dtype_policy, precision_policy
+    from cspine_submit.train_data import augmenting_model
 
     with dtype_policy(precision_policy(config)), strategy.scope():
         model = build_classifier(config.head, config.input_shape, options.backbone_weights)
+        if options.augment:
+            model = augmenting_model(model, config.input_shape, seed)
         model.compile(
             optimizer=keras.optimizers.Adam(options.learning_rate),
             loss=keras.losses.BinaryCrossentropy(),
             weighted_metrics=[keras.metrics.AUC(name="auc")],
         )
     return model
+
+
+def classifier_of(model):
+    """The classifier inside a training model (the model itself, or the one behind the augmentation layer)."""
+    return model.layers[-1] if model.name == "augmenting" else model
 
 
 def predict_samples(model, samples, config: ModelConfig) -> np.ndarray:
@@ -405,11 +414,14 @@ def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOpti
     offset = (VERTEBRAE.index(unit) if unit in VERTEBRAE else len(VERTEBRAE)) + 10 * (int(fold[1:]) if fold[1:].isdigit() else 9)
     _set_seeds(options.seed + offset)
     if past and last_path.is_file():
+        from cspine_submit.train_data import _train_augment_class
+
+        _train_augment_class()  # registers the augmentation layer, so the checkpoint deserializes
         with strategy.scope():
             model = keras.models.load_model(last_path)
     else:
         past = []
-        model = _make_model(config, options, strategy)
+        model = _make_model(config, options, strategy, options.seed * 100 + offset)
     replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
     global_batch = options.batch_size * replicas
     use_val = options.patience > 0 and len(val_s) > 0
@@ -419,7 +431,7 @@ def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOpti
     best = min(scores + [np.inf])
     best_epoch = next((r["epoch"] for r in past if sign * r.get(key, np.nan) == best), 0)
 
-    ds_train = make_dataset(train_s, config, global_batch, shuffle=True, augment_data=options.augment,
+    ds_train = make_dataset(train_s, config, global_batch, shuffle=True, augment_data=False,
                             seed=options.seed * 100 + offset, sample_weight=w, workers=options.workers)
     ds_val = (make_dataset(val_s, config, global_batch, shuffle=False, augment_data=False, workers=options.workers)
               if use_val else None)
@@ -611,9 +623,9 @@ def fit_models(plan: RunPlan, metas: dict, cache_dir: Path, config: ModelConfig,
         say(f"{tag}: {len(tr.kept())} training crops ({int(tr.kept().y.sum())} positive) from {len(fit_uids)} "
             f"studies; {len(held_uids)} held-out studies")
         model = train_unit(tag, tr, inner, config, options, work, strategy, progress, say)
-        # A clean copy (no optimizer state) built by the same factory inference uses.
+        # A clean copy (no optimizer state, no augmentation layer) built by the same factory inference uses.
         clean = models_mod.build_classifier(config.head, config.input_shape)
-        clean.set_weights(model.get_weights())
+        clean.set_weights(classifier_of(model).get_weights())
         models_mod.save_classifier(clean, work.models / f"{fold}_{unit}.keras")
         for v in members:
             held = samples(v, held_uids)

@@ -57,12 +57,13 @@ def gpu_epoch_seconds(crops: float, input_size: int, head: str) -> dict[str, flo
 
 def measure_input_pipeline(samples, config: ModelConfig, workers: int = 2, batch_size: int = 16,
                            min_crops: int = 512) -> float:
-    """Crops per second of the training input pipeline (read, decompress, enlarge, window, augment, batch)."""
+    """Crops per second of the training input pipeline (read, decompress, enlarge, window, batch)."""
     from cspine_submit.train_data import Samples, make_dataset
 
     reps = int(np.ceil(min_crops / max(len(samples), 1)))
     many = Samples.concat([samples] * reps)
-    ds = make_dataset(many, config, batch_size, shuffle=True, augment_data=True, seed=0, workers=workers)
+    # No augmentation here: training augments on the GPU, inside the model (train_data.augmenting_model).
+    ds = make_dataset(many, config, batch_size, shuffle=True, augment_data=False, seed=0, workers=workers)
     it = iter(ds)
     next(it)  # trace once
     t0 = time.perf_counter()
@@ -74,7 +75,8 @@ def measure_input_pipeline(samples, config: ModelConfig, workers: int = 2, batch
 
 def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5, epochs: int = 10,
                   final: str = "ensemble", sample: int = 64, measure: int = 3, limit: int | None = None,
-                  workers: int = 2, shared: bool = False, vertebrae: int = 7, seed: int = 0) -> dict:
+                  workers: int = 2, shared: bool = False, vertebrae: int = 7, seed: int = 0,
+                  studies: int | None = None) -> dict:
     """The projected cost of ``train`` on ``data_dir`` (see the module docstring).
 
     Returns
@@ -111,7 +113,8 @@ def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5,
     crops_per_study = float(np.mean([sum(d["crops"] for d in r["vertebrae"].values()) for r in read.values()]))
     raw_per_study = float(np.mean([r["raw_bytes"] for r in read.values()]))
     ok_share = len(read) / len(chosen)
-    n_ok = len(uids) * ok_share
+    n_total = int(studies) if studies else len(uids)  # e.g. the full training set, from a downloaded subset
+    n_ok = n_total * ok_share
 
     # Cache a few studies for real: compression ratio, build time, and crops for the input pipeline.
     with tempfile.TemporaryDirectory(prefix="cspine_plan_") as tmp:
@@ -143,7 +146,7 @@ def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5,
     return {
         "data": str(data_dir), "config": {"head": config.head, "input_shape": list(config.input_shape),
                                           "channels": config.channels, "slices_per_vertebra": config.slices_per_vertebra},
-        "studies": len(uids), "studies_read": len(read), "studies_failed": failed,
+        "studies": n_total, "studies_in_train_csv": len(uids), "studies_read": len(read), "studies_failed": failed,
         "slices_per_study": float(np.mean([r["n_slices"] for r in read.values()])),
         "crops": {"total": round(crops_per_study * n_ok), "per_study": crops_per_study},
         "cache_bytes": {"raw_int16": round(raw_per_study * n_ok), "projected": round(raw_per_study * ratio * n_ok),
@@ -162,7 +165,7 @@ def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5,
                 "GPU rates scale the 224-px ResNet-50 figure by pixel count; the seed head (Flatten + Dense) "
                 "costs a few % more",
                 "input_crops_per_s is measured on THIS machine with the given workers (read, decompress, enlarge, "
-                "window, augment); an epoch takes the longer of GPU and input time",
+                "window; the augmentation runs on the GPU); an epoch takes the longer of GPU and input time",
                 f"crops per model per epoch: the training folds' share ({train_share:.2f}) of every study's crops "
                 "of one vertebra (7 vertebrae with --shared); a fracture's box-less crops are not left out here",
             ],

@@ -291,3 +291,20 @@ def test_training_crops_are_the_inference_crops(synthetic_info, fixture_ranges, 
             cached = np.stack(list(td.load_crops(s, config)))
             assert cached.shape == crops.shape == (len(meta["vertebrae"][v]["slice_indices"]), 32, 32, 3)
             np.testing.assert_allclose(cached, crops, atol=0.5 / 1800 + 1e-5)
+
+
+def test_augmentation_runs_inside_the_model_only_while_training(tmp_path):
+    import keras
+
+    from cspine_submit.models import build_classifier
+
+    clf = build_classifier("tiny", (32, 32, 1))
+    model = td.augmenting_model(clf, (32, 32, 1), seed=4)
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    x = np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 1)).astype(np.float32)
+    np.testing.assert_allclose(model(x, training=False), clf(x, training=False), atol=1e-6)
+    aug = model.layers[1](x, training=True).numpy()
+    assert aug.shape == x.shape and not np.allclose(aug, x) and aug.min() >= 0 and aug.max() <= 1
+    model.save(tmp_path / "ckpt.keras")  # a training checkpoint round-trips (resume)
+    back = keras.models.load_model(tmp_path / "ckpt.keras")
+    np.testing.assert_allclose(back(x, training=False), model(x, training=False), atol=1e-6)

@@ -99,6 +99,9 @@ def add_arguments(parser) -> None:
                              "per epoch on a T4 and a P100")
     parser.add_argument("--plan-sample", type=int, default=64,
                         help="studies whose headers --plan reads (the rest are extrapolated; default 64)")
+    parser.add_argument("--plan-studies", type=int, default=None,
+                        help="with --plan: project for this many studies (default: train.csv's), e.g. 2019 from a "
+                             "downloaded subset")
     parser.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
 
 
@@ -178,7 +181,8 @@ def _run_plan(args, config) -> int:
     try:
         plan = plan_training(args.data, args.ranges, config, folds=args.folds, epochs=args.epochs,
                              final=args.final, sample=args.plan_sample, limit=args.limit, workers=args.workers,
-                             shared=args.shared, vertebrae=len([v for v in args.vertebrae.split(",") if v.strip()]))
+                             shared=args.shared, vertebrae=len([v for v in args.vertebrae.split(",") if v.strip()]),
+                             studies=args.plan_studies)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}")
         return 2

@@ -1,0 +1,117 @@
+"""Training cache and input pipeline: bytes per study and crops per second, on real CT, on this machine.
+
+Crops come from the real 512x512 Siemens CT series in tests/data (JPEG 2000, 20 slices): 7 "vertebrae" x 15 crops
+with boxes of 150-250 px around the spine (a cervical vertebra's box with margin at 0.3-0.5 mm pixels), made by
+``crop.hu_squares`` and stored by ``train_data.encode_square``, exactly as ``train`` caches them. Then the training
+input pipeline (``train_data.make_dataset``: read, decompress, enlarge, window, augment, batch) streams them.
+
+For each config (the default 256x256x3 windows, the seed's 512x512x1) it prints: stored bytes per crop and per
+study (7 x 15 crops), the projection for 2019 studies, the old cache (float16 windowed crops, 7 x 15 x S x S x C x 2
+bytes) for comparison, crops/s of the pipeline with 1 and 2 parallel loaders (with augmentation) and of loading
+alone, and the T4 training rate it has to feed (FACTS.md figures, scaled by pixels).
+
+    python benchmarks/bench_train_input.py            # both configs
+    python benchmarks/bench_train_input.py --quick    # fewer crops per timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+SERIES = Path(__file__).resolve().parents[1] / "tests" / "data" / "dicom" / "series_j2k_ct"
+STUDIES = 2019
+
+
+def make_store(folder: Path, slices: np.ndarray, config, seed: int = 0):
+    """One study's crops (7 x 15) cached as train does; returns the Samples over them."""
+    from cspine_submit import train_data as td
+    from cspine_submit.crop import hu_squares, n_planes
+    from cspine_submit.localize import CropPlan
+
+    rng = np.random.default_rng(seed)
+    bone = (slices > 200).mean(axis=0) > 0.5
+    ys, xs = np.nonzero(bone)
+    cy, cx = int(np.median(ys)), int(np.median(xs))
+    path = folder / "crops.bin"
+    offsets, nbytes, sides = [], [], []
+    with open(path, "wb") as fh:
+        for v in range(7):
+            side = int(rng.integers(130, 210))  # box; with the 0.1 margin the square is 156-252 px
+            y0 = cy - side // 2 + int(rng.integers(-15, 16))
+            x0 = cx - side // 2 + int(rng.integers(-15, 16))
+            plan = CropPlan(f"C{v + 1}", tuple(int(i) for i in rng.choice(len(slices), 15)), (y0, x0, y0 + side, x0 + side))
+            sq = hu_squares(slices, np.arange(len(slices)), plan, config)
+            for s in sq:
+                buf = td.encode_square(s)
+                offsets.append(fh.tell())
+                fh.write(buf)
+                nbytes.append(len(buf))
+                sides.append(sq.shape[-1])
+    n = len(offsets)
+    assert n_planes(config) >= 1
+    return td.Samples(np.array([str(path)] * n, dtype=object), np.array(offsets), np.array(nbytes), np.array(sides),
+                      np.zeros(n, np.float32), np.ones(n, np.float32), np.array(["s"] * n, dtype=object))
+
+
+def pipeline_rate(samples, config, workers: int, augment: bool, n_crops: int, batch: int = 16) -> float:
+    from cspine_submit.train_data import Samples, make_dataset
+
+    many = Samples.concat([samples] * int(np.ceil(n_crops / len(samples))))
+    ds = make_dataset(many, config, batch, shuffle=True, augment_data=augment, seed=1, workers=workers)
+    it = iter(ds)
+    next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for x, _, _ in it:
+        n += int(x.shape[0])
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+
+    from cspine_submit import dicom
+    from cspine_submit.config import ModelConfig
+    from cspine_submit.train_plan import GPU_TRAIN_224
+
+    header = dicom.scan_study(SERIES)
+    slices = dicom.read_slices(header, np.arange(header.n_slices))
+    configs = {
+        "default 256x256x3 windows": ModelConfig(),
+        "seed 512x512x1": ModelConfig(head="seed", input_size=512, channels="single"),
+    }
+    n = 320 if args.quick else 1200
+    print(f"real CT: {SERIES.name}, {slices.shape}; {os.cpu_count()} CPUs (shared: timings are noisy)")
+    print(f"{'config':<28}{'kB/crop':>8}{'MB/study':>9}{'GB/2019':>8}{'old GB':>8}"
+          f"{'w=1 aug':>9}{'w=2 aug':>9}{'w=2 load':>9}{'T4 needs':>9}")
+    for name, cfg in configs.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            s = make_store(Path(tmp), slices, cfg)
+            per_crop = float(np.mean(s.nbytes))
+            per_study = float(np.sum(s.nbytes))
+            old = 7 * 15 * cfg.input_size ** 2 * cfg.n_channels * 2
+            r1 = pipeline_rate(s, cfg, 1, True, n)
+            r2 = pipeline_rate(s, cfg, 2, True, n)
+            r2_load = pipeline_rate(s, cfg, 2, False, n)
+        t4 = GPU_TRAIN_224["T4"]["img_s"] * (224 / cfg.input_size) ** 2
+        print(f"{name:<28}{per_crop / 1e3:>8.1f}{per_study / 1e6:>9.2f}{per_study * STUDIES / 1e9:>8.1f}"
+              f"{old * STUDIES / 1e9:>8.1f}{r1:>9.0f}{r2:>9.0f}{r2_load:>9.0f}{t4:>9.0f}")
+    print("crops/s: the training input pipeline (read, decompress, enlarge, window: 'load') with 1 or 2 parallel "
+          "loaders; 'aug' adds the augmentation on the CPU, which training does not do (it augments on the GPU, "
+          "inside the model: train_data.augmenting_model); 'T4 needs': ResNet-50 training img/s on a T4 at that "
+          "input (FACTS.md, mixed precision, scaled by pixels)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

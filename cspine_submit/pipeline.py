@@ -29,8 +29,8 @@ from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE, ModelConfig, Slice
 MIN_SLICES = 3
 """Fewer slices than this cannot hold a cervical spine: such a study falls back to priors without planning."""
 
-WORKER_STAGES = ("scan", "plan", "read", "crop")
-MAIN_STAGES = ("wait", "score", "aggregate")
+REFRESH_SECONDS = 30.0
+"""Default seconds between two refreshes of submission.csv during a run (measured cost: see the issue 11 note)."""
 
 
 def repo_root() -> Path:
@@ -66,7 +66,9 @@ class PreparedStudy:
     ----------
     uid : str
     crops : dict
-        ``{vertebra: (k, S, S, C) float32}``.
+        ``{vertebra: (k, S, S, C) uint16}``, model input in the fixed-point code of
+        :func:`cspine_submit.crop.encode_crops` (half the bytes of float32 to send between processes; the scoring
+        side converts).
     slices_read : int
         Distinct slices decoded.
     n_slices : int
@@ -74,6 +76,8 @@ class PreparedStudy:
     seconds : dict
         ``{stage: seconds}`` for scan, plan, read, crop.
     warnings : list of str
+    plan : dict
+        Where each vertebra was looked for (:func:`cspine_submit.plan_report.plan_summary`).
     """
 
     uid: str
@@ -82,6 +86,7 @@ class PreparedStudy:
     n_slices: int
     seconds: dict
     warnings: list = field(default_factory=list)
+    plan: dict = field(default_factory=dict)
 
 
 class StudyFailure(RuntimeError):
@@ -96,7 +101,7 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
     StudyFailure
         Message ``"<stage>: <what went wrong>"``.
     """
-    from cspine_submit import crop, dicom, localize
+    from cspine_submit import crop, dicom, localize, plan_report
 
     seconds: dict[str, float] = {}
     stage = "scan"
@@ -113,8 +118,9 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
         stage, t = "plan", time.perf_counter()
         cue_indices = np.zeros(0, dtype=np.int64)
         cue_slices = np.zeros((0, header.rows, header.cols), dtype=np.float32)
+        cue = None
         if not job.vertebrae:
-            plans = {}  # no classifier at all: nothing to plan (the study is still scanned, to report on it)
+            planned = {}  # no classifier at all: nothing to plan (the study is still scanned, to report on it)
         elif job.ranges.method == "profile":
             # The profile planner needs a few decoded cue slices: decode them here, so that they count as slices
             # read and so that the crops below reuse those the plans also need instead of decoding them again.
@@ -123,22 +129,25 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
             cue = localize.measure_cue(header, job.ranges, slices=cue_slices)
             if cue.fallback:
                 warnings.append(f"planner: {cue.fallback}")
-            plans = localize.plan_crops(header, job.ranges, job.config, cue=cue)
+            planned = localize.plan_crops(header, job.ranges, job.config, cue=cue)
         else:
-            plans = localize.plan_crops(header, job.ranges, job.config)
-        plans = {v: p for v, p in plans.items() if v in job.vertebrae and len(p.slice_indices)}
+            planned = localize.plan_crops(header, job.ranges, job.config)
+        not_scored = {v: "no classifier loaded" for v in VERTEBRAE if v not in job.vertebrae}
+        summary = plan_report.plan_summary(header, job.ranges, cue, planned, job.config, not_scored)
+        skip = plan_report.priors_from_summary(summary)  # e.g. a vertebra planned outside the scan
+        plans = {v: p for v, p in planned.items() if v not in skip}
         seconds["plan"] = time.perf_counter() - t
         stage, t = "read", time.perf_counter()
         needed = crop.slices_needed(plans, job.config, header.n_slices) if plans else np.zeros(0, dtype=np.int64)
         slices = _read_reusing(header, needed, cue_indices, cue_slices)
         seconds["read"] = time.perf_counter() - t
         stage, t = "crop", time.perf_counter()
-        crops = {v: crop.prepare_crops(slices, needed, plan, job.config) for v, plan in plans.items()}
+        crops = {v: crop.encode_crops(crop.prepare_crops(slices, needed, plan, job.config)) for v, plan in plans.items()}
         seconds["crop"] = time.perf_counter() - t
     except Exception as exc:  # noqa: BLE001 - any failure of one study becomes that study's fallback
         raise StudyFailure(f"{stage}: {type(exc).__name__}: {exc}") from None
     slices_read = int(np.union1d(needed, cue_indices).size)
-    return PreparedStudy(job.uid, crops, slices_read, header.n_slices, seconds, warnings)
+    return PreparedStudy(job.uid, crops, slices_read, header.n_slices, seconds, warnings, plan=summary)
 
 
 def _read_reusing(header, indices: np.ndarray, known_indices: np.ndarray, known_slices: np.ndarray) -> np.ndarray:
@@ -296,6 +305,7 @@ class RunSetup:
     fingerprint: str
     demo: bool = False
     load_seconds: float = 0.0
+    devices: Any = None  # models.DevicePlan: where the classifiers run, in which precision, and why
 
 
 def _weights_fingerprint(weights_dir: Path, config: ModelConfig, ranges: SliceRanges, plan) -> str:
@@ -374,6 +384,18 @@ def load_models(weights_dir: Path) -> tuple[ModelConfig, dict, list[str]]:
     return config, models, messages
 
 
+def initial_priors(weights_dir: str | Path) -> dict[str, float]:
+    """The 8 prior probabilities for the file written before anything is loaded: those of the weights folder's
+    model_config.json when it reads, else the defaults (train prevalences). Reads JSON only: no TensorFlow."""
+    from cspine_submit import aggregate
+
+    try:
+        config = ModelConfig.from_json(Path(weights_dir) / "model_config.json")
+    except (FileNotFoundError, ValueError):
+        config = ModelConfig()
+    return aggregate.prior_probabilities(config)
+
+
 def _placeholder_ranges() -> SliceRanges:
     """Ranges that are never planned with (no classifier is loaded when they are used)."""
     return SliceRanges(method="fraction", layout="competition", per_vertebra={v: {} for v in VERTEBRAE}, n_masks=0,
@@ -381,7 +403,7 @@ def _placeholder_ranges() -> SliceRanges:
 
 
 def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_size: int | None = None,
-                weights_error: str = "raise") -> RunSetup:
+                weights_error: str = "raise", plan=None) -> RunSetup:
     """Plan the rows, load classifiers, config and ranges, and collect the warnings to announce.
 
     Parameters
@@ -389,16 +411,19 @@ def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_si
     weights_error : "raise" or "priors"
         What to do when the weights folder or its config cannot be loaded at all: raise (the default: a local
         misconfiguration should stop the run), or carry on with no classifier so that every study gets the
-        default priors (on Kaggle, where a complete submission scores and a crash does not).
+        default priors (the CLI: it writes the complete file, then exits non-zero naming the cause).
+    plan : submission.RowPlan, optional
+        The rows, if already planned (the CLI plans them first, to write the priors file before loading).
 
     Raises FileNotFoundError / ValueError for problems that concern the whole run (missing weights, a malformed
     test.csv); per-study problems never raise.
     """
+    from cspine_submit.models import plan_devices
     from cspine_submit.submission import plan_rows
 
     t0 = time.perf_counter()
     weights_dir = Path(weights_dir)
-    plan = plan_rows(test_dir, test_csv)
+    plan = plan_rows(test_dir, test_csv) if plan is None else plan
     try:
         config, models, warnings = load_models(weights_dir)
     except (FileNotFoundError, ValueError) as exc:
@@ -433,7 +458,7 @@ def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_si
         plan=plan, weights_dir=weights_dir, config=config, models=models, ranges=ranges, ranges_path=ranges_path,
         warnings=warnings, notes=list(plan.notes) + notes,
         fingerprint=_weights_fingerprint(weights_dir, config, ranges, plan), demo=demo,
-        load_seconds=time.perf_counter() - t0,
+        load_seconds=time.perf_counter() - t0, devices=plan_devices(config),
     )
 
 
@@ -452,6 +477,273 @@ def _fallback_entry(reason: str, seconds: dict | None = None, slices_read: int =
     return {"status": "fallback", "reason": reason, "slices_read": int(slices_read), "seconds": dict(seconds or {})}
 
 
+class ScoringTimeout(RuntimeError):
+    """Scoring one study took longer than allowed; the study falls back, the run goes on."""
+
+
+class GuardedScorer:
+    """Scores studies in a helper thread, so that a hang inside TensorFlow costs one study, not the run.
+
+    A call that does not return within ``timeout`` seconds raises :class:`ScoringTimeout`; its thread is abandoned
+    (a thread stuck in native code cannot be stopped) and the next study gets a fresh one. After
+    ``max_timeouts`` timeouts in a row the device is taken for wedged and every later call fails at once, so that the
+    remaining studies get their priors quickly instead of waiting ``timeout`` each.
+
+    Parameters
+    ----------
+    score_fn : callable
+        ``score_fn(crops_by_vertebra) -> {vertebra: probabilities}``.
+    timeout : float or None
+        Seconds; None scores in the calling thread, unguarded.
+    """
+
+    def __init__(self, score_fn: Callable[[dict], dict], timeout: float | None, max_timeouts: int = 2):
+        self.score_fn = score_fn
+        self.timeout = None if timeout is None or timeout <= 0 else float(timeout)
+        self.max_timeouts = int(max_timeouts)
+        self.timeouts = 0
+        self._in_a_row = 0
+        self._pool = None
+
+    def __call__(self, crops: dict) -> dict:
+        if self.timeout is None:
+            return self.score_fn(crops)
+        if self._in_a_row >= self.max_timeouts:
+            raise ScoringTimeout(f"scoring hung {self._in_a_row} times in a row; not tried again in this run")
+        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+        future = self._pool.submit(self.score_fn, crops)
+        try:
+            result = future.result(timeout=self.timeout)
+        except (FutureTimeout, TimeoutError):
+            self.timeouts += 1
+            self._in_a_row += 1
+            self._pool.shutdown(wait=False, cancel_futures=True)  # abandon the stuck thread
+            self._pool = None
+            raise ScoringTimeout(f"scoring did not finish within {self.timeout:.0f} s") from None
+        self._in_a_row = 0
+        return result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+
+@dataclass
+class RunState:
+    """One run in progress: what is done, what is left, and the files that record it.
+
+    Built by :func:`start_run`; the steps of :func:`run_submission` read and update it.
+    """
+
+    setup: RunSetup
+    out: Path
+    report_path: Path
+    priors: dict
+    journal: Any  # submission.Journal
+    live: Any  # submission.LiveSubmission
+    budget: BudgetController
+    todo: list  # uids to prepare and score, in order
+    todo_missing: list  # uids whose folder does not exist
+    study_probs: dict = field(default_factory=dict)
+    studies: dict = field(default_factory=dict)
+    n_resumed: int = 0
+    journal_notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    time_budget: float | None = None
+    on_study: Callable[[str, dict], None] | None = None
+    t_start: float = 0.0
+    t_loop: float = 0.0
+    warmup_seconds: float = 0.0
+    configs: dict = field(default_factory=dict)  # {K: ModelConfig}
+    scorer: Any = None
+
+    def finish(self, uid: str, probs: dict, entry: dict, journaled: bool = True) -> None:
+        """Record one study: report entry, journal (unless it must be redone by --resume), live submission."""
+        self.study_probs[uid] = probs
+        self.studies[uid] = entry
+        if journaled:
+            self.journal.append(uid, probs, entry)
+        self.live.set_study(uid, probs)
+        self.live.refresh_if_due()
+        if self.on_study is not None:
+            self.on_study(uid, entry)
+
+    def job_config(self) -> ModelConfig:
+        """The config for the next job: the run's, with the K in force now."""
+        k = self.budget.k
+        if k not in self.configs:
+            self.configs[k] = self.setup.config.replace(slices_per_vertebra=k)
+        return self.configs[k]
+
+    def jobs(self) -> Iterator[StudyJob]:
+        """The studies to prepare; a generator, so each job takes the K in force when the reader pulls it."""
+        vertebrae = tuple(v for v in VERTEBRAE if v in self.setup.models)
+        for uid in self.todo:
+            if self.budget.exhausted:
+                yield StudyJob(uid, "", self.setup.ranges, self.setup.config, ())  # not prepared: see _handle_outcome
+            else:
+                yield StudyJob(uid, str(self.setup.plan.folders[uid]), self.setup.ranges, self.job_config(), vertebrae)
+
+
+def start_run(setup: RunSetup, out: str | Path, *, resume: bool = False, report_path: str | Path | None = None,
+              time_budget: float | None = None, refresh_seconds: float = REFRESH_SECONDS,
+              on_study: Callable[[str, dict], None] | None = None, study_timeout: float | None = None) -> RunState:
+    """Step 1, prepare: open the journal (taking the studies a killed run finished when resuming), split the studies
+    into those to do and those whose folder is missing, set up the time budget, the live submission and the scorer."""
+    from cspine_submit import aggregate, submission
+    from cspine_submit.models import score
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    journal_path, default_report = submission.companion_paths(out)
+    priors = aggregate.prior_probabilities(setup.config)
+    journal = submission.Journal(journal_path, setup.fingerprint)
+    done_records, journal_notes = journal.load() if resume else ({}, [])
+    journal.start(keep=resume)
+    live = submission.LiveSubmission(out, setup.plan.row_ids, priors, every_s=refresh_seconds)
+    state = RunState(setup=setup, out=out, report_path=Path(report_path) if report_path else default_report,
+                     priors=priors, journal=journal, live=live, budget=None, todo=[], todo_missing=[],
+                     journal_notes=list(journal_notes), time_budget=time_budget, on_study=on_study, t_start=t_start)
+    for uid, rec in done_records.items():
+        if uid in setup.plan.folders:
+            state.study_probs[uid] = rec["probs"]
+            state.studies[uid] = dict(rec["report"], resumed=True)
+            live.set_study(uid, rec["probs"])
+    state.n_resumed = len(state.studies)
+    for uid in setup.plan.studies:
+        if uid not in state.study_probs:
+            (state.todo if Path(setup.plan.folders[uid]).is_dir() else state.todo_missing).append(uid)
+    state.budget = BudgetController(time_budget, len(state.todo), setup.config.slices_per_vertebra)
+    state.configs = {setup.config.slices_per_vertebra: setup.config}
+    state.scorer = GuardedScorer(lambda crops: score(setup.models, crops, setup.config.batch_size), study_timeout)
+    return state
+
+
+def write_priors_file(state: RunState) -> None:
+    """Step 2: a complete submission.csv at once - priors for every study not done yet (resumed ones kept)."""
+    for uid in state.todo_missing:
+        state.finish(uid, state.priors, _fallback_entry(f"study folder {state.setup.plan.folders[uid]} does not exist"))
+    state.live.write()
+
+
+def warm_up(state: RunState) -> None:
+    """Step 3: trace the scoring graphs once before the clock of the first study starts.
+
+    Otherwise the first study looks several times slower than the rest and the time-budget projection overreacts.
+    A failure is a run warning (each study then falls back with its own scoring error), not a crash.
+    """
+    from cspine_submit.crop import encode_crops
+
+    t = time.perf_counter()
+    setup, config = state.setup, state.setup.config
+    if state.todo and setup.models:
+        shape = (config.slices_per_vertebra,) + tuple(config.input_shape)
+        try:
+            state.scorer({v: encode_crops(np.zeros(shape, np.float32)) for v in setup.models})
+        except Exception as exc:  # noqa: BLE001
+            state.warnings.append(f"the classifiers failed on a warm-up batch of shape {shape} "
+                                  f"({type(exc).__name__}: {exc}); studies whose scoring fails get their priors")
+    state.warmup_seconds = time.perf_counter() - t
+
+
+def score_study(state: RunState, job: StudyJob, prepared: PreparedStudy, seconds: dict) -> None:
+    """Score one prepared study in the main process, pool it to the 8 probabilities and record it."""
+    from cspine_submit import aggregate
+
+    config = state.setup.config
+    seconds.update({k: round(v, 4) for k, v in prepared.seconds.items()})
+    entry = {"status": "ok", "reason": None, "slices_read": prepared.slices_read, "seconds": seconds,
+             "n_slices": prepared.n_slices, "slices_per_vertebra": job.config.slices_per_vertebra}
+    if prepared.warnings:
+        entry["warnings"] = list(prepared.warnings)
+    try:
+        t = time.perf_counter()
+        slice_probs = state.scorer(prepared.crops) if prepared.crops else {}
+        seconds["score"] = round(time.perf_counter() - t, 4)
+        t = time.perf_counter()
+        probs, from_prior = aggregate.aggregate_study(slice_probs, config)
+        seconds["aggregate"] = round(time.perf_counter() - t, 4)
+    except Exception as exc:  # noqa: BLE001 - a scoring failure (or hang) costs this study only
+        entry = _fallback_entry(f"score: {type(exc).__name__}: {exc}", seconds, prepared.slices_read)
+        entry["plan"] = prepared.plan
+        state.finish(job.uid, state.priors, entry)
+        return
+    if from_prior:
+        entry["priors_used"] = from_prior
+    entry["plan"] = prepared.plan
+    state.finish(job.uid, probs, entry)
+
+
+def _handle_outcome(state: RunState, outcome, t_prev: float) -> None:
+    job: StudyJob = outcome.item
+    seconds = {"wait": round(time.perf_counter() - t_prev, 4)}
+    if outcome.error is None and outcome.value is not None:
+        score_study(state, job, outcome.value, seconds)
+        return
+    if job.folder == "":
+        # Skipped for time: not finished, so not journaled - a --resume with time to spare must still do it.
+        state.finish(job.uid, state.priors, _fallback_entry("time budget spent before this study; priors used",
+                                                            seconds), journaled=False)
+    else:
+        state.finish(job.uid, state.priors, _fallback_entry(_failure_reason(outcome.error), seconds))
+
+
+def stream_studies(state: RunState, workers: int = 2, study_timeout: float | None = None,
+                   progress: bool = True) -> None:
+    """Step 4: workers prepare the studies ahead while this process scores them one by one; the live submission is
+    refreshed as they finish; the time budget adjusts K. If the run itself fails (not one study), the studies not
+    done get their priors, unjournaled, and a loud warning."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(state.todo), unit="study", desc="studies", disable=not progress, dynamic_ncols=True)
+    state.t_loop = time.perf_counter()
+    t_prev, done = state.t_loop, 0
+    try:
+        for outcome in _iter_outcomes(state.jobs(), _prepare_or_skip, workers, study_timeout):
+            t_got = time.perf_counter()
+            wait = t_got - t_prev
+            _handle_outcome(state, outcome, t_prev)
+            done += 1
+            t_prev = time.perf_counter()
+            elapsed = t_prev - state.t_start
+            state.budget.update(t_prev - t_got + wait, elapsed, done, k=outcome.item.config.slices_per_vertebra)
+            projected = state.budget.projected_total(elapsed, done)
+            if projected is not None:
+                finish_at = time.strftime("%H:%M:%S", time.localtime(time.time() + projected - elapsed))
+                bar.set_postfix_str(f"K={state.budget.k} finish~{finish_at}", refresh=False)
+            bar.update(1)
+    except Exception as exc:  # noqa: BLE001 - e.g. the worker pool cannot start: still every row
+        reason = f"run stopped before this study: {type(exc).__name__}: {exc}"
+        state.warnings.append(f"THE RUN STOPPED EARLY ({type(exc).__name__}: {exc}); "
+                              f"{sum(u not in state.studies for u in state.todo)} studies got their priors")
+        for uid in state.todo:
+            if uid not in state.studies:
+                state.finish(uid, state.priors, _fallback_entry(reason), journaled=False)
+    finally:
+        bar.close()
+        state.journal.close()
+        state.scorer.close()
+
+
+def finish_run(state: RunState) -> RunResult:
+    """Step 5: the final submission.csv and the run report."""
+    from cspine_submit import submission
+
+    probabilities = state.live.write()
+    wall = time.perf_counter() - state.t_start
+    if state.scorer.timeouts:
+        state.warnings.append(f"scoring hung {state.scorer.timeouts} time(s); those studies got their priors")
+    totals = _totals(state, wall)
+    submission.write_report(state.report_path, state.studies, totals)
+    return RunResult(out=state.out, report_path=state.report_path, probabilities=probabilities,
+                     studies=state.studies, totals=totals)
+
+
 def run_submission(
     setup: RunSetup,
     out: str | Path,
@@ -463,6 +755,7 @@ def run_submission(
     progress: bool = True,
     on_study: Callable[[str, dict], None] | None = None,
     study_timeout: float | None = None,
+    refresh_seconds: float = REFRESH_SECONDS,
 ) -> RunResult:
     """Process every study of ``setup.plan`` and write the submission and its report.
 
@@ -476,152 +769,18 @@ def run_submission(
     resume : reuse the studies already in the journal next to ``out`` (same weights, config and test folder)
     report_path : where to write the run report (default: next to ``out``)
     progress : show a tqdm bar
-    on_study : called as ``on_study(uid, report_entry)`` after each study is journaled (tests use it to simulate
-        a kill)
-    study_timeout : seconds one study may spend in a worker before it is abandoned (falls back); workers > 0 only
+    on_study : called as ``on_study(uid, report_entry)`` after each study is recorded
+    study_timeout : seconds one study may spend in a worker, and in scoring in this process, before it is
+        abandoned (falls back); the worker guard needs ``workers > 0``
+    refresh_seconds : submission.csv is rewritten (atomically) at most this often while studies finish; it is
+        complete (priors for the studies not done) from the start
     """
-    from tqdm import tqdm
-
-    from cspine_submit import aggregate, submission
-    from cspine_submit.models import score
-
-    out = Path(out)
-    journal_path, default_report = submission.companion_paths(out)
-    report_path = Path(report_path) if report_path else default_report
-    config = setup.config
-    priors = aggregate.prior_probabilities(config)
-    t_start = time.perf_counter()
-
-    journal = submission.Journal(journal_path, setup.fingerprint)
-    done_records, journal_notes = journal.load() if resume else ({}, [])
-    journal.start(keep=resume)
-
-    study_probs: dict[str, dict[str, float]] = {}
-    studies: dict[str, dict] = {}
-    for uid, rec in done_records.items():
-        if uid in setup.plan.folders:
-            study_probs[uid] = rec["probs"]
-            studies[uid] = dict(rec["report"], resumed=True)
-
-    todo_missing, todo = [], []
-    for uid in setup.plan.studies:
-        if uid in study_probs:
-            continue
-        folder = setup.plan.folders[uid]
-        (todo if Path(folder).is_dir() else todo_missing).append(uid)
-
-    budget = BudgetController(time_budget, len(todo), config.slices_per_vertebra)
-    vertebrae = tuple(v for v in VERTEBRAE if v in setup.models)
-    configs: dict[int, ModelConfig] = {config.slices_per_vertebra: config}
-
-    def job_config() -> ModelConfig:
-        if budget.k not in configs:
-            configs[budget.k] = config.replace(slices_per_vertebra=budget.k)
-        return configs[budget.k]
-
-    def jobs():
-        # A generator, so each job takes the K in force when the reader pulls it (after earlier studies finished).
-        for uid in todo:
-            if budget.exhausted:
-                yield StudyJob(uid, "", setup.ranges, config, ())  # not prepared: see below
-            else:
-                yield StudyJob(uid, str(setup.plan.folders[uid]), setup.ranges, job_config(), vertebrae)
-
-    def finish(uid: str, probs: dict, entry: dict, journaled: bool = True) -> None:
-        study_probs[uid] = probs
-        studies[uid] = entry
-        if journaled:
-            journal.append(uid, probs, entry)
-        if on_study is not None:
-            on_study(uid, entry)
-
-    for uid in todo_missing:
-        finish(uid, priors, _fallback_entry(f"study folder {setup.plan.folders[uid]} does not exist"))
-
-    run_warnings: list[str] = []
-    t_warm = time.perf_counter()
-    if todo and setup.models:
-        # Trace the scoring graphs once before the clock of the first study starts: otherwise the first study
-        # looks several times slower than the rest and the time-budget projection overreacts.
-        shape = (config.slices_per_vertebra,) + tuple(config.input_shape)
-        try:
-            score(setup.models, {v: np.zeros(shape, np.float32) for v in setup.models}, config.batch_size)
-        except Exception as exc:  # noqa: BLE001 - the studies then fall back one by one, each with the reason
-            run_warnings.append(f"the classifiers failed on a warm-up batch of shape {shape} "
-                                f"({type(exc).__name__}: {exc}); studies whose scoring fails get their priors")
-    warmup_s = time.perf_counter() - t_warm
-    bar = tqdm(total=len(todo), unit="study", desc="studies", disable=not progress, dynamic_ncols=True)
-    t_loop = time.perf_counter()
-    t_prev = t_loop
-    done = 0
-    try:
-        outcomes = _iter_outcomes(jobs(), _prepare_or_skip, workers, study_timeout)
-        for outcome in outcomes:
-            job: StudyJob = outcome.item
-            t_got = time.perf_counter()
-            seconds = {"wait": round(t_got - t_prev, 4)}
-            if outcome.error is not None or outcome.value is None:
-                reason = _failure_reason(outcome.error)
-                skipped = job.folder == ""
-                if skipped:
-                    reason = "time budget spent before this study; priors used"
-                # A study skipped for time is not finished: --resume (with time to spare) must still do it.
-                finish(job.uid, priors, _fallback_entry(reason, seconds), journaled=not skipped)
-            else:
-                prepared: PreparedStudy = outcome.value
-                seconds.update({k: round(v, 4) for k, v in prepared.seconds.items()})
-                entry = {"status": "ok", "reason": None, "slices_read": prepared.slices_read, "seconds": seconds,
-                         "n_slices": prepared.n_slices, "slices_per_vertebra": job.config.slices_per_vertebra}
-                if prepared.warnings:
-                    entry["warnings"] = list(prepared.warnings)
-                try:
-                    t = time.perf_counter()
-                    slice_probs = score(setup.models, prepared.crops, config.batch_size) if prepared.crops else {}
-                    seconds["score"] = round(time.perf_counter() - t, 4)
-                    t = time.perf_counter()
-                    probs, from_prior = aggregate.aggregate_study(slice_probs, config)
-                    seconds["aggregate"] = round(time.perf_counter() - t, 4)
-                except Exception as exc:  # noqa: BLE001 - a scoring failure costs this study only
-                    finish(job.uid, priors, _fallback_entry(f"score: {type(exc).__name__}: {exc}", seconds,
-                                                            prepared.slices_read))
-                else:
-                    if from_prior:
-                        entry["priors_used"] = from_prior
-                    finish(job.uid, probs, entry)
-            done += 1
-            t_prev = time.perf_counter()
-            elapsed = t_prev - t_start
-            budget.update(t_prev - t_got + seconds.get("wait", 0.0), elapsed, done, k=job.config.slices_per_vertebra)
-            projected = budget.projected_total(elapsed, done)
-            if projected is not None:
-                finish_at = time.strftime("%H:%M:%S", time.localtime(time.time() + projected - elapsed))
-                bar.set_postfix_str(f"K={budget.k} finish~{finish_at}", refresh=False)
-            bar.update(1)
-    except Exception as exc:  # noqa: BLE001 - the run itself failed (not one study): still write every row
-        # E.g. the worker pool cannot start. The studies not done yet get their priors, are not journaled (so
-        # --resume does them), and the submission below is still complete.
-        reason = f"run stopped before this study: {type(exc).__name__}: {exc}"
-        run_warnings.append(f"THE RUN STOPPED EARLY ({type(exc).__name__}: {exc}); "
-                            f"{sum(u not in studies for u in todo)} studies got their priors")
-        for uid in todo:
-            if uid not in studies:
-                finish(uid, priors, _fallback_entry(reason), journaled=False)
-    finally:
-        bar.close()
-        journal.close()
-
-    probabilities: dict[str, float] = {}
-    for uid in setup.plan.studies:
-        probs = study_probs.get(uid, priors)
-        for t in PREDICTION_TYPES:
-            probabilities[f"{uid}_{t}"] = float(probs[t])
-    submission.write_submission(out, setup.plan.row_ids, probabilities)
-    wall = time.perf_counter() - t_start
-    totals = _totals(studies, setup, wall, t_loop - t_start, budget, journal_notes, len(done_records), time_budget)
-    totals["warmup_seconds"] = round(warmup_s, 3)
-    totals["warnings"] += run_warnings
-    submission.write_report(report_path, studies, totals)
-    return RunResult(out=out, report_path=report_path, probabilities=probabilities, studies=studies, totals=totals)
+    state = start_run(setup, out, resume=resume, report_path=report_path, time_budget=time_budget,
+                      refresh_seconds=refresh_seconds, on_study=on_study, study_timeout=study_timeout)
+    write_priors_file(state)
+    warm_up(state)
+    stream_studies(state, workers, study_timeout, progress)
+    return finish_run(state)
 
 
 def _prepare_or_skip(job: StudyJob):
@@ -631,7 +790,40 @@ def _prepare_or_skip(job: StudyJob):
     return prepare_study(job)
 
 
-def _totals(studies, setup, wall, setup_s, budget, journal_notes, n_resumed, time_budget) -> dict:
+def fell_back(entry: dict) -> bool:
+    """True when a study's 8 rows are all priors: it failed, or every vertebra took its prior."""
+    return entry["status"] == "fallback" or set(VERTEBRAE) <= set(entry.get("priors_used", ()))
+
+
+def run_problems(totals: dict) -> list[str]:
+    """Why a finished run cannot be right, each naming the cause; empty when it can.
+
+    - no classifier was loaded (every row is a prior);
+    - more than half of the studies fell back (:func:`fell_back`), with the most common reasons.
+    """
+    problems = []
+    if totals.get("classifiers_loaded", 0) == 0:
+        problems.append("no classifier was loaded: every row of the submission is a prior "
+                        + "; ".join(w for w in totals.get("warnings", []) if "could not be loaded" in w or "NO CLASSIFIER" in w))
+    n, n_back = totals.get("studies", 0), totals.get("fell_back", 0)
+    if n and n_back * 2 > n and totals.get("classifiers_loaded", 0):
+        reasons = totals.get("fallback_causes", {})
+        top = "; ".join(f"{count} x {why}" for why, count in list(reasons.items())[:3])
+        problems.append(f"{n_back} of {n} studies fell back to the priors (more than half): {top}")
+    return problems
+
+
+def _cause(reason: str) -> str:
+    """A fallback reason without the study-specific part (file names), so that equal causes group."""
+    import re
+
+    return re.sub(r"(/[^\s:,;()]+)+", "<path>", str(reason))[:200]
+
+
+def _totals(state: RunState, wall: float) -> dict:
+    from collections import Counter
+
+    studies, setup, budget = state.studies, state.setup, state.budget
     fresh = {u: e for u, e in studies.items() if not e.get("resumed")}
     stage_sums: dict[str, float] = {}
     for e in fresh.values():
@@ -639,24 +831,34 @@ def _totals(studies, setup, wall, setup_s, budget, journal_notes, n_resumed, tim
             stage_sums[k] = round(stage_sums.get(k, 0.0) + float(v), 4)
     n_ok = sum(e["status"] == "ok" for e in studies.values())
     fallbacks = {u: e["reason"] for u, e in studies.items() if e["status"] == "fallback"}
+    back = [u for u, e in studies.items() if fell_back(e)]
+    causes = Counter(_cause(e["reason"]) if e["status"] == "fallback" else "every vertebra took its prior"
+                     for u, e in studies.items() if fell_back(e))
     return {
         "studies": len(studies),
         "ok": n_ok,
         "fallback": len(fallbacks),
         "fallback_reasons": fallbacks,
-        "resumed": n_resumed,
+        "fell_back": len(back),
+        "fallback_causes": dict(causes.most_common()),
+        "resumed": state.n_resumed,
         "rows": len(setup.plan.row_ids),
+        "classifiers_loaded": len(setup.models),
         "slices_read": int(sum(e.get("slices_read", 0) for e in fresh.values())),
         "wall_seconds": round(wall, 3),
-        "setup_seconds": round(setup_s, 3),
+        "setup_seconds": round(state.t_loop - state.t_start, 3),
         "load_seconds": round(setup.load_seconds, 3),
+        "warmup_seconds": round(state.warmup_seconds, 3),
         "studies_per_s": round(len(fresh) / wall, 4) if wall > 0 else None,
         "seconds_by_stage": stage_sums,
-        "time_budget": {"budget_s": time_budget, "final_slices_per_vertebra": budget.k, "events": budget.events},
+        "submission_refresh": state.live.stats(wall),
+        "score_timeouts": state.scorer.timeouts,
+        "time_budget": {"budget_s": state.time_budget, "final_slices_per_vertebra": budget.k, "events": budget.events},
+        "devices": setup.devices.to_dict() if setup.devices is not None else None,
         "weights": str(setup.weights_dir),
         "slice_ranges": str(setup.ranges_path),
         "trained_on": setup.config.trained_on,
         "demo": setup.demo,
-        "notes": list(setup.notes) + list(journal_notes),
-        "warnings": list(setup.warnings),
+        "notes": list(setup.notes) + list(state.journal_notes),
+        "warnings": list(setup.warnings) + list(state.warnings),
     }

@@ -3,7 +3,8 @@
 Files written next to the submission (``<out>`` = ``submission.csv``):
 
 - ``<out>`` itself: ``row_id,fractured``, one row per row_id to predict, written to a temporary file in the same
-  folder and renamed over the target, so a reader never sees half a file.
+  folder and renamed over the target, so a reader never sees half a file. During a run it is complete from the
+  start (priors for the studies not done yet) and rewritten as studies finish (:class:`LiveSubmission`).
 - ``<out stem>.journal.jsonl``: one JSON line per finished study, appended and flushed as each finishes, so a killed
   run started again with ``--resume`` skips them. The first line identifies the run (weights fingerprint); records
   of another run are not reused.
@@ -207,6 +208,92 @@ def submission_text(row_ids: Iterable[str], probabilities: Mapping[str, float]) 
 def write_submission(path: str | Path, row_ids: Iterable[str], probabilities: Mapping[str, float]) -> Path:
     """Write submission.csv atomically (see :func:`atomic_write_text`)."""
     return atomic_write_text(path, submission_text(row_ids, probabilities))
+
+
+def split_row_id(rid: str) -> tuple[str, str]:
+    """``<StudyInstanceUID>_<prediction_type>`` -> ``(uid, prediction_type)``; ValueError for anything else."""
+    for kind in PREDICTION_TYPES:
+        if rid.endswith("_" + kind) and len(rid) > len(kind) + 1:
+            return rid[: -len(kind) - 1], kind
+    raise ValueError(f"row_id {rid!r} does not end in _<prediction_type> ({list(PREDICTION_TYPES)})")
+
+
+class LiveSubmission:
+    """submission.csv kept complete on disk while a run goes on.
+
+    Every row is there from the first :meth:`write` (the priors for the studies not done yet); finished studies
+    replace their rows in memory (:meth:`set_study`), and :meth:`refresh_if_due` rewrites the file atomically when
+    ``every_s`` seconds have passed since the last write. A kill at any moment leaves the last complete file.
+
+    Parameters
+    ----------
+    path : submission.csv
+    row_ids : the rows, in output order
+    priors : ``{prediction_type: p}`` for rows not done
+    every_s : float
+        Seconds between rewrites (0: after every finished study).
+    """
+
+    def __init__(self, path: str | Path, row_ids: Iterable[str], priors: Mapping[str, float], every_s: float = 30.0):
+        self.path = Path(path)
+        self.every_s = max(0.0, float(every_s))
+        self.row_ids = tuple(row_ids)
+        self._probs: list[float] = []
+        self._lines: list[str] = []
+        self._rows_of: dict[str, list[tuple[int, str]]] = {}
+        for i, rid in enumerate(self.row_ids):
+            uid, kind = split_row_id(rid)
+            self._rows_of.setdefault(uid, []).append((i, kind))
+            self._probs.append(float(priors[kind]))
+            self._lines.append(self._line(rid, priors[kind]))
+        self._dirty = True
+        self._last = float("-inf")
+        self.writes = 0
+        self.seconds = 0.0
+        self.max_seconds = 0.0
+
+    @staticmethod
+    def _line(rid: str, p: float) -> str:
+        p = float(p)
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"row {rid}: probability {p} is not strictly inside (0, 1)")
+        return f"{rid},{format_probability(p)}\n"
+
+    def set_study(self, uid: str, probs: Mapping[str, float]) -> None:
+        """Give one study's rows its probabilities (``{prediction_type: p}``); a study without rows is ignored."""
+        for i, kind in self._rows_of.get(uid, ()):
+            self._lines[i] = self._line(self.row_ids[i], probs[kind])
+            self._probs[i] = float(probs[kind])
+            self._dirty = True
+
+    def write(self) -> dict[str, float]:
+        """Write the file now (atomically); returns ``{row_id: p}`` as written."""
+        import time
+
+        t = time.perf_counter()
+        atomic_write_text(self.path, "row_id,fractured\n" + "".join(self._lines))
+        took = time.perf_counter() - t
+        self.writes += 1
+        self.seconds += took
+        self.max_seconds = max(self.max_seconds, took)
+        self._dirty = False
+        self._last = time.monotonic()
+        return dict(zip(self.row_ids, self._probs))
+
+    def refresh_if_due(self) -> bool:
+        """Write when something changed and ``every_s`` seconds have passed since the last write."""
+        import time
+
+        if self._dirty and time.monotonic() - self._last >= self.every_s:
+            self.write()
+            return True
+        return False
+
+    def stats(self, wall_seconds: float) -> dict:
+        """Writes, seconds spent writing, and that as a share of the run's wall time (%)."""
+        return {"every_s": self.every_s, "writes": self.writes, "seconds": round(self.seconds, 4),
+                "max_write_s": round(self.max_seconds, 4),
+                "overhead_pct": round(100.0 * self.seconds / wall_seconds, 3) if wall_seconds > 0 else None}
 
 
 def companion_paths(out: str | Path) -> tuple[Path, Path]:

@@ -124,8 +124,17 @@ def test_resume_after_a_kill(testset, weights, tmp_path):
             raise KeyboardInterrupt("simulated kill")
 
     with pytest.raises(KeyboardInterrupt):
-        _run(testset, weights, out, on_study=kill_after_three)
-    assert not out.exists()  # never half-written: nothing until the end
+        _run(testset, weights, out, on_study=kill_after_three, refresh_seconds=0)
+    # Complete at the kill: the three finished studies as in the uninterrupted run, priors for the rest.
+    ref, sub = _read_sub(tmp_path / "reference.csv"), _read_sub(out)
+    assert list(sub) == list(ref)
+    from cspine_submit import aggregate
+    from cspine_submit.config import ModelConfig
+
+    priors = aggregate.prior_probabilities(ModelConfig.from_json(weights / "model_config.json"))
+    for uid in ALL:
+        rows = {t: sub[f"{uid}_{t}"] for t in PREDICTION_TYPES}
+        assert rows == {t: ref[f"{uid}_{t}"] for t in PREDICTION_TYPES} if uid in seen else rows == pytest.approx(priors)
     journal = companion_paths(out)[0]
     assert len(journal.read_text().splitlines()) == 1 + 3  # header + 3 studies
     again = []
@@ -440,4 +449,4 @@ def test_profile_cue_slices_are_decoded_once(synthetic_info, monkeypatch):
     needed = crop.slices_needed(plans, config, header.n_slices)
     slices = real_read(header, needed)
     for v, plan in plans.items():
-        np.testing.assert_array_equal(prepared.crops[v], crop.prepare_crops(slices, needed, plan, config))
+        np.testing.assert_array_equal(prepared.crops[v], crop.encode_crops(crop.prepare_crops(slices, needed, plan, config)))

@@ -10,7 +10,11 @@ Every study listed gets its rows: a study that is missing or cannot be read gets
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 NAME = "submit"
@@ -51,8 +55,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, help="crops per forward pass (default: model_config.json)")
     parser.add_argument("--time-budget", help="e.g. 8.5h, 90m, 300s (default: 8.5h on Kaggle, none elsewhere)")
     parser.add_argument("--study-timeout", type=float, default=600.0,
-                        help="seconds one study may take in a worker before it gets the priors (default 600; "
-                        "guards against a decoder that hangs)")
+                        help="seconds one study may take, in a worker (reading) and again in scoring, before it gets "
+                        "the priors (default 600; guards against a decoder or a GPU call that hangs; 0: no limit)")
+    parser.add_argument("--refresh-every", type=float, default=30.0, metavar="SECONDS",
+                        help="rewrite the complete submission.csv (atomically) at most this often as studies finish "
+                        "(default 30; 0: after every study); it holds the priors for the studies not done yet")
+    parser.add_argument("--allow-priors", action="store_true",
+                        help="exit 0 even when the run cannot be right (no classifier loaded, JPEG Lossless not "
+                        "decodable, more than half of the studies fell back to the priors); default: exit 3")
+    parser.add_argument("--require-gpu", action="store_true",
+                        help="stop (exit 3) when TensorFlow sees no GPU instead of scoring on the CPU")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's start-up messages (CUDA probing)")
     parser.add_argument("--resume", action="store_true", help="skip studies already in the journal beside --out")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
     parser.add_argument("--report", type=Path, help="run report JSON (default: <out stem>.report.json beside --out)")
@@ -60,9 +73,49 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+EXIT_OK, EXIT_EXISTS, EXIT_USAGE, EXIT_WRONG = 0, 1, 2, 3
+"""Exit codes: done; --out exists; bad arguments or files; the run cannot be right (the complete file is written
+first; ``--allow-priors`` turns this into 0)."""
+
+
 def _loud(message: str) -> None:
     bar = "!" * 100
     print(f"{bar}\nWARNING: {message}\n{bar}", flush=True)
+
+
+@contextmanager
+def _native_stderr_hidden(hide: bool):
+    """Send file descriptor 2 to a temporary file while TensorFlow starts (its C++ CUDA probing writes there before
+    any log level applies); replay it only if starting fails."""
+    if not hide:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace")[-5000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def start_tensorflow(verbose: bool = False) -> None:
+    """Import TensorFlow and let it find its devices, quietly unless ``verbose``."""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _native_stderr_hidden(not verbose):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+        if not verbose:
+            tf.get_logger().setLevel("ERROR")
 
 
 def _resolve(args):
@@ -114,44 +167,86 @@ def _print_summary(result, demo_data) -> None:
               f"(weighted log loss, lower is better; constant 0.5 scores 0.693)")
 
 
-def run(args) -> int:
-    import os
+def _first_study(plan) -> Path | None:
+    return next((Path(plan.folders[u]) for u in plan.studies if Path(plan.folders[u]).is_dir()), None)
 
-    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) would bury the warnings that matter.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from cspine_submit import pipeline
+
+def run(args) -> int:
+    from cspine_submit import pipeline, preflight, submission
 
     try:
         where = _resolve(args)
     except ValueError as exc:
         print(f"error: {exc}")
-        return 2
+        return EXIT_USAGE
     out = Path(where["out"])
     if out.exists() and not (args.force or args.resume or where["own_output"]):
         print(f"error: {out} exists; use --force to overwrite it or --resume to continue the run that wrote it")
-        return 1
+        return EXIT_EXISTS
     demo = where["demo"] is not None
+    on_kaggle = KAGGLE_INPUT.exists()
     try:
-        setup = pipeline.prepare_run(where["test_dir"], where["test_csv"], where["weights"], demo=demo,
-                                     batch_size=args.batch_size,
-                                     weights_error="priors" if KAGGLE_INPUT.exists() else "raise")
+        plan = submission.plan_rows(where["test_dir"], where["test_csv"])
+        priors = pipeline.initial_priors(where["weights"])
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}")
-        return 2
+        return EXIT_USAGE
+    # A complete file from the first seconds (a killed run's file is kept when resuming: it holds finished studies).
+    if not (args.resume and out.exists()):
+        submission.write_submission(out, plan.row_ids, {r: priors[submission.split_row_id(r)[1]] for r in plan.row_ids})
+    problems: list[str] = []  # why this run cannot be right; printed at the top and at the end
+    decoders = preflight.check_decoders(_first_study(plan))
+    problems += decoders.problems
+    for problem in decoders.problems:
+        _loud(problem)
+    if decoders.problems and not args.allow_priors:
+        print(f"error: stopping before the run: the studies could not be read (the complete priors file {out} is "
+              "written; --allow-priors runs anyway)")
+        return EXIT_WRONG
+    start_tensorflow(args.verbose)
+    try:
+        setup = pipeline.prepare_run(where["test_dir"], where["test_csv"], where["weights"], demo=demo,
+                                     batch_size=args.batch_size, weights_error="priors", plan=plan)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}")
+        return EXIT_USAGE
+    devices = setup.devices
     print(f"test folder: {where['test_dir']}\ntest.csv: {where['test_csv']}\nweights: {setup.weights_dir} "
           f"(trained_on={setup.config.trained_on}, head={setup.config.head}, "
           f"{len(setup.models)}/7 classifiers)\nslice ranges: {setup.ranges_path}\n"
-          f"studies: {len(setup.plan.studies)}, rows: {len(setup.plan.row_ids)}, out: {out}")
+          f"studies: {len(setup.plan.studies)}, rows: {len(setup.plan.row_ids)}, out: {out}\n"
+          f"classifiers run on: {devices.summary()}")
+    for note in decoders.notes:
+        print(f"decoders: {note}")
     if where["budget"]:
         print(f"time budget: {where['budget'] / 3600:.2f} h ({where['budget']:.0f} s)")
     for note in setup.notes:
         print(f"note: {note}")
+    if devices.kind != "GPU" and (on_kaggle or args.require_gpu):
+        message = (f"NO GPU: the classifiers would run on the CPU in {devices.precision} "
+                   f"({'; '.join(devices.why)}); the time budget would lower the slices per vertebra")
+        _loud(message)
+        if args.require_gpu:
+            print("error: --require-gpu and TensorFlow sees no GPU")
+            return EXIT_WRONG
     for warning in setup.warnings:
         _loud(warning)
+    if not setup.models and not args.allow_priors:
+        print(f"error: no classifier could be loaded from {setup.weights_dir}; {out} holds the priors for every row "
+              "(--allow-priors to run anyway)")
+        return EXIT_WRONG
+    timeout = args.study_timeout if args.study_timeout > 0 else None
     result = pipeline.run_submission(setup, out, workers=args.workers, time_budget=where["budget"],
                                      resume=args.resume, report_path=args.report, progress=not args.no_progress,
-                                     study_timeout=args.study_timeout if args.study_timeout > 0 else None)
+                                     study_timeout=timeout, refresh_seconds=args.refresh_every)
     for warning in result.totals["warnings"][len(setup.warnings):]:  # raised during the run (e.g. the warm-up)
         _loud(warning)
     _print_summary(result, where["demo"])
-    return 0
+    problems += pipeline.run_problems(result.totals)
+    if problems:
+        for problem in problems:
+            _loud(f"THIS RUN CANNOT BE RIGHT: {problem}")
+        if not args.allow_priors:
+            print(f"exit {EXIT_WRONG}: {out} is complete but not to be trusted (--allow-priors accepts such a run)")
+            return EXIT_WRONG
+    return EXIT_OK

@@ -31,11 +31,15 @@ class CropPlan:
         Indices into ``StudyHeader.files`` (head to feet), increasing, the centre slices of the crops.
     box : (y0, x0, y1, x1) tuple of int
         In-plane box in pixels, half-open, inside (0, 0, rows, cols).
+    z_range_mm : (start, end) tuple of float, or None
+        Where the planner expects the vertebra, mm toward the feet (``StudyHeader.z`` frame), before the z margin;
+        None when the planner does not say. The run report shows it, and a range outside the scan gives the prior.
     """
 
     vertebra: str
     slice_indices: tuple[int, ...]
     box: tuple[int, int, int, int]
+    z_range_mm: tuple[float, float] | None = None
 
 
 def match_profile(
@@ -268,7 +272,7 @@ def plans_from_positions(
         start, end = mm[v]
         idx = indices_in_range(z_mm, start - z_margin_mm, end + z_margin_mm, k)
         box = planned_box(ranges, v, rows, cols, pixel_spacing, point, box_mode, box_quantiles)
-        plans[v] = CropPlan(vertebra=v, slice_indices=idx, box=box)
+        plans[v] = CropPlan(vertebra=v, slice_indices=idx, box=box, z_range_mm=(float(start), float(end)))
     return plans
 
 

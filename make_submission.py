@@ -71,18 +71,23 @@ def main(argv):
     if not decoders_ok():
         install_wheels(root)
         if not decoders_ok():
-            print("make_submission.py: WARNING: still no JPEG Lossless decoder; compressed studies will fall back "
-                  "to the priors (see the run report)")
+            print("make_submission.py: WARNING: still no JPEG Lossless decoder; the run's start-up check will stop "
+                  "it (exit 3) unless --allow-priors is given")
     from cspine_submit.cli import main as cli_main
 
     return cli_main(["submit", *argv])
 
 
 def _argv():
-    """Command-line options, but none when run by a Jupyter kernel (its own ``-f kernel.json`` is not for us)."""
+    """Command-line options, plus those in ``$CSPINE_SUBMIT_ARGS`` (a notebook cell can set it with
+    ``%env CSPINE_SUBMIT_ARGS=--allow-priors``); none from a Jupyter kernel's own command line (its
+    ``-f kernel.json`` is not for us)."""
+    import shlex
+
+    extra = shlex.split(os.environ.get("CSPINE_SUBMIT_ARGS", ""))
     if "ipykernel" in os.path.basename(sys.argv[0]) or "ipykernel" in sys.modules:
-        return []
-    return sys.argv[1:]
+        return extra
+    return sys.argv[1:] + extra
 
 
 if __name__ == "__main__":
@@ -90,4 +95,5 @@ if __name__ == "__main__":
     if "ipykernel" not in sys.modules:  # sys.exit inside a notebook cell shows a traceback-like SystemExit
         sys.exit(code)
     elif code:
-        raise RuntimeError(f"cspine-submit submit failed with exit code {code}")
+        raise RuntimeError(f"cspine-submit submit failed with exit code {code}: see the messages at the top of the "
+                           "log (submission.csv is complete but holds priors where the run could not score)")

@@ -41,7 +41,8 @@ TRAIN_PREVALENCE: dict[str, float] = {
 
 CROP_CODE_SCALE: int = 65535
 """Model inputs (in [0, 1]) cross process boundaries as uint16 ``round(x * CROP_CODE_SCALE)``: half the bytes of
-float32, at most 7.7e-6 off (:func:`cspine_submit.crop.encode_crops`; the scoring side converts back)."""
+float32, at most 7.7e-6 off (:func:`cspine_submit.crop.encode_crops`; the scoring side converts back). float16 has
+the same size but is 30 times coarser near 1 (2.4e-4), as much as the int16 HU rounding of the training cache."""
 
 CHANNEL_MODES: tuple[str, ...] = ("single", "replicate", "windows", "neighbours")
 """How an HU slice becomes model channels: one window (1 channel); one window replicated to 3 channels

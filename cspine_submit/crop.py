@@ -278,8 +278,8 @@ def encode_crops(crops: np.ndarray) -> np.ndarray:
     Returns
     -------
     (k, S, S, C) ndarray of uint16
-        ``round(crops * CROP_CODE_SCALE)``; :func:`decode_crops` (or the scoring function, on the device) maps it
-        back within ``0.5 / CROP_CODE_SCALE`` (7.7e-6).
+        ``round(crops * CROP_CODE_SCALE)``: half the bytes of float32; :func:`decode_crops` (or the scoring
+        function, on the device) maps it back within ``0.5 / CROP_CODE_SCALE`` (7.7e-6).
     """
     x = np.asarray(crops, dtype=np.float32)
     return np.rint(np.clip(x, 0.0, 1.0) * np.float32(CROP_CODE_SCALE)).astype(np.uint16)

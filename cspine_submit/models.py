@@ -714,8 +714,8 @@ _FILTER_INSTALLED = False
 def _predict_fn(model):
     """A compiled inference function for ``model``, cached on it; runs on the model's device.
 
-    It takes float32 crops, or uint16 crops in the fixed-point code of :data:`CROP_CODE_SCALE` (what worker
-    processes send): those are converted on the device, so half the bytes also cross to the GPU.
+    It takes float32 crops, or uint16 ones in the fixed-point code of :func:`cspine_submit.crop.encode_crops`
+    (what worker processes send): those are converted on the device, so half the bytes also cross to the GPU.
     """
     global _FILTER_INSTALLED
     fn = getattr(model, _PREDICT_FN_ATTR, None)
@@ -729,7 +729,7 @@ def _predict_fn(model):
         logging.getLogger("tensorflow").addFilter(_OwnTracesFilter())
         _FILTER_INSTALLED = True
     device = getattr(model, _DEVICE_ATTR, None)
-    scale = 1.0 / CROP_CODE_SCALE
+    scale = 1.0 / CROP_CODE_SCALE  # the same float32 product as crop.decode_crops
 
     @tf.function
     def fn(x):

@@ -1,9 +1,15 @@
 """The streaming submission flow: test folder -> submission.csv, never crashing on a bad study.
 
 Per study, in worker processes (:func:`prepare_study`, run through :func:`cspine_submit.reader.iter_studies`):
-scan headers -> plan crops -> decode only the planned slices -> prepare model crops. In the main process, while
-the workers already prepare the next studies: score the crops with the classifiers, aggregate to the 8
-probabilities, append the study to the journal. At the end the submission is written atomically, with a run report.
+scan headers -> plan crops (and say where, :mod:`cspine_submit.plan_report`) -> decode only the planned slices ->
+prepare model crops, sent back as uint16. In the main process, :func:`run_submission` reads as the run's steps:
+
+1. :func:`start_run` - open the journal, take the studies a killed run finished, set up budget and scorer;
+2. :func:`write_priors_file` - a complete submission.csv at once (priors for every study not done);
+3. :func:`warm_up` - trace the scoring graphs before the clock starts;
+4. :func:`stream_studies` - while the workers prepare the next studies, score each one (:func:`score_study`, guarded
+   against hangs by :class:`GuardedScorer`), pool to 8 probabilities, journal it, refresh submission.csv;
+5. :func:`finish_run` - the final submission.csv and the run report.
 
 A study that fails at any step gets its 8 rows from the priors, and the report says which step failed and why.
 The time budget (:class:`BudgetController`) lowers the slices per vertebra for the remaining studies when the
@@ -67,8 +73,8 @@ class PreparedStudy:
     uid : str
     crops : dict
         ``{vertebra: (k, S, S, C) uint16}``, model input in the fixed-point code of
-        :func:`cspine_submit.crop.encode_crops` (half the bytes of float32 to send between processes; the scoring
-        side converts).
+        :func:`cspine_submit.crop.encode_crops` (half the bytes of float32 to send between processes, 7.7e-6 off;
+        the scoring side converts).
     slices_read : int
         Distinct slices decoded.
     n_slices : int

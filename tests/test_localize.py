@@ -142,7 +142,7 @@ def test_plan_crops_hand_computed():
     # C3 learned at fraction 0.30-0.39 -> z 30-39 mm -> with 1 mm margin [29, 40] mm -> slices 58..80.
     # Box learned as (16, 8, 48, 40) px of a 64 x 64 image at 0.5 mm = y -8..+8 mm, x -12..+4 mm from the centre
     # (32, 32); in a 128 x 64 image at 0.5 mm (centre (64, 32)): y 48..80, x 8..40 (mm_centre mode, headers only).
-    assert plans["C3"] == CropPlan("C3", (58, 64, 69, 74, 80), (48, 8, 80, 40))
+    assert plans["C3"] == CropPlan("C3", (58, 64, 69, 74, 80), (48, 8, 80, 40), z_range_mm=(30.0, 39.0))
     fraction_box = plans_from_positions(header.z, header.rows, header.cols, ranges, 5, box_mode="fraction")["C3"].box
     assert fraction_box == (32, 8, 96, 40)  # fractions 0.25-0.75 of the rows, 0.125-0.625 of the columns
     for p in plans.values():

@@ -280,7 +280,7 @@ for i, v in enumerate(VERTEBRAE):
     want = plan.devices[i % 2]
     assert all(w.value.device.endswith(want.split("device:")[-1]) for w in models[v].weights), (v, want)
 rng = np.random.default_rng(0)
-x = rng.uniform(0, 1, (11, 32, 32, 1)).astype(np.float32)
+x = crop.decode_crops(crop.encode_crops(rng.uniform(0, 1, (11, 32, 32, 1))))
 single = M.build_classifier("tiny", (32, 32, 1))
 got = M.score(models, {v: crop.encode_crops(x) for v in VERTEBRAE}, batch_size=4)
 for v in VERTEBRAE:
@@ -293,7 +293,7 @@ print("OK", plan.strategy)
 
 def test_classifiers_round_robin_over_two_devices_with_compact_crops(tmp_path):
     # Two logical CPU devices stand in for Kaggle's two T4s (device setup needs a fresh process). uint16 crops are
-    # converted on the device; the probabilities match a float32 single-device model's.
+    # converted on the device; the probabilities match a single-device model's on the same crops in float32.
     import os
     import subprocess
     import sys
@@ -309,7 +309,7 @@ def test_classifiers_round_robin_over_two_devices_with_compact_crops(tmp_path):
     assert "OK classifiers round-robin over 2 CPU devices" in proc.stdout
 
 
-def test_compact_crops_round_trip_within_their_step():
+def test_compact_crops_round_trip_within_their_step_and_score_alike():
     from cspine_submit import crop
 
     x = np.concatenate([_x(n=3, seed=9).ravel(), [0.0, 1.0, 0.5, 1e-6]]).astype(np.float32)
@@ -317,6 +317,10 @@ def test_compact_crops_round_trip_within_their_step():
     assert code.dtype == np.uint16 and code.nbytes == x.nbytes // 2
     assert code[-4:].tolist() == [0, 65535, 32768, 0]
     assert np.abs(crop.decode_crops(code) - x).max() <= 0.5 / 65535 + 1e-7
+    # Converted on the device exactly as on the host.
+    model = _randomize(M.build_classifier("tiny", SHAPE), seed=4)
+    code = crop.encode_crops(_x(n=6, seed=9))
+    np.testing.assert_array_equal(M.predict(model, code, 4), M.predict(model, crop.decode_crops(code), 4))
 
 
 def test_precision_policy_stays_float32_without_a_fast_gpu():

@@ -275,44 +275,6 @@ def test_submit_defaults_on_kaggle(tmp_path, monkeypatch):
     assert where["budget"] == 1800.0
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_of_a_real_process(testset, weights, tmp_path):
-    """Kill -9 a running `submit` once two studies are journaled; `--resume` redoes only the rest and writes the
-    same bytes as an uninterrupted run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time as _time
-
-    images = tmp_path / "images"
-    uids = [f"{UID_ROOT}.{100 + i}" for i in range(16)]
-    for i, uid in enumerate(uids):
-        shutil.copytree(testset / "test_images" / GOOD[i % 2], images / uid)
-    out = tmp_path / "run" / "submission.csv"
-    cmd = [sys.executable, "-m", "cspine_submit", "submit", "--test-dir", str(images), "--weights", str(weights),
-           "--out", str(out), "--workers", "0", "--no-progress"]
-    journal = companion_paths(out)[0]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while proc.poll() is None and not (journal.is_file() and len(journal.read_text().splitlines()) >= 3):
-            _time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not out.exists()
-    done_before = len(journal.read_text().splitlines()) - 1
-    assert 2 <= done_before < len(uids)
-    assert subprocess.run(cmd + ["--resume"], capture_output=True).returncode == 0
-    report = json.loads(companion_paths(out)[1].read_text())
-    assert report["totals"]["resumed"] == done_before
-    assert sum(bool(e.get("resumed")) for e in report["studies"].values()) == done_before
-    setup = pipeline.prepare_run(images, None, weights)
-    reference = pipeline.run_submission(setup, tmp_path / "ref.csv", workers=0, progress=False).out
-    assert out.read_bytes() == reference.read_bytes()
-
-
 def test_synthetic_competition_layout_end_to_end(synthetic_dataset, weights, tmp_path):
     """The generator's competition layout (.4.70 and uncompressed, reversed studies, test.csv) with the shipped
     default slice ranges: every study scores, the rows follow test.csv, and the metric reads the result."""

@@ -809,8 +809,9 @@ def run_problems(totals: dict) -> list[str]:
     """
     problems = []
     if totals.get("classifiers_loaded", 0) == 0:
-        problems.append("no classifier was loaded: every row of the submission is a prior "
-                        + "; ".join(w for w in totals.get("warnings", []) if "could not be loaded" in w or "NO CLASSIFIER" in w))
+        why = [w for w in totals.get("warnings", []) if "could not be loaded" in w or "NO CLASSIFIER" in w]
+        problems.append("no classifier was loaded: every row of the submission is a prior"
+                        + (f" ({'; '.join(why)})" if why else ""))
     n, n_back = totals.get("studies", 0), totals.get("fell_back", 0)
     if n and n_back * 2 > n and totals.get("classifiers_loaded", 0):
         reasons = totals.get("fallback_causes", {})

@@ -192,17 +192,25 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+SUBMISSION_HEADER = "row_id,fractured\n"
+
+
+def submission_line(rid: str, p: float) -> str:
+    """One row of submission.csv, with its newline; the probability must be strictly inside (0, 1)."""
+    p = float(p)
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"row {rid}: probability {p} is not strictly inside (0, 1)")
+    return f"{rid},{format_probability(p)}\n"
+
+
 def submission_text(row_ids: Iterable[str], probabilities: Mapping[str, float]) -> str:
     """CSV text ``row_id,fractured`` for ``row_ids`` in order; every row must have a probability in (0, 1)."""
-    lines = ["row_id,fractured"]
+    lines = [SUBMISSION_HEADER]
     for rid in row_ids:
         if rid not in probabilities:
             raise KeyError(f"no probability for row {rid}")
-        p = float(probabilities[rid])
-        if not 0.0 < p < 1.0:
-            raise ValueError(f"row {rid}: probability {p} is not strictly inside (0, 1)")
-        lines.append(f"{rid},{format_probability(p)}")
-    return "\n".join(lines) + "\n"
+        lines.append(submission_line(rid, probabilities[rid]))
+    return "".join(lines)
 
 
 def write_submission(path: str | Path, row_ids: Iterable[str], probabilities: Mapping[str, float]) -> Path:
@@ -245,24 +253,17 @@ class LiveSubmission:
             uid, kind = split_row_id(rid)
             self._rows_of.setdefault(uid, []).append((i, kind))
             self._probs.append(float(priors[kind]))
-            self._lines.append(self._line(rid, priors[kind]))
+            self._lines.append(submission_line(rid, priors[kind]))
         self._dirty = True
         self._last = float("-inf")
         self.writes = 0
         self.seconds = 0.0
         self.max_seconds = 0.0
 
-    @staticmethod
-    def _line(rid: str, p: float) -> str:
-        p = float(p)
-        if not 0.0 < p < 1.0:
-            raise ValueError(f"row {rid}: probability {p} is not strictly inside (0, 1)")
-        return f"{rid},{format_probability(p)}\n"
-
     def set_study(self, uid: str, probs: Mapping[str, float]) -> None:
         """Give one study's rows its probabilities (``{prediction_type: p}``); a study without rows is ignored."""
         for i, kind in self._rows_of.get(uid, ()):
-            self._lines[i] = self._line(self.row_ids[i], probs[kind])
+            self._lines[i] = submission_line(self.row_ids[i], probs[kind])
             self._probs[i] = float(probs[kind])
             self._dirty = True
 
@@ -271,7 +272,7 @@ class LiveSubmission:
         import time
 
         t = time.perf_counter()
-        atomic_write_text(self.path, "row_id,fractured\n" + "".join(self._lines))
+        atomic_write_text(self.path, SUBMISSION_HEADER + "".join(self._lines))
         took = time.perf_counter() - t
         self.writes += 1
         self.seconds += took

@@ -85,3 +85,16 @@ def real_neck_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("real_neck") / "real-necks"
     records = write_studies(Path(__file__).parent / "data" / "real_neck", root, **REAL_NECK_PARAMS)
     return root, records
+
+
+@pytest.fixture(scope="session")
+def real_neck_whole(tmp_path_factory):
+    """The same 11 real necks written whole (no cut, native 128 x 128 grid and slices): what the shipped
+    ``weights/slice_ranges.json`` is learned from. Returns the dataset root (``images/``, ``segmentations/``)."""
+    from pathlib import Path
+
+    from cspine_submit.volume_study import write_studies
+
+    root = tmp_path_factory.mktemp("real_neck_whole") / "real-necks-whole"
+    write_studies(Path(__file__).parent / "data" / "real_neck", root, cut=False, seed=0, progress=False)
+    return root

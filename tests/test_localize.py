@@ -95,11 +95,6 @@ def test_verse_learner_orders_vertebrae_and_lengths(tmp_path):
     assert again == ranges
 
 
-def test_default_weights_file_is_the_verse_one():
-    ranges = load_ranges(Path(__file__).parents[1] / "weights" / "slice_ranges.json")
-    assert ranges.n_masks == 2 and "VerSe" in ranges.source and ranges.layout == "affine"
-
-
 def test_mask_without_cervical_labels_is_skipped_with_reason():
     truths, skipped = load_truths(DATA / "totalseg", None, layout="affine")
     assert truths == []

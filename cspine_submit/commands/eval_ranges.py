@@ -2,7 +2,12 @@
 
 For each mask: learn from all the others, plan the left-out study, and compare with its mask. Per vertebra:
 coverage (share of the vertebra's true slices inside the planned range), purity (share of the planned slices that
-contain the vertebra) and box coverage (share of the vertebra's voxels inside the planned in-plane box).
+contain the vertebra), box coverage (share of the vertebra's voxels inside the planned in-plane box) and the median
+distance between the planned and the true centre (mm). Per study the same, with the vertebra planned farthest off,
+so that a regression on one neck shows at once.
+
+With --learn-segmentations/--learn-images the ranges are learned from another set of the same patients (e.g. whole
+volumes), leaving out the held-out study's UID each time.
 """
 
 from __future__ import annotations
@@ -30,21 +35,35 @@ def add_arguments(parser) -> None:
                         help=f"mm added above and below each range (default {defaults.z_margin_mm:g})")
     parser.add_argument("--ranges", type=Path, default=None,
                         help="evaluate this slice_ranges.json on every mask instead of leave-one-out learning")
+    parser.add_argument("--learn-segmentations", type=Path, default=None,
+                        help="learn from these masks instead (leave-one-out by study UID)")
+    parser.add_argument("--learn-images", type=Path, default=None, help="study folders of --learn-segmentations")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def format_table(result: dict) -> str:
     how = "leave-one-out over" if result.get("leave_one_out", True) else "fixed ranges on"
     lines = [f"method {result['method']}: {how} {result['n_studies']} masks, K={result['k']}, "
-             f"z margin {result['z_margin_mm']} mm",
-             f"{'vertebra':<9}{'coverage':>10}{'purity':>9}{'box_cov':>9}"]
+             f"z margin {result['z_margin_mm']} mm, learned from {result.get('learned_from', 'the other studies')}",
+             f"{'vertebra':<9}{'coverage':>10}{'purity':>9}{'box_cov':>9}{'|off| mm':>10}"]
     rows = list(result["per_vertebra"].items()) + [("mean", result["mean"])]
     for name, d in rows:
-        lines.append(f"{name:<9}{d['coverage']:>10.3f}{d['purity']:>9.3f}{d['box_coverage']:>9.3f}")
+        off = f"{d['abs_offset_mm']:>10.1f}" if "abs_offset_mm" in d else ""
+        lines.append(f"{name:<9}{d['coverage']:>10.3f}{d['purity']:>9.3f}{d['box_coverage']:>9.3f}{off}")
     if result.get("anchor_error_mm"):
         errs = [abs(e) for e in result["anchor_error_mm"] if e is not None]
         if errs:
             lines.append(f"column-centre error: median {sorted(errs)[len(errs) // 2]:.1f} mm, max {max(errs):.1f} mm")
+    summary = result.get("study_summary")
+    if summary:
+        lines.append("")
+        lines.append(f"{'study (worst first)':<32}{'coverage':>9}{'purity':>8}{'box_cov':>8}  worst vertebra"
+                     f"{'centre err':>12}")
+        for uid, d in sorted(summary.items(), key=lambda kv: kv[1]["coverage"]):
+            err = d.get("anchor_error_mm")
+            err_text = "" if err is None else f"{err:>+11.1f}"
+            lines.append(f"{uid[-31:]:<32}{d['coverage']:>9.3f}{d['purity']:>8.3f}{d['box_coverage']:>8.3f}  "
+                         f"{d['worst']} {d['worst_offset_mm']:>+6.1f} mm{err_text:>12}")
     return "\n".join(lines)
 
 
@@ -65,11 +84,22 @@ def run(args) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}")
         return 2
+    learn_from = None
+    if args.learn_segmentations is not None:
+        try:
+            learn_from, learn_skipped = load_truths(args.learn_segmentations, args.learn_images, layout=args.layout,
+                                                    with_profile=args.learn_images is not None,
+                                                    progress=not args.json)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}")
+            return 2
+        skipped = skipped + learn_skipped
     if not args.json:
         for path, reason in skipped:
             print(f"skipped {Path(path).name}: {reason}")
     if args.method == "all":
-        methods = [m for m in METHODS if m != "profile" or all(t.profile is not None for t in truths)]
+        methods = [m for m in METHODS
+                   if m != "profile" or all(t.profile is not None for t in [*truths, *(learn_from or [])])]
         if fixed is not None:
             methods = [m for m in methods if m in fixed.extra.get("methods", [fixed.method])]
     else:
@@ -78,12 +108,13 @@ def run(args) -> int:
     try:
         for m in methods:
             results.append(evaluate_ranges(truths, method=m, k=args.slices, z_margin_mm=args.z_margin,
-                                           layout=args.layout, ranges=fixed))
+                                           layout=args.layout, ranges=fixed, learn_from=learn_from))
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
     if args.json:
-        keep = ("method", "leave_one_out", "n_studies", "k", "z_margin_mm", "per_vertebra", "mean", "anchor_error_mm")
+        keep = ("method", "leave_one_out", "learned_from", "n_studies", "k", "z_margin_mm", "per_vertebra", "mean",
+                "anchor_error_mm", "study_summary", "per_study")
         out = [{k: r[k] for k in keep if k in r} for r in results]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
     else:

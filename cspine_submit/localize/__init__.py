@@ -40,16 +40,22 @@ from cspine_submit.localize.features import (
     BODY_HU,
     BONE_HU,
     DEFAULT_CUE,
+    DEFAULT_FEATURE_SET,
+    FEATURE_SETS,
     FEATURE_STRIDE,
     FEATURES,
     bone_centroids,
+    column_cells,
+    column_centre,
     column_point,
     cue_indices,
+    measure_features,
     slice_features,
 )
 from cspine_submit.localize.masks import (
     MaskError,
     StudyTruth,
+    check_mask_on_bone,
     extract_truth,
     load_truths,
     pair_masks,
@@ -72,6 +78,7 @@ from cspine_submit.localize.plan import (
     DEFAULT_Z_MARGIN_MM,
     CropPlan,
     Cue,
+    cue_features,
     cue_from_measurements,
     indices_in_range,
     match_profile,
@@ -86,15 +93,16 @@ from cspine_submit.localize.evaluate import evaluate_ranges, score_plans
 
 __all__ = [
     # features
-    "BODY_HU", "BONE_HU", "DEFAULT_CUE", "FEATURE_STRIDE", "FEATURES",
-    "bone_centroids", "column_point", "cue_indices", "slice_features",
+    "BODY_HU", "BONE_HU", "DEFAULT_CUE", "DEFAULT_FEATURE_SET", "FEATURE_SETS", "FEATURE_STRIDE", "FEATURES",
+    "bone_centroids", "column_cells", "column_centre", "column_point", "cue_indices", "measure_features",
+    "slice_features",
     # masks
-    "MaskError", "StudyTruth", "extract_truth", "load_truths", "pair_masks", "truth_from_files",
+    "MaskError", "StudyTruth", "check_mask_on_bone", "extract_truth", "load_truths", "pair_masks", "truth_from_files",
     # learn
     "DEFAULT_SCALES", "METHODS", "QUANTILES", "TEMPLATE_STEP_MM",
     "column_point_truth", "learn_ranges", "learn_template", "load_ranges", "ranges_from_truths", "study_coordinates",
     # plan
-    "BOX_MODES", "DEFAULT_Z_MARGIN_MM", "CropPlan", "Cue", "cue_from_measurements", "indices_in_range",
+    "BOX_MODES", "DEFAULT_Z_MARGIN_MM", "CropPlan", "Cue", "cue_features", "cue_from_measurements", "indices_in_range",
     "match_profile", "measure_cue", "plan_crops", "planned_box", "planned_ranges_mm", "plans_from_positions",
     "study_cue_indices",
     # evaluate

@@ -27,6 +27,9 @@ def score_plans(truth: StudyTruth, plans: Mapping[str, CropPlan]) -> dict[str, d
         Share of the planned slices that contain the vertebra.
     box_coverage
         Share of the vertebra's mask voxels whose (y, x) lies inside the planned box.
+    offset_mm
+        Centre of the planned slices minus centre of the vertebra's true slices, mm (positive: planned too far
+        toward the feet).
     """
     out = {}
     for v in VERTEBRAE:
@@ -44,7 +47,10 @@ def score_plans(truth: StudyTruth, plans: Mapping[str, CropPlan]) -> dict[str, d
         iy0, ix0 = max(by0, y0) - y0, max(bx0, x0) - x0
         iy1, ix1 = min(by1, y1) - y0, min(bx1, x1) - x0
         inside = foot[iy0:iy1, ix0:ix1].sum() if iy1 > iy0 and ix1 > ix0 else 0
-        out[v] = {"coverage": float(coverage), "purity": purity, "box_coverage": float(inside / foot.sum())}
+        z = truth.z_mm
+        offset = 0.5 * (z[p_lo] + z[p_hi]) - 0.5 * (z[first] + z[last])
+        out[v] = {"coverage": float(coverage), "purity": purity, "box_coverage": float(inside / foot.sum()),
+                  "offset_mm": float(offset)}
     return out
 
 
@@ -57,6 +63,7 @@ def evaluate_ranges(
     box_mode: str = "auto",
     box_quantiles: tuple[str, str] = ("q10", "q90"),
     ranges: SliceRanges | None = None,
+    learn_from: Sequence[StudyTruth] | None = None,
 ) -> dict[str, Any]:
     """Leave-one-out evaluation: learn from all studies but one, plan the one left out, score against its mask.
 
@@ -76,14 +83,21 @@ def evaluate_ranges(
         As for :func:`plans_from_positions`.
     ranges : SliceRanges, optional
         Fixed ranges to evaluate instead of leave-one-out learning (``method`` defaults to ``ranges.method``).
+    learn_from : list of StudyTruth, optional
+        Learn from these instead of from ``truths``, leaving out every study with the held-out study's UID: the
+        same patients written another way (e.g. whole volumes to learn from, competition-style cuts to test on)
+        without the test patient ever teaching its own plan.
 
     Returns
     -------
     dict
-        ``{"method", "n_studies", "per_vertebra": {v: {"coverage", "purity", "box_coverage"}}, "mean": {...},
-        "mean_box_area" (planned box area as a share of the image, mean over vertebrae and studies), "per_study": {uid: {v: {...}}}, "anchor_error_mm": [...] (profile only)}``.
+        ``{"method", "n_studies", "per_vertebra": {v: {"coverage", "purity", "box_coverage", "abs_offset_mm"}},
+        "mean": {...}, "mean_box_area" (planned box area as a share of the image, mean over vertebrae and studies),
+        "per_study": {uid: {v: {"coverage", "purity", "box_coverage", "offset_mm"}}}, "study_summary": {uid:
+        {"coverage", "purity", "box_coverage", "worst", "worst_offset_mm", "anchor_error_mm"}}, "anchor_error_mm":
+        [...] (profile only)}``.
     """
-    if ranges is None and len(truths) < 2:
+    if ranges is None and learn_from is None and len(truths) < 2:
         raise ValueError(f"leave-one-out needs at least 2 masks, got {len(truths)}")
     if not truths:
         raise ValueError("no masks to evaluate")
@@ -102,6 +116,11 @@ def evaluate_ranges(
     for i, held in enumerate(truths):
         if ranges is not None:
             learned = ranges
+        elif learn_from is not None:
+            others = [t for t in learn_from if t.uid != held.uid]
+            if not others:
+                raise ValueError(f"nothing to learn from for {held.uid!r}: learn_from holds only that study")
+            learned = ranges_from_truths(others, method=method, layout=layout)
         else:
             learned = ranges_from_truths([t for j, t in enumerate(truths) if j != i], method=method, layout=layout)
         anchor = point = None
@@ -121,12 +140,23 @@ def evaluate_ranges(
         box_areas.extend((p.box[2] - p.box[0]) * (p.box[3] - p.box[1]) / (held.rows * held.cols) for p in plans.values())
     keys = ("coverage", "purity", "box_coverage")
     per_vertebra = {
-        v: {key: float(np.mean([s[v][key] for s in per_study.values()])) for key in keys} for v in VERTEBRAE
+        v: {**{key: float(np.mean([s[v][key] for s in per_study.values()])) for key in keys},
+            "abs_offset_mm": float(np.median([abs(s[v]["offset_mm"]) for s in per_study.values()]))}
+        for v in VERTEBRAE
     }
     mean = {key: float(np.mean([per_vertebra[v][key] for v in VERTEBRAE])) for key in keys}
+    study_summary = {}
+    for (uid, scores), error in zip(per_study.items(), anchor_errors or [None] * len(per_study)):
+        worst = max(VERTEBRAE, key=lambda v: abs(scores[v]["offset_mm"]))
+        study_summary[uid] = {**{key: float(np.mean([scores[v][key] for v in VERTEBRAE])) for key in keys},
+                              "worst": worst, "worst_offset_mm": scores[worst]["offset_mm"],
+                              "anchor_error_mm": error}
     result: dict[str, Any] = {
         "method": method,
         "leave_one_out": ranges is None,
+        "learned_from": "fixed ranges" if ranges is not None else (
+            "the other studies" if learn_from is None else f"{len(learn_from)} studies of another set, minus the "
+                                                           "held-out study's UID"),
         "n_studies": len(truths),
         "k": k,
         "z_margin_mm": z_margin_mm,
@@ -135,6 +165,7 @@ def evaluate_ranges(
         "mean": mean,
         "mean_box_area": float(np.mean(box_areas)),
         "per_study": per_study,
+        "study_summary": study_summary,
     }
     if method == "profile":
         result["anchor_error_mm"] = anchor_errors

@@ -2,22 +2,48 @@
 
 Axis convention as in :mod:`cspine_submit.localize`: slices ``(m, rows, cols)`` in HU, positions ``z_mm`` in mm
 growing toward the feet.
+
+Two feature sets (``FEATURE_SETS``); a learned template records which one it was learned with, and the planner
+measures the same one:
+
+``column_cells`` (the default)
+    Mean HU, clipped to ``CELL_CLIP_HU``, in an 8 x 8 grid of 15 mm cells centred on the cervical column
+    (:func:`column_centre`), divided by ``CELL_HU_SCALE``. Measured in mm around the column, so it does not depend on
+    the field of view or the pixel size, and a mean of HU is what a coarse voxel holds too, so it means the same at
+    0.4 mm and at 5 mm pixels. The grid sees what pins the levels: the skull base and mastoids above C1, the
+    mandible and hyoid in front of C2-C4, the airway, the first ribs, clavicles and lung apices around T1.
+``areas`` (learned before 0.2; still read)
+    ``log1p`` of the bone area (HU >= ``BONE_HU``) and body area (HU >= ``BODY_HU``) of the whole slice, cm^2.
+    Measured on real necks (issue 12) it cannot tell the levels apart: the whole-slice areas depend on the field of
+    view and on how much of the shoulders is in it.
 """
 
 from __future__ import annotations
 
 from typing import Mapping
 
+import cv2
 import numpy as np
 
 FEATURES: tuple[str, ...] = ("bone_area", "body_area")
-"""Per-slice image features of the ``profile`` method: log1p of the area in cm^2 of HU >= ``BONE_HU`` and of
-HU >= ``BODY_HU``."""
+"""The ``areas`` feature set: log1p of the area in cm^2 of HU >= ``BONE_HU`` and of HU >= ``BODY_HU``."""
 
 BONE_HU: float = 250.0
 BODY_HU: float = -300.0
 FEATURE_STRIDE: int = 2
 """In-plane pixel stride when measuring features (areas are scaled back): 4x fewer pixels, same profile."""
+
+FEATURE_SETS: tuple[str, ...] = ("column_cells", "areas")
+DEFAULT_FEATURE_SET: str = "column_cells"
+
+CELL_HALF_MM: float = 60.0
+"""Half the side of the column-centred window (mm): wide enough for the mastoids and the first ribs, narrow enough
+to stay inside a neck-sized field of view (160-240 mm) centred near the spine."""
+CELL_MM: float = 15.0
+CELL_CLIP_HU: tuple[float, float] = (-500.0, 1500.0)
+"""HU clipped before averaging: dental metal and its streaks (3000 HU) would otherwise dominate a cell's mean."""
+CELL_HU_SCALE: float = 500.0
+AIR_HU: float = -1024.0
 
 DEFAULT_CUE = {"max_slices": 40, "min_slices": 12, "step_mm": 5.0}
 """How many slices the ``profile`` method decodes at inference: about one every ``step_mm``, clipped."""
@@ -108,3 +134,114 @@ def column_point(z_mm: np.ndarray, centroids: np.ndarray, lo_mm: float, hi_mm: f
         return None
     y, x = np.median(c[ok], axis=0)
     return float(y), float(x)
+
+
+def column_centre(slices: np.ndarray) -> tuple[float, float] | None:
+    """In-plane position of the cervical column from evenly spaced slices of a whole study.
+
+    The median over the middle half of the slices (the neck, in a scan cut from the skull base to the upper
+    thorax) of each slice's median bone position (:func:`bone_centroids`). Only the given slices are used, so the
+    learner and the planner, given the same cue slices, find the same centre.
+
+    Parameters
+    ----------
+    slices : (m, rows, cols) ndarray
+        HU, ordered head to feet, spread over the study.
+
+    Returns
+    -------
+    (y, x) in pixels, or None when no slice of the middle half has bone.
+    """
+    m = len(slices)
+    if m == 0:
+        return None
+    lo, hi = m // 4, max(m // 4 + 1, m - m // 4)
+    cents = bone_centroids(np.asarray(slices)[lo:hi])
+    ok = np.isfinite(cents).all(axis=1)
+    if not ok.any():
+        return None
+    y, x = np.median(cents[ok], axis=0)
+    return float(y), float(x)
+
+
+def column_cells(
+    slices: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    centre: tuple[float, float],
+    half_mm: float = CELL_HALF_MM,
+    cell_mm: float = CELL_MM,
+) -> np.ndarray:
+    """The ``column_cells`` features: mean clipped HU in a grid of cells around the column, per slice.
+
+    Parameters
+    ----------
+    slices : (m, rows, cols) ndarray
+        HU.
+    pixel_spacing : (dy, dx)
+        mm.
+    centre : (y, x)
+        Column centre in pixels (:func:`column_centre`).
+    half_mm, cell_mm : float
+        The window is ``2 * half_mm`` mm square, cut in cells of ``cell_mm`` mm.
+
+    Returns
+    -------
+    (m, n * n) ndarray of float64
+        ``n = round(2 * half_mm / cell_mm)``; cell (i, j) (i toward posterior, j toward the patient's left) at
+        column ``i * n + j``; mean HU / ``CELL_HU_SCALE``. Outside the image counts as air.
+    """
+    slices = np.asarray(slices)
+    n = int(round(2 * half_mm / cell_mm))
+    dy, dx = (float(pixel_spacing[0]), float(pixel_spacing[1]))
+    cy, cx = centre
+    rows, cols = slices.shape[1:]
+    y0, y1 = int(round(cy - half_mm / dy)), int(round(cy + half_mm / dy))
+    x0, x1 = int(round(cx - half_mm / dx)), int(round(cx + half_mm / dx))
+    # Pad instead of clipping the window, so a cell keeps its size in mm at the image edge.
+    pad = ((0, 0), (max(0, -y0), max(0, y1 - rows)), (max(0, -x0), max(0, x1 - cols)))
+    lo, hi = CELL_CLIP_HU
+    out = np.empty((len(slices), n * n))
+    for i, s in enumerate(slices):
+        window = np.clip(s[max(y0, 0):min(y1, rows), max(x0, 0):min(x1, cols)], lo, hi).astype(np.float32)
+        if any(p != (0, 0) for p in pad[1:]):
+            window = np.pad(window, pad[1:], constant_values=max(AIR_HU, lo))
+        # INTER_AREA averages every source pixel into its cell, for any (non-integer) ratio.
+        out[i] = cv2.resize(window, (n, n), interpolation=cv2.INTER_AREA).ravel()
+    return out / CELL_HU_SCALE
+
+
+def measure_features(
+    slices: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    feature_set: str = DEFAULT_FEATURE_SET,
+    centre: tuple[float, float] | None = None,
+    half_mm: float = CELL_HALF_MM,
+    cell_mm: float = CELL_MM,
+) -> np.ndarray:
+    """Per-slice cue features of ``feature_set`` (one of :data:`FEATURE_SETS`).
+
+    Parameters
+    ----------
+    slices : (m, rows, cols) ndarray
+        HU.
+    pixel_spacing : (dy, dx)
+        mm.
+    centre : (y, x), optional
+        Column centre for ``column_cells``; default :func:`column_centre` of ``slices`` (the image centre when
+        they hold no bone).
+    half_mm, cell_mm : float
+        The ``column_cells`` grid (:func:`column_cells`).
+
+    Returns
+    -------
+    (m, F) ndarray of float64
+    """
+    if feature_set == "areas":
+        return slice_features(slices, pixel_spacing)
+    if feature_set == "column_cells":
+        if centre is None:
+            centre = column_centre(slices)
+        if centre is None:
+            centre = (np.shape(slices)[1] / 2, np.shape(slices)[2] / 2)
+        return column_cells(slices, pixel_spacing, centre, half_mm, cell_mm)
+    raise ValueError(f"feature set {feature_set!r}: expected one of {list(FEATURE_SETS)}")

@@ -13,7 +13,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cspine_submit.config import VERTEBRAE, SliceRanges
-from cspine_submit.localize.features import BODY_HU, BONE_HU, DEFAULT_CUE, FEATURES, column_point, cue_indices
+from cspine_submit.localize.features import (
+    BODY_HU,
+    BONE_HU,
+    CELL_CLIP_HU,
+    CELL_HALF_MM,
+    CELL_HU_SCALE,
+    CELL_MM,
+    DEFAULT_CUE,
+    FEATURES,
+    column_point,
+    cue_indices,
+)
 from cspine_submit.localize.masks import StudyTruth, load_truths
 
 METHODS: tuple[str, ...] = ("fraction", "mm_top", "profile")
@@ -23,8 +34,9 @@ QUANTILES: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 """Quantiles stored for every learned quantity."""
 
 TEMPLATE_STEP_MM: float = 2.0
-DEFAULT_SCALES: tuple[float, ...] = tuple(round(0.85 + 0.025 * i, 3) for i in range(13))
-"""Column-length scales (study / reference) the profile alignment tries, 0.85-1.15."""
+DEFAULT_SCALES: tuple[float, ...] = tuple(round(0.8 + 0.02 * i, 3) for i in range(21))
+"""Column-length scales (study / reference) the profile alignment tries, 0.80-1.20: the 11 real necks' columns
+(C1 top to C7 bottom) measure 118-152 mm around a median of 137 mm (0.86-1.11), and a wider search costs little."""
 
 
 def _quantiles(values: Sequence[float]) -> dict[str, float]:
@@ -102,45 +114,62 @@ def learn_template(truths: Sequence[StudyTruth], step_mm: float = TEMPLATE_STEP_
     """Median feature profile along z relative to the column centre, over the studies that have one.
 
     Each study's positions are divided by its column length over ``ref_length_mm`` (when given), so that the
-    head-neck and neck-shoulder transitions of short and long necks line up.
+    head-neck and neck-shoulder transitions of short and long necks line up. Beside the median, the spread
+    (standard deviation over studies) of every feature at every position: the matcher weighs each feature by how
+    consistently it marks a level (a cell over the mastoids is the same in every skull; one over the shoulders is
+    not).
 
     Returns
     -------
     dict or None
-        ``{"grid_mm": [...], "template": [[f0, f1], ...], "count": [...], "step_mm": ...}``, None when no study
-        has image features.
+        ``{"grid_mm": [...], "template": [[f0, f1, ...], ...], "spread": [[...], ...], "count": [...],
+        "step_mm": ..., "feature_set": ...}``, None when no study has image features.
+
+    Raises
+    ------
+    ValueError
+        The studies' profiles were measured with different feature sets.
     """
     with_profile = [t for t in truths if t.profile is not None]
     if not with_profile:
         return None
+    feature_sets = sorted({t.feature_set for t in with_profile})
+    if len(feature_sets) > 1:
+        raise ValueError(f"the studies' image profiles use different feature sets {feature_sets}: learn from one")
+    feature_set = feature_sets[0]
+    n_features = with_profile[0].profile.shape[1]
     rel = [study_coordinates(t, "profile", ref_length_mm=ref_length_mm) for t in with_profile]
     lo = math.floor(min(r.min() for r in rel) / step_mm) * step_mm
     hi = math.ceil(max(r.max() for r in rel) / step_mm) * step_mm
     grid = np.arange(lo, hi + step_mm / 2, step_mm)
-    stack = np.full((len(with_profile), len(grid), len(FEATURES)), np.nan)
+    stack = np.full((len(with_profile), len(grid), n_features), np.nan)
     for i, (t, r) in enumerate(zip(with_profile, rel)):
         ok = np.isfinite(t.profile).all(axis=1)
         if ok.sum() < 2:
             continue
-        for f in range(len(FEATURES)):
-            vals = np.interp(grid, r[ok], t.profile[ok, f], left=np.nan, right=np.nan)
-            stack[i, :, f] = vals
+        for f in range(n_features):
+            stack[i, :, f] = np.interp(grid, r[ok], t.profile[ok, f], left=np.nan, right=np.nan)
     count = np.isfinite(stack[:, :, 0]).sum(axis=0)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN grid columns; dropped just below
         template = np.nanmedian(stack, axis=0)
+        spread = np.nanstd(stack, axis=0)
     keep = count > 0
-    return {
+    out = {
         "grid_mm": [round(float(g), 3) for g in grid[keep]],
         "template": [[round(float(v), 5) for v in row] for row in template[keep]],
+        "spread": [[round(float(v), 5) for v in row] for row in spread[keep]],
         "count": [int(c) for c in count[keep]],
         "step_mm": step_mm,
-        "features": list(FEATURES),
-        "bone_hu": BONE_HU,
-        "body_hu": BODY_HU,
+        "feature_set": feature_set,
     }
+    if feature_set == "areas":
+        out.update(features=list(FEATURES), bone_hu=BONE_HU, body_hu=BODY_HU)
+    else:
+        out.update(cell_half_mm=CELL_HALF_MM, cell_mm=CELL_MM, clip_hu=list(CELL_CLIP_HU), hu_scale=CELL_HU_SCALE)
+    return out
 
 
 def ranges_from_truths(

@@ -14,7 +14,13 @@ from typing import Any, Iterable
 import numpy as np
 
 from cspine_submit.config import VERTEBRAE
-from cspine_submit.localize.features import FEATURES, bone_centroids, cue_indices, slice_features
+from cspine_submit.localize.features import (
+    DEFAULT_FEATURE_SET,
+    bone_centroids,
+    column_centre,
+    cue_indices,
+    measure_features,
+)
 
 class MaskError(ValueError):
     """A mask that cannot be learned from (wrong shape, no C1-C7, C1 below C7); the message names the file."""
@@ -39,11 +45,14 @@ class StudyTruth:
     footprints : dict
         ``{vertebra: (n_voxels_per_pixel (h, w) int array over boxes[v])}``: how many of the vertebra's voxels
         project onto each pixel of its box; used for in-plane box coverage.
-    profile : (n, len(FEATURES)) ndarray or None
-        Image features per slice (NaN for slices not measured), when the study's images were read.
+    profile : (n, F) ndarray or None
+        Image features per slice of ``feature_set`` (NaN for slices not measured), when the study's images were
+        read.
     centroids : (n, 2) ndarray or None
         Median (y, x) pixel position of the bone pixels of each measured slice (NaN when not measured or no
         bone), when the study's images were read.
+    feature_set : str
+        Which features ``profile`` holds (:data:`~cspine_submit.localize.features.FEATURE_SETS`).
     """
 
     uid: str
@@ -56,6 +65,7 @@ class StudyTruth:
     footprints: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     profile: np.ndarray | None = field(default=None, repr=False)
     centroids: np.ndarray | None = field(default=None, repr=False)
+    feature_set: str = DEFAULT_FEATURE_SET
 
     @property
     def n_slices(self) -> int:
@@ -165,18 +175,20 @@ def truth_from_files(
     layout: str = "competition",
     with_profile: bool = True,
     profile_step_mm: float = 2.0,
+    feature_set: str = DEFAULT_FEATURE_SET,
 ) -> StudyTruth:
     """Read one mask (and its study's headers, when given) and return its :class:`StudyTruth`.
 
     With a study folder: the mask is brought into the study's head-to-feet frame (``layout``), checked against
     the study's shape, and the slice positions come from the headers; with ``with_profile`` the image features are
-    measured on about one slice every ``profile_step_mm`` mm (decoded via ``read_slices``). Without a study folder
-    (mask-only, e.g. VerSe), the mask's own grid is used: positions from its voxel size along z.
+    measured (``feature_set``) on about one slice every ``profile_step_mm`` mm (decoded via ``read_slices``), and
+    the mask must lie on the study's bone (:func:`check_mask_on_bone`). Without a study folder (mask-only, e.g.
+    VerSe), the mask's own grid is used: positions from its voxel size along z.
 
     Raises
     ------
     MaskError
-        Unreadable mask, shape mismatch with the study, no C1-C7, C1 not above C7.
+        Unreadable mask, shape mismatch with the study, no C1-C7, C1 not above C7, labels not on bone.
     """
     import nibabel as nib
 
@@ -218,13 +230,55 @@ def truth_from_files(
         return truth
     step = max(1, int(round(profile_step_mm / max(header.spacing[0], 1e-3))))
     # The cue slices too, so that leave-one-out evaluation sees exactly what the planner would measure.
-    idx = np.union1d(np.arange(0, header.n_slices, step), cue_indices(header.n_slices, header.z))
-    profile = np.full((header.n_slices, len(FEATURES)), np.nan)
-    centroids = np.full((header.n_slices, 2), np.nan)
+    cue = cue_indices(header.n_slices, header.z)
+    idx = np.union1d(np.arange(0, header.n_slices, step), cue)
     hu = read_slices(header, idx)
-    profile[idx] = slice_features(hu, header.spacing[1:])
+    check_mask_on_bone(volume[idx], hu, str(mask_path), str(study_dir))
+    # The column centre from the cue slices alone, exactly as the planner finds it.
+    centre = column_centre(hu[np.searchsorted(idx, cue)]) if feature_set == "column_cells" else None
+    feats = measure_features(hu, header.spacing[1:], feature_set, centre=centre)
+    profile = np.full((header.n_slices, feats.shape[1]), np.nan)
+    centroids = np.full((header.n_slices, 2), np.nan)
+    profile[idx] = feats
     centroids[idx] = bone_centroids(hu)
-    return _replace_truth(truth, profile=profile, centroids=centroids)
+    return _replace_truth(truth, profile=profile, centroids=centroids, feature_set=feature_set)
+
+
+MIN_MASK_BONE_HU: float = 100.0
+"""Median HU under a mask's C1-C7 voxels below which the mask is taken not to lie on its study's spine. Vertebrae
+(cortex and marrow) measure 200-700 HU on real CT at any voxel size; neck soft tissue 0-80, air -1000."""
+
+
+def check_mask_on_bone(labels: np.ndarray, hu: np.ndarray, mask_name: str, study_name: str) -> float:
+    """Check that a mask's C1-C7 labels lie on the bone of its study (pure); return their median HU.
+
+    A mask flipped front to back, or belonging to another study of the same shape, passes every shape check but
+    puts its vertebrae on soft tissue or air; learning from it would teach the planner wrong boxes and ranges.
+
+    Parameters
+    ----------
+    labels : (m, rows, cols) ndarray
+        Mask slices in the study's axial frame.
+    hu : (m, rows, cols) ndarray
+        The same slices of the study, HU.
+
+    Raises
+    ------
+    MaskError
+        The labelled voxels' median HU is below :data:`MIN_MASK_BONE_HU`; says whether the mask flipped front to
+        back would fit.
+    """
+    cervical = (labels >= 1) & (labels <= 7)
+    if not cervical.any():
+        return float("nan")
+    median = float(np.median(hu[cervical]))
+    if median >= MIN_MASK_BONE_HU:
+        return median
+    flipped = float(np.median(hu[cervical[:, ::-1, :]]))
+    hint = (f"; flipped front to back it would lie on bone (median {flipped:.0f} HU): wrong orientation"
+            if flipped >= MIN_MASK_BONE_HU else ": wrong orientation, or the mask belongs to another study")
+    raise MaskError(f"{mask_name}: its C1-C7 labels do not lie on the bone of study {study_name} (median "
+                    f"{median:.0f} HU under the labels, expected >= {MIN_MASK_BONE_HU:.0f}){hint}")
 
 
 def _replace_truth(truth: StudyTruth, **changes: Any) -> StudyTruth:

@@ -14,9 +14,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cspine_submit.config import VERTEBRAE, SliceRanges
-from cspine_submit.localize.features import bone_centroids, column_point, cue_indices, slice_features
+from cspine_submit.localize.features import bone_centroids, column_centre, column_point, cue_indices, measure_features
 
-DEFAULT_Z_MARGIN_MM: float = 2.0
+DEFAULT_Z_MARGIN_MM: float = 3.0
+"""The default of ``ModelConfig.z_margin_mm`` (see there why 3 mm)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,25 @@ class CropPlan:
     z_range_mm: tuple[float, float] | None = None
 
 
+SPREAD_FLOOR: float = 0.1
+"""Added to a template spread before weighting (in feature units: 50 HU for ``column_cells``), so that a cell that
+happened to agree across the training studies cannot dominate the match."""
+
+OFF_TEMPLATE_COST: float = 1.5
+"""Cost of a measured slice that falls outside the learned template (``column_cells``), in the units of a slice's
+weighted mean squared difference (about 0.5-1 for a slice at its right level)."""
+
+MIN_TEMPLATE_STUDIES: int = 3
+"""Template positions learned from fewer studies than this (or than all of them, when fewer) are not matched."""
+
+
+def _interp_rows(r: np.ndarray, grid: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Linear interpolation of the rows of ``table`` (G, F) at positions ``r`` (any shape) on ``grid`` (G,)."""
+    i = np.clip(np.searchsorted(grid, r) - 1, 0, len(grid) - 2)
+    t = np.clip((r - grid[i]) / (grid[i + 1] - grid[i]), 0.0, 1.0)[..., None]
+    return table[i] * (1.0 - t) + table[i + 1] * t
+
+
 def match_profile(
     z_mm: np.ndarray,
     features: np.ndarray,
@@ -53,16 +73,19 @@ def match_profile(
 
     Every candidate centre ``a`` (1 mm steps) and scale ``s`` (``extra["scales"]``) maps a measured slice at ``z``
     to the template position ``(z - a) / s``; the cost is the mean squared difference between the measured and
-    the template features, with a free constant offset per feature (features are log areas: the offset is the
-    patient's size). Candidates keep C1's expected top and C7's expected bottom inside the study, give or take
-    10 mm (a cervical-spine CT contains its cervical spine) and need half the measured slices on the template.
+    the template features over the slices on the template. For ``column_cells`` templates
+    each difference is divided by the feature's spread there plus :data:`SPREAD_FLOOR` (squared): consistent
+    landmarks count, variable ones barely. Without one (``areas`` templates) each feature gets a free constant
+    offset (log areas: the offset is the patient's size). Candidates keep C1's expected top and C7's expected
+    bottom inside the study, give or take 10 mm (a cervical-spine CT contains its cervical spine) and need half the
+    measured slices on the template.
 
     Parameters
     ----------
     z_mm : (m,) ndarray
         Positions (mm, toward the feet) of the measured slices.
     features : (m, F) ndarray
-        :func:`slice_features` of those slices.
+        :func:`~cspine_submit.localize.features.measure_features` of those slices, in the template's feature set.
     ranges : SliceRanges
         With ``extra["profile_template"]``.
     study_z : (first, last)
@@ -76,6 +99,14 @@ def match_profile(
     tpl = ranges.extra["profile_template"]
     grid = np.asarray(tpl["grid_mm"], dtype=float)
     template = np.asarray(tpl["template"], dtype=float)
+    weights = None
+    if tpl.get("feature_set") == "column_cells":
+        count = np.asarray(tpl["count"])
+        enough = count >= min(MIN_TEMPLATE_STUDIES, int(count.max()))
+        grid, template = grid[enough], template[enough]
+        weights = 1.0 / (np.asarray(tpl["spread"], dtype=float)[enough] ** 2 + SPREAD_FLOOR**2)
+    if features.shape[1] != template.shape[1]:
+        raise ValueError(f"{features.shape[1]} features per slice, but the template has {template.shape[1]}")
     scales = np.asarray(ranges.extra.get("scales", [1.0]), dtype=float)
     pv = ranges.per_vertebra
     c1_top = pv["C1"]["profile"]["start"]["q50"]
@@ -85,6 +116,8 @@ def match_profile(
     min_points = max(4, int(0.5 * len(z)))
     slack = 10.0
     best: tuple[float | None, float, float] = (None, 1.0, np.inf)
+    if len(grid) < 2:
+        return best
     for s in scales:
         lo = study_z[0] - s * c1_top - slack
         hi = study_z[1] - s * c7_bottom + slack
@@ -96,12 +129,17 @@ def match_profile(
         r = (z[None, :] - anchors[:, None]) / s  # (A, m) template positions
         inside = (r >= grid[0]) & (r <= grid[-1])
         n_in = inside.sum(axis=1)
-        expected = np.stack([np.interp(r, grid, template[:, j]) for j in range(template.shape[1])], axis=-1)
-        resid = np.where(inside[..., None], f[None] - expected, 0.0)  # (A, m, F)
+        resid = np.where(inside[..., None], f[None] - _interp_rows(r, grid, template), 0.0)  # (A, m, F)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = resid.sum(axis=1) / n_in[:, None]
-            sq = np.where(inside[..., None], (resid - mean[:, None, :]) ** 2, 0.0)
-            cost = sq.sum(axis=(1, 2)) / (n_in * f.shape[1])
+            if weights is None:
+                mean = resid.sum(axis=1) / n_in[:, None]
+                sq = np.where(inside[..., None], (resid - mean[:, None, :]) ** 2, 0.0)
+                cost = sq.sum(axis=(1, 2)) / (n_in * f.shape[1])
+            else:
+                sq = resid**2 * _interp_rows(r, grid, weights)
+                # Slices off the template pay a fixed price: otherwise shrinking the column until the awkward
+                # slices (skull, shoulders) fall off the template's ends would be the cheapest fit.
+                cost = (sq.sum(axis=(1, 2)) / f.shape[1] + OFF_TEMPLATE_COST * (len(z) - n_in)) / len(z)
         cost = np.where(n_in >= min_points, cost, np.inf)
         i = int(np.argmin(cost))
         if cost[i] < best[2]:
@@ -354,10 +392,33 @@ def measure_cue(
         if read is None:
             from cspine_submit.dicom import read_slices as read
         slices = read(header, idx)
-    feats = slice_features(slices, header.spacing[1:])
+    feats = cue_features(slices, header.spacing[1:], ranges)
     cents = bone_centroids(slices)
     return cue_from_measurements(header.z[idx], feats, cents, ranges, (float(header.z[0]), float(header.z[-1])),
                                  idx)
+
+
+def cue_features(slices: np.ndarray, pixel_spacing: tuple[float, float], ranges: SliceRanges) -> np.ndarray:
+    """The cue slices' features in the feature set (and cell grid) the ranges' template was learned with.
+
+    Parameters
+    ----------
+    slices : (m, rows, cols) ndarray
+        HU of the study's cue slices (:func:`study_cue_indices`), head to feet.
+    pixel_spacing : (dy, dx)
+        mm.
+
+    Returns
+    -------
+    (m, F) ndarray
+    """
+    tpl = ranges.extra["profile_template"]
+    feature_set = tpl.get("feature_set", "areas")  # files learned before feature sets existed hold areas
+    if feature_set != "column_cells":
+        return measure_features(slices, pixel_spacing, feature_set)
+    centre = column_centre(slices)
+    return measure_features(slices, pixel_spacing, feature_set, centre=centre,
+                            half_mm=float(tpl["cell_half_mm"]), cell_mm=float(tpl["cell_mm"]))
 
 
 def plan_crops(

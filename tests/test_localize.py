@@ -150,7 +150,8 @@ def test_plan_crops_hand_computed():
 
 
 def test_plan_crops_on_verse_ranges_stays_inside_small_study():
-    ranges = load_ranges(Path(__file__).parents[1] / "weights" / "slice_ranges.json")
+    ranges, _ = learn_ranges(VERSE, None, layout="affine")  # masks only: the headers-only fraction method
+    assert ranges.method == "fraction"
     header = _header(12, dz=3.0, rows=48, cols=40)
     plans = plan_crops(header, ranges, ModelConfig(slices_per_vertebra=15))
     for p in plans.values():
@@ -209,14 +210,15 @@ def _profile_truth(i: int, rng: np.random.Generator) -> StudyTruth:
     box = (20, 20, 40, 40)
     foot = np.ones((20, 20), np.int32)
     return StudyTruth(uid=f"s{i}", z_mm=z, rows=64, cols=64, spacing=(dz, 1.0, 1.0), z_ranges=zr,
-                      boxes={v: box for v in VERTEBRAE}, footprints={v: foot for v in VERTEBRAE}, profile=profile)
+                      boxes={v: box for v in VERTEBRAE}, footprints={v: foot for v in VERTEBRAE}, profile=profile,
+                      feature_set="areas")
 
 
 def test_profile_method_beats_fraction_on_varying_extents():
     rng = np.random.default_rng(3)
     truths = [_profile_truth(i, rng) for i in range(8)]
-    frac = evaluate_ranges(truths, method="fraction", k=15)
-    prof = evaluate_ranges(truths, method="profile", k=15)
+    frac = evaluate_ranges(truths, method="fraction", k=15, z_margin_mm=2.0)
+    prof = evaluate_ranges(truths, method="profile", k=15, z_margin_mm=2.0)
     errors = np.abs(prof["anchor_error_mm"])
     assert np.all(errors <= 6.0), errors
     assert prof["mean"]["coverage"] > 0.9 and prof["mean"]["purity"] > 0.8
@@ -305,19 +307,24 @@ def test_mask_of_another_study_is_skipped(synthetic_dataset, synthetic_info, tmp
         truth_from_files(synthetic_dataset / "segmentations" / f"{a.uid}.nii", b.folder)
 
 
-# Floors set from measurements on this fixture (4 masks, 3-4 mm slices): profile 0.94 / 0.93 / 0.995,
-# fraction 0.31 / 0.32 / 0.93 (the scans' extents above C1 and below C7 differ).
-def test_eval_ranges_on_synthetic_set_above_floor(synthetic_dataset):
-    truths, skipped = load_truths(synthetic_dataset / "segmentations", synthetic_dataset / "train_images")
-    assert len(truths) == 4 and skipped == []
+# Floors set from measurements on this fixture (4 masks, 3-4 mm slices, leave-one-out learns from 3), margin 3 mm:
+# areas 0.96 / 0.89 / 0.98, column_cells 0.81 / 0.80 / 0.98, fraction 0.31 / 0.32 / 0.93 (the scans' extents above
+# C1 and below C7 differ). Three studies are too few to learn 64 cell features' spreads; on 24 synthetic studies
+# column_cells beats areas (0.98 / 0.84 against 0.96 / 0.80) and on the real necks it is the only one that works.
+@pytest.mark.parametrize("feature_set, floors", [("areas", (0.85, 0.8, 6.0)), ("column_cells", (0.75, 0.75, 12.0))])
+def test_eval_ranges_on_synthetic_set_above_floor(synthetic_dataset, feature_set, floors):
+    truths, skipped = load_truths(synthetic_dataset / "segmentations", synthetic_dataset / "train_images",
+                                  feature_set=feature_set)
+    assert len(truths) == 4 and skipped == [] and all(t.feature_set == feature_set for t in truths)
     prof = evaluate_ranges(truths, method="profile", k=15)
     frac = evaluate_ranges(truths, method="fraction", k=15)
-    assert prof["mean"]["coverage"] >= 0.85 and prof["mean"]["purity"] >= 0.8
+    coverage, purity, max_error = floors
+    assert prof["mean"]["coverage"] >= coverage and prof["mean"]["purity"] >= purity
     assert prof["mean"]["box_coverage"] >= 0.95
-    assert all(abs(e) <= 5.0 for e in prof["anchor_error_mm"])
+    assert all(abs(e) <= max_error for e in prof["anchor_error_mm"])
     assert prof["mean"]["coverage"] > frac["mean"]["coverage"] + 0.3
     for v in VERTEBRAE:
-        assert prof["per_vertebra"][v]["coverage"] >= 0.7
+        assert prof["per_vertebra"][v]["coverage"] >= 0.6
 
 
 def test_learn_and_eval_commands(synthetic_dataset, tmp_path, capsys):
@@ -335,7 +342,7 @@ def test_learn_and_eval_commands(synthetic_dataset, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result["per_vertebra"]) == set(VERTEBRAE)
     assert set(result["mean"]) == {"coverage", "purity", "box_coverage"}
-    assert result["mean"]["coverage"] >= 0.85
+    assert result["mean"]["coverage"] >= 0.75  # 4 masks: each left-out study is planned from 3
 
 
 def test_profile_planner_falls_back_on_tiny_studies():
@@ -360,11 +367,14 @@ def test_eval_with_fixed_ranges_file(synthetic_dataset, tmp_path, capsys):
     from cspine_submit.cli import main
 
     seg, img = str(synthetic_dataset / "segmentations"), str(synthetic_dataset / "train_images")
-    default = str(Path(__file__).parents[1] / "weights" / "slice_ranges.json")
-    assert main(["eval-ranges", "--segmentations", seg, "--images", img, "--ranges", default, "--json"]) == 0
+    demo = str(Path(__file__).parents[1] / "weights" / "demo" / "slice_ranges.json")
+    assert main(["eval-ranges", "--segmentations", seg, "--images", img, "--ranges", demo, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["leave_one_out"] is False and result["method"] == "fraction" and result["n_studies"] == 4
-    # The VerSe default asked for the profile method it never learned: a clear error, exit code 2.
-    assert main(["eval-ranges", "--segmentations", seg, "--images", img, "--ranges", default,
+    assert result["leave_one_out"] is False and result["method"] == "profile" and result["n_studies"] == 4
+    assert result["mean"]["coverage"] >= 0.85  # ranges learned on the demo's synthetic set, same generator
+    # Ranges learned from masks alone (VerSe) asked for the profile method they never learned: exit code 2.
+    masks_only, _ = learn_ranges(VERSE, None, layout="affine")
+    path = str(masks_only.to_json(tmp_path / "verse.json"))
+    assert main(["eval-ranges", "--segmentations", seg, "--images", img, "--ranges", path,
                  "--method", "profile"]) == 2
     assert "no 'profile' data" in capsys.readouterr().out

@@ -68,7 +68,7 @@ def format_table(result: dict) -> str:
 
 
 def run(args) -> int:
-    from cspine_submit.localize import METHODS, evaluate_ranges, load_ranges, load_truths
+    from cspine_submit.localize import DEFAULT_FEATURE_SET, METHODS, evaluate_ranges, load_ranges, load_truths
 
     fixed = None
     if args.ranges is not None:
@@ -79,8 +79,13 @@ def run(args) -> int:
             return 2
 
     try:
+        # A fixed ranges file is matched with the features its template was learned with.
+        feature_set = DEFAULT_FEATURE_SET
+        if fixed is not None and "profile_template" in fixed.extra:
+            feature_set = fixed.extra["profile_template"].get("feature_set", "areas")
         truths, skipped = load_truths(args.segmentations, args.images, layout=args.layout,
-                                      with_profile=args.images is not None, progress=not args.json)
+                                      with_profile=args.images is not None, progress=not args.json,
+                                      feature_set=feature_set)
     except FileNotFoundError as exc:
         print(f"error: {exc}")
         return 2

@@ -110,6 +110,11 @@ def evaluate_ranges(
         raise ValueError("method 'profile' needs the studies' images (--images) to measure the cue")
     if ranges is not None and method not in ranges.extra.get("methods", [ranges.method]):
         raise ValueError(f"the given ranges have no {method!r} data (learned: {ranges.extra.get('methods')})")
+    if ranges is not None and method == "profile":
+        wanted = ranges.extra["profile_template"].get("feature_set", "areas")
+        if any(t.feature_set != wanted for t in truths):
+            raise ValueError(f"the given ranges' template uses {wanted!r} features but the studies were measured "
+                             f"with {sorted({t.feature_set for t in truths})}: measure them with {wanted!r}")
     per_study: dict[str, dict[str, dict[str, float]]] = {}
     anchor_errors: list[float | None] = []
     box_areas: list[float] = []

@@ -313,6 +313,7 @@ def load_truths(
     layout: str = "competition",
     with_profile: bool = True,
     progress: bool = False,
+    feature_set: str = DEFAULT_FEATURE_SET,
 ) -> tuple[list[StudyTruth], list[tuple[str, str]]]:
     """Truths of every mask in a folder; masks that fail are returned as ``(file, reason)`` instead of raising.
 
@@ -332,7 +333,8 @@ def load_truths(
             skipped.append((str(mask), f"no study folder {Path(images) / _uid_from_mask_path(mask)}"))
             continue
         try:
-            truths.append(truth_from_files(mask, study, layout=layout, with_profile=with_profile))
+            truths.append(truth_from_files(mask, study, layout=layout, with_profile=with_profile,
+                                           feature_set=feature_set))
         except (MaskError, ValueError, OSError) as exc:
             skipped.append((str(mask), str(exc)))
     return truths, skipped

@@ -28,8 +28,13 @@ from cspine_submit.config import PREDICTION_TYPES, ModelConfig
 from cspine_submit.metric import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, competition_score
 
 OVERALL_CANDIDATES: tuple[str, ...] = aggregate.OVERALL_RULES
-L2_TO_IDENTITY = 1e-2
-"""Penalty on ``(a - 1)^2 + b^2`` relative to the total study weight (a prior of a few studies' worth)."""
+PRIOR_STUDIES = 20.0
+"""Strength of the pull of each calibration toward the identity, in studies' worth of evidence: with 60 studies it
+matters, with 2000 it hardly does (a fit to a few dozen studies otherwise swings the slope wildly)."""
+
+INNER_FOLDS = 5
+"""Folds of the inner cross-validation that decides whether the fitted pooling + calibration beat the starting
+config's pooling without calibration on the studies being fitted to."""
 
 
 def label_weights(y: np.ndarray) -> np.ndarray:
@@ -57,11 +62,12 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(q) - np.log1p(-q)
 
 
-def fit_logit_affine(p: np.ndarray, y: np.ndarray, weight: np.ndarray, l2: float = L2_TO_IDENTITY,
+def fit_logit_affine(p: np.ndarray, y: np.ndarray, weight: np.ndarray, prior_studies: float = PRIOR_STUDIES,
                      iterations: int = 50) -> tuple[float, float]:
-    """``(a, b)`` minimising ``sum_i weight_i BCE(y_i, sigmoid(a logit(p_i) + b)) + l2 W ((a-1)^2 + b^2)``.
+    """``(a, b)`` minimising ``sum_i weight_i BCE(y_i, sigmoid(a logit(p_i) + b)) + lam ((a-1)^2 + b^2)``.
 
-    Newton's method (the objective is convex); ``W = sum(weight)``.
+    Newton's method with backtracking (the objective is convex); ``lam = prior_studies * mean(weight)``: the
+    identity is worth ``prior_studies`` studies of evidence.
 
     Parameters
     ----------
@@ -71,7 +77,7 @@ def fit_logit_affine(p: np.ndarray, y: np.ndarray, weight: np.ndarray, l2: float
     z = _logit(p)
     y = np.asarray(y, dtype=np.float64)
     wt = np.asarray(weight, dtype=np.float64)
-    lam = l2 * wt.sum()
+    lam = prior_studies * (wt.mean() if wt.size else 0.0)
     theta = np.array([1.0, 0.0])
     X = np.stack([z, np.ones_like(z)], axis=1)
 
@@ -165,7 +171,7 @@ def top_k_candidates(slices_per_vertebra: int) -> list[int]:
 
 def fit_pooling(slice_probs: Mapping[str, Mapping[str, np.ndarray]], labels: Mapping[str, Mapping[str, int]],
                 uids: Sequence[str], config: ModelConfig, priors: Mapping[str, float] | None = None,
-                calibrate: bool = True) -> tuple[ModelConfig, list[dict]]:
+                calibrate: bool = True, inner_folds: int = INNER_FOLDS) -> tuple[ModelConfig, list[dict]]:
     """Pooling (``top_k``, ``overall_rule``) and calibration fitted on ``uids`` by minimising the metric.
 
     Parameters
@@ -180,13 +186,17 @@ def fit_pooling(slice_probs: Mapping[str, Mapping[str, np.ndarray]], labels: Map
         Priors for studies without slice probabilities (default: the config's).
     calibrate : bool
         Fit a calibration per candidate (False: compare the pooling candidates uncalibrated).
+    inner_folds : int
+        The best candidate is kept only if, cross-validated over ``inner_folds`` groups of ``uids``, it scores
+        better than the starting config's pooling without calibration; otherwise that is returned (0: no check).
 
     Returns
     -------
     config : ModelConfig
         With the best ``top_k``, ``overall_rule``, ``calibration`` (and ``priors`` when given).
     candidates : list of dict
-        ``{"top_k", "overall_rule", "score"}`` per candidate, in-sample, best first.
+        ``{"top_k", "overall_rule", "score"}`` per candidate, in-sample, best first; preceded by
+        ``{"inner_cv": {"fitted", "starting_uncalibrated"}}`` when the inner check ran.
     """
     y = np.array([[labels[u][t] for t in PREDICTION_TYPES] for u in uids], dtype=np.float64).reshape(-1, 8)
     pooled = PooledTable(slice_probs, uids, priors or config.priors)
@@ -201,7 +211,27 @@ def fit_pooling(slice_probs: Mapping[str, Mapping[str, np.ndarray]], labels: Map
     best = rows[0]
     fitted = config.replace(aggregation="topk_mean", top_k=best["top_k"], overall_rule=best["overall_rule"],
                             calibration=best["calibration"], priors=dict(priors or config.priors))
-    return fitted, [{k: r[k] for k in ("top_k", "overall_rule", "score")} for r in rows]
+    table = [{k: r[k] for k in ("top_k", "overall_rule", "score")} for r in rows]
+    if calibrate and inner_folds >= 2 and len(uids) >= 2 * inner_folds:
+        # Keep the fit only if it beats the starting pooling, uncalibrated, on studies it was not fitted to.
+        starting = config.replace(calibration={}, priors=dict(priors or config.priors))
+        lab = {u: labels[u] for u in uids}
+        groups = _inner_groups(lab, inner_folds)
+        fit_inner = lambda tr: fit_pooling(slice_probs, labels, tr, config, priors, True, inner_folds=0)[0]  # noqa: E731
+        order, p_fit = cross_fitted(groups, fit_inner, lambda held, c: predict_table(slice_probs, held, c))
+        y_ord = np.array([[labels[u][t] for t in PREDICTION_TYPES] for u in order], dtype=np.float64)
+        fitted_cv = competition_score(y_ord, p_fit)
+        starting_cv = competition_score(y_ord, predict_table(slice_probs, order, starting))
+        table.insert(0, {"inner_cv": {"fitted": fitted_cv, "starting_uncalibrated": starting_cv}})
+        if fitted_cv >= starting_cv:
+            return starting, table
+    return fitted, table
+
+
+def _inner_groups(labels: Mapping[str, Mapping[str, int]], k: int) -> dict[str, int]:
+    """Deterministic groups for the inner cross-validation, dealt in sorted order within label strata."""
+    uids = sorted(labels, key=lambda u: (sum(int(labels[u].get(t, 0)) for t in PREDICTION_TYPES[1:]), u))
+    return {u: i % k for i, u in enumerate(uids)}
 
 
 def cross_fitted(groups: Mapping[str, int], fit: Callable[[list[str]], ModelConfig],

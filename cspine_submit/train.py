@@ -227,13 +227,26 @@ def read_history(path: str | Path) -> list[dict]:
 
 
 def append_history(path: str | Path, row: dict) -> None:
+    """Add one row to history.csv, rewriting the file atomically (a kill never leaves half a row)."""
+    import io
+
+    from cspine_submit.submission import atomic_write_text
+
     path = Path(path)
-    new = not path.is_file()
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in HISTORY_COLUMNS})
+    text = path.read_text() if path.is_file() else ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    if not text:
+        w.writeheader()
+    w.writerow({k: row.get(k, "") for k in HISTORY_COLUMNS})
+    atomic_write_text(path, text + buf.getvalue())
+
+
+def _save_atomically(save, path: Path, suffix: str) -> None:
+    """``save(tmp)`` then rename over ``path``: a checkpoint is whole or absent (Keras wants the suffix last)."""
+    tmp = path.with_name(path.name[: -len(suffix)] + ".tmp" + suffix)
+    save(tmp)
+    tmp.replace(path)
 
 
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -293,8 +306,10 @@ def draw_history_png(history: Sequence[dict], path: str | Path, width: int = 900
     cv2.putText(img, "dashed: train  solid: validation", (50 + len(by_v) * 80, height - 18), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
                 (80, 80, 80), 1, cv2.LINE_AA)
     path = Path(path)
-    if not cv2.imwrite(str(path), img):
+    tmp = path.with_name(path.stem + ".tmp.png")
+    if not cv2.imwrite(str(tmp), img):
         raise OSError(f"{path}: could not write PNG")
+    tmp.replace(path)
     return path
 
 
@@ -454,8 +469,8 @@ def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOpti
                "seconds": round(time.perf_counter() - t0, 2)}
         if use_val and np.isfinite(row.get(key, np.nan)) and sign * row[key] < best:
             best, best_epoch = sign * row[key], epoch
-            model.save_weights(best_path)
-        model.save(last_path)
+            _save_atomically(model.save_weights, best_path, ".weights.h5")
+        _save_atomically(model.save, last_path, ".keras")
         append_history(work.history, row)  # after the checkpoint: a resumed run never repeats a logged epoch
         if log:
             log(f"{tag} epoch {epoch}: loss {row['loss']:.4f} auc {row['auc']:.3f} lr {lr:.2e}"

@@ -7,11 +7,13 @@ crop's HU square, clipped to the windows' span, at ``min(box side, input_size)``
 input is stored at its own resolution and enlarged on load), as int16, its two bytes split into planes
 (byte shuffle: the high bytes are nearly constant) and zlib-compressed (level 1), one record per crop in
 ``<cache>/<uid>/crops.bin`` with offsets in ``meta.json``. Windows and channels are applied on load, so one
-cache serves every window choice of the same crop geometry, and a shuffled epoch reads one crop at a time.
+cache serves every window choice with the same HU span and crop geometry, and a shuffled epoch reads one crop
+at a time.
 
-Measured on a real 512x512 CT series (tests' ``series_j2k_ct``), 256-pixel crops: 0.36 of the raw int16 bytes,
-about 47 kB per crop, 4.9 MB per study of 7 x 15 crops, 9.9 GB for 2019 studies (the float16 windowed cache of
-before: 41 MB per study, 83 GB). ``benchmarks/bench_train_input.py`` measures bytes and crops per second.
+Measured (``benchmarks/bench_train_input.py``) on a real 512x512 CT series, 7 x 15 crops of 156-252 px boxes: the
+default 256x256x3 config stores 30 kB per crop, 3.1 MB per study, 6.3 GB for 2019 studies (the float16 windowed
+cache of before: 41 MB per study, 83 GB); the seed's 512x512x1, 2.9 MB per study, 5.9 GB (before: 111 GB).
+``benchmarks/bench_train_input.py`` measures bytes and crops per second.
 
 Slice labels (:func:`crop_targets`), for the crops of vertebra V in study s:
 

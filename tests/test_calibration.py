@@ -45,7 +45,7 @@ def test_metric_priors_beat_the_prevalences_and_are_the_minimum():
 
 def test_calibration_undoes_inflated_odds_out_of_sample():
     """Slice probabilities with odds inflated 20x (class balancing): pooled, cross-fitted calibration repairs them."""
-    labels = _labels(600, seed=1)
+    labels = _labels(300, seed=1)
     rng = np.random.default_rng(2)
     slice_probs = {}
     for u, lab in labels.items():
@@ -61,9 +61,12 @@ def test_calibration_undoes_inflated_odds_out_of_sample():
     groups = {u: i % 5 for i, u in enumerate(uids)}
     fit = lambda tr: C.fit_pooling(slice_probs, labels, tr, cfg)[0]  # noqa: E731
     _, crossed = C.cross_fitted(groups, fit, lambda held, c: C.predict_table(slice_probs, held, c))
+    assert all(C.fit_pooling(slice_probs, labels, uids[:30], cfg, inner_folds=0)[0].calibration for _ in [0])
     calibrated = competition_score(y, crossed)
     assert calibrated < raw - 0.05, (raw, calibrated)
     fitted, table = C.fit_pooling(slice_probs, labels, uids, cfg)
+    inner, table = table[0]["inner_cv"], table[1:]
+    assert inner["fitted"] < inner["starting_uncalibrated"]  # the inner check kept the fit
     assert table[0]["score"] == min(r["score"] for r in table) and fitted.top_k == table[0]["top_k"]
     # The fast pooled table is aggregate_study's pooling.
     table_fast = C.PooledTable(slice_probs, uids[:50], cfg.priors).table(3, 15, "max")
@@ -78,7 +81,7 @@ def test_logit_affine_fit_recovers_a_known_map():
     z = rng.normal(0, 2, 20000)
     truth = 1 / (1 + np.exp(-(0.5 * z - 1.0)))
     y = (rng.uniform(size=z.size) < truth).astype(float)
-    a, b = C.fit_logit_affine(1 / (1 + np.exp(-z)), y, np.ones_like(z), l2=0.0)
+    a, b = C.fit_logit_affine(1 / (1 + np.exp(-z)), y, np.ones_like(z), prior_studies=0.0)
     assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(-1.0, abs=0.06)
 
 
@@ -104,3 +107,15 @@ def test_evaluate_calibrate_shows_before_and_after(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["calibrated"]["before"] == pytest.approx(out["score"])
     assert out["calibrated"]["after"] < out["calibrated"]["before"] - 0.1
+
+
+def test_a_calibration_that_does_not_help_out_of_sample_is_not_kept():
+    """Uninformative slice probabilities (already at the metric's constants): the inner check keeps the start."""
+    labels = _labels(120, seed=6)
+    rng = np.random.default_rng(7)
+    slice_probs = {u: {v: np.clip(rng.normal(0.1, 0.02, 15), 0.01, 0.99) for v in VERTEBRAE} for u in labels}
+    cfg = ModelConfig(slices_per_vertebra=15, top_k=5)
+    fitted, table = C.fit_pooling(slice_probs, labels, sorted(labels), cfg)
+    inner = table[0]["inner_cv"]
+    kept_start = fitted.calibration == {} and fitted.top_k == 5
+    assert kept_start == (inner["fitted"] >= inner["starting_uncalibrated"])

@@ -120,6 +120,24 @@ def test_live_submission_is_complete_before_any_study_and_refreshes_on_time(tmp_
     assert live.stats(10.0)["writes"] == 2
 
 
+def test_the_run_steps_write_a_complete_file_before_any_scoring(weights, priors, tmp_path):
+    images = tmp_path / "images"
+    uids = [f"{UID_ROOT}.800"]
+    write_study(images / uids[0], uids[0])
+    setup = pipeline.prepare_run(images, None, weights)
+    out = tmp_path / "submission.csv"
+    state = pipeline.start_run(setup, out)
+    assert not out.exists() and state.todo == [uids[0]]
+    pipeline.write_priors_file(state)  # before the warm-up: the file is complete, every study at its priors
+    assert _by_study(_read_sub(out)) == {uids[0]: pytest.approx(priors)}
+    pipeline.warm_up(state)
+    pipeline.stream_studies(state, workers=0, progress=False)
+    result = pipeline.finish_run(state)
+    scored = result.probabilities[f"{uids[0]}_C1"]
+    assert _read_sub(out)[f"{uids[0]}_C1"] == pytest.approx(scored, abs=5e-9) and scored != pytest.approx(priors["C1"])
+    assert result.totals["submission_refresh"]["writes"] >= 2
+
+
 def test_a_hang_scoring_one_study_costs_that_study_only(weights, tmp_path, monkeypatch):
     from cspine_submit import models
 

@@ -2,7 +2,7 @@
 
 Also the Kaggle kernel's code file. On Kaggle it finds the attached package dataset (the folder under
 /kaggle/input holding ``cspine_submit/``), puts it on sys.path, installs the decoder wheels from its ``wheels/``
-offline when pydicom 3 or a JPEG Lossless decoder is missing, and runs. With no arguments: the competition's
+offline when pydicom 3, a JPEG Lossless decoder or dicomsdl is missing, and runs. With no arguments: the competition's
 test set on Kaggle, the built-in demo elsewhere.
 """
 
@@ -45,6 +45,15 @@ def decoders_ok():
     return False
 
 
+def fast_decoder_ok():
+    """dicomsdl, the fastest direct .4.70 decoder: without it the run is as right but decodes about 2.5x slower."""
+    try:
+        importlib.import_module("dicomsdl")
+        return True
+    except ImportError:
+        return False
+
+
 def install_wheels(root):
     wheels = os.path.join(root, "wheels")
     if not os.path.isdir(wheels):
@@ -68,7 +77,7 @@ def main(argv):
     root = find_package_root()
     if root not in sys.path:
         sys.path.insert(0, root)
-    if not decoders_ok():
+    if not decoders_ok() or not fast_decoder_ok():
         install_wheels(root)
         if not decoders_ok():
             print("make_submission.py: WARNING: still no JPEG Lossless decoder; the run's start-up check will stop "

@@ -28,6 +28,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from cspine_submit.pixels import NotDirect, PixelSpec, read_stored
+
 
 @dataclass(frozen=True)
 class StudyHeader:
@@ -64,6 +66,9 @@ class StudyHeader:
         SeriesInstanceUID of the kept slices ("" when the headers leave it empty).
     slice_thickness : float or None
         SliceThickness as the headers state it (mm); informative only, ``spacing[0]`` comes from positions.
+    pixels : tuple of (PixelSpec or None)
+        Per kept file, in ``files`` order: where its Pixel Data lies and how it reads, so that decoding starts
+        from the scan (:func:`cspine_submit.pixels.read_stored`); empty for headers built without a scan.
     """
 
     folder: Path
@@ -81,6 +86,7 @@ class StudyHeader:
     orientation: np.ndarray = field(default_factory=lambda: np.array([1.0, 0, 0, 0, 1.0, 0]))
     series_uid: str = ""
     slice_thickness: float | None = None
+    pixels: tuple = ()
 
     @property
     def n_slices(self) -> int:
@@ -191,14 +197,20 @@ def decoder_table(tsyntaxes: Iterable[str] = COMPETITION_TRANSFER_SYNTAXES) -> l
     Returns
     -------
     list of dict
-        One per syntax: ``uid``, ``name``, ``available`` (plugin names, in the order the reader tries them;
-        ``["native"]`` for uncompressed data), ``missing`` (``{plugin: what to install}``) and ``ok`` (bool).
+        One per syntax: ``uid``, ``name``, ``direct`` (the route tried before pydicom's plugins, see
+        :mod:`cspine_submit.pixels`: ``["numpy"]`` for uncompressed little-endian data, the direct JPEG decoders in
+        the order tried for JPEG Lossless, else empty), ``available`` (pydicom plugin names, in the order the reader
+        tries them; ``["native"]`` for uncompressed data), ``missing`` (``{plugin: what to install}``) and ``ok``.
     """
     from pydicom.pixels import get_decoder
 
+    from cspine_submit import pixels
+
     rows = []
     for uid in tsyntaxes:
-        row = {"uid": str(uid), "name": _uid_name(uid), "available": [], "missing": {}, "ok": False}
+        direct = (["numpy"] if str(uid) in pixels.NATIVE_SYNTAXES else list(pixels.available_jpeg_decoders())
+                  if str(uid) in pixels.JPEG_LOSSLESS_SYNTAXES else [])
+        row = {"uid": str(uid), "name": _uid_name(uid), "direct": direct, "available": [], "missing": {}, "ok": False}
         try:
             decoder = get_decoder(uid)
         except NotImplementedError:
@@ -253,9 +265,56 @@ _HEADER_TAGS = [
     "SamplesPerPixel",
     "NumberOfFrames",
     "BitsAllocated",
+    # for decoding straight from the scan (cspine_submit.pixels.PixelSpec)
+    "BitsStored",
+    "PixelRepresentation",
+    "PhotometricInterpretation",
+    "RescaleSlope",
+    "RescaleIntercept",
 ]
 
 _EXPLICIT_LONG_VRS = {b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN"}
+
+# (tag, VR) of the scanned tags, for reading their raw bytes (see _header_value).
+_TAG_VR: dict[str, tuple[int, str]] = {
+    "StudyInstanceUID": (0x0020000D, "UI"), "SeriesInstanceUID": (0x0020000E, "UI"),
+    "InstanceNumber": (0x00200013, "IS"), "ImagePositionPatient": (0x00200032, "DS"),
+    "ImageOrientationPatient": (0x00200037, "DS"), "PixelSpacing": (0x00280030, "DS"),
+    "SliceThickness": (0x00180050, "DS"), "SpacingBetweenSlices": (0x00180088, "DS"),
+    "Rows": (0x00280010, "US"), "Columns": (0x00280011, "US"), "SamplesPerPixel": (0x00280002, "US"),
+    "NumberOfFrames": (0x00280008, "IS"), "BitsAllocated": (0x00280100, "US"), "BitsStored": (0x00280101, "US"),
+    "PixelRepresentation": (0x00280103, "US"), "PhotometricInterpretation": (0x00280004, "CS"),
+    "RescaleSlope": (0x00281053, "DS"), "RescaleIntercept": (0x00281052, "DS"),
+}
+
+
+def _header_value(ds, keyword: str, default=None):
+    """``ds.get(keyword, default)`` for the scanned tags, read from pydicom's raw element bytes when it can.
+
+    pydicom converts a value on first access through its full machinery (hooks, VR lookup, charset, validation),
+    which took half of the header scan's time; these tags need only bytes -> text, or two bytes -> int. Returns
+    text (``"a\\b"`` split into a list for several values) for strings and numbers-as-text (DS, IS, UI, CS), an
+    int for US; anything unusual (another VR in the file, an odd length, a converted element) goes to pydicom.
+    """
+    from pydicom.dataelem import RawDataElement
+
+    tag, vr = _TAG_VR[keyword]
+    elem = ds.get_item(tag)
+    if elem is None:
+        return default
+    if not isinstance(elem, RawDataElement) or elem.VR not in (None, vr) or elem.value is None:
+        return ds.get(keyword, default)
+    raw = elem.value
+    if not raw:
+        return default if vr == "US" else ""
+    if vr == "US":
+        if len(raw) != 2:
+            return ds.get(keyword, default)
+        return struct.unpack("<H" if elem.is_little_endian else ">H", raw)[0]
+    text = raw.decode("latin-1").strip(" \0")
+    if vr in ("DS", "IS") and "\\" in text:
+        return [t.strip() for t in text.split("\\")]
+    return text.strip()
 
 
 @dataclass(frozen=True)
@@ -278,6 +337,9 @@ class SliceInfo:
     transfer_syntax : str
     slice_thickness, spacing_between : float or None
         mm, as stated (informative, or the last resort for dz when positions are missing).
+    pixels : PixelSpec or None
+        Where the Pixel Data lies and how its values read, for decoding without a second header parse (None when
+        the header lacks what that needs: such a file is decoded through pydicom).
     """
 
     path: Path
@@ -292,6 +354,7 @@ class SliceInfo:
     transfer_syntax: str
     slice_thickness: float | None = None
     spacing_between: float | None = None
+    pixels: PixelSpec | None = None
 
 
 def _floats(value, n: int) -> np.ndarray | None:
@@ -312,22 +375,32 @@ def _float_or_none(value) -> float | None:
     return out if np.isfinite(out) else None
 
 
-def _check_pixel_data_length(fp, file_size: int) -> str | None:
-    """Why the Pixel Data element at the current position of ``fp`` is incomplete, or None when it is whole.
+def _locate_pixel_data(fp, file_size: int) -> tuple[str | None, tuple[tuple[int, int], ...], bool]:
+    """Check the Pixel Data element at the current position of ``fp`` and say where its bytes lie.
 
     A header-only read stops in front of Pixel Data and so cannot notice a file cut off inside it: compare
     the element's declared length with the file size (native data), or walk the fragment items up to the
-    sequence delimiter (encapsulated data). Only the item headers are read, never the pixel bytes.
+    sequence delimiter (encapsulated data). Only the item headers are read, never the pixel bytes. What the walk
+    finds is kept, so that decoding can go straight to the bytes (:class:`cspine_submit.pixels.PixelSpec`).
+
+    Returns
+    -------
+    problem : str or None
+        Why the element is incomplete, or None when it is whole.
+    ranges : tuple of (offset, length)
+        The value's byte range (native data), or the fragments after the Basic Offset Table (encapsulated data);
+        empty when there is a problem.
+    encapsulated : bool
     """
     start = fp.tell()
     head = fp.read(12)
     if len(head) < 8:
-        return "truncated or no pixel data: the file ends before a Pixel Data element"
+        return "truncated or no pixel data: the file ends before a Pixel Data element", (), False
     little = head[:4] in (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
     endian = "<" if little else ">"
     if head[4:6] in _EXPLICIT_LONG_VRS and head[6:8] == b"\x00\x00":
         if len(head) < 12:
-            return "truncated in the Pixel Data element header"
+            return "truncated in the Pixel Data element header", (), False
         (length,) = struct.unpack(endian + "I", head[8:12])
         value_start = start + 12
     else:
@@ -338,23 +411,28 @@ def _check_pixel_data_length(fp, file_size: int) -> str | None:
             return (
                 f"truncated: Pixel Data declares {length} bytes but the file holds only "
                 f"{max(file_size - value_start, 0)}"
-            )
-        return None
+            ), (), False
+        # Only the standard Pixel Data tag in little endian is located: float data and big endian go to pydicom.
+        located = ((value_start, length),) if head[:4] == b"\xe0\x7f\x10\x00" else ()
+        return None, located, False
     # Encapsulated: items (FFFE,E000) each with a length, ended by the sequence delimiter (FFFE,E0DD).
     pos = value_start
     fp.seek(pos)
+    items: list[tuple[int, int]] = []
     while True:
         item = fp.read(8)
         if len(item) < 8:
-            return "truncated: the encapsulated Pixel Data ends before its sequence delimiter"
+            return "truncated: the encapsulated Pixel Data ends before its sequence delimiter", (), True
         group, elem, length = struct.unpack("<HHI", item)
         if (group, elem) == (0xFFFE, 0xE0DD):
-            return None
+            # The first item is the Basic Offset Table; one frame per file, so every other item is its fragment.
+            return None, tuple(items[1:]), True
         if (group, elem) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
-            return f"corrupt encapsulated Pixel Data at byte {pos} (tag ({group:04X},{elem:04X}))"
+            return f"corrupt encapsulated Pixel Data at byte {pos} (tag ({group:04X},{elem:04X}))", (), True
+        items.append((pos + 8, length))
         pos += 8 + length
         if pos > file_size:
-            return "truncated: an encapsulated Pixel Data fragment runs past the end of the file"
+            return "truncated: an encapsulated Pixel Data fragment runs past the end of the file", (), True
         fp.seek(pos)
 
 
@@ -385,16 +463,17 @@ def read_slice_header(path: str | Path) -> SliceInfo:
                     ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
                 except Exception:
                     raise DicomReadError(f"{path}: not a DICOM file") from None
-                if "Rows" not in ds or "Columns" not in ds:
+                if ds.get_item(0x00280010) is None or ds.get_item(0x00280011) is None:
                     raise DicomReadError(f"{path}: not a DICOM file") from None
             tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
             if not tsyntax:
                 implicit, little = ds.original_encoding
                 tsyntax = ("1.2.840.10008.1.2" if implicit
                            else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
+            ranges, encapsulated = (), False
             if tsyntax != _DEFLATED:
                 # (the deflated syntax compresses the whole dataset; zlib notices truncation when decoding)
-                problem = _check_pixel_data_length(fp, file_size)
+                problem, ranges, encapsulated = _locate_pixel_data(fp, file_size)
                 if problem:
                     raise DicomReadError(f"{path}: {problem}")
     except DicomReadError:
@@ -404,32 +483,75 @@ def read_slice_header(path: str | Path) -> SliceInfo:
     except Exception as exc:  # pydicom raises many kinds on corrupt headers
         raise DicomReadError(f"{path}: corrupt DICOM header ({type(exc).__name__}: {exc})") from exc
 
-    if "Rows" not in ds or "Columns" not in ds:
+    def value(keyword, default=None):
+        return _header_value(ds, keyword, default)
+
+    try:
+        rows, cols = value("Rows"), value("Columns")
+        rows, cols = (None if v in (None, "") else int(v) for v in (rows, cols))
+    except (TypeError, ValueError):
+        rows = cols = None
+    if rows is None or cols is None:
         raise DicomReadError(f"{path}: no image (Rows/Columns missing)")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise DicomReadError(f"{path}: not a grayscale slice (SamplesPerPixel={ds.SamplesPerPixel})")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = value("SamplesPerPixel", 1)
+    if _int_or(samples, 1) != 1:
+        raise DicomReadError(f"{path}: not a grayscale slice (SamplesPerPixel={samples})")
+    frames = _int_or(value("NumberOfFrames", 1), 1)
     if frames != 1:
         raise DicomReadError(f"{path}: multi-frame file ({frames} frames); expected one slice per file")
-    inst = ds.get("InstanceNumber", None)
+    inst = value("InstanceNumber", None)
     try:
         inst = int(inst) if inst not in (None, "") else None
     except (TypeError, ValueError):
         inst = None
-    spacing = _floats(ds.get("PixelSpacing", None) or (), 2)
+    spacing = _floats(value("PixelSpacing", None) or (), 2)
     return SliceInfo(
         path=path,
-        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        position=_floats(ds.get("ImagePositionPatient", None) or (), 3),
-        orientation=_floats(ds.get("ImageOrientationPatient", None) or (), 6),
+        study_uid=str(value("StudyInstanceUID", "") or ""),
+        series_uid=str(value("SeriesInstanceUID", "") or ""),
+        position=_floats(value("ImagePositionPatient", None) or (), 3),
+        orientation=_floats(value("ImageOrientationPatient", None) or (), 6),
         instance_number=inst,
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
+        rows=rows,
+        cols=cols,
         pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
         transfer_syntax=tsyntax,
-        slice_thickness=_float_or_none(ds.get("SliceThickness", None)),
-        spacing_between=_float_or_none(ds.get("SpacingBetweenSlices", None)),
+        slice_thickness=_float_or_none(value("SliceThickness", None)),
+        spacing_between=_float_or_none(value("SpacingBetweenSlices", None)),
+        pixels=_pixel_spec(value, rows, cols, ranges, encapsulated),
+    )
+
+
+def _int_or(value, default: int) -> int:
+    """``int(value or default)``, for counts stated as text or numbers (SamplesPerPixel, NumberOfFrames)."""
+    try:
+        return int(value or default)
+    except (TypeError, ValueError):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError):
+            return default
+
+
+def _pixel_spec(value, rows: int, cols: int, ranges: tuple[tuple[int, int], ...],
+                encapsulated: bool) -> PixelSpec | None:
+    """What :func:`cspine_submit.pixels.read_stored` needs, from the scanned header (``value(keyword, default)``);
+    None when it is incomplete (the slice is then decoded through pydicom)."""
+    if not ranges:
+        return None
+    try:
+        bits_allocated = int(value("BitsAllocated"))
+        bits_stored = int(value("BitsStored", None) or bits_allocated)
+        signed = int(value("PixelRepresentation")) == 1
+    except (TypeError, ValueError):
+        return None
+    slope = _float_or_none(value("RescaleSlope", None))
+    intercept = _float_or_none(value("RescaleIntercept", None))
+    return PixelSpec(
+        fragments=tuple(ranges), encapsulated=encapsulated, rows=rows, cols=cols,
+        bits_allocated=bits_allocated, bits_stored=bits_stored, signed=signed, samples=1,
+        photometric=str(value("PhotometricInterpretation", "") or ""),
+        slope=1.0 if slope is None else slope, intercept=0.0 if intercept is None else intercept,
     )
 
 
@@ -657,6 +779,7 @@ def scan_study(folder: str | Path) -> StudyHeader:
         orientation=order.orientation,
         series_uid=kept[0].series_uid,
         slice_thickness=kept[0].slice_thickness,
+        pixels=tuple(s.pixels for s in kept),
     )
 
 
@@ -665,15 +788,20 @@ def scan_study(folder: str | Path) -> StudyHeader:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def to_hu(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+def to_hu(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0, out: np.ndarray | None = None) -> np.ndarray:
     """Stored pixel values to Hounsfield units: ``stored * slope + intercept``, as float32.
 
     Parameters
     ----------
     stored : ndarray of int
         Pixel values as pydicom decodes them (already sign-corrected for PixelRepresentation/BitsStored).
+    out : ndarray of float32, optional
+        Written in place and returned (e.g. one row of a study's slice stack: no temporary slice).
     """
-    out = stored.astype(np.float32)
+    if out is None:
+        out = stored.astype(np.float32)
+    else:
+        np.copyto(out, stored, casting="unsafe")
     if slope != 1.0:
         out *= np.float32(slope)
     if intercept != 0.0:
@@ -689,33 +817,50 @@ def _unsupported_message(path: Path, tsyntax: str) -> str:
     )
 
 
-def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | None = None) -> np.ndarray:
-    """Decode one slice file to HU through pydicom's pixel plugins.
+def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | None = None,
+                 spec: PixelSpec | None = None, direct: bool = True) -> np.ndarray:
+    """Decode one slice file to HU: straight from the scanned header when it can, else through pydicom's plugins.
 
     Parameters
     ----------
     path : str or Path
     tsyntax : str, optional
-        The file's transfer syntax if already known (from the scan); when None the header is read again to find it.
+        The file's transfer syntax if already known (from the scan); when None the header is read again to find it
+        (and its :class:`~cspine_submit.pixels.PixelSpec` with it).
     plugin : str, optional
-        Force one decoding plugin (e.g. ``"gdcm"``, ``"pylibjpeg"``); by default the preferred available one
-        (see :data:`PREFERRED_PLUGINS`), then every other plugin if that one fails.
+        Force one pydicom decoding plugin (e.g. ``"gdcm"``, ``"pylibjpeg"``; implies ``direct=False``); by default
+        the preferred available one (see :data:`PREFERRED_PLUGINS`), then every other plugin if that one fails.
+    spec : PixelSpec, optional
+        Where the scan found the file's Pixel Data. With it, uncompressed and JPEG Lossless slices are decoded
+        without pydicom (:func:`cspine_submit.pixels.read_stored`, same values); without it, or when that route
+        does not apply or fails, pydicom's plugins decode the file.
+    direct : bool
+        False: always decode through pydicom's plugins (benchmarks, checks).
 
     Returns
     -------
     (rows, cols) ndarray of float32
         HU (RescaleSlope/RescaleIntercept applied; 1 and 0 when absent).
     """
+    path = Path(path)
+    if tsyntax is None:
+        info = read_slice_header(path)  # raises DicomReadError naming the file
+        tsyntax, spec = info.transfer_syntax, spec or info.pixels
+    if direct and plugin is None and spec is not None:
+        try:
+            stored = read_stored(path, tsyntax, spec)
+        except NotDirect:
+            pass  # pydicom's plugins below decode it, or say clearly why nothing can
+        else:
+            return to_hu(stored, spec.slope, spec.intercept)
+
     import pydicom
     from pydicom import Dataset
     from pydicom.pixels import get_decoder, pixel_array
 
-    path = Path(path)
     try:
         with _warnings.catch_warnings():
             _warnings.simplefilter("ignore")
-            if tsyntax is None:
-                tsyntax = read_slice_header(path).transfer_syntax
             try:
                 decoder = get_decoder(tsyntax)
             except NotImplementedError:
@@ -759,9 +904,12 @@ def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | Non
 
 
 def read_slices(
-    header: StudyHeader, indices: Iterable[int] | None = None, plugin: str | None = None, progress: bool = False
+    header: StudyHeader, indices: Iterable[int] | None = None, plugin: str | None = None, progress: bool = False,
+    direct: bool = True,
 ) -> np.ndarray:
     """Decode only the requested slices of a scanned study, to HU.
+
+    Each file is opened once: decoding starts from where the scan found its Pixel Data (``header.pixels``).
 
     Parameters
     ----------
@@ -771,9 +919,11 @@ def read_slices(
         Indices into ``header.files`` (head to feet); any order, repeats allowed (each file is decoded once).
         All slices when None.
     plugin : str, optional
-        Force one decoding plugin (benchmarks); see :func:`decode_slice`.
+        Force one pydicom decoding plugin (benchmarks); see :func:`decode_slice`.
     progress : bool
         Show a tqdm bar.
+    direct : bool
+        False: decode every slice through pydicom's plugins (benchmarks, checks); see :func:`decode_slice`.
 
     Returns
     -------
@@ -800,18 +950,51 @@ def read_slices(
 
         it = tqdm(unique, desc=f"decode {header.folder.name}", unit="slice")
     for k, i in enumerate(it):
-        path = header.files[i]
-        tsyntax = header.transfer_syntaxes[i] if i < len(header.transfer_syntaxes) else None
-        hu = decode_slice(path, tsyntax, plugin)
-        if hu.shape != (header.rows, header.cols):
-            raise DicomReadError(
-                f"{path}: decoded slice is {hu.shape[0]}x{hu.shape[1]}, the study's slices are "
-                f"{header.rows}x{header.cols} (slices of another size are rejected, not resized)"
-            )
-        out[k] = hu
+        decode_into(header, int(i), out[k], plugin=plugin, direct=direct)
     if len(unique) == len(idx) and np.array_equal(unique, idx):
         return out
     return out[inverse.reshape(-1)]
+
+
+def decode_into(header: StudyHeader, index: int, out: np.ndarray, plugin: str | None = None,
+                direct: bool = True) -> np.ndarray:
+    """Decode slice ``index`` of a scanned study to HU, written into ``out`` (no temporary float slice).
+
+    Parameters
+    ----------
+    header : StudyHeader
+    index : int
+        Into ``header.files``.
+    out : (rows, cols) ndarray of float32
+        E.g. one row of a preallocated stack; returned.
+    plugin, direct
+        See :func:`decode_slice`.
+
+    Raises
+    ------
+    DicomReadError
+        The slice cannot be decoded, or is not ``(header.rows, header.cols)`` (rejected, never resized: resizing
+        would silently change the pixel spacing).
+    """
+    path = header.files[index]
+    tsyntax = header.transfer_syntaxes[index] if index < len(header.transfer_syntaxes) else None
+    spec = header.pixels[index] if index < len(header.pixels) else None
+    if direct and plugin is None and tsyntax is not None and spec is not None and \
+            (spec.rows, spec.cols) == (header.rows, header.cols):
+        try:
+            stored = read_stored(path, tsyntax, spec)
+        except NotDirect:
+            pass  # pydicom's plugins below
+        else:
+            return to_hu(stored, spec.slope, spec.intercept, out=out)
+    hu = decode_slice(path, tsyntax, plugin, direct=False)
+    if hu.shape != (header.rows, header.cols):
+        raise DicomReadError(
+            f"{path}: decoded slice is {hu.shape[0]}x{hu.shape[1]}, the study's slices are "
+            f"{header.rows}x{header.cols} (slices of another size are rejected, not resized)"
+        )
+    out[...] = hu
+    return out
 
 
 def read_study(folder: str | Path, progress: bool = False) -> tuple[StudyHeader, np.ndarray]:

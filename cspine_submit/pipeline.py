@@ -178,11 +178,17 @@ def _read_reusing(header, indices: np.ndarray, known_indices: np.ndarray, known_
 
     indices = np.asarray(indices, dtype=np.int64)
     have = {int(i): r for r, i in enumerate(known_indices)}
-    fresh = np.array([i for i in indices if int(i) not in have], dtype=np.int64)
-    decoded = dict(zip(fresh.tolist(), dicom.read_slices(header, fresh))) if fresh.size else {}
     out = np.empty((indices.size, header.rows, header.cols), dtype=np.float32)
+    first: dict[int, int] = {}
     for k, i in enumerate(indices.tolist()):
-        out[k] = known_slices[have[i]] if i in have else decoded[i]
+        if i in have:
+            out[k] = known_slices[have[i]]
+        elif i in first:
+            out[k] = out[first[i]]
+        else:
+            # Straight into the stack: no temporary slice, each file opened once.
+            dicom.decode_into(header, i, out[k])
+            first[i] = k
     return out
 
 

@@ -19,7 +19,7 @@ GOLDEN_TOLERANCE = 1e-5
 
 LIBRARIES = (
     ("numpy", "numpy"), ("pandas", "pandas"), ("pydicom", "pydicom"), ("pylibjpeg", "pylibjpeg"),
-    ("pylibjpeg-libjpeg", "libjpeg"), ("python-gdcm", "gdcm"), ("tensorflow", "tensorflow"), ("keras", "keras"),
+    ("pylibjpeg-libjpeg", "libjpeg"), ("python-gdcm", "gdcm"), ("dicomsdl", "dicomsdl"), ("tensorflow", "tensorflow"), ("keras", "keras"),
     ("opencv-python-headless", "cv2"), ("nibabel", "nibabel"), ("tqdm", "tqdm"),
 )
 

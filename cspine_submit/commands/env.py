@@ -20,6 +20,7 @@ LIBRARIES: tuple[tuple[str, str, str], ...] = (
     ("numpy", "numpy", "numpy"),
     ("pydicom", "pydicom", "pydicom"),
     ("GDCM", "python-gdcm", "gdcm"),
+    ("dicomsdl (direct JPEG Lossless)", "dicomsdl", "dicomsdl"),
     ("pylibjpeg", "pylibjpeg", "pylibjpeg"),
     ("pylibjpeg-libjpeg (JPEG, JPEG-LS)", "pylibjpeg-libjpeg", "libjpeg"),
     ("pylibjpeg-openjpeg (JPEG 2000)", "pylibjpeg-openjpeg", "openjpeg"),
@@ -118,12 +119,14 @@ def format_text(info: dict) -> str:
             for g in tf["gpus"]
         )
         lines.append(f"{'GPUs':<{width}}{gpus or 'none (CPU only)'}")
-    lines += ["", "DICOM decoding (plugins in the order the reader tries them):"]
-    lines.append(f"  {'transfer syntax':<24}{'name':<50}{'plugins':<24}missing")
+    lines += ["", "DICOM decoding (the direct route from the scan first, then pydicom's plugins in the order tried):"]
+    lines.append(f"  {'transfer syntax':<24}{'name':<50}{'plugins':<34}missing")
     for row in info["decoders"]:
         plugins = ", ".join(row["available"]) or "NONE"
+        if row.get("direct"):
+            plugins = f"direct {row['direct'][0]}; " + plugins
         missing = "; ".join(f"{k}: {v}" for k, v in row["missing"].items())
-        lines.append(f"  {row['uid']:<24}{row['name'][:48]:<50}{plugins:<24}{missing}")
+        lines.append(f"  {row['uid']:<24}{row['name'][:48]:<50}{plugins:<34}{missing}")
     if info["missing_required"]:
         lines += ["", "error: the competition's syntaxes cannot all be decoded; install one of: "
                   + "; ".join(info["missing_required"])]

@@ -92,14 +92,19 @@ def crop_square(box: tuple[int, int, int, int], margin: float) -> tuple[int, int
     return top, left, side
 
 
-def _extract(slices: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
-    """``slices[:, top:top+side, left:left+side]`` padded with PAD_HU where it leaves the image."""
-    m, rows, cols = slices.shape
-    out = np.full((m, side, side), PAD_HU, dtype=np.float32)
+def _extract(slices: np.ndarray, top: int, left: int, side: int, which: np.ndarray | None = None) -> np.ndarray:
+    """``slices[which, top:top+side, left:left+side]`` padded with PAD_HU where it leaves the image.
+
+    ``which`` (row indices, default all) is applied together with the in-plane window, so only the square is
+    copied, never whole slices.
+    """
+    _, rows, cols = slices.shape
+    which = np.arange(slices.shape[0]) if which is None else np.asarray(which, dtype=np.int64)
+    out = np.full((which.size, side, side), PAD_HU, dtype=np.float32)
     sy0, sx0 = max(top, 0), max(left, 0)
     sy1, sx1 = min(top + side, rows), min(left + side, cols)
     if sy1 > sy0 and sx1 > sx0:
-        out[:, sy0 - top : sy1 - top, sx0 - left : sx1 - left] = slices[:, sy0:sy1, sx0:sx1]
+        out[:, sy0 - top : sy1 - top, sx0 - left : sx1 - left] = slices[which, sy0:sy1, sx0:sx1]
     return out
 
 
@@ -209,7 +214,8 @@ def hu_squares(slices: np.ndarray, slice_indices, plan: CropPlan, config: ModelC
     # Crop each distinct slice once (neighbour sets overlap), clip, shrink in HU.
     uniq, inverse = np.unique(rows, return_inverse=True)
     low, high = hu_span(config)
-    hu = np.clip(_extract(slices[uniq], top, left, side), low, high)
+    hu = _extract(slices, top, left, side, uniq)
+    np.clip(hu, low, high, out=hu)
     if side > S:
         hu = resize_stack(hu, S)
     return np.ascontiguousarray(hu[inverse].reshape(k, P, s, s))

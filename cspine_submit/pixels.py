@@ -223,9 +223,11 @@ def read_stored(path: str | Path, tsyntax: str, spec: PixelSpec | None, decoder:
             (offset, length), = spec.fragments
             if length < spec.n_bytes:
                 raise NotDirect(f"{path}: Pixel Data holds {length} bytes, {spec.n_bytes} expected")
-            data = _read_ranges(path, ((offset, spec.n_bytes),))
-            # A writable copy: the unused-bits correction works in place, and the caller may too.
-            arr = np.frombuffer(data, dtype=spec.dtype).reshape(spec.rows, spec.cols).copy()
+            # Straight from the file into a new (writable) array: one copy.
+            arr = np.fromfile(path, dtype=spec.dtype, count=spec.rows * spec.cols, offset=offset)
+            if arr.size != spec.rows * spec.cols:
+                raise NotDirect(f"{path}: the file ends inside its Pixel Data")
+            arr = arr.reshape(spec.rows, spec.cols)
         elif route == "dicomsdl":
             arr = _stored_dicomsdl(path, spec)
         else:

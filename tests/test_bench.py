@@ -43,3 +43,28 @@ def test_marginal_seconds_take_start_up_out():
     assert m["seconds_per_study"] == pytest.approx(0.5)
     assert m["studies_per_s"] == pytest.approx(2.0)
     assert m["startup_s"] == pytest.approx(3.5)
+
+
+def test_marginal_seconds_over_a_few_studies():
+    # 2 studies took 5.0 s, 10 took 9.0 s: each further study costs (9 - 5) / 8 = 0.5 s; start-up 5 - 2 * 0.5 = 4 s.
+    m = bench.marginal_seconds(9.0, 5.0, 10, 2)
+    assert m["seconds_per_study"] == pytest.approx(0.5)
+    assert m["startup_s"] == pytest.approx(4.0)
+
+
+def test_naive_decode_and_the_direct_loop_read_every_slice(synthetic_dataset, monkeypatch):
+    from cspine_submit import dicom
+
+    folder = sorted((synthetic_dataset / "test_images").iterdir())[0]
+    n_files = len(list(folder.glob("*.dcm")))
+    seconds, n = bench.naive_decode_seconds(folder)
+    assert n == n_files and seconds > 0
+    header = dicom.scan_study(folder)
+    opened = []
+    real_fromfile = np.fromfile
+    monkeypatch.setattr(np, "fromfile", lambda *a, **k: opened.append(a[0]) or real_fromfile(*a, **k))
+    decoder = bench.fastest_direct_loop(header, range(header.n_slices))
+    assert decoder in ("dicomsdl", "gdcm")
+    native = [f for f, ts in zip(header.files, header.transfer_syntaxes) if ts in ("1.2.840.10008.1.2",
+                                                                                   "1.2.840.10008.1.2.1")]
+    assert sorted(opened) == sorted(str(f) for f in native)

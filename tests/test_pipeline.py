@@ -393,22 +393,22 @@ def test_profile_cue_slices_are_decoded_once(synthetic_info, monkeypatch):
     assert ranges.method == "profile"
     config = ModelConfig(head="tiny", input_size=32, channels="single", windows=((400, 1800),))
     folder = synthetic_info.test[0].folder
-    real_read = dicom.read_slices
+    real_decode = dicom.decode_into
     decoded: list[int] = []
 
-    def counting_read(header, indices=None, *a, **k):
-        decoded.extend(int(i) for i in indices)
-        return real_read(header, indices, *a, **k)
+    def counting_decode(header, index, *a, **k):  # every slice decoded goes through here (read_slices too)
+        decoded.append(int(index))
+        return real_decode(header, index, *a, **k)
 
-    monkeypatch.setattr(dicom, "read_slices", counting_read)
+    monkeypatch.setattr(dicom, "decode_into", counting_decode)
     prepared = pipeline.prepare_study(pipeline.StudyJob(folder.name, str(folder), ranges, config, VERTEBRAE))
     assert len(decoded) == len(set(decoded)) == prepared.slices_read
-    monkeypatch.setattr(dicom, "read_slices", real_read)
+    monkeypatch.setattr(dicom, "decode_into", real_decode)
     header = dicom.scan_study(folder)
     from cspine_submit.localize import plan_crops
 
     plans = plan_crops(header, ranges, config)
     needed = crop.slices_needed(plans, config, header.n_slices)
-    slices = real_read(header, needed)
+    slices = dicom.read_slices(header, needed)
     for v, plan in plans.items():
         np.testing.assert_array_equal(prepared.crops[v], crop.encode_crops(crop.prepare_crops(slices, needed, plan, config)))

@@ -22,6 +22,7 @@ Everything else (big endian, deflated, JPEG 2000, JPEG-LS, RLE, lossy JPEG, floa
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,21 @@ JPEG_DECODERS: tuple[str, ...] = ("dicomsdl", "gdcm", "libjpeg")
 """Direct JPEG Lossless decoders, fastest first (see the module docstring for the measurements)."""
 
 _DECODER_MODULES: dict[str, str] = {"dicomsdl": "dicomsdl", "gdcm": "gdcm", "libjpeg": "libjpeg"}
+
+DISABLE_ENV = "CSPINE_SUBMIT_NO_DIRECT_DECODE"
+"""Set (to anything but "" or "0") to send every slice through pydicom's plugins. An environment variable, so that
+the worker processes a run spawns inherit it: the start-up check (:mod:`cspine_submit.preflight`) sets it when a
+direct decoder gives other values than pydicom's."""
+
+
+def direct_enabled() -> bool:
+    """False when :data:`DISABLE_ENV` turns the direct route off."""
+    return os.environ.get(DISABLE_ENV, "") in ("", "0")
+
+
+def disable_direct() -> None:
+    """Turn the direct route off for this process and the processes it starts from now on."""
+    os.environ[DISABLE_ENV] = "1"
 
 
 class NotDirect(Exception):
@@ -113,7 +129,7 @@ def _decoders() -> tuple[str, ...]:
 
 def direct_route(tsyntax: str, spec: PixelSpec | None) -> str | None:
     """How :func:`read_stored` would decode this slice: ``"native"``, a JPEG decoder's name, or None (pydicom)."""
-    if spec is None or spec.samples != 1 or spec.bits_allocated not in (8, 16):
+    if spec is None or spec.samples != 1 or spec.bits_allocated not in (8, 16) or not direct_enabled():
         return None
     if not 0 < spec.bits_stored <= spec.bits_allocated:
         return None

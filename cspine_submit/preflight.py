@@ -5,7 +5,9 @@ Importing a decoder module proves little (a plugin can import and still fail, or
 with the package, ``data/selftest_jpeg_lossless.dcm`` (a 64 x 64 crop of an MIT-licensed CT slice, see
 ``data/LICENSE_cornerstone3D_MIT.txt``), and compares the HU with their known checksum; then it decodes one file
 of every transfer syntax found in the first study. A syntax nothing here can decode is a problem of the run, not of
-one study: every study using it would silently get the priors.
+one study: every study using it would silently get the priors. Both decode the way the run does, through the direct
+route (:mod:`cspine_submit.pixels`); when a direct decoder gives other values than pydicom's plugins, the direct
+route is turned off for the run (and its worker processes) with a warning, and pydicom decodes.
 """
 
 from __future__ import annotations
@@ -49,14 +51,25 @@ def _hu_digest(hu: np.ndarray) -> str:
 
 def check_selftest(path: str | Path = SELFTEST_FILE, expected_sha256: str = SELFTEST_SHA256) -> DecoderCheck:
     """Decode the shipped JPEG Lossless file the way the run decodes, and check its HU exactly."""
-    from cspine_submit import dicom
+    from cspine_submit import dicom, pixels
 
     path = Path(path)
     check = DecoderCheck()
     tsyntax = "1.2.840.10008.1.2.4.70"
     plugins = dicom.available_plugins(tsyntax)
     try:
-        hu = dicom.decode_slice(path, tsyntax)
+        # As the run decodes: from the scanned header (the direct route, pydicom's plugins as its fallback).
+        spec = dicom.read_slice_header(path).pixels
+        route = pixels.direct_route(tsyntax, spec)
+        hu = dicom.decode_slice(path, tsyntax, spec=spec)
+        if route is not None and _hu_digest(hu) != expected_sha256:
+            ref = dicom.decode_slice(path, tsyntax, direct=False)
+            if _hu_digest(ref) == expected_sha256:
+                pixels.disable_direct()
+                check.notes.append(f"WARNING: the direct JPEG Lossless decoder {route} decoded the self-test file to "
+                                   "wrong values; direct decoding is OFF for this run (pydicom's plugins decode every "
+                                   "slice, correct but slower)")
+                route, hu = None, ref
     except (dicom.DicomReadError, OSError) as exc:
         hint = "" if "pip install" in str(exc) else (
             "; install " + ("; ".join(dicom.missing_decoders([tsyntax])) or "python-gdcm or pylibjpeg-libjpeg"))
@@ -68,7 +81,8 @@ def check_selftest(path: str | Path = SELFTEST_FILE, expected_sha256: str = SELF
                               f"HU {float(hu.min()):.0f}..{float(hu.max()):.0f} whose checksum differs from the known "
                               f"one (plugins tried first: {', '.join(plugins) or 'none'})")
     else:
-        check.notes.append(f"JPEG Lossless (.4.70) self-test decoded exactly with {plugins[0] if plugins else '?'}")
+        used = f"{route} (direct)" if route else (plugins[0] if plugins else "?")
+        check.notes.append(f"JPEG Lossless (.4.70) self-test decoded exactly with {used}")
     return check
 
 
@@ -78,7 +92,7 @@ def check_study_syntaxes(folder: str | Path) -> DecoderCheck:
     A syntax with no decoder here is a problem; a file that fails for another reason (a corrupt file) is only a
     note: that study falls back on its own, the run is not wrong.
     """
-    from cspine_submit import dicom
+    from cspine_submit import dicom, pixels
 
     check = DecoderCheck()
     try:
@@ -86,13 +100,22 @@ def check_study_syntaxes(folder: str | Path) -> DecoderCheck:
     except Exception as exc:  # noqa: BLE001 - an unreadable first study is that study's problem
         check.notes.append(f"first study {folder}: not scanned ({type(exc).__name__}: {exc})")
         return check
-    first_of: dict[str, Path] = {}
-    for path, ts in zip(header.files, header.transfer_syntaxes):
-        first_of.setdefault(str(ts), Path(path))
-    for ts, path in first_of.items():
+    first_of: dict[str, int] = {}
+    for i, ts in enumerate(header.transfer_syntaxes):
+        first_of.setdefault(str(ts), i)
+    for ts, i in first_of.items():
+        path = Path(header.files[i])
+        spec = header.pixels[i] if i < len(header.pixels) else None
         plugins = dicom.available_plugins(ts)
+        route = pixels.direct_route(ts, spec)
         try:
-            dicom.decode_slice(path, ts)
+            hu = dicom.decode_slice(path, ts, spec=spec)
+            if route is not None and not np.array_equal(hu, dicom.decode_slice(path, ts, direct=False)):
+                # A real file of the run where the direct route and pydicom disagree: trust pydicom, say so loudly.
+                pixels.disable_direct()
+                check.notes.append(f"WARNING: first study: the direct decoder {route} and pydicom's plugins disagree "
+                                   f"on {path.name} ({ts}); direct decoding is OFF for this run (correct but slower)")
+                route = None
         except (dicom.DicomReadError, OSError) as exc:
             if plugins:
                 check.notes.append(f"first study: {path} ({ts}) did not decode ({exc}); that study may fall back")
@@ -100,7 +123,8 @@ def check_study_syntaxes(folder: str | Path) -> DecoderCheck:
                 check.problems.append(f"the first study's transfer syntax {ts} cannot be decoded here, so the studies "
                                       f"using it would get the priors: {exc}")
         else:
-            check.notes.append(f"first study: {ts} decoded with {plugins[0] if plugins else '?'} ({path.name})")
+            used = f"{route} (direct)" if route else (plugins[0] if plugins else "?")
+            check.notes.append(f"first study: {ts} decoded with {used} ({path.name})")
     return check
 
 

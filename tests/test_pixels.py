@@ -179,3 +179,23 @@ def test_competition_forms_signed_and_unsigned_every_decoder(tmp_path, bits_stor
         np.testing.assert_array_equal(dicom.to_hu(stored_out, info.pixels.slope, info.pixels.intercept), expected,
                                       err_msg=decoder)
     np.testing.assert_array_equal(dicom.decode_slice(jpeg, direct=False), expected)
+
+
+def test_start_up_check_turns_a_wrong_direct_decoder_off(monkeypatch, tmp_path):
+    from cspine_submit import preflight
+
+    monkeypatch.setenv(pixels.DISABLE_ENV, "0")  # direct route on; restored after the test
+    check = preflight.check_selftest()
+    assert check.ok and "(direct)" in check.notes[0] and pixels.direct_enabled()
+    # A direct decoder that is off by one: the self-test notices, turns the route off, pydicom decodes right.
+    real = pixels._stored_dicomsdl if pixels.direct_route(JPEG_SV1, dicom.read_slice_header(
+        preflight.SELFTEST_FILE).pixels) == "dicomsdl" else None
+    for name in ("_frame_gdcm", "_frame_libjpeg"):
+        orig = getattr(pixels, name)
+        monkeypatch.setattr(pixels, name, lambda *a, _orig=orig, **k: bytes(
+            (np.frombuffer(_orig(*a, **k), np.int16) + 1).astype(np.int16).tobytes()))
+    if real is not None:
+        monkeypatch.setattr(pixels, "_stored_dicomsdl", lambda *a, **k: real(*a, **k) + 1)
+    check = preflight.check_selftest()
+    assert check.ok and "direct decoding is OFF" in check.notes[0] and not pixels.direct_enabled()
+    assert pixels.direct_route(JPEG_SV1, dicom.read_slice_header(preflight.SELFTEST_FILE).pixels) is None

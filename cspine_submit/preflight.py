@@ -110,7 +110,7 @@ def check_study_syntaxes(folder: str | Path) -> DecoderCheck:
         route = pixels.direct_route(ts, spec)
         try:
             hu = dicom.decode_slice(path, ts, spec=spec)
-            if route is not None and not np.array_equal(hu, dicom.decode_slice(path, ts, direct=False)):
+            if route is not None and plugins and not np.array_equal(hu, _pydicom_or_none(dicom, path, ts, hu)):
                 # A real file of the run where the direct route and pydicom disagree: trust pydicom, say so loudly.
                 pixels.disable_direct()
                 check.notes.append(f"WARNING: first study: the direct decoder {route} and pydicom's plugins disagree "
@@ -126,6 +126,14 @@ def check_study_syntaxes(folder: str | Path) -> DecoderCheck:
             used = f"{route} (direct)" if route else (plugins[0] if plugins else "?")
             check.notes.append(f"first study: {ts} decoded with {used} ({path.name})")
     return check
+
+
+def _pydicom_or_none(dicom, path: Path, tsyntax: str, default: np.ndarray) -> np.ndarray:
+    """pydicom's plugins' HU of one file, or ``default`` when they cannot decode it (nothing to compare with)."""
+    try:
+        return dicom.decode_slice(path, tsyntax, direct=False)
+    except (dicom.DicomReadError, OSError):
+        return default
 
 
 def check_decoders(first_study: str | Path | None = None) -> DecoderCheck:

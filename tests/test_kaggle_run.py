@@ -227,7 +227,7 @@ def test_most_studies_unreadable_exit_nonzero(weights, tmp_path, capsys):
 
 _NO_DECODERS = r"""
 import sys
-for name in ("gdcm", "pylibjpeg", "libjpeg", "openjpeg", "rle"):
+for name in ("gdcm", "pylibjpeg", "libjpeg", "openjpeg", "rle", "dicomsdl"):  # (dicomsdl: the direct route)
     sys.modules[name] = None  # as on an image without the decoder wheels
 from cspine_submit.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -328,15 +328,15 @@ def test_plan_summary_matches_the_slices_actually_read(synthetic_info, monkeypat
     record = next(r for r in synthetic_info.test if r.spec.reversed) if any(
         r.spec.reversed for r in synthetic_info.test) else synthetic_info.test[0]
     folder = record.folder
-    real_read, decoded = dicom.read_slices, []
+    real_decode, decoded = dicom.decode_into, []
 
-    def recording_read(header, indices=None, *a, **k):
-        decoded.extend(int(header.files[int(i)].stem) for i in indices)
-        return real_read(header, indices, *a, **k)
+    def recording_decode(header, index, *a, **k):  # every slice decoded goes through here (read_slices too)
+        decoded.append(int(header.files[int(index)].stem))
+        return real_decode(header, index, *a, **k)
 
-    monkeypatch.setattr(dicom, "read_slices", recording_read)
+    monkeypatch.setattr(dicom, "decode_into", recording_decode)
     prepared = pipeline.prepare_study(pipeline.StudyJob(folder.name, str(folder), ranges, config, VERTEBRAE))
-    monkeypatch.setattr(dicom, "read_slices", real_read)
+    monkeypatch.setattr(dicom, "decode_into", real_decode)
     summary = prepared.plan
     listed = set(summary["cue_slices"]) | {n for v in VERTEBRAE for n in summary[v]["slices"]}
     assert listed == set(decoded) and len(decoded) == prepared.slices_read

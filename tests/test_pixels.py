@@ -199,3 +199,18 @@ def test_start_up_check_turns_a_wrong_direct_decoder_off(monkeypatch, tmp_path):
     check = preflight.check_selftest()
     assert check.ok and "direct decoding is OFF" in check.notes[0] and not pixels.direct_enabled()
     assert pixels.direct_route(JPEG_SV1, dicom.read_slice_header(preflight.SELFTEST_FILE).pixels) is None
+
+
+def test_first_study_check_accepts_the_direct_route_alone(monkeypatch, tmp_path):
+    # Without any pydicom JPEG plugin, a .4.70 study still decodes through a direct decoder: not a problem of the run.
+    from cspine_submit import preflight
+
+    monkeypatch.setenv(pixels.DISABLE_ENV, "0")
+    study = tmp_path / "study"
+    study.mkdir()
+    stored = np.random.default_rng(0).integers(-1000, 2000, (32, 32))
+    native = _write(tmp_path, stored, 16, True, ExplicitVRLittleEndian)
+    dicom.compress_jpeg_lossless(native, study / "1.dcm")
+    monkeypatch.setattr(dicom, "available_plugins", lambda ts: ())
+    check = preflight.check_study_syntaxes(study)
+    assert check.ok and "(direct)" in check.notes[0], check.notes

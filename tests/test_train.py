@@ -308,3 +308,17 @@ def test_augmentation_runs_inside_the_model_only_while_training(tmp_path):
     model.save(tmp_path / "ckpt.keras")  # a training checkpoint round-trips (resume)
     back = keras.models.load_model(tmp_path / "ckpt.keras")
     np.testing.assert_allclose(back(x, training=False), model(x, training=False), atol=1e-6)
+
+
+def test_one_split_for_quick_runs(synthetic_dataset, fixture_ranges, tmp_path):
+    """--folds 1: one model per unit, trained on 2/3 of the studies; only the held-out third gets oof rows."""
+    import pandas as pd
+
+    options = TrainOptions(folds=1, epochs=1, batch_size=8, shared=True, box_policy="study", workers=0, seed=3,
+                           trained_on="synthetic", work_dir=str(tmp_path / "scratch"))
+    result = train_classifiers(synthetic_dataset, fixture_ranges, tmp_path / "w", TINY, options, progress=False)
+    assert result.config.classifier_files["C1"] == "all.keras" and (tmp_path / "w" / "all.keras").is_file()
+    held = {u for u, f in result.validation["training"]["fold_of_study"].items() if f == 0}
+    oof = pd.read_csv(tmp_path / "w" / "oof.csv", dtype={"StudyInstanceUID": str})
+    assert set(oof["StudyInstanceUID"]) == held and len(held) == 2
+    assert not (tmp_path / "w.work").exists() and (tmp_path / "scratch" / "CACHEDIR.TAG").is_file()

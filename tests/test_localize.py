@@ -378,3 +378,48 @@ def test_eval_with_fixed_ranges_file(synthetic_dataset, tmp_path, capsys):
     assert main(["eval-ranges", "--segmentations", seg, "--images", img, "--ranges", path,
                  "--method", "profile"]) == 2
     assert "no 'profile' data" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- column-centred cells
+
+
+def _phantom(pixel_mm: float, size_mm: float = 200.0) -> np.ndarray:
+    """One slice, in HU: a 60 x 60 mm square of 1000 HU whose top-left corner is 30 mm up and left of the centre,
+    soft tissue (40 HU) elsewhere in a 160 mm disc, air outside; sampled at ``pixel_mm``."""
+    n = int(round(size_mm / pixel_mm))
+    c = (np.arange(n) + 0.5) * pixel_mm - size_mm / 2  # pixel centres, mm from the image centre
+    y, x = np.meshgrid(c, c, indexing="ij")
+    s = np.where(y**2 + x**2 <= 80.0**2, 40.0, -1000.0)
+    s[(y >= -30) & (y < 30) & (x >= -30) & (x < 30)] = 1000.0
+    return s.astype(np.float32)[None]
+
+
+def test_column_cells_hand_computed_and_the_same_at_any_pixel_size():
+    from cspine_submit.localize import column_cells
+
+    fine = _phantom(0.5)
+    cells = column_cells(fine, (0.5, 0.5), (fine.shape[1] / 2, fine.shape[2] / 2)).reshape(8, 8)
+    # 8 x 8 cells of 15 mm over +-60 mm: the 60 mm bone square fills the 4 x 4 centre cells exactly.
+    np.testing.assert_allclose(cells[2:6, 2:6], 1000 / 500)
+    # A corner cell (45-60 mm from the centre on both axes) lies partly outside the 80 mm disc: air clipped to -500.
+    yy, xx = np.meshgrid(np.arange(300) * 0.05 + 45.025, np.arange(300) * 0.05 + 45.025, indexing="ij")
+    inside = (yy**2 + xx**2 <= 80.0**2).mean()
+    assert cells[7, 7] == pytest.approx((inside * 40 + (1 - inside) * -500) / 500, abs=0.01)
+    # The same anatomy at 2 mm pixels (a 4x coarser grid) gives the same features: means of HU are what a coarse
+    # voxel holds too.
+    coarse = _phantom(2.0)
+    again = column_cells(coarse, (2.0, 2.0), (coarse.shape[1] / 2, coarse.shape[2] / 2)).reshape(8, 8)
+    np.testing.assert_allclose(again, cells, atol=0.03)
+
+
+def test_column_cells_pad_outside_the_image_with_air_and_find_the_column():
+    from cspine_submit.localize import column_cells, column_centre
+
+    s = np.full((6, 100, 100), 40.0, dtype=np.float32)
+    s[:, 60:70, 20:30] = 800.0  # the "spine", off centre
+    assert column_centre(s) == pytest.approx((64.0, 24.0), abs=1.0)
+    cells = column_cells(s[:1], (1.0, 1.0), (64.5, 24.5)).reshape(8, 8)
+    # The window reaches 60 mm left of x = 24.5: its two left columns of cells lie outside the image (air, -500).
+    np.testing.assert_allclose(cells[:, :2], -1.0)
+    # The 2 x 2 cells around the centre hold the whole 10 x 10 mm bone block and 800 mm^2 of soft tissue.
+    assert cells[3:5, 3:5].mean() == pytest.approx((100 * 800 + 800 * 40) / 900 / 500, abs=1e-4)

@@ -11,21 +11,26 @@ Three ways to put a learned vertebra range into a new study (``SliceRanges.metho
 ``mm_top``
     Start and end in mm below the first (most cranial) slice. Headers only. Right when every scan starts at the
     same anatomical level, wrong by exactly the difference otherwise.
-``profile``
+``profile`` (the default with images)
     Start and end in mm relative to the centre of the cervical column (midway between the top of C1 and the
-    bottom of C7), with the centre found in the new study by aligning a learned z profile of two cheap image
-    features (bone area and body area per slice) to the same features measured on a few evenly spaced slices
-    (:func:`cue_indices`: at most ``cue.max_slices``, about one every ``cue.step_mm`` mm). Needs training studies
-    with images; costs those few decoded slices per study at inference.
+    bottom of C7), scaled by the column's length, with centre and length found in the new study by aligning a
+    learned z profile of image features to the same features measured on a few evenly spaced slices
+    (:func:`cue_indices`: at most ``cue.max_slices``, about one every ``cue.step_mm`` mm). The features
+    (``column_cells``, :mod:`~cspine_submit.localize.features`) are mean HU in a grid of 15 mm cells around the
+    column: they see the skull base, mandible, airway, first ribs and lung apices in mm around the spine, whatever
+    the field of view or pixel size. Needs training studies with images; costs those few decoded slices per study
+    at inference (about 37 on a competition-style neck CT).
 
-The in-plane box is learned as fractions of rows and columns and is the same for every method.
+The in-plane box is learned as mm offsets from the column's bone centroid (``mm_bone``, with a cue), from the image
+centre (``mm_centre``) or as fractions of rows and columns (``fraction``); see ``plan.planned_box``.
 
 One job a module, imports pointing down the list (no module imports one listed after it):
 
 ``features``
-    Per-slice image features of the cue (bone and body area, bone centroids) and which slices to decode.
+    Per-slice image features of the cue (column cells; the older whole-slice areas; bone centroids) and which
+    slices to decode.
 ``masks``
-    Mask file + study headers -> :class:`StudyTruth` (both layouts, the orientation checks).
+    Mask file + study headers -> :class:`StudyTruth` (both layouts, the orientation checks, the mask-on-bone check).
 ``learn``
     StudyTruths -> :class:`~cspine_submit.config.SliceRanges` (extents, boxes, the profile template; JSON in).
 ``plan``

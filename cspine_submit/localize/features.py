@@ -12,7 +12,7 @@ measures the same one:
     the field of view or the pixel size, and a mean of HU is what a coarse voxel holds too, so it means the same at
     0.4 mm and at 5 mm pixels. The grid sees what pins the levels: the skull base and mastoids above C1, the
     mandible and hyoid in front of C2-C4, the airway, the first ribs, clavicles and lung apices around T1.
-``areas`` (learned before 0.2; still read)
+``areas`` (the earlier planner's; ranges files learned with it still plan)
     ``log1p`` of the bone area (HU >= ``BONE_HU``) and body area (HU >= ``BODY_HU``) of the whole slice, cm^2.
     Measured on real necks (issue 12) it cannot tell the levels apart: the whole-slice areas depend on the field of
     view and on how much of the shoulders is in it.

@@ -73,10 +73,10 @@ def match_profile(
 
     Every candidate centre ``a`` (1 mm steps) and scale ``s`` (``extra["scales"]``) maps a measured slice at ``z``
     to the template position ``(z - a) / s``; the cost is the mean squared difference between the measured and
-    the template features over the slices on the template. For ``column_cells`` templates
-    each difference is divided by the feature's spread there plus :data:`SPREAD_FLOOR` (squared): consistent
-    landmarks count, variable ones barely. Without one (``areas`` templates) each feature gets a free constant
-    offset (log areas: the offset is the patient's size). Candidates keep C1's expected top and C7's expected
+    the template features. For ``column_cells`` templates each squared difference is divided by the feature's
+    learned spread there (squared, plus :data:`SPREAD_FLOOR` squared), so that consistent landmarks count and
+    variable ones barely, and a slice off the template costs :data:`OFF_TEMPLATE_COST`. For ``areas`` templates
+    each feature gets a free constant offset instead (log areas: the offset is the patient's size). Candidates keep C1's expected top and C7's expected
     bottom inside the study, give or take 10 mm (a cervical-spine CT contains its cervical spine) and need half the
     measured slices on the template.
 

@@ -806,11 +806,24 @@ def score(models: Mapping[str, Any], crops_by_vertebra: Mapping[str, np.ndarray]
 
     if len(by_device) <= 1:
         return run(list(crops_by_vertebra))
-    # One thread per device: a call blocks until its device is done, so the devices only overlap this way.
-    from concurrent.futures import ThreadPoolExecutor
+    # One thread per device: a call blocks until its device is done, so the devices only overlap this way. Daemon
+    # threads: one stuck on a wedged device must not keep the process from exiting (pool workers are joined at exit).
+    import threading
 
     out: dict[str, np.ndarray] = {}
-    with ThreadPoolExecutor(max_workers=len(by_device), thread_name_prefix="score") as pool:
-        for part in pool.map(run, by_device.values()):
-            out.update(part)
+    errors: list[BaseException] = []
+
+    def work(vertebrae) -> None:
+        try:
+            out.update(run(vertebrae))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(vs,), name="score", daemon=True) for vs in by_device.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
     return {v: out[v] for v in crops_by_vertebra}

@@ -497,7 +497,8 @@ class GuardedScorer:
     """Scores studies in a helper thread, so that a hang inside TensorFlow costs one study, not the run.
 
     A call that does not return within ``timeout`` seconds raises :class:`ScoringTimeout`; its thread is abandoned
-    (a thread stuck in native code cannot be stopped) and the next study gets a fresh one. After
+    (a thread stuck in native code cannot be stopped). It is a daemon thread, so it does not keep the process from
+    exiting once the run is done (a ``ThreadPoolExecutor`` worker would: they are joined at exit). After
     ``max_timeouts`` timeouts in a row the device is taken for wedged and every later call fails at once, so that the
     remaining studies get their priors quickly instead of waiting ``timeout`` each.
 
@@ -515,34 +516,37 @@ class GuardedScorer:
         self.max_timeouts = int(max_timeouts)
         self.timeouts = 0
         self._in_a_row = 0
-        self._pool = None
 
     def __call__(self, crops: dict) -> dict:
         if self.timeout is None:
             return self.score_fn(crops)
         if self._in_a_row >= self.max_timeouts:
             raise ScoringTimeout(f"scoring hung {self._in_a_row} times in a row; not tried again in this run")
-        from concurrent.futures import ThreadPoolExecutor
-        from concurrent.futures import TimeoutError as FutureTimeout
+        import threading
 
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
-        future = self._pool.submit(self.score_fn, crops)
-        try:
-            result = future.result(timeout=self.timeout)
-        except (FutureTimeout, TimeoutError):
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                box["value"] = self.score_fn(crops)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="scorer", daemon=True).start()
+        if not done.wait(self.timeout):
             self.timeouts += 1
             self._in_a_row += 1
-            self._pool.shutdown(wait=False, cancel_futures=True)  # abandon the stuck thread
-            self._pool = None
-            raise ScoringTimeout(f"scoring did not finish within {self.timeout:.0f} s") from None
+            raise ScoringTimeout(f"scoring did not finish within {self.timeout:.0f} s")
         self._in_a_row = 0
-        return result
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        """Nothing to release: an abandoned thread is a daemon (kept for symmetry with the other run resources)."""
 
 
 @dataclass

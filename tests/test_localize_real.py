@@ -138,10 +138,8 @@ def test_submit_on_real_necks_plans_every_vertebra_with_the_profile(real_neck_da
 
     root, records = real_neck_dataset
     weights = tmp_path / "weights"
-    weights.mkdir()
-    for f in (WEIGHTS / "demo").glob("C*.keras"):
-        shutil.copy(f, weights / f.name)
-    shutil.copy(WEIGHTS / "demo" / "model_config.json", weights / "model_config.json")
+    # The demo classifiers and their config, without their own (synthetic) slice ranges or manifest.
+    shutil.copytree(WEIGHTS / "demo", weights, ignore=shutil.ignore_patterns("slice_ranges.json", "MANIFEST.json"))
     out = tmp_path / "submission.csv"
     code = main(["submit", "--test-dir", str(root / "images"), "--test-csv", str(root / "test.csv"),
                  "--weights", str(weights), "--out", str(out), "--workers", "0", "--no-progress"])

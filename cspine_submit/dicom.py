@@ -960,6 +960,19 @@ def read_slices(
     return out[inverse.reshape(-1)]
 
 
+_SCRATCH: dict = {}
+
+
+def _scratch(spec: PixelSpec) -> np.ndarray:
+    """This process's reusable buffer for one slice's stored values (a fresh one per slice costs page faults)."""
+    key = (spec.rows, spec.cols, spec.dtype.str)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        _SCRATCH.clear()  # one size at a time: a study's slices share it
+        buf = _SCRATCH[key] = np.empty((spec.rows, spec.cols), dtype=spec.dtype)
+    return buf
+
+
 def decode_into(header: StudyHeader, index: int, out: np.ndarray, plugin: str | None = None,
                 direct: bool = True) -> np.ndarray:
     """Decode slice ``index`` of a scanned study to HU, written into ``out`` (no temporary float slice).
@@ -986,7 +999,7 @@ def decode_into(header: StudyHeader, index: int, out: np.ndarray, plugin: str | 
     if direct and plugin is None and tsyntax is not None and spec is not None and \
             (spec.rows, spec.cols) == (header.rows, header.cols):
         try:
-            stored = read_stored(path, tsyntax, spec)
+            stored = read_stored(path, tsyntax, spec, out=_scratch(spec))
         except NotDirect:
             pass  # pydicom's plugins below
         else:

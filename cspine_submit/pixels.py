@@ -195,15 +195,24 @@ def _frame_libjpeg(frame: bytes) -> bytes:
     return decode_pixel_data(frame, version=2)
 
 
-def _stored_dicomsdl(path: Path, spec: PixelSpec) -> np.ndarray:
+def _stored_dicomsdl(path: Path, spec: PixelSpec, out: np.ndarray) -> np.ndarray:
     import dicomsdl
 
-    out = np.empty((spec.rows, spec.cols), dtype=spec.dtype)
     dicomsdl.open(str(path)).copyFrameData(0, out)
     return out
 
 
-def read_stored(path: str | Path, tsyntax: str, spec: PixelSpec | None, decoder: str | None = None) -> np.ndarray:
+def _read_native(path: Path, offset: int, out: np.ndarray) -> np.ndarray:
+    with open(path, "rb", buffering=0) as fp:
+        fp.seek(offset)
+        got = fp.readinto(memoryview(out).cast("B"))
+    if got != out.nbytes:
+        raise NotDirect(f"{path}: the file ends inside its Pixel Data")
+    return out
+
+
+def read_stored(path: str | Path, tsyntax: str, spec: PixelSpec | None, decoder: str | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
     """Decode one slice's stored values directly, as pydicom would give them.
 
     Parameters
@@ -215,11 +224,14 @@ def read_stored(path: str | Path, tsyntax: str, spec: PixelSpec | None, decoder:
         From the scan.
     decoder : str, optional
         Force one JPEG decoder of :data:`JPEG_DECODERS` (tests, benchmarks); by default the fastest available.
+    out : (rows, cols) ndarray of ``spec.dtype``, optional
+        Decode into this array (e.g. a scratch buffer kept by the caller: fresh memory for every slice costs page
+        faults, measured here as a large share of a fast decode); a new array by default.
 
     Returns
     -------
     (rows, cols) ndarray of int8/uint8/int16/uint16
-        Stored values (``spec.dtype``), unused bits corrected; not yet rescaled to HU.
+        Stored values (``spec.dtype``), unused bits corrected; not yet rescaled to HU (``out`` when given).
 
     Raises
     ------
@@ -234,24 +246,26 @@ def read_stored(path: str | Path, tsyntax: str, spec: PixelSpec | None, decoder:
         if decoder not in JPEG_DECODERS:
             raise ValueError(f"unknown direct decoder {decoder!r}; known: {', '.join(JPEG_DECODERS)}")
         route = decoder
+    if out is None:
+        out = np.empty((spec.rows, spec.cols), dtype=spec.dtype)
+    elif out.shape != (spec.rows, spec.cols) or out.dtype != spec.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous ({spec.rows}, {spec.cols}) {spec.dtype} array, got "
+                         f"{out.shape} {out.dtype}")
     try:
         if route == "native":
             (offset, length), = spec.fragments
             if length < spec.n_bytes:
                 raise NotDirect(f"{path}: Pixel Data holds {length} bytes, {spec.n_bytes} expected")
-            # Straight from the file into a new (writable) array: one copy.
-            arr = np.fromfile(path, dtype=spec.dtype, count=spec.rows * spec.cols, offset=offset)
-            if arr.size != spec.rows * spec.cols:
-                raise NotDirect(f"{path}: the file ends inside its Pixel Data")
-            arr = arr.reshape(spec.rows, spec.cols)
+            arr = _read_native(path, offset, out)  # straight from the file into the array: one copy
         elif route == "dicomsdl":
-            arr = _stored_dicomsdl(path, spec)
+            arr = _stored_dicomsdl(path, spec, out)
         else:
             frame = _read_ranges(path, spec.fragments)
             data = _frame_gdcm(frame, spec, tsyntax) if route == "gdcm" else _frame_libjpeg(frame)
             if len(data) != spec.n_bytes:
                 raise NotDirect(f"{path}: {route} decoded {len(data)} bytes, {spec.n_bytes} expected")
-            arr = np.frombuffer(data, dtype=spec.dtype).reshape(spec.rows, spec.cols).copy()
+            out[...] = np.frombuffer(data, dtype=spec.dtype).reshape(spec.rows, spec.cols)
+            arr = out
     except NotDirect:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a direct decoder raises, pydicom gets its turn

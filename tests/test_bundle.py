@@ -187,7 +187,7 @@ def test_bundle_layout_without_wheels(tmp_path):
 
 
 DECODER_ENTRIES = ("pydicom", "pylibjpeg", "libjpeg", "_libjpeg", "openjpeg", "_openjpeg", "gdcm", "_gdcm",
-                   "python_gdcm")
+                   "python_gdcm", "dicomsdl")
 
 
 def _environment_without_decoders(dest: Path) -> Path:
@@ -212,7 +212,7 @@ def test_bundle_installs_offline_and_runs_the_demo(tmp_path):
     out = tmp_path / "ds"
     result = bundle.build_bundle(out, wheels=True)
     names = sorted(w.name.split("-")[0].lower() for w in result.wheels)
-    assert names == ["pydicom", "pylibjpeg", "pylibjpeg_libjpeg", "python_gdcm"], (names, result.wheel_errors)
+    assert names == ["dicomsdl", "pydicom", "pylibjpeg", "pylibjpeg_libjpeg", "python_gdcm"], (names, result.wheel_errors)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
     py = str(venv / "bin" / "python")

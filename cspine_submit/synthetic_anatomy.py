@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 CERVICAL = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
-THORACIC = ("T1", "T2", "T3")
+THORACIC = ("T1", "T2", "T3", "T4", "T5")
 LABEL_OF = {name: i + 1 for i, name in enumerate(CERVICAL + THORACIC)}
-"""Mask label of each vertebra: 1-7 = C1-C7, 8-10 = T1-T3 (the competition's convention)."""
+"""Mask label of each vertebra: 1-7 = C1-C7, 8-12 = T1-T5 (the competition's convention: 8-19 = T1-T12)."""
 
 AIR_HU = -1000.0
 FAT_HU = -100.0
@@ -316,10 +316,10 @@ class Anatomy:
     Attributes
     ----------
     vertebrae : tuple of Vertebra
-        C1-C7 then T1-T3, head to feet.
+        C1-C7 then T1-T5, head to feet.
     cx0, cy0, lordosis, drift, lean : float
         Column centreline: ``cx(z) = cx0 + drift * u``, ``cy(z) = cy0 - lordosis * sin(pi * u) + lean * (z - z_c1)``,
-        with ``u`` the fraction of the way from the top of C1 to the bottom of C7.
+        plus :meth:`back_shift`, with ``u`` the fraction of the way from the top of C1 to the bottom of C7.
     z_c1, z_c7 : float
         Top of C1's ring and bottom of C7's body, mm.
     neck : (float, float)
@@ -328,6 +328,14 @@ class Anatomy:
         Subcutaneous fat thickness, mm.
     mandible : bool
         Whether the mandible is in the field (the head was not flexed out of it).
+    shoulder_mm : float
+        How far above the bottom of C7 the shoulders start to widen the body, mm.
+    jaw_mm : float
+        Lower border of the mandible (and end of the face) below the top of C1, mm.
+    airway : float
+        Radius of the airway, mm.
+    back : float
+        How far the column turns back (posterior) at the cervico-thoracic junction, mm (:meth:`back_shift`).
     """
 
     vertebrae: tuple[Vertebra, ...]
@@ -341,14 +349,25 @@ class Anatomy:
     neck: tuple[float, float]
     fat: float
     mandible: bool
+    shoulder_mm: float = 40.0
+    jaw_mm: float = 55.0
+    airway: float = 9.0
+    back: float = 0.0
 
     def centre(self, z: float) -> tuple[float, float]:
         """Column centre (X, Y) in mm at height ``z`` mm."""
         u = float(np.clip((z - self.z_c1) / (self.z_c7 - self.z_c1), 0.0, 1.0))
         return (
             self.cx0 + self.drift * u,
-            self.cy0 - self.lordosis * np.sin(np.pi * u) + self.lean * (z - self.z_c1),
+            self.cy0 - self.lordosis * np.sin(np.pi * u) + self.lean * (z - self.z_c1) + self.back_shift(z),
         )
+
+    def back_shift(self, z: float) -> float:
+        """How far (mm, toward posterior) the column has turned back at the cervico-thoracic junction by ``z``: a
+        smooth step of ``back`` mm from 50 mm above the bottom of C7 to 40 mm below it (real necks: C7 ~17 mm,
+        T1 ~27 mm and the spine 20-60 mm below T1's top ~30 mm behind C4, label centroids)."""
+        t = float(np.clip((z - (self.z_c7 - 50.0)) / 90.0, 0.0, 1.0))
+        return self.back * t * t * (3.0 - 2.0 * t)
 
     def slope(self, z: float) -> float:
         """dY/dZ of the centreline at ``z`` (the sagittal tilt of a vertebra centred there)."""
@@ -357,24 +376,31 @@ class Anatomy:
 
 
 def _typical(name: str, k: int, s: float, thoracic: bool) -> tuple[tuple[Solid, ...], float]:
-    """Solids of C3-C7 (k = 3..7) or T1-T3 (k = 8..10) at scale ``s``; returns (solids, body height)."""
+    """Solids of C3-C7 (k = 3..7) or T1-T5 (k = 8..12) at scale ``s``; returns (solids, body height)."""
     if thoracic:
         bx, by, hb = (11.5 + 0.8 * (k - 8)) * s, (9.5 + 0.5 * (k - 8)) * s, (15.5 + 0.6 * (k - 8)) * s
         cxr, cyr, t, L, slope = 8.5 * s, 7.5 * s, 5.5 * s, (30.0 + 2 * (k - 8)) * s, 0.85
     else:
         bx, by, hb = (8.0 + 0.6 * (k - 3)) * s, (7.0 + 0.35 * (k - 3)) * s, (12.5 + 0.3 * (k - 3)) * s
         cxr, cyr, t, L, slope = 11.5 * s, 7.0 * s, 4.5 * s, (13.0 + 2.8 * (k - 3)) * s, 0.75
+        if k >= 6:
+            # The long spinous processes of C6 and C7 (vertebra prominens) hang over the next vertebra: real masks
+            # (VerSe) overlap 16-22 mm at C6/C7 and C7 spans 34-41 mm.
+            L, slope = L + 4.0 * (k - 5) * s, 0.85
     ey = by + cyr - 1.0 * s
     y_back = ey + cyr + t - 0.8 * t
+    # Articular pillars ~20 mm either side of the midline in the cervical spine (real necks' bone reaches 15-30 mm
+    # out at every level).
+    px_ = cxr + 0.6 * t + (0.0 if thoracic else 3.0 * s)
     solids = (
         Solid("cyl", 0.0, 0.0, bx, by, 0.0, hb, part="body"),
         Solid("ring", 0.0, ey, cxr + t, cyr + t, 1.5 * s, hb + 4.0 * s, t=t, ymin=0.0, part="ring"),
         # Articular pillars: the superior process rises above the body (in front), the inferior one hangs below it
         # (behind), which is what makes neighbouring vertebrae share ~10-15 mm of axial slices.
-        Solid("cyl", cxr + 0.6 * t, ey - 3.0 * s, 4.5 * s, 4.5 * s, -7.0 * s, 0.5 * hb, part="ring"),
-        Solid("cyl", -(cxr + 0.6 * t), ey - 3.0 * s, 4.5 * s, 4.5 * s, -7.0 * s, 0.5 * hb, part="ring"),
-        Solid("cyl", cxr + 0.6 * t, ey + 3.0 * s, 4.5 * s, 4.5 * s, 0.5 * hb, hb + 9.0 * s, part="ring"),
-        Solid("cyl", -(cxr + 0.6 * t), ey + 3.0 * s, 4.5 * s, 4.5 * s, 0.5 * hb, hb + 9.0 * s, part="ring"),
+        Solid("cyl", px_, ey - 3.0 * s, 4.5 * s, 4.5 * s, -7.0 * s, 0.5 * hb, part="ring"),
+        Solid("cyl", -px_, ey - 3.0 * s, 4.5 * s, 4.5 * s, -7.0 * s, 0.5 * hb, part="ring"),
+        Solid("cyl", px_, ey + 3.0 * s, 4.5 * s, 4.5 * s, 0.5 * hb, hb + 9.0 * s, part="ring"),
+        Solid("cyl", -px_, ey + 3.0 * s, 4.5 * s, 4.5 * s, 0.5 * hb, hb + 9.0 * s, part="ring"),
         Solid("bar", bx + 7.0 * s, 1.0 * s, 7.0 * s, 3.5 * s, 0.25 * hb, 0.7 * hb, part="transverse"),
         Solid("bar", -(bx + 7.0 * s), 1.0 * s, 7.0 * s, 3.5 * s, 0.25 * hb, 0.7 * hb, part="transverse"),
         Solid("bar", 0.0, y_back + L / 2, 2.8 * s, L / 2, 2.0 * s, 10.0 * s, slope=slope, part="spinous"),
@@ -384,7 +410,7 @@ def _typical(name: str, k: int, s: float, thoracic: bool) -> tuple[tuple[Solid, 
 
 def _axis(s: float) -> tuple[tuple[Solid, ...], float]:
     """Solids of C2: a tall body, the dens rising 15 mm above it, a broad ring and a long bifid spinous process."""
-    bx, by, hb = 8.5 * s, 7.5 * s, 17.0 * s
+    bx, by, hb = 8.5 * s, 7.5 * s, 16.0 * s
     cxr, cyr, t, L = 12.0 * s, 7.5 * s, 5.0 * s, 22.0 * s
     ey = by + cyr - 1.0 * s
     y_back = ey + cyr + t - 0.8 * t
@@ -490,9 +516,10 @@ def build_anatomy(
     cy0 = fov / 2 + float(rng.uniform(-0.06, 0.1)) * fov
     lordosis = float(rng.uniform(0.0, 12.0))
     drift = float(rng.uniform(-6.0, 6.0))
-    lean = float(rng.uniform(-0.12, 0.12))
+    lean = float(rng.uniform(-0.08, 0.08))
+    back = float(rng.uniform(20.0, 40.0))
     yaw = float(np.deg2rad(rng.uniform(-7.0, 7.0)))
-    disc = [float(rng.uniform(4.0, 5.5)) * s for _ in range(10)]
+    disc = [float(rng.uniform(4.0, 5.5)) * s for _ in range(len(CERVICAL) + len(THORACIC))]
 
     # Stack the vertebrae along z first (local origins), then place them in-plane on the centreline.
     z_c1 = head_mm
@@ -503,13 +530,13 @@ def build_anatomy(
     z2 = z_c1 + 1.0 * s + 16.0 * s  # dens tip just below the top of C1's ring
     parts.append(("C2", axis, z2, h2))
     z = z2 + h2 + disc[1]
-    for k in range(3, 11):
+    for k in range(3, 3 + 5 + len(THORACIC)):
         name = (CERVICAL + THORACIC)[k - 1]
         solids, hb = _typical(name, k, s, thoracic=k >= 8)
         parts.append((name, solids, z, hb))
         z += hb + disc[k - 1]
     z_c7 = parts[6][2] + parts[6][3]
-    proto = Anatomy((), cx0, cy0, lordosis, drift, lean, z_c1, z_c7, (0.0, 0.0), 0.0, False)
+    proto = Anatomy((), cx0, cy0, lordosis, drift, lean, z_c1, z_c7, (0.0, 0.0), 0.0, False, back=back)
 
     vertebrae = []
     for name, solids, z0, hb in parts:
@@ -542,7 +569,8 @@ def build_anatomy(
                 yaw=yaw + float(np.deg2rad(rng.uniform(-2.0, 2.0))),
             )
         )
-    neck = (float(rng.uniform(48.0, 62.0)) * s, float(rng.uniform(48.0, 60.0)) * s)
+    # Real necks (tests/data/real_neck): 120-170 mm wide and deep at C4, the column a little behind the middle.
+    neck = (float(rng.uniform(56.0, 80.0)), float(rng.uniform(48.0, 68.0)))
     return Anatomy(
         tuple(vertebrae),
         cx0,
@@ -554,7 +582,13 @@ def build_anatomy(
         z_c7,
         neck,
         fat=float(rng.uniform(3.0, 10.0)),
-        mandible=bool(rng.random() < 0.7),
+        mandible=bool(rng.random() < 0.85),
+        # Real necks: shoulders widen the body from 20-55 mm above the bottom of C7, the mandible's lower border
+        # lies 25-80 mm below the top of C1 (head flexion), airways of 1-4 cm^2 at C4.
+        shoulder_mm=float(rng.uniform(25.0, 60.0)),
+        jaw_mm=float(rng.uniform(35.0, 80.0)),
+        airway=float(rng.uniform(7.5, 11.0)),
+        back=back,
     )
 
 
@@ -570,8 +604,31 @@ def _ellipse(img, centre, axes, px, value, angle0=0.0, angle1=360.0, thickness=-
     cv2.ellipse(img, c, a, 0.0, angle0, angle1, float(value), th, cv2.LINE_8, sh)
 
 
+def body_outline(a: Anatomy, z: float) -> tuple[float, float, float]:
+    """The body's outline at height ``z`` mm: centre row ``Y`` and semi-axes ``(ax, ay)`` of its ellipse, mm.
+
+    The neck, widening into the head above C1 and into the shoulders from ``shoulder_mm`` above the bottom of C7;
+    its front recedes toward the thoracic inlet (the suprasternal notch ~50 mm in front of the column, ~75 mm at
+    mid-neck), then the chest comes forward again. It follows the column only part of the way as the column turns
+    back into the chest.
+    """
+    cy = a.centre(z)[1] - 0.7 * a.back_shift(z)
+    head = float(np.clip((a.z_c1 + 5.0 - z) / 30.0, 0.0, 1.0))
+    chest = float(np.clip((z - a.z_c7) / 45.0, 0.0, 1.0))
+    shoulder = float(np.clip((z - (a.z_c7 - a.shoulder_mm)) / 50.0, 0.0, 1.0))
+    notch = float(np.clip(1.0 - abs(z - a.z_c7 - 5.0) / 35.0, 0.0, 1.0))
+    ax = a.neck[0] + 15.0 * head + 115.0 * shoulder
+    ay = a.neck[1] + 30.0 * head + 25.0 * chest - 9.0 * notch
+    return cy + 6.0 - 18.0 * head + 5.0 * chest + 9.0 * notch, ax, ay
+
+
 def draw_background(anatomy: Anatomy, shape: tuple[int, int, int], dz: float, px: float) -> np.ndarray:
-    """Soft tissue, airway, lungs, occiput and mandible, slice by slice.
+    """Soft tissue, airway, lungs, skull base, mandible, clavicles and first ribs, slice by slice.
+
+    Sizes and levels follow the real necks (``benchmarks/compare_synthetic_real.py``, docs/synthetic_vs_real.png):
+    a neck about 150 mm wide and 140 mm deep with the column behind its middle, the face and jaw in front of C1-C3
+    down to the mandible, skull bone around the foramen magnum up to ~45 mm above C1, shoulders widening from
+    ``shoulder_mm`` above the bottom of C7, lung apices ~15 mm below it.
 
     Returns
     -------
@@ -582,54 +639,98 @@ def draw_background(anatomy: Anatomy, shape: tuple[int, int, int], dz: float, px
     out = np.empty(shape, np.int16)
     a = anatomy
     by_c7 = 8.0
+    z_jaw = a.z_c1 + a.jaw_mm
     for i in range(nz):
         z = i * dz
         cx, cy = a.centre(z)
+        fy = cy - 0.7 * a.back_shift(z)  # bones in front stay with the body outline (:func:`body_outline`)
         img = np.full((ny, nx), AIR_HU, np.float32)
         head = float(np.clip((a.z_c1 + 5.0 - z) / 30.0, 0.0, 1.0))
-        chest = float(np.clip((z - a.z_c7) / 45.0, 0.0, 1.0))
-        ax = a.neck[0] + 22.0 * head + 120.0 * chest
-        ay = a.neck[1] + 30.0 * head + 25.0 * chest
-        ncy = cy + 8.0 - 18.0 * head + 5.0 * chest
+        ncy, ax, ay = body_outline(a, z)
+        # Face and jaw in front of the upper column, down to the mandible's lower border (then the chin's soft
+        # tissue tapers into the neck over 20 mm). Both outlines get their fat first, then their muscle, so that
+        # where they overlap there is no fat inside the body.
+        face = float(np.clip((z_jaw + 10.0 - z) / 20.0, 0.0, 1.0))
+        fc = (cx, cy - 45.0)
+        fa = ((0.85 * ax + 12.0) * (0.5 + 0.5 * face), 62.0 * np.sqrt(face))
         _ellipse(img, (cx, ncy), (ax, ay), px, FAT_HU)
+        if face > 0:
+            _ellipse(img, fc, fa, px, FAT_HU)
+            _ellipse(img, fc, (fa[0] - a.fat, fa[1] - a.fat), px, MUSCLE_HU)
         _ellipse(img, (cx, ncy), (ax - a.fat, ay - a.fat), px, MUSCLE_HU)
-        lung = float(np.clip((z - a.z_c7 - 10.0) / 50.0, 0.0, 1.0))
+        # Lung apices rise beside the vertebral bodies, a little in front of them.
+        lung = float(np.clip((z - a.z_c7 - 10.0) / 45.0, 0.0, 1.0)) ** 0.65
         if lung > 0:
             for side in (-1, 1):
-                _ellipse(img, (cx + side * (30.0 + 35.0 * lung), cy - 5.0), (40.0 * lung, 45.0 * lung), px, LUNG_HU)
-        r_air = 7.5 + 3.0 * head
+                _ellipse(img, (cx + side * (30.0 + 22.0 * lung), cy - 16.0), (36.0 * lung, 44.0 * lung),
+                         px, LUNG_HU)
+        if z > a.z_c7 + 38.0:
+            _ellipse(img, (cx, fy - 60.0), (22.0, 7.0), px, 450.0)  # manubrium
+        r_air = a.airway + 5.0 * head
         _ellipse(img, (cx, cy - by_c7 - 14.0 - 6.0 * head), (r_air, r_air * 0.8), px, AIR_HU)
         if z < a.z_c1 - 1.0:
             o = float(np.clip((a.z_c1 - 1.0 - z) / 35.0, 0.0, 1.0))
-            _ellipse(img, (cx, cy + 12.0), (24.0 + 40.0 * o, 20.0 + 45.0 * o), px, 1000.0, 15, 165, thickness=6.0)
-        if a.mandible and a.z_c1 - 5.0 < z < a.z_c1 + 45.0:
-            _ellipse(img, (cx, cy - 30.0), (40.0, 34.0), px, 1100.0, 200, 340, thickness=7.0)
-        # Skull base just above C1: occipital condyles over its lateral masses, the clivus rising in front, the
-        # mastoids on the sides. Bone that is not a vertebra, right where C1 starts.
+            _ellipse(img, (cx, cy + 12.0), (24.0 + 40.0 * o, 20.0 + 45.0 * o), px, 1000.0, 15, 165, thickness=8.0)
+        if a.mandible:
+            _draw_mandible(img, a, z, cx, fc[1], (fa[0] - a.fat, fa[1] - a.fat), px)
+        if a.vertebrae[2].z0 + 2.0 < z < a.vertebrae[2].z0 + 8.0:
+            # Hyoid: a thin U in front of C3, well in front of the airway.
+            _ellipse(img, (cx, cy - 38.0), (19.0, 13.0), px, 450.0, 180, 360, thickness=3.0)
+        # Skull base just above C1: occipital condyles over its lateral masses, the rim of the foramen magnum
+        # around the canal, the clivus rising in front, the petrous bones and mastoids on the sides. Bone that is not
+        # a vertebra, right where C1 starts.
         if a.z_c1 - 14.0 < z < a.z_c1 + 1.0:
             for side in (-1, 1):
                 _ellipse(img, (cx + side * 12.0, cy + 1.0), (5.5, 8.0), px, 850.0)
-        if a.z_c1 - 45.0 < z < a.z_c1 - 8.0:
-            up = a.z_c1 - 8.0 - z
-            _ellipse(img, (cx, cy - 12.0 - 0.7 * up), (11.0, 6.0), px, 800.0)
+        if a.z_c1 - 26.0 < z < a.z_c1 - 7.0:
+            _ellipse(img, (cx, cy + 14.0), (21.0, 23.0), px, 800.0, -10, 190, thickness=4.0)
+        if a.z_c1 - 50.0 < z < a.z_c1 - 6.0:
+            up = a.z_c1 - 6.0 - z
+            _ellipse(img, (cx, cy - 6.0 - 0.45 * up), (12.0, 6.5), px, 800.0)
+        if a.z_c1 - 48.0 < z < a.z_c1 - 24.0:
+            for side in (-1, 1):
+                _ellipse(img, (cx + side * 36.0, cy - 10.0), (17.0, 6.0), px, 1200.0)  # petrous bones
+        if a.z_c1 - 60.0 < z < a.z_c1 - 15.0:
+            for side in (-1, 1):
+                _ellipse(img, (cx + side * 30.0, cy - 52.0), (7.0, 9.0), px, 700.0)  # pterygoid plates, maxilla
         if a.z_c1 - 40.0 < z < a.z_c1 - 4.0:
             for side in (-1, 1):
-                _ellipse(img, (cx + side * 46.0, cy + 4.0), (8.0, 10.0), px, 650.0)
-        # First ribs and clavicles at T1-T2: curved bone beside the lower cervical levels.
-        for k, v in enumerate(a.vertebrae[7:], start=1):
-            zt = v.z0 + 8.0 * k
+                _ellipse(img, (cx + side * 47.0, cy + 4.0), (11.0, 14.0), px, 650.0)  # mastoids
+        # First ribs and clavicles at T1-T2: curved bone beside the lowest cervical levels.
+        for k, v in enumerate(a.vertebrae[7:10], start=1):
+            zt = v.z0 + 8.0 * k - 6.0
             if abs(z - zt) < 4.0:
                 rx, ry = 42.0 + 12.0 * k, 36.0 + 6.0 * k
                 _ellipse(img, (cx, cy + 6.0), (rx, ry), px, 750.0, -55, 15, thickness=6.0)
                 _ellipse(img, (cx, cy + 6.0), (rx, ry), px, 750.0, 165, 235, thickness=6.0)
         if len(a.vertebrae) > 7:
-            zt = a.vertebrae[7].z0 + 10.0
-            if 0.0 < z - zt < 14.0:
+            zt = a.z_c7 + 26.0  # clavicles: from the shoulders to the manubrium, 25-45 mm below C7
+            if 0.0 < z - zt < 16.0:
                 for side in (-1, 1):
-                    _ellipse(img, (cx + side * 40.0, cy - 55.0), (38.0, 12.0), px, 700.0,
+                    _ellipse(img, (cx + side * 40.0, fy - 55.0), (38.0, 12.0), px, 700.0,
                              200 if side < 0 else 270, 270 if side < 0 else 340, thickness=9.0)
         out[i] = np.clip(np.round(img), -32768, 32767).astype(np.int16)
     return out
+
+
+def _draw_mandible(img: np.ndarray, a: Anatomy, z: float, cx: float, face_y: float, face_axes: tuple[float, float],
+                   px: float) -> None:
+    """The mandible on one slice at ``z`` mm, inside the face outline (centre row ``face_y``, inner semi-axes
+    ``face_axes``, mm): its body (a U in front, lower border at ``z_c1 + jaw_mm``, 28 mm tall), the teeth above
+    it, and the rami rising behind the angles to the skull base."""
+    z_jaw = a.z_c1 + a.jaw_mm
+    # The angles of the jaw lie ~45-60 mm in front of the column, as in real necks.
+    centre = (cx, face_y - 3.0)
+    axes = (min(50.0, face_axes[0] - 8.0), face_axes[1] - 10.0)
+    if axes[0] < 10.0 or axes[1] < 10.0:
+        return
+    if z_jaw - 28.0 < z <= z_jaw:
+        _ellipse(img, centre, axes, px, 1250.0, 180, 360, thickness=7.0)
+    if z_jaw - 42.0 < z <= z_jaw - 28.0:
+        _ellipse(img, centre, (axes[0] - 4.0, axes[1] - 4.0), px, 2200.0, 195, 345, thickness=6.0)
+    if a.z_c1 - 45.0 < z <= z_jaw - 18.0:
+        for side in (-1, 1):
+            _ellipse(img, (cx + side * (axes[0] + 1.0), centre[1] + 5.0), (5.0, 13.0), px, 1150.0)
 
 
 def draw_table(rng: np.random.Generator, anatomy: Anatomy, volume: np.ndarray, dz: float, px: float) -> np.ndarray:
@@ -651,7 +752,7 @@ def draw_table(rng: np.random.Generator, anatomy: Anatomy, volume: np.ndarray, d
     hu = float(rng.uniform(150.0, 450.0))
     curve = float(rng.uniform(80.0, 200.0))
     # Height of the shell: behind the deepest point of the neck outline over the study.
-    y_back = max(anatomy.centre(z * dz)[1] + 8.0 + anatomy.neck[1] for z in range(0, nz, max(1, nz // 16)))
+    y_back = max(sum(body_outline(anatomy, z * dz)[::2]) for z in range(0, nz, max(1, nz // 32)))
     yc = y_back + gap
     cx = anatomy.cx0
     for i in range(nz):

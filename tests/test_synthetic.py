@@ -263,9 +263,11 @@ def test_vertebra_extents_and_overlaps_are_realistic(synthetic_info, synthetic_t
         assert 40 <= extent["C2"] <= 62, extent
         for v in ("C1", "C3", "C4", "C5", "C6", "C7"):
             assert 20 <= extent[v] <= 45, (v, extent)
+        # Real masks (the VerSe pair in tests/data/nifti/verse) overlap 9-24 mm below C2: posterior elements hang
+        # over the next body, C6's and C7's long spinous processes most (16-24 mm at C6/C7).
         for upper, lower in zip(VERTEBRAE[1:], VERTEBRAE[2:]):
             overlap = (ranges[upper][1] - ranges[lower][0] + 1) * dz
-            assert 4 <= overlap <= 22, (upper, lower, overlap)
+            assert 4 <= overlap <= 26, (upper, lower, overlap)
 
 
 def test_scan_extent_and_position_vary(synthetic_info, synthetic_truth):
@@ -382,9 +384,11 @@ def test_table_option_adds_a_dense_shell_and_changes_nothing_else():
     changed = a.hu != b.hu
     assert changed.sum() > 100
     assert not (changed & (a.labels > 0)).any()
-    # The shell lies behind the neck (larger row index than the column) and is denser than soft tissue.
+    # The shell lies behind the neck (larger row index than the cervical column; the thoracic spine turns back into
+    # the chest, toward the shell's rising rim) and is denser than soft tissue.
     ys = np.nonzero(changed)[1]
-    assert ys.min() > np.nonzero(a.labels.any(axis=(0, 2)))[0].max()
+    cervical = (a.labels >= 1) & (a.labels <= 7)
+    assert ys.min() > np.nonzero(cervical.any(axis=(0, 2)))[0].max()
     # (Blur spreads it a little, so compare the voxels it really raised.)
     assert ((b.hu.astype(int) - a.hu) > 500).sum() > 100
 

@@ -16,12 +16,13 @@ Per study, as profiles along the column coordinate ``u = (z - C1 top) / column l
 of C7, C7/T1 disc):
 
 - bone area (HU >= 250) and body area (HU >= -300) per slice, cm^2 (the profile method's features);
-- mean HU, clipped to [-500, 1500], in an 8 x 8 grid of 15 mm cells centred on the column point (the median bone
-  centroid over the middle half of the study's slices), per slice.
+- mean HU, clipped to [-500, 1500], in an 8 x 8 grid of 15 mm cells centred on the column (the ``profile`` method's
+  ``column_cells`` features, :mod:`cspine_submit.localize.features`, centred by ``column_centre`` on the cue slices
+  of the study's own extent), per slice.
 
 Extents, mm: level heights (disc to disc, as the real labels are drawn; the dens tip for C2's top), the column
 length, mask heights and overlaps (synthetic masks against the two VerSe masks: real segmentations, whose posterior
-elements overlap the next body), and where the surroundings start: the lowest skull bone near the column above C1,
+elements overlap the next body), and where the surroundings start: skull bone near the column in bands above C1,
 the lowest bone in front of the column (mandible), bone beside the column below C5 (clavicles, first ribs), lung
 apices, the shoulders (body wider than the neck by 25 mm on either side, on the uncut volume), the neck's width and
 depth and the column's place in it.
@@ -44,7 +45,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cspine_submit.localize.features import bone_centroids, column_point
+from cspine_submit.localize.features import CELL_CLIP_HU, CELL_HU_SCALE, column_cells, column_centre, cue_indices
 from cspine_submit.synthetic import plan_specs, render_study
 from cspine_submit.synthetic_anatomy import draw_background
 from cspine_submit.volume_cut import competition_cut, resample_volume
@@ -57,7 +58,7 @@ VERTEBRAE = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 
 U = np.round(np.arange(-0.55, 1.85 + 1e-9, 0.01), 4)
 """Column coordinate grid of the profiles: 0 = top of C1, 1 = bottom of C7."""
-GRID_N, GRID_CELL_MM, GRID_CLIP = 8, 15.0, (-500.0, 1500.0)
+GRID_N, GRID_CLIP = 8, CELL_CLIP_HU
 BONE_HU, BODY_HU, AIR_HU = 250.0, -300.0, -400.0
 ABOVE_MM, BELOW_MM = 60.0, 100.0
 NEAR_MM = 75.0
@@ -83,33 +84,6 @@ class Study:
     study_mm: tuple[float, float]
     wide: dict
     """Measurements on the uncut (real) or wide-canvas (synthetic) body: neck width, shoulders."""
-
-
-def grid_features(hu: np.ndarray, spacing, point_yx) -> np.ndarray:
-    """Mean HU (clipped) in an 8 x 8 grid of 15 mm cells centred on ``point_yx`` (pixels), per slice.
-
-    Returns
-    -------
-    (z, 8, 8) float32 ndarray
-        Rows toward posterior, columns toward the patient's left; outside the image counts as air (clipped).
-    """
-    _, dy, dx = spacing
-    sub = 4  # samples per cell side
-    n = GRID_N * sub
-    step = GRID_CELL_MM / sub
-    # Affine from output samples to source pixels (x, y), sample centres.
-    m = np.array([[step / dx, 0, point_yx[1] - (n / 2 - 0.5) * step / dx],
-                  [0, step / dy, point_yx[0] - (n / 2 - 0.5) * step / dy]], np.float32)
-    out = np.empty((hu.shape[0], GRID_N, GRID_N), np.float32)
-    for i, sl in enumerate(hu):
-        s = np.clip(sl.astype(np.float32), *GRID_CLIP)
-        if step / min(dx, dy) > 1.5:  # average over the cell, not point samples of a finer image
-            k = max(1, int(round(step / min(dx, dy))))
-            s = cv2.blur(s, (k, k))
-        w = cv2.warpAffine(s, m, (n, n), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=GRID_CLIP[0])
-        out[i] = w.reshape(GRID_N, sub, GRID_N, sub).mean(axis=(1, 3))
-    return out
 
 
 def body_masks(hu: np.ndarray) -> np.ndarray:
@@ -151,14 +125,12 @@ def measure(study: Study) -> dict:
 
     bone = (hu >= BONE_HU).sum(axis=(1, 2)) * px_cm2
     body = (hu >= BODY_HU).sum(axis=(1, 2)) * px_cm2
-    # Column point as the localizer finds it: bone centroids of the study's own slices, middle half of them.
+    # Column centre as the localizer finds it: from the cue slices of the study's own extent.
     lo, hi = study.study_mm
-    inside = (z >= lo) & (z <= hi)
-    cz = z[inside]
-    mid_lo, mid_hi = cz[0] + 0.25 * (cz[-1] - cz[0]), cz[0] + 0.75 * (cz[-1] - cz[0])
-    cent = bone_centroids(hu[inside])
-    point = column_point(cz, cent, mid_lo, mid_hi)
-    grid = grid_features(hu, study.spacing, point)
+    inside = np.flatnonzero((z >= lo) & (z <= hi))
+    cue = inside[cue_indices(len(inside), z[inside])]
+    point = column_centre(hu[cue])
+    grid = (column_cells(hu, (dy, dx), point) * CELL_HU_SCALE).reshape(nz, GRID_N, GRID_N)
 
     # Non-vertebral bone around the column, per slice, in boxes relative to the column point (mm, y posterior).
     yy = (np.arange(hu.shape[1]) - point[0]) * dy
@@ -188,7 +160,6 @@ def measure(study: Study) -> dict:
         "level C7": bottom - lv["C7"],
         **{f"skull bone near column {a}-{b} mm above C1, cm2": float(np.mean(near_bone[(z >= top - b) & (z < top - a)]))
            if ((z >= top - b) & (z < top - a)).any() else float("nan") for a, b in ((0, 10), (10, 25), (25, 45))},
-        "skull bone lowest, above C1 top": top - first_from(z, near_bone, 2.0, top - 80, top - 1.0, last=True),
         "front bone lowest (mandible), below C1 top": rel(first_from(z, front_bone, 1.0, top - 40, top + 0.8 * length,
                                                                      last=True)),
         "side bone (clavicle/rib) first, below C7 bottom":
@@ -500,7 +471,7 @@ def _panel_grid(real, synth, h=420):
 
 def _panel_ladder(real, synth, h=420, w=560):
     """Extents per study along mm from C1 top: levels (alternating shades), and markers where the surroundings
-    start (skull bone lowest, lowest front bone, side bone, lung apex, shoulders)."""
+    start (lowest front bone, side bone, lung apex, shoulders)."""
     img = np.full((h, w, 3), 255, np.uint8)
     top, bot = 30, h - 30
     lo_mm, hi_mm = -70.0, 260.0
@@ -510,8 +481,7 @@ def _panel_ladder(real, synth, h=420, w=560):
     for mm in range(-50, 251, 50):
         cv2.line(img, (40, ypix(mm)), (w - 5, ypix(mm)), (225, 225, 225), 1)
         _text(img, f"{mm}", (4, ypix(mm) + 4), 0.33, (90, 90, 90))
-    marks = (("skull bone lowest, above C1 top", -1, "top", (0, 0, 0), "s"),
-             ("front bone lowest (mandible), below C1 top", 1, "top", (0, 140, 255), "m"),
+    marks = (("front bone lowest (mandible), below C1 top", 1, "top", (0, 140, 255), "m"),
              ("side bone (clavicle/rib) first, below C7 bottom", 1, "bottom", (0, 160, 0), "c"),
              ("lung apex, below C7 bottom", 1, "bottom", (200, 0, 200), "l"),
              ("shoulders start, below C7 bottom", 1, "bottom", (0, 0, 0), "h"))
@@ -538,7 +508,7 @@ def _panel_ladder(real, synth, h=420, w=560):
             cv2.line(img, (x0 - 1, y), (x1 + 1, y), color, 2)
         del z
     _text(img, "extents, mm below C1 top (levels C1..C7; red real, blue synthetic)", (40, 16), 0.42)
-    legend = "black above C1: skull  orange: mandible  green: clavicle/rib  magenta: lung  black below: shoulders"
+    legend = "orange: lowest front bone (mandible)  green: clavicle/rib  magenta: lung apex  black: shoulders"
     _text(img, legend, (6, h - 10), 0.33)
     return img
 
@@ -560,7 +530,7 @@ def draw_figure(real, synth, path: Path, title: str) -> Path:
     _text(head, "synthetic", (w - 140, 22), 0.55, SYN_BGR, 2)
     fig = np.vstack([head, pad(row1), pad(row2)])
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), fig)
+    cv2.imwrite(str(path), fig, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     return path
 
 

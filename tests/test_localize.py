@@ -307,24 +307,28 @@ def test_mask_of_another_study_is_skipped(synthetic_dataset, synthetic_info, tmp
         truth_from_files(synthetic_dataset / "segmentations" / f"{a.uid}.nii", b.folder)
 
 
-# Floors set from measurements on this fixture (4 masks, 3-4 mm slices, leave-one-out learns from 3), margin 3 mm:
-# areas 0.96 / 0.89 / 0.98, column_cells 0.81 / 0.80 / 0.98, fraction 0.31 / 0.32 / 0.93 (the scans' extents above
-# C1 and below C7 differ). Three studies are too few to learn 64 cell features' spreads; on 24 synthetic studies
-# column_cells beats areas (0.98 / 0.84 against 0.96 / 0.83) and on the real necks it is the only one that works.
-@pytest.mark.parametrize("feature_set, floors", [("areas", (0.85, 0.8, 6.0)), ("column_cells", (0.75, 0.75, 12.0))])
+# Floors set from measurements on this fixture (4 masks, 3-4 mm slices, 128 px, leave-one-out learns from 3), margin
+# 3 mm: areas 0.82 / 0.80 / 0.98 (worst |anchor error| 18.5 mm, worst vertebra 0.72), column_cells 0.59 / 0.65 / 0.85
+# (23.5 mm, 0.43), fraction coverage 0.52. The floors encoded the older, more uniform synthetic anatomy (areas 0.96 /
+# 0.89, column_cells 0.81 / 0.80 then); the generator now varies as the real necks do (neck size, jaw, shoulders, the
+# column turning back into the chest: benchmarks/compare_synthetic_real.py), which three studies cannot learn. With
+# enough studies it is learned: leave-one-out on the 72 demo studies column_cells scores 0.955 / 0.815 / 0.999 (the
+# older anatomy 0.942 / 0.811 / 0.992), and ranges learned on them plan the real necks at 0.87 / 0.49.
+@pytest.mark.parametrize("feature_set, floors", [("areas", (0.78, 0.75, 22.0, 0.95, 0.65, 0.2)),
+                                                 ("column_cells", (0.55, 0.6, 28.0, 0.8, 0.4, 0.05))])
 def test_eval_ranges_on_synthetic_set_above_floor(synthetic_dataset, feature_set, floors):
     truths, skipped = load_truths(synthetic_dataset / "segmentations", synthetic_dataset / "train_images",
                                   feature_set=feature_set)
     assert len(truths) == 4 and skipped == [] and all(t.feature_set == feature_set for t in truths)
     prof = evaluate_ranges(truths, method="profile", k=15)
     frac = evaluate_ranges(truths, method="fraction", k=15)
-    coverage, purity, max_error = floors
+    coverage, purity, max_error, box, per_vertebra, over_fraction = floors
     assert prof["mean"]["coverage"] >= coverage and prof["mean"]["purity"] >= purity
-    assert prof["mean"]["box_coverage"] >= 0.95
+    assert prof["mean"]["box_coverage"] >= box
     assert all(abs(e) <= max_error for e in prof["anchor_error_mm"])
-    assert prof["mean"]["coverage"] > frac["mean"]["coverage"] + 0.3
+    assert prof["mean"]["coverage"] > frac["mean"]["coverage"] + over_fraction
     for v in VERTEBRAE:
-        assert prof["per_vertebra"][v]["coverage"] >= 0.6
+        assert prof["per_vertebra"][v]["coverage"] >= per_vertebra
 
 
 def test_learn_and_eval_commands(synthetic_dataset, tmp_path, capsys):
@@ -342,7 +346,7 @@ def test_learn_and_eval_commands(synthetic_dataset, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result["per_vertebra"]) == set(VERTEBRAE)
     assert set(result["mean"]) == {"coverage", "purity", "box_coverage"}
-    assert result["mean"]["coverage"] >= 0.75  # 4 masks: each left-out study is planned from 3
+    assert result["mean"]["coverage"] >= 0.55  # 4 masks: each left-out study is planned from 3 (0.59 measured)
 
 
 def test_profile_planner_falls_back_on_tiny_studies():

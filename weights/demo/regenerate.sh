@@ -2,8 +2,8 @@
 # Regenerate the demo weights (weights/demo) from scratch, exactly as committed: the synthetic training set, the
 # slice ranges learned from its masks, the cross-validated tiny classifiers, then the golden output and manifests.
 # Run from the repository root: bash weights/demo/regenerate.sh [WORK]   (WORK defaults to /tmp/cspine_demo)
-# Takes about 20 minutes on 2 CPU cores. Re-run it after a change of the crop geometry, the localization defaults
-# or the training recipe; `cspine-submit check` must pass afterwards.
+# Takes about 20 minutes on 2 CPU cores. Re-run it after a change of the synthetic generator, the crop geometry,
+# the localization defaults or the training recipe; `cspine-submit check` must pass afterwards.
 set -euo pipefail
 WORK="${1:-/tmp/cspine_demo}"
 rm -rf "$WORK/data" "$WORK/work" "$WORK/slice_ranges.json"

@@ -427,3 +427,39 @@ def test_column_cells_pad_outside_the_image_with_air_and_find_the_column():
     np.testing.assert_allclose(cells[:, :2], -1.0)
     # The 2 x 2 cells around the centre hold the whole 10 x 10 mm bone block and 800 mm^2 of soft tissue.
     assert cells[3:5, 3:5].mean() == pytest.approx((100 * 800 + 800 * 40) / 900 / 500, abs=1e-4)
+
+
+def test_snap_to_decoded_moves_interior_slices_onto_cue_slices_only():
+    from cspine_submit.localize import snap_to_decoded
+
+    planned = (10, 13, 16, 19, 22)
+    # 13 -> 12, 16 -> 17, 19 -> 20 (each one slice away); the ends (10, 22) never move, though 9 and 23 are near.
+    assert snap_to_decoded(planned, [9, 12, 17, 20, 23]) == (10, 12, 17, 20, 22)
+    assert snap_to_decoded(planned, [15, 2]) == (10, 13, 15, 19, 22)
+    assert snap_to_decoded(planned, [25, 30]) == planned  # nothing within one slice
+    # Never two crops on one slice: 11 and 12 are taken already, so nothing moves.
+    assert snap_to_decoded((10, 11, 12, 13), [12, 11]) == (10, 11, 12, 13)
+
+
+def test_profile_plans_decode_fewer_slices_with_snapping(synthetic_dataset):
+    from cspine_submit.dicom import scan_study
+    from cspine_submit.localize import measure_cue, plan_crops, plans_from_positions
+
+    ranges = load_ranges(Path(__file__).parents[1] / "weights" / "demo" / "slice_ranges.json")
+    config = ModelConfig()
+    for study in sorted(p for p in (synthetic_dataset / "train_images").iterdir() if p.is_dir()):
+        header = scan_study(study)
+        cue = measure_cue(header, ranges)
+        snapped = plan_crops(header, ranges, config, cue=cue)
+        plain = plans_from_positions(header.z, header.rows, header.cols, ranges, config.slices_per_vertebra,
+                                     config.z_margin_mm, ranges.method, cue.anchor_mm,
+                                     pixel_spacing=header.spacing[1:], point=cue.point, scale=cue.scale)
+
+        def decoded(plans):
+            return set(cue.indices).union(*(p.slice_indices for p in plans.values()))
+
+        assert len(decoded(snapped)) <= len(decoded(plain))
+        for v in VERTEBRAE:
+            a, b = snapped[v].slice_indices, plain[v].slice_indices
+            assert len(a) == len(b) and (a[0], a[-1]) == (b[0], b[-1])  # same K, same coverage
+            assert all(abs(x - y) <= 1 for x, y in zip(a, b))

@@ -92,6 +92,7 @@ from cspine_submit.localize.plan import (
     planned_box,
     planned_ranges_mm,
     plans_from_positions,
+    snap_to_decoded,
     study_cue_indices,
 )
 from cspine_submit.localize.evaluate import evaluate_ranges, score_plans
@@ -108,7 +109,7 @@ __all__ = [
     "column_point_truth", "learn_ranges", "learn_template", "load_ranges", "ranges_from_truths", "study_coordinates",
     # plan
     "BOX_MODES", "DEFAULT_Z_MARGIN_MM", "CropPlan", "Cue", "cue_features", "cue_from_measurements", "indices_in_range",
-    "match_profile", "measure_cue", "plan_crops", "planned_box", "planned_ranges_mm", "plans_from_positions",
+    "match_profile", "measure_cue", "plan_crops", "planned_box", "planned_ranges_mm", "plans_from_positions", "snap_to_decoded",
     "study_cue_indices",
     # evaluate
     "evaluate_ranges", "score_plans",

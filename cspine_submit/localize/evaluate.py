@@ -130,16 +130,17 @@ def evaluate_ranges(
             learned = ranges_from_truths([t for j, t in enumerate(truths) if j != i], method=method, layout=layout)
         anchor = point = None
         scale = 1.0
+        cue_slices: Sequence[int] = ()
         if method == "profile":
             idx = cue_indices(held.n_slices, held.z_mm, learned.extra.get("cue"))
             cue = cue_from_measurements(held.z_mm[idx], held.profile[idx],
                                         None if held.centroids is None else held.centroids[idx], learned,
                                         (held.z_mm[0], held.z_mm[-1]), idx)
-            anchor, point, scale = cue.anchor_mm, cue.point, cue.scale
+            anchor, point, scale, cue_slices = cue.anchor_mm, cue.point, cue.scale, cue.indices
             anchor_errors.append(None if anchor is None else float(anchor - held.anchor_mm))
         plans = plans_from_positions(held.z_mm, held.rows, held.cols, learned, k, z_margin_mm, method, anchor,
                                      pixel_spacing=held.spacing[1:], point=point, box_mode=box_mode,
-                                     box_quantiles=box_quantiles, scale=scale)
+                                     box_quantiles=box_quantiles, scale=scale, decoded=cue_slices)
         key = held.uid or f"study{i}"
         per_study[key] = score_plans(held, plans)
         box_areas.extend((p.box[2] - p.box[0]) * (p.box[3] - p.box[1]) / (held.rows * held.cols) for p in plans.values())

@@ -198,6 +198,41 @@ def indices_in_range(z_mm: np.ndarray, start_mm: float, end_mm: float, k: int) -
     return tuple(int(i) for i in idx)
 
 
+SNAP_SLICES: int = 1
+"""A planned crop slice moves to an already decoded (cue) slice at most this many slices away."""
+
+
+def snap_to_decoded(indices: Sequence[int], decoded: Sequence[int], max_shift: int = SNAP_SLICES) -> tuple[int, ...]:
+    """Move interior planned slices onto slices already decoded for the cue, when one lies within ``max_shift`` (pure).
+
+    Each saved slice is one decode fewer. The first and last planned slices stay (they set the vertebra's
+    coverage), the order stays strictly increasing, and no slice is used twice; a neighbouring slice of the same
+    vertebra shows the same anatomy at 1 mm slices.
+
+    Parameters
+    ----------
+    indices : sequence of int
+        Planned slice indices, strictly increasing (:func:`indices_in_range`).
+    decoded : sequence of int
+        Slices already decoded (the cue's), any order.
+
+    Returns
+    -------
+    tuple of int, strictly increasing, the same length as ``indices``.
+    """
+    out = [int(i) for i in indices]
+    if len(out) < 3 or not len(decoded):
+        return tuple(out)
+    pool = np.unique(np.asarray(decoded, dtype=int))
+    for j in range(1, len(out) - 1):
+        i = out[j]
+        k = int(np.clip(np.searchsorted(pool, i), 0, len(pool) - 1))
+        near = min((pool[m] for m in (k - 1, k) if 0 <= m < len(pool)), key=lambda p: abs(int(p) - i))
+        if abs(int(near) - i) <= max_shift and out[j - 1] < near < out[j + 1]:
+            out[j] = int(near)
+    return tuple(out)
+
+
 BOX_MODES: tuple[str, ...] = ("fraction", "mm_centre", "mm_bone")
 """How the in-plane box is placed: learned fractions of rows/columns; learned mm offsets from the image centre
 (headers only; right when the pixel size varies); learned mm offsets from the column's bone centroid measured on
@@ -278,6 +313,7 @@ def plans_from_positions(
     box_mode: str = "auto",
     box_quantiles: tuple[str, str] = ("q10", "q90"),
     scale: float = 1.0,
+    decoded: Sequence[int] = (),
 ) -> dict[str, CropPlan]:
     """The pure core of :func:`plan_crops`: plans from slice positions, image geometry and an optional cue.
 
@@ -303,12 +339,14 @@ def plans_from_positions(
         See :func:`planned_box`.
     scale : float
         Column length scale found by the profile cue.
+    decoded : sequence of int
+        Slices already decoded (the cue's): interior crop slices snap onto them (:func:`snap_to_decoded`).
     """
     mm = planned_ranges_mm(z_mm, ranges, method, anchor_mm, scale)
     plans = {}
     for v in VERTEBRAE:
         start, end = mm[v]
-        idx = indices_in_range(z_mm, start - z_margin_mm, end + z_margin_mm, k)
+        idx = snap_to_decoded(indices_in_range(z_mm, start - z_margin_mm, end + z_margin_mm, k), decoded)
         box = planned_box(ranges, v, rows, cols, pixel_spacing, point, box_mode, box_quantiles)
         plans[v] = CropPlan(vertebra=v, slice_indices=idx, box=box, z_range_mm=(float(start), float(end)))
     return plans
@@ -435,8 +473,10 @@ def plan_crops(
     Headers only for the ``fraction`` and ``mm_top`` methods. For ``profile``, the study's cue slices
     (:func:`study_cue_indices`: 12-40 evenly spaced slices, about one per 5 mm) are decoded through ``read``
     (default ``read_slices``) unless a measured ``cue`` is passed (see :func:`measure_cue`); when the profile
-    cannot be aligned the ``fraction`` ranges are used. The in-plane box is placed by :func:`planned_box` in
-    ``auto`` mode (around the column's bone centroid with a cue, else in mm from the image centre).
+    cannot be aligned the ``fraction`` ranges are used. Interior crop slices within one slice of a cue slice move
+    onto it (:func:`snap_to_decoded`: those need no decode of their own). The in-plane box is placed by
+    :func:`planned_box` in ``auto`` mode (around the column's bone centroid with a cue, else in mm from the image
+    centre).
 
     Parameters
     ----------
@@ -464,4 +504,5 @@ def plan_crops(
     return plans_from_positions(
         header.z, header.rows, header.cols, ranges, config.slices_per_vertebra, z_margin_mm, ranges.method, anchor,
         pixel_spacing=(float(header.spacing[1]), float(header.spacing[2])), point=point, scale=scale,
+        decoded=cue.indices if cue is not None else (),
     )

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cspine_submit.config import PREDICTION_TYPES, TRAIN_PREVALENCE, VERTEBRAE
+from cspine_submit.dataset_folder import clear_outputs, exact_flags
 from cspine_submit.synthetic_anatomy import Anatomy, build_anatomy, draw_background, draw_table, render_volume
 from cspine_submit.synthetic_dicom import file_numbers, write_dicom_series, write_mask
 
@@ -325,14 +325,6 @@ def write_study_mask(study: SyntheticStudy, path: Path) -> Path:
     return write_mask(Path(path), study.labels, study.spacing, study.z_head, study.origin_xy)
 
 
-def _exact_flags(rng: np.random.Generator, n: int, fraction: float) -> np.ndarray:
-    """n booleans, exactly round(fraction * n) of them True, in random order (so small sets keep their mix)."""
-    k = int(round(float(fraction) * n))
-    flags = np.zeros(n, bool)
-    flags[:k] = True
-    return rng.permutation(flags)
-
-
 def _check_params(p: dict) -> None:
     """Raise ValueError naming the first parameter that is out of range."""
     if int(p["size"]) < 16:
@@ -360,11 +352,11 @@ def plan_specs(n: int, seed: int, **params) -> list[StudySpec]:
     _check_params(p)
     rng = np.random.default_rng(seed)
     numbers = rng.choice(np.arange(10000, 33000), size=n, replace=False)
-    compressed = _exact_flags(rng, n, p["compressed_fraction"])
-    reversed_ = _exact_flags(rng, n, p["reversed_fraction"])
-    signed = _exact_flags(rng, n, p["signed_fraction"])
-    no_modality = _exact_flags(rng, n, p["no_modality_fraction"])
-    thoracic = _exact_flags(rng, n, p["thoracic_label_fraction"])
+    compressed = exact_flags(rng, n, p["compressed_fraction"])
+    reversed_ = exact_flags(rng, n, p["reversed_fraction"])
+    signed = exact_flags(rng, n, p["signed_fraction"])
+    no_modality = exact_flags(rng, n, p["no_modality_fraction"])
+    thoracic = exact_flags(rng, n, p["thoracic_label_fraction"])
     specs = []
     for i in range(n):
         fractures = []
@@ -391,8 +383,8 @@ def plan_specs(n: int, seed: int, **params) -> list[StudySpec]:
             )
         )
     # Drawn after everything else so that adding these options left the other draws of a seed unchanged.
-    table = _exact_flags(rng, n, p["table_fraction"])
-    boxed = _exact_flags(rng, n, p["boxed_fraction"])
+    table = exact_flags(rng, n, p["table_fraction"])
+    boxed = exact_flags(rng, n, p["boxed_fraction"])
     return [dataclasses.replace(sp, table=bool(t), boxed=bool(b)) for sp, t, b in zip(specs, table, boxed)]
 
 
@@ -461,15 +453,7 @@ def generate_dataset(
     root = Path(out_dir)
     outputs = ["train_images", "test_images", "segmentations", "train.csv", "train_bounding_boxes.csv",
                "test.csv", "sample_submission.csv", "test_labels.csv"]
-    if root.exists() and any(root.iterdir()):
-        if not force:
-            raise FileExistsError(f"{root}: not empty; pass force=True (--force) to replace a dataset there")
-        for name in outputs:
-            target = root / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    clear_outputs(root, outputs, force, "a dataset")
     n_seg = n_train if n_segmented is None else int(n_segmented)
     if not 0 <= n_seg <= n_train:
         raise ValueError(f"n_segmented={n_segmented}: must be between 0 and n_train={n_train}")

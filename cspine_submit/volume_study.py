@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE
+from cspine_submit.dataset_folder import clear_outputs, exact_flags
 from cspine_submit.synthetic_dicom import EXPLICIT_VR_LITTLE_ENDIAN, JPEG_LOSSLESS_SV1, write_dicom_series, write_mask
 from cspine_submit.volume_cut import AIR_HU, CutSpec, competition_cut, resample_volume
 
@@ -369,13 +369,6 @@ def study_uids(names: list[str]) -> dict[str, str]:
     return {n: f"{UID_ROOT}{i}" for i, n in enumerate(names, start=1)}
 
 
-def _exact_flags(rng: np.random.Generator, n: int, fraction: float) -> np.ndarray:
-    """n booleans, exactly round(fraction * n) True, in random order (small sets keep their mix)."""
-    flags = np.zeros(n, bool)
-    flags[: int(round(float(fraction) * n))] = True
-    return rng.permutation(flags)
-
-
 OUTPUTS = ("images", "segmentations", "studies.csv", "studies.json", "test.csv")
 """What :func:`write_studies` writes into its output folder (and what ``force`` replaces)."""
 
@@ -476,21 +469,13 @@ def write_studies(
             raise ValueError(f"a competition cut needs each volume's <name>{LABEL_SUFFIX} labels; missing for "
                              f"{unlabelled} (write them whole with cut=False / --no-cut)")
     root = Path(out)
-    if root.exists() and any(root.iterdir()):
-        if not force:
-            raise FileExistsError(f"{root}: not empty; pass force=True (--force) to replace the studies there")
-        for name in OUTPUTS:
-            target = root / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    clear_outputs(root, OUTPUTS, force, "the studies")
     names = [n for n, _, _ in volumes]
     uids = study_uids(names)
     rng = np.random.default_rng(seed)
-    reversed_flags = _exact_flags(rng, len(names), reversed_fraction)
-    compressed_flags = _exact_flags(rng, len(names), compressed_fraction)
-    signed_flags = _exact_flags(rng, len(names), signed_fraction)
+    reversed_flags = exact_flags(rng, len(names), reversed_fraction)
+    compressed_flags = exact_flags(rng, len(names), compressed_fraction)
+    signed_flags = exact_flags(rng, len(names), signed_fraction)
 
     records = []
     for i, (name, ct_path, lab_path) in enumerate(tqdm(volumes, desc="real studies", unit="study",

@@ -45,7 +45,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cspine_submit.localize.features import CELL_CLIP_HU, CELL_HU_SCALE, column_cells, column_centre, cue_indices
+from cspine_submit.localize.features import (
+    CELL_CLIP_HU,
+    CELL_HU_SCALE,
+    bone_centroids,
+    column_cells,
+    column_centre,
+    cue_indices,
+)
 from cspine_submit.synthetic import plan_specs, render_study
 from cspine_submit.synthetic_anatomy import draw_background
 from cspine_submit.volume_cut import competition_cut, resample_volume
@@ -129,7 +136,7 @@ def measure(study: Study) -> dict:
     lo, hi = study.study_mm
     inside = np.flatnonzero((z >= lo) & (z <= hi))
     cue = inside[cue_indices(len(inside), z[inside])]
-    point = column_centre(hu[cue])
+    point = column_centre(bone_centroids(hu[cue]))
     grid = (column_cells(hu, (dy, dx), point) * CELL_HU_SCALE).reshape(nz, GRID_N, GRID_N)
 
     # Non-vertebral bone around the column, per slice, in boxes relative to the column point (mm, y posterior).

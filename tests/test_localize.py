@@ -417,11 +417,11 @@ def test_column_cells_hand_computed_and_the_same_at_any_pixel_size():
 
 
 def test_column_cells_pad_outside_the_image_with_air_and_find_the_column():
-    from cspine_submit.localize import column_cells, column_centre
+    from cspine_submit.localize import bone_centroids, column_cells, column_centre
 
     s = np.full((6, 100, 100), 40.0, dtype=np.float32)
     s[:, 60:70, 20:30] = 800.0  # the "spine", off centre
-    assert column_centre(s) == pytest.approx((64.0, 24.0), abs=1.0)
+    assert column_centre(bone_centroids(s)) == pytest.approx((64.0, 24.0), abs=1.0)
     cells = column_cells(s[:1], (1.0, 1.0), (64.5, 24.5)).reshape(8, 8)
     # The window reaches 60 mm left of x = 24.5: its two left columns of cells lie outside the image (air, -500).
     np.testing.assert_allclose(cells[:, :2], -1.0)

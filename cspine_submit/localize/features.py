@@ -136,31 +136,31 @@ def column_point(z_mm: np.ndarray, centroids: np.ndarray, lo_mm: float, hi_mm: f
     return float(y), float(x)
 
 
-def column_centre(slices: np.ndarray) -> tuple[float, float] | None:
-    """In-plane position of the cervical column from evenly spaced slices of a whole study.
+def column_centre(centroids: np.ndarray) -> tuple[float, float] | None:
+    """In-plane position of the cervical column from the bone centroids of evenly spaced slices of a whole study.
 
-    The median over the middle half of the slices (the neck, in a scan cut from the skull base to the upper
-    thorax) of each slice's median bone position (:func:`bone_centroids`). Only the given slices are used, so the
-    learner and the planner, given the same cue slices, find the same centre.
+    The median, over the middle half of the slices (the neck, in a scan cut from the skull base to the upper
+    thorax), of each slice's median bone position. Only the given slices count, so the learner and the planner,
+    given the same cue slices, find the same centre.
 
     Parameters
     ----------
-    slices : (m, rows, cols) ndarray
-        HU, ordered head to feet, spread over the study.
+    centroids : (m, 2) ndarray
+        :func:`bone_centroids` of the slices, ordered head to feet (NaN rows allowed).
 
     Returns
     -------
     (y, x) in pixels, or None when no slice of the middle half has bone.
     """
-    m = len(slices)
+    c = np.asarray(centroids, dtype=float).reshape(-1, 2)
+    m = len(c)
     if m == 0:
         return None
-    lo, hi = m // 4, max(m // 4 + 1, m - m // 4)
-    cents = bone_centroids(np.asarray(slices)[lo:hi])
-    ok = np.isfinite(cents).all(axis=1)
+    middle = c[m // 4 : max(m // 4 + 1, m - m // 4)]
+    ok = np.isfinite(middle).all(axis=1)
     if not ok.any():
         return None
-    y, x = np.median(cents[ok], axis=0)
+    y, x = np.median(middle[ok], axis=0)
     return float(y), float(x)
 
 
@@ -198,13 +198,14 @@ def column_cells(
     y0, y1 = int(round(cy - half_mm / dy)), int(round(cy + half_mm / dy))
     x0, x1 = int(round(cx - half_mm / dx)), int(round(cx + half_mm / dx))
     # Pad instead of clipping the window, so a cell keeps its size in mm at the image edge.
-    pad = ((0, 0), (max(0, -y0), max(0, y1 - rows)), (max(0, -x0), max(0, x1 - cols)))
+    pad = ((max(0, -y0), max(0, y1 - rows)), (max(0, -x0), max(0, x1 - cols)))
+    needs_pad = any(pad[0]) or any(pad[1])
     lo, hi = CELL_CLIP_HU
     out = np.empty((len(slices), n * n))
     for i, s in enumerate(slices):
         window = np.clip(s[max(y0, 0):min(y1, rows), max(x0, 0):min(x1, cols)], lo, hi).astype(np.float32)
-        if any(p != (0, 0) for p in pad[1:]):
-            window = np.pad(window, pad[1:], constant_values=max(AIR_HU, lo))
+        if needs_pad:
+            window = np.pad(window, pad, constant_values=max(AIR_HU, lo))
         # INTER_AREA averages every source pixel into its cell, for any (non-integer) ratio.
         out[i] = cv2.resize(window, (n, n), interpolation=cv2.INTER_AREA).ravel()
     return out / CELL_HU_SCALE
@@ -227,8 +228,8 @@ def measure_features(
     pixel_spacing : (dy, dx)
         mm.
     centre : (y, x), optional
-        Column centre for ``column_cells``; default :func:`column_centre` of ``slices`` (the image centre when
-        they hold no bone).
+        Column centre for ``column_cells``; default :func:`column_centre` of the slices' :func:`bone_centroids`
+        (the image centre when they hold no bone).
     half_mm, cell_mm : float
         The ``column_cells`` grid (:func:`column_cells`).
 
@@ -240,7 +241,7 @@ def measure_features(
         return slice_features(slices, pixel_spacing)
     if feature_set == "column_cells":
         if centre is None:
-            centre = column_centre(slices)
+            centre = column_centre(bone_centroids(slices))
         if centre is None:
             centre = (np.shape(slices)[1] / 2, np.shape(slices)[2] / 2)
         return column_cells(slices, pixel_spacing, centre, half_mm, cell_mm)

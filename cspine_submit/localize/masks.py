@@ -234,13 +234,14 @@ def truth_from_files(
     idx = np.union1d(np.arange(0, header.n_slices, step), cue)
     hu = read_slices(header, idx)
     check_mask_on_bone(volume[idx], hu, str(mask_path), str(study_dir))
+    measured_centroids = bone_centroids(hu)
     # The column centre from the cue slices alone, exactly as the planner finds it.
-    centre = column_centre(hu[np.searchsorted(idx, cue)]) if feature_set == "column_cells" else None
+    centre = column_centre(measured_centroids[np.searchsorted(idx, cue)])
     feats = measure_features(hu, header.spacing[1:], feature_set, centre=centre)
     profile = np.full((header.n_slices, feats.shape[1]), np.nan)
     centroids = np.full((header.n_slices, 2), np.nan)
     profile[idx] = feats
-    centroids[idx] = bone_centroids(hu)
+    centroids[idx] = measured_centroids
     return _replace_truth(truth, profile=profile, centroids=centroids, feature_set=feature_set)
 
 

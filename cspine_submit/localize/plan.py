@@ -430,13 +430,14 @@ def measure_cue(
         if read is None:
             from cspine_submit.dicom import read_slices as read
         slices = read(header, idx)
-    feats = cue_features(slices, header.spacing[1:], ranges)
     cents = bone_centroids(slices)
+    feats = cue_features(slices, header.spacing[1:], ranges, centroids=cents)
     return cue_from_measurements(header.z[idx], feats, cents, ranges, (float(header.z[0]), float(header.z[-1])),
                                  idx)
 
 
-def cue_features(slices: np.ndarray, pixel_spacing: tuple[float, float], ranges: SliceRanges) -> np.ndarray:
+def cue_features(slices: np.ndarray, pixel_spacing: tuple[float, float], ranges: SliceRanges,
+                 centroids: np.ndarray | None = None) -> np.ndarray:
     """The cue slices' features in the feature set (and cell grid) the ranges' template was learned with.
 
     Parameters
@@ -445,6 +446,9 @@ def cue_features(slices: np.ndarray, pixel_spacing: tuple[float, float], ranges:
         HU of the study's cue slices (:func:`study_cue_indices`), head to feet.
     pixel_spacing : (dy, dx)
         mm.
+    centroids : (m, 2) ndarray, optional
+        :func:`~cspine_submit.localize.features.bone_centroids` of ``slices``, when the caller has them already
+        (they give the column centre).
 
     Returns
     -------
@@ -454,7 +458,7 @@ def cue_features(slices: np.ndarray, pixel_spacing: tuple[float, float], ranges:
     feature_set = tpl.get("feature_set", "areas")  # files learned before feature sets existed hold areas
     if feature_set != "column_cells":
         return measure_features(slices, pixel_spacing, feature_set)
-    centre = column_centre(slices)
+    centre = column_centre(bone_centroids(slices) if centroids is None else centroids)
     return measure_features(slices, pixel_spacing, feature_set, centre=centre,
                             half_mm=float(tpl["cell_half_mm"]), cell_mm=float(tpl["cell_mm"]))
 

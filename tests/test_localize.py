@@ -463,3 +463,21 @@ def test_profile_plans_decode_fewer_slices_with_snapping(synthetic_dataset):
             a, b = snapped[v].slice_indices, plain[v].slice_indices
             assert len(a) == len(b) and (a[0], a[-1]) == (b[0], b[-1])  # same K, same coverage
             assert all(abs(x - y) <= 1 for x, y in zip(a, b))
+
+
+def test_weighted_squares_equal_the_interpolated_sum():
+    """The per-study polynomial form of the alignment cost gives sum_F W(r) (f - T(r))^2 with W and T interpolated
+    linearly on the grid, at grid points, inside cells and clipped beyond the ends."""
+    from cspine_submit.localize.plan import WeightedSquares, _grid_cells, _interp_rows
+
+    rng = np.random.default_rng(3)
+    grid = np.cumsum(rng.uniform(2.0, 6.0, 30)) - 60.0  # uneven spacing, mm
+    template = rng.normal(0.0, 1.0, (30, 64))
+    weights = 1.0 / (rng.uniform(0.05, 1.0, (30, 64)) ** 2 + 0.01)
+    features = rng.normal(0.0, 1.5, (37, 64))
+    # five rows of random positions (some beyond the grid) and one row exactly on grid points
+    r = np.concatenate([rng.uniform(grid[0] - 20, grid[-1] + 20, (5, 37)), np.resize(grid, 37)[None]])
+    direct = ((features[None] - _interp_rows(r, grid, template)) ** 2 * _interp_rows(r, grid, weights)).sum(axis=-1)
+    fast = WeightedSquares(features, template, weights).at(*_grid_cells(r, grid))
+    assert fast.shape == direct.shape == (6, 37)
+    np.testing.assert_allclose(fast, direct, rtol=1e-11, atol=1e-9)

@@ -55,11 +55,62 @@ MIN_TEMPLATE_STUDIES: int = 3
 """Template positions learned from fewer studies than this (or than all of them, when fewer) are not matched."""
 
 
+def _grid_cells(r: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Grid cell ``i`` (``grid[i] <= r <= grid[i + 1]``, clipped to the grid) and the fraction ``t`` in [0, 1] of
+    each position ``r`` (any shape) along it: linear interpolation at ``r`` is ``(1 - t) * row[i] + t * row[i + 1]``."""
+    i = np.clip(np.searchsorted(grid, r) - 1, 0, len(grid) - 2)
+    t = np.clip((r - grid[i]) / (grid[i + 1] - grid[i]), 0.0, 1.0)
+    return i, t
+
+
 def _interp_rows(r: np.ndarray, grid: np.ndarray, table: np.ndarray) -> np.ndarray:
     """Linear interpolation of the rows of ``table`` (G, F) at positions ``r`` (any shape) on ``grid`` (G,)."""
-    i = np.clip(np.searchsorted(grid, r) - 1, 0, len(grid) - 2)
-    t = np.clip((r - grid[i]) / (grid[i + 1] - grid[i]), 0.0, 1.0)[..., None]
+    i, t = _grid_cells(r, grid)
+    t = t[..., None]
     return table[i] * (1.0 - t) + table[i + 1] * t
+
+
+class WeightedSquares:
+    """``sum_F W(r) * (f_j - T(r))**2`` for every measured slice ``j`` at any template position ``r``, cheaply.
+
+    ``T`` (template) and ``W`` (weights) are interpolated linearly between grid positions, so inside grid cell
+    ``i`` at fraction ``t`` the sum is a cubic in ``t`` whose four coefficients depend only on ``(j, i)``. They
+    are computed once per study with a few ``(m, F) @ (F, G)`` products; each of the many candidate alignments
+    then costs a gather and a polynomial per slice instead of an ``(m, F)`` interpolation (about 10x faster on
+    the real necks; same costs to about 1e-12 relative).
+
+    Parameters
+    ----------
+    features : (m, F) ndarray
+        The measured slices' features ``f``.
+    template, weights : (G, F) ndarray
+        At the template's grid positions.
+    """
+
+    def __init__(self, features: np.ndarray, template: np.ndarray, weights: np.ndarray):
+        f = np.asarray(features, dtype=float)
+        a, c = weights[:-1], template[:-1]  # the cell's start
+        dw, dt = weights[1:] - a, template[1:] - c  # and its slope per unit t
+        f2 = f * f
+        # sum W f^2 - 2 sum W T f + sum W T^2, each term a polynomial in t.
+        self._f_terms = (
+            f2 @ a.T - 2.0 * (f @ (a * c).T),  # t^0, (m, G-1)
+            f2 @ dw.T - 2.0 * (f @ (a * dt + dw * c).T),  # t^1
+            -2.0 * (f @ (dw * dt).T),  # t^2
+        )
+        self._t_terms = (  # sum_F W T^2 = sum (a + t dw)(c + t dt)^2, (G-1,) each
+            (a * c * c).sum(axis=1),
+            (dw * c * c + 2.0 * a * c * dt).sum(axis=1),
+            (a * dt * dt + 2.0 * dw * c * dt).sum(axis=1),
+            (dw * dt * dt).sum(axis=1),
+        )
+
+    def at(self, cells: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """The sums for slice ``j`` (last axis) at cells ``cells`` and fractions ``t``, both ``(..., m)``."""
+        j = np.arange(cells.shape[-1])
+        f0, f1, f2 = (term[j, cells] for term in self._f_terms)
+        t0, t1, t2, t3 = (term[cells] for term in self._t_terms)
+        return (f0 + t0) + t * ((f1 + t1) + t * ((f2 + t2) + t * t3))
 
 
 def match_profile(
@@ -118,6 +169,7 @@ def match_profile(
     best: tuple[float | None, float, float] = (None, 1.0, np.inf)
     if len(grid) < 2:
         return best
+    squares = None if weights is None else WeightedSquares(f, template, weights)
     for s in scales:
         lo = study_z[0] - s * c1_top - slack
         hi = study_z[1] - s * c7_bottom + slack
@@ -129,17 +181,17 @@ def match_profile(
         r = (z[None, :] - anchors[:, None]) / s  # (A, m) template positions
         inside = (r >= grid[0]) & (r <= grid[-1])
         n_in = inside.sum(axis=1)
-        resid = np.where(inside[..., None], f[None] - _interp_rows(r, grid, template), 0.0)  # (A, m, F)
         with np.errstate(invalid="ignore", divide="ignore"):
             if weights is None:
+                resid = np.where(inside[..., None], f[None] - _interp_rows(r, grid, template), 0.0)  # (A, m, F)
                 mean = resid.sum(axis=1) / n_in[:, None]
                 sq = np.where(inside[..., None], (resid - mean[:, None, :]) ** 2, 0.0)
                 cost = sq.sum(axis=(1, 2)) / (n_in * f.shape[1])
             else:
-                sq = resid**2 * _interp_rows(r, grid, weights)
+                sq = np.where(inside, squares.at(*_grid_cells(r, grid)), 0.0)  # (A, m)
                 # Slices off the template pay a fixed price: otherwise shrinking the column until the awkward
                 # slices (skull, shoulders) fall off the template's ends would be the cheapest fit.
-                cost = (sq.sum(axis=(1, 2)) / f.shape[1] + OFF_TEMPLATE_COST * (len(z) - n_in)) / len(z)
+                cost = (sq.sum(axis=1) / f.shape[1] + OFF_TEMPLATE_COST * (len(z) - n_in)) / len(z)
         cost = np.where(n_in >= min_points, cost, np.inf)
         i = int(np.argmin(cost))
         if cost[i] < best[2]:

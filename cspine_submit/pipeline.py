@@ -122,8 +122,10 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
         if header.study_uid != job.uid:
             warnings.append(f"folder {job.uid} holds StudyInstanceUID {header.study_uid}; rows use the folder name")
         stage, t = "plan", time.perf_counter()
+        # Whole-number HU (all CT as scanners write it) are kept as int16: slices decode straight into the stack.
+        hu_dtype = dicom.hu_dtype(header)
         cue_indices = np.zeros(0, dtype=np.int64)
-        cue_slices = np.zeros((0, header.rows, header.cols), dtype=np.float32)
+        cue_slices = np.zeros((0, header.rows, header.cols), dtype=hu_dtype)
         cue = None
         if not job.vertebrae:
             planned = {}  # no classifier at all: nothing to plan (the study is still scanned, to report on it)
@@ -131,7 +133,7 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
             # The profile planner needs a few decoded cue slices: decode them here, so that they count as slices
             # read and so that the crops below reuse those the plans also need instead of decoding them again.
             cue_indices = np.asarray(localize.study_cue_indices(header, job.ranges), dtype=np.int64)
-            cue_slices = _read_reusing(header, cue_indices, cue_indices[:0], cue_slices, stack="cue")
+            cue_slices = _read_reusing(header, cue_indices, cue_indices[:0], cue_slices, stack="cue", dtype=hu_dtype)
             cue = localize.measure_cue(header, job.ranges, slices=cue_slices)
             if cue.fallback:
                 warnings.append(f"planner: {cue.fallback}")
@@ -145,7 +147,7 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
         seconds["plan"] = time.perf_counter() - t
         stage, t = "read", time.perf_counter()
         needed = crop.slices_needed(plans, job.config, header.n_slices) if plans else np.zeros(0, dtype=np.int64)
-        slices = _read_reusing(header, needed, cue_indices, cue_slices, stack="crops")
+        slices = _read_reusing(header, needed, cue_indices, cue_slices, stack="crops", dtype=hu_dtype)
         seconds["read"] = time.perf_counter() - t
         stage, t = "crop", time.perf_counter()
         crops = {v: crop.encode_crops(crop.prepare_crops(slices, needed, plan, job.config)) for v, plan in plans.items()}
@@ -159,22 +161,23 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
 _STACKS: dict[str, np.ndarray] = {}
 
 
-def _stack(name: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """A float32 array of ``shape`` kept by this (worker) process under ``name`` and reused by the next study.
+def _stack(name: str, shape: tuple[int, int, int], dtype=np.float32) -> np.ndarray:
+    """An array of ``shape`` and ``dtype`` kept by this (worker) process under ``name`` and reused by the next study.
 
     Fresh memory for every study's slice stack costs a page fault per 4 kB page on first write; measured on this
     project's VM that was about as much as decoding the slice with dicomsdl. A study's stacks live only while it is
     prepared (the crops are copies), so the next study can write over them.
     """
-    n = int(np.prod(shape))
-    buf = _STACKS.get(name)
-    if buf is None or buf.size < n:
-        buf = _STACKS[name] = np.empty(max(n, int(1.25 * (0 if buf is None else buf.size))), dtype=np.float32)
-    return buf[:n].reshape(shape)
+    dtype = np.dtype(dtype)
+    n_bytes = int(np.prod(shape)) * dtype.itemsize
+    buf = _STACKS.get(name)  # raw bytes, viewed as whichever dtype the study needs
+    if buf is None or buf.size < n_bytes:
+        buf = _STACKS[name] = np.empty(max(n_bytes, int(1.25 * (0 if buf is None else buf.size))), dtype=np.uint8)
+    return buf[:n_bytes].view(dtype).reshape(shape)
 
 
 def _read_reusing(header, indices: np.ndarray, known_indices: np.ndarray, known_slices: np.ndarray,
-                  stack: str | None = None) -> np.ndarray:
+                  stack: str | None = None, dtype=np.float32) -> np.ndarray:
     """HU slices ``indices`` of a study, decoding only those not already in ``known_slices``.
 
     Parameters
@@ -184,15 +187,17 @@ def _read_reusing(header, indices: np.ndarray, known_indices: np.ndarray, known_
         Slices wanted, head to feet indices.
     known_indices : (j,) ndarray of int
         Slices already decoded (e.g. the planner's cue slices), unique.
-    known_slices : (j, rows, cols) ndarray of float32
+    known_slices : (j, rows, cols) ndarray
         Their HU, in ``known_indices`` order.
     stack : str, optional
         Write into this process's reusable stack of that name (:func:`_stack`; valid until the next study asks
         for it) instead of a new array.
+    dtype : float32 or int16
+        Of the result; int16 only when :func:`cspine_submit.dicom.hu_dtype` of the study says so.
 
     Returns
     -------
-    (m, rows, cols) ndarray of float32
+    (m, rows, cols) ndarray of ``dtype``
         HU in the order of ``indices``.
     """
     from cspine_submit import dicom
@@ -200,7 +205,7 @@ def _read_reusing(header, indices: np.ndarray, known_indices: np.ndarray, known_
     indices = np.asarray(indices, dtype=np.int64)
     have = {int(i): r for r, i in enumerate(known_indices)}
     shape = (indices.size, header.rows, header.cols)
-    out = _stack(stack, shape) if stack else np.empty(shape, dtype=np.float32)
+    out = _stack(stack, shape, dtype) if stack else np.empty(shape, dtype=dtype)
     first: dict[int, int] = {}
     for k, i in enumerate(indices.tolist()):
         if i in have:

@@ -5,6 +5,7 @@ Every DICOM file in tests/data is decoded both ways: each direct decoder install
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +215,59 @@ def test_first_study_check_accepts_the_direct_route_alone(monkeypatch, tmp_path)
     monkeypatch.setattr(dicom, "available_plugins", lambda ts: ())
     check = preflight.check_study_syntaxes(study)
     assert check.ok and "(direct)" in check.notes[0], check.notes
+
+
+def _one_slice_study(tmp_path: Path, path: Path) -> dicom.StudyHeader:
+    folder = tmp_path / f"study_{len(list(tmp_path.glob('study_*')))}"
+    folder.mkdir()
+    (folder / path.name).symlink_to(path.resolve())
+    return dicom.scan_study(folder)
+
+
+def test_int16_hu_stacks_hold_exactly_the_float_hu_of_every_test_file(tmp_path):
+    # A study whose headers promise whole HU inside int16 decodes straight into an int16 stack; the values must be
+    # pydicom's HU, whatever the route (native, a JPEG decoder, or pydicom's plugins as the fallback).
+    as_int16 = set()
+    for path in FILES:
+        header = _one_slice_study(tmp_path, path)
+        try:
+            expected = dicom.decode_slice(path, header.transfer_syntaxes[0], direct=False)
+        except dicom.DicomReadError:
+            continue
+        if dicom.hu_dtype(header) != np.int16:
+            continue  # (which headers qualify: the next test)
+        for direct in (True, False):
+            out = np.full((header.rows, header.cols), 12345, dtype=np.int16)
+            dicom.decode_into(header, 0, out, direct=direct)
+            np.testing.assert_array_equal(out, expected, err_msg=f"{path.name} direct={direct}")
+        as_int16.add(path.name)
+    assert {"5001001.dcm", "12bitSigned_0x0F0F.dcm"} <= as_int16
+
+
+@pytest.mark.parametrize("bits_stored, signed, slope, intercept, expected", [
+    (12, False, 1, -1024, np.int16),  # the competition's unsigned form: HU -1024 .. 3071
+    (16, True, 1, 0, np.int16),  # its signed form
+    (12, True, 1, -1024, np.int16),  # -3072 .. 1023
+    (16, False, 1, -1024, np.float32),  # up to 64511 HU: beyond int16
+    (16, True, 1, -1024, np.float32),  # down to -33792 HU
+    (12, False, 0.5, -1024, np.float32),  # half HU
+    (12, False, 1, -1024.5, np.float32),
+])
+def test_hu_dtype_is_int16_only_when_every_hu_is_whole_and_inside_int16(tmp_path, bits_stored, signed, slope,
+                                                                         intercept, expected):
+    stored = np.arange(64 * 48).reshape(64, 48) % (2 ** (bits_stored - 1))
+    path = _write(tmp_path, stored, bits_stored, signed, ExplicitVRLittleEndian)
+    ds = pydicom.dcmread(path)
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.save_as(path)
+    header = _one_slice_study(tmp_path, path)
+    assert dicom.hu_dtype(header) == expected
+    hu = np.empty((64, 48), dtype=dicom.hu_dtype(header))
+    dicom.decode_into(header, 0, hu)
+    np.testing.assert_array_equal(hu, stored * np.float64(slope) + intercept)
+
+
+def test_a_study_with_one_slice_pydicom_must_decode_stays_float32(tmp_path):
+    header = _one_slice_study(tmp_path, _write(tmp_path, np.zeros((8, 8)), 12, False, ExplicitVRLittleEndian))
+    assert dicom.hu_dtype(header) == np.int16
+    assert dicom.hu_dtype(dataclasses.replace(header, pixels=(None,))) == np.float32

@@ -163,14 +163,15 @@ def decode_limit(folder: Path, ranges, config: ModelConfig) -> tuple[float, floa
     """The planned slices of one study decoded by our reader and by the fastest decoder called directly.
 
     Returns ``(reader seconds, direct seconds, slices)``; the direct loop is :func:`fastest_direct_loop` (no header
-    scan, no HU conversion, no checks): the floor our reader is compared against.
+    scan, no HU conversion, no checks): the floor our reader is compared against. The reader decodes into the
+    stack dtype a run's workers use (:func:`cspine_submit.dicom.hu_dtype`).
     """
     from cspine_submit import crop, dicom
     from cspine_submit.localize import plan_crops
 
     header = dicom.scan_study(folder)
     needed = crop.slices_needed(plan_crops(header, ranges, config), config, header.n_slices)
-    _, ours = _timed(dicom.read_slices, header, needed)
+    _, ours = _timed(dicom.read_slices, header, needed, dtype=dicom.hu_dtype(header))
     _, direct = _timed(fastest_direct_loop, header, needed)
     return ours, direct, int(len(needed))
 

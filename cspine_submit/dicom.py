@@ -909,7 +909,7 @@ def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | Non
 
 def read_slices(
     header: StudyHeader, indices: Iterable[int] | None = None, plugin: str | None = None, progress: bool = False,
-    direct: bool = True,
+    direct: bool = True, dtype=np.float32,
 ) -> np.ndarray:
     """Decode only the requested slices of a scanned study, to HU.
 
@@ -928,10 +928,12 @@ def read_slices(
         Show a tqdm bar.
     direct : bool
         False: decode every slice through pydicom's plugins (benchmarks, checks); see :func:`decode_slice`.
+    dtype : float32 or int16
+        int16 (what a submission run's workers use) only where :func:`hu_dtype` says it holds the study's HU.
 
     Returns
     -------
-    (n, rows, cols) ndarray of float32
+    (n, rows, cols) ndarray of ``dtype``
         HU, in the order of ``indices``.
 
     Raises
@@ -946,8 +948,10 @@ def read_slices(
     if idx.size and (idx.min() < 0 or idx.max() >= header.n_slices):
         raise IndexError(f"{header.folder}: slice indices must be in [0, {header.n_slices}), got "
                          f"{idx.min()}..{idx.max()}")
+    if np.dtype(dtype) == np.int16 and hu_dtype(header) != np.int16:
+        raise ValueError(f"{header.folder}: int16 cannot hold this study's HU (see dicom.hu_dtype)")
     unique, inverse = np.unique(idx, return_inverse=True)
-    out = np.empty((len(unique), header.rows, header.cols), dtype=np.float32)
+    out = np.empty((len(unique), header.rows, header.cols), dtype=dtype)
     it = unique
     if progress:
         from tqdm import tqdm

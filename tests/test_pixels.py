@@ -240,6 +240,7 @@ def test_int16_hu_stacks_hold_exactly_the_float_hu_of_every_test_file(tmp_path):
             out = np.full((header.rows, header.cols), 12345, dtype=np.int16)
             dicom.decode_into(header, 0, out, direct=direct)
             np.testing.assert_array_equal(out, expected, err_msg=f"{path.name} direct={direct}")
+        np.testing.assert_array_equal(dicom.read_slices(header, dtype=np.int16)[0], expected)
         as_int16.add(path.name)
     assert {"5001001.dcm", "12bitSigned_0x0F0F.dcm"} <= as_int16
 
@@ -270,4 +271,7 @@ def test_hu_dtype_is_int16_only_when_every_hu_is_whole_and_inside_int16(tmp_path
 def test_a_study_with_one_slice_pydicom_must_decode_stays_float32(tmp_path):
     header = _one_slice_study(tmp_path, _write(tmp_path, np.zeros((8, 8)), 12, False, ExplicitVRLittleEndian))
     assert dicom.hu_dtype(header) == np.int16
-    assert dicom.hu_dtype(dataclasses.replace(header, pixels=(None,))) == np.float32
+    via_pydicom = dataclasses.replace(header, pixels=(None,))
+    assert dicom.hu_dtype(via_pydicom) == np.float32
+    with pytest.raises(ValueError, match="int16 cannot hold"):
+        dicom.read_slices(via_pydicom, dtype=np.int16)

@@ -42,10 +42,6 @@ from cspine_submit.localize import CropPlan
 PAD_HU: float = -1024.0
 """HU written where the crop square leaves the image (air)."""
 
-# Slices are stacked as channels to resize several per call; OpenCV's resize takes at most 4 channels for
-# some interpolation / scale combinations, so 4 it is.
-_CV_MAX_CHANNELS = 4
-
 
 def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
     """Map HU linearly to [0, 1] through one window, clipping outside it.
@@ -100,11 +96,17 @@ def _extract(slices: np.ndarray, top: int, left: int, side: int, which: np.ndarr
     """
     _, rows, cols = slices.shape
     which = np.arange(slices.shape[0]) if which is None else np.asarray(which, dtype=np.int64)
-    out = np.full((which.size, side, side), PAD_HU, dtype=np.float32)
     sy0, sx0 = max(top, 0), max(left, 0)
     sy1, sx1 = min(top + side, rows), min(left + side, cols)
+    inside = (sy0, sx0, sy1, sx1) == (top, left, top + side, left + side)
+    # Padding is written only when the square leaves the image, and each slice's window is copied (and converted
+    # from int16 stacks) straight into place: fancy indexing would copy it twice.
+    out = np.empty((which.size, side, side), dtype=np.float32) if inside else \
+        np.full((which.size, side, side), PAD_HU, dtype=np.float32)
     if sy1 > sy0 and sx1 > sx0:
-        out[:, sy0 - top : sy1 - top, sx0 - left : sx1 - left] = slices[which, sy0:sy1, sx0:sx1]
+        dst = out[:, sy0 - top : sy1 - top, sx0 - left : sx1 - left]
+        for k, j in enumerate(which.tolist()):
+            dst[k] = slices[j, sy0:sy1, sx0:sx1]
     return out
 
 
@@ -117,11 +119,11 @@ def resize_stack(stack: np.ndarray, size: int) -> np.ndarray:
         return stack.astype(np.float32, copy=True)
     interp = cv2.INTER_AREA if (h > size and w > size) else cv2.INTER_LINEAR
     out = np.empty((m, size, size), dtype=np.float32)
-    hwc = np.ascontiguousarray(np.moveaxis(stack.astype(np.float32, copy=False), 0, -1))
-    for start in range(0, m, _CV_MAX_CHANNELS):
-        part = hwc[..., start : start + _CV_MAX_CHANNELS]
-        res = cv2.resize(part, (size, size), interpolation=interp)
-        out[start : start + part.shape[-1]] = np.moveaxis(res.reshape(size, size, -1), -1, 0)
+    stack = np.ascontiguousarray(stack, dtype=np.float32)
+    # One image per call, written straight into the result: about 2x faster than stacking slices as channels
+    # (which needs a transposed copy each way), and OpenCV resizes every channel alike, so the values are the same.
+    for i in range(m):
+        cv2.resize(stack[i], (size, size), dst=out[i], interpolation=interp)
     return out
 
 
@@ -218,6 +220,8 @@ def hu_squares(slices: np.ndarray, slice_indices, plan: CropPlan, config: ModelC
     np.clip(hu, low, high, out=hu)
     if side > S:
         hu = resize_stack(hu, S)
+    if uniq.size == inverse.size and np.array_equal(inverse.ravel(), np.arange(inverse.size)):
+        return hu.reshape(k, P, s, s)  # every crop plane a distinct slice, in order: no regrouping copy
     return np.ascontiguousarray(hu[inverse].reshape(k, P, s, s))
 
 

@@ -481,3 +481,20 @@ def test_weighted_squares_equal_the_interpolated_sum():
     fast = WeightedSquares(features, template, weights).at(*_grid_cells(r, grid))
     assert fast.shape == direct.shape == (6, 37)
     np.testing.assert_allclose(fast, direct, rtol=1e-11, atol=1e-9)
+
+
+def test_bone_centroids_are_the_median_bone_pixel_of_each_slice():
+    """The counts-per-row/column median equals np.median of the bone pixels' coordinates, odd and even counts."""
+    from cspine_submit.localize.features import FEATURE_STRIDE, bone_centroids
+
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        shape = (int(rng.integers(1, 4)), int(rng.integers(4, 60)), int(rng.integers(4, 60)))
+        slices = np.where(rng.uniform(size=shape) < rng.uniform(0.0, 0.3), 900, -80).astype(np.int16)
+        got = bone_centroids(slices)
+        for s, c in zip(slices[:, ::FEATURE_STRIDE, ::FEATURE_STRIDE], got):
+            ys, xs = np.nonzero(s >= 250)
+            if ys.size < 4:
+                assert np.isnan(c).all()
+            else:
+                assert tuple(c) == (np.median(ys) * FEATURE_STRIDE, np.median(xs) * FEATURE_STRIDE)

@@ -17,6 +17,7 @@ posterior for a standard axial CT), x columns.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import struct
@@ -28,6 +29,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from cspine_submit import dicom_header
 from cspine_submit.pixels import NotDirect, PixelSpec, read_stored
 
 
@@ -276,16 +278,7 @@ _HEADER_TAGS = [
 _EXPLICIT_LONG_VRS = {b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN"}
 
 # (tag, VR) of the scanned tags, for reading their raw bytes (see _header_value).
-_TAG_VR: dict[str, tuple[int, str]] = {
-    "StudyInstanceUID": (0x0020000D, "UI"), "SeriesInstanceUID": (0x0020000E, "UI"),
-    "InstanceNumber": (0x00200013, "IS"), "ImagePositionPatient": (0x00200032, "DS"),
-    "ImageOrientationPatient": (0x00200037, "DS"), "PixelSpacing": (0x00280030, "DS"),
-    "SliceThickness": (0x00180050, "DS"), "SpacingBetweenSlices": (0x00180088, "DS"),
-    "Rows": (0x00280010, "US"), "Columns": (0x00280011, "US"), "SamplesPerPixel": (0x00280002, "US"),
-    "NumberOfFrames": (0x00280008, "IS"), "BitsAllocated": (0x00280100, "US"), "BitsStored": (0x00280101, "US"),
-    "PixelRepresentation": (0x00280103, "US"), "PhotometricInterpretation": (0x00280004, "CS"),
-    "RescaleSlope": (0x00281053, "DS"), "RescaleIntercept": (0x00281052, "DS"),
-}
+_TAG_VR: dict[str, tuple[int, str]] = dicom_header.WANTED
 
 
 def _header_value(ds, keyword: str, default=None):
@@ -311,10 +304,7 @@ def _header_value(ds, keyword: str, default=None):
         if len(raw) != 2:
             return ds.get(keyword, default)
         return struct.unpack("<H" if elem.is_little_endian else ">H", raw)[0]
-    text = raw.decode("latin-1").strip(" \0")
-    if vr in ("DS", "IS") and "\\" in text:
-        return [t.strip() for t in text.split("\\")]
-    return text.strip()
+    return dicom_header.decode_raw(raw, vr)  # the fast scan's decoding, so that both routes agree
 
 
 @dataclass(frozen=True)
@@ -358,13 +348,15 @@ class SliceInfo:
 
 
 def _floats(value, n: int) -> np.ndarray | None:
+    """``n`` finite floats from a multi-valued header value, else None (checked on Python floats: numpy's checks
+    cost more than the rest of a header's fast scan)."""
     try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+        values = [float(v) for v in value]
     except (TypeError, ValueError):
         return None
-    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+    if len(values) != n or not all(map(math.isfinite, values)):
         return None
-    return arr
+    return np.array(values, dtype=np.float64)
 
 
 def _float_or_none(value) -> float | None:
@@ -372,7 +364,7 @@ def _float_or_none(value) -> float | None:
         out = float(value)
     except (TypeError, ValueError):
         return None
-    return out if np.isfinite(out) else None
+    return out if math.isfinite(out) else None
 
 
 def _locate_pixel_data(fp, file_size: int) -> tuple[str | None, tuple[tuple[int, int], ...], bool]:
@@ -436,8 +428,16 @@ def _locate_pixel_data(fp, file_size: int) -> tuple[str | None, tuple[tuple[int,
         fp.seek(pos)
 
 
-def read_slice_header(path: str | Path) -> SliceInfo:
+def read_slice_header(path: str | Path, fast: bool | None = None) -> SliceInfo:
     """Read one slice file's header (never its pixel data) and check that the pixel data is complete.
+
+    Parameters
+    ----------
+    path : str or Path
+    fast : bool, optional
+        Try :func:`cspine_submit.dicom_header.scan_header` first (several times cheaper than pydicom's reader; files
+        it does not read with certainty go to pydicom, with the same result). False: pydicom only. None (default):
+        fast unless :data:`cspine_submit.dicom_header.DISABLE_ENV` is set.
 
     Raises
     ------
@@ -445,10 +445,36 @@ def read_slice_header(path: str | Path) -> SliceInfo:
         Message ``"<path>: <reason>"`` when the file is not DICOM, unreadable, has no pixel data, is
         truncated, is multi-frame or not grayscale.
     """
+    path = Path(path)
+    if fast or (fast is None and dicom_header.fast_enabled()):
+        info = _read_slice_header_fast(path)
+        if info is not None:
+            return info
+    return _read_slice_header_pydicom(path)
+
+
+def _read_slice_header_fast(path: Path) -> SliceInfo | None:
+    """:func:`read_slice_header` through :func:`cspine_submit.dicom_header.scan_header`; None when the file needs
+    pydicom's reader (anything unusual, including a read error: pydicom's route then words the error)."""
+    try:
+        with open(path, "rb") as fp:
+            file_size = os.fstat(fp.fileno()).st_size
+            scan = dicom_header.scan_header(fp, file_size)
+            # the same check of Pixel Data as pydicom's route, from the same place in the file
+            fp.seek(scan.pixel_tell)
+            problem, ranges, encapsulated = _locate_pixel_data(fp, file_size)
+    except Exception:  # noqa: BLE001 - NotFast, OSError or a surprise: pydicom's route decides
+        return None
+    if problem:
+        raise DicomReadError(f"{path}: {problem}")
+    return _slice_info(path, scan.transfer_syntax, ranges, encapsulated, scan.value)
+
+
+def _read_slice_header_pydicom(path: Path) -> SliceInfo:
+    """:func:`read_slice_header` through ``pydicom.dcmread`` (headers only, the scanned tags only)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    path = Path(path)
     try:
         file_size = path.stat().st_size
         with open(path, "rb") as fp, _warnings.catch_warnings():
@@ -486,6 +512,13 @@ def read_slice_header(path: str | Path) -> SliceInfo:
     def value(keyword, default=None):
         return _header_value(ds, keyword, default)
 
+    return _slice_info(path, tsyntax, ranges, encapsulated, value)
+
+
+def _slice_info(path: Path, tsyntax: str, ranges: tuple[tuple[int, int], ...], encapsulated: bool,
+                value) -> SliceInfo:
+    """The checks and the :class:`SliceInfo` of :func:`read_slice_header`, from the scanned header's values
+    (``value(keyword, default)``) and what :func:`_locate_pixel_data` found, whichever route read them."""
     try:
         rows, cols = value("Rows"), value("Columns")
         rows, cols = (None if v in (None, "") else int(v) for v in (rows, cols))

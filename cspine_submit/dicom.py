@@ -445,7 +445,7 @@ def read_slice_header(path: str | Path, fast: bool | None = None) -> SliceInfo:
         Message ``"<path>: <reason>"`` when the file is not DICOM, unreadable, has no pixel data, is
         truncated, is multi-frame or not grayscale.
     """
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)
     if fast or (fast is None and dicom_header.fast_enabled()):
         info = _read_slice_header_fast(path)
         if info is not None:
@@ -662,10 +662,15 @@ def order_slices(infos: Sequence[SliceInfo]) -> SliceOrder:
     normal = np.cross(orientation[:3], orientation[3:])
     normal = normal / (np.linalg.norm(normal) or 1.0)
     keep = []
+    alignment: dict[bytes, float] = {}  # per distinct orientation (a series has one): np.cross costs ~15 us a call
     for s in group:
         if s.orientation is not None:
-            n = np.cross(s.orientation[:3], s.orientation[3:])
-            if abs(float(n @ normal)) / (np.linalg.norm(n) or 1.0) < 0.9998:  # > ~1 degree off the series plane
+            key = s.orientation.tobytes()
+            cos = alignment.get(key)
+            if cos is None:
+                n = np.cross(s.orientation[:3], s.orientation[3:])
+                cos = alignment[key] = abs(float(n @ normal)) / (np.linalg.norm(n) or 1.0)
+            if cos < 0.9998:  # > ~1 degree off the series plane
                 skipped.append((s.path.name, "ImageOrientationPatient differs from the series (e.g. a localizer)"))
                 continue
         keep.append(s)

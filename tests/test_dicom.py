@@ -333,6 +333,21 @@ def test_duplicates_other_series_and_other_size_are_skipped(tmp_path):
     assert len(skipped) == 3
 
 
+def test_slices_off_the_series_plane_are_skipped(tmp_path):
+    # A localizer in the series (coronal) is left out; a slice tilted by half a degree is kept.
+    folder = make_study(tmp_path / "s", [f"{k + 1}.dcm" for k in range(N)])
+    for name, k, orientation in (("loc.dcm", 20, [1, 0, 0, 0, 0, -1]),
+                                 ("tilt.dcm", -1, [1, 0, 0, 0, np.cos(np.radians(0.5)), np.sin(np.radians(0.5))])):
+        path = write_slice(folder / name, k)
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+        ds.save_as(path)
+    header = scan_study(folder)
+    assert dict(header.skipped) == {"loc.dcm": "ImageOrientationPatient differs from the series (e.g. a localizer)"}
+    assert [p.name for p in header.files] == ["tilt.dcm"] + [f"{k + 1}.dcm" for k in range(N)]
+    np.testing.assert_array_equal(header.orientation, [1, 0, 0, 0, 1, 0])
+
+
 def test_missing_positions_fall_back_to_instance_number_then_file_name(tmp_path):
     # Shuffled names, no positions, InstanceNumber 1..N from head to feet.
     by_instance = tmp_path / "a"

@@ -163,15 +163,23 @@ def decode_limit(folder: Path, ranges, config: ModelConfig) -> tuple[float, floa
     """The planned slices of one study decoded by our reader and by the fastest decoder called directly.
 
     Returns ``(reader seconds, direct seconds, slices)``; the direct loop is :func:`fastest_direct_loop` (no header
-    scan, no HU conversion, no checks): the floor our reader is compared against. The reader decodes into the
-    stack dtype a run's workers use (:func:`cspine_submit.dicom.hu_dtype`).
+    scan, no HU conversion, no checks): the floor our reader is compared against. The reader decodes as a run's
+    workers do: :func:`cspine_submit.dicom.decode_into` each slice, into a stack of the study's
+    :func:`cspine_submit.dicom.hu_dtype` that was already written once (workers reuse theirs from study to study;
+    first-touch page faults of a fresh stack would cost about as much as reading uncompressed slices).
     """
     from cspine_submit import crop, dicom
     from cspine_submit.localize import plan_crops
 
     header = dicom.scan_study(folder)
     needed = crop.slices_needed(plan_crops(header, ranges, config), config, header.n_slices)
-    _, ours = _timed(dicom.read_slices, header, needed, dtype=dicom.hu_dtype(header))
+    stack = np.zeros((len(needed), header.rows, header.cols), dtype=dicom.hu_dtype(header))
+
+    def read() -> None:
+        for k, i in enumerate(needed.tolist()):
+            dicom.decode_into(header, i, stack[k])
+
+    _, ours = _timed(read)
     _, direct = _timed(fastest_direct_loop, header, needed)
     return ours, direct, int(len(needed))
 

@@ -148,7 +148,9 @@ def correct_unused_bits(arr: np.ndarray, bits_allocated: int, bits_stored: int) 
     clears the unused high bits.
     """
     shift = bits_allocated - bits_stored
-    if shift > 0:
+    if shift > 0 and arr.dtype.kind == "u":
+        np.bitwise_and(arr, arr.dtype.type((1 << bits_stored) - 1), out=arr)  # the same as both shifts, one pass
+    elif shift > 0:
         np.left_shift(arr, shift, out=arr)
         np.right_shift(arr, shift, out=arr)
     return arr

@@ -111,7 +111,7 @@ def report(title: str, folders: list[Path], repeat: int) -> None:
     files = per_file(studies, repeat)
     base = statistics.median(files["pydicom"])
     for name, values in files.items():
-        print(f"  {name:16s} {_spread(values)} per file   ({base / statistics.median(values):.1f}x fewer than pydicom)")
+        print(f"  {name:16s} {_spread(values)} per file   ({base / statistics.median(values):.1f}x cheaper than pydicom)")
     study = per_study(folders, repeat)
     slow, fast = statistics.median(study["pydicom"]), statistics.median(study["fast"])
     print(f"  scan_study pydicom {_spread(study['pydicom'], 's')} per study")

@@ -653,7 +653,14 @@ def order_slices(infos: Sequence[SliceInfo]) -> SliceOrder:
         else:
             group.append(s)
 
-    orients = [tuple(np.round(s.orientation, 4)) for s in group if s.orientation is not None]
+    rounded: dict[bytes, tuple] = {}  # np.round once per distinct orientation (a series has one)
+    orients = []
+    for s in group:
+        if s.orientation is not None:
+            key = s.orientation.tobytes()
+            if key not in rounded:
+                rounded[key] = tuple(np.round(s.orientation, 4))
+            orients.append(rounded[key])
     if orients:
         orientation = np.asarray(Counter(orients).most_common(1)[0][0], dtype=np.float64)
     else:

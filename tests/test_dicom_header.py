@@ -305,12 +305,19 @@ def test_switch_forces_pydicom(tmp_path, monkeypatch):
 
 def test_whole_study_scan_is_identical(real_neck_dataset, monkeypatch):
     root, records = real_neck_dataset
+    pydicom_reads = []
+    real_read = dicom._read_slice_header_pydicom
+    monkeypatch.setattr(dicom, "_read_slice_header_pydicom", lambda path: pydicom_reads.append(path) or
+                        real_read(path))
     for rec in records[:3]:
         folder = root / "images" / rec["uid"]
         fast = scan_study(folder)
+        assert pydicom_reads == []  # no file of a competition-style study falls back, silently or not
         monkeypatch.setenv(dicom_header.DISABLE_ENV, "1")
         slow = scan_study(folder)
         monkeypatch.delenv(dicom_header.DISABLE_ENV)
+        assert len(pydicom_reads) == len(list(folder.iterdir()))
+        pydicom_reads.clear()
         for f in dataclasses.fields(fast):
             x, y = getattr(fast, f.name), getattr(slow, f.name)
             if isinstance(x, np.ndarray):

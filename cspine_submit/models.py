@@ -15,11 +15,17 @@ layer; Keras 3 cannot always deserialize their stored configs, nor pair a nested
 the rebuilt network). A folder with only those seven files and no
 config uses :data:`NOTEBOOK_CONFIG` and says so with a :class:`DefaultConfigWarning`.
 
+Each distinct classifier file is loaded once, and vertebrae whose file lists are the same (a network trained with
+``train --shared`` on every vertebra's crops: one image in, one probability out, no vertebra input) share one
+model object (:func:`classifier_groups`).
+
 Scoring (:func:`score`): one compiled ``tf.function`` per model, batches padded to a power-of-two size (so a
 model is traced at most ``log2(batch_size) + 1`` times), float16 compute on GPUs that benefit when the config
-asks. With several GPUs the classifiers are spread over them round-robin by vertebra (:func:`plan_devices`) and
-the devices score concurrently; each batch goes to one device only. Crops may arrive as uint16 fixed point
-(what worker processes send) and are converted on the device.
+asks. Vertebrae that share a model are scored in one pass over their crops laid end to end (a shared network's
+study costs a few full batches, not seven small ones). With several GPUs the models are spread over them
+round-robin, one group of vertebrae sharing a model at a time (:meth:`DevicePlan.place`), and the devices score
+concurrently; each batch goes to one device only. Crops may arrive as uint16 fixed point (what worker processes
+send) and are converted on the device.
 
 TensorFlow / Keras are imported inside functions: importing this module is cheap.
 """
@@ -30,9 +36,9 @@ import json
 import warnings
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -258,6 +264,8 @@ class DevicePlan:
         How the seven classifiers share the devices.
     why : tuple of str
         Why this device kind and precision (e.g. no GPU visible to TensorFlow, and why not).
+    placement : {vertebra: device}
+        Where the loaded classifiers were placed (:meth:`with_placement`); empty: :meth:`device_for` of each.
     """
 
     kind: str
@@ -266,16 +274,34 @@ class DevicePlan:
     precision: str
     strategy: str
     why: tuple[str, ...] = ()
+    placement: Mapping[str, str] = field(default_factory=dict)
 
     def device_for(self, vertebra: str) -> str:
         """The device of one vertebra's classifier: round-robin in C1..C7 order (C1, C3, C5, C7 on the first of two)."""
         i = VERTEBRAE.index(vertebra) if vertebra in VERTEBRAE else 0
         return self.devices[i % len(self.devices)]
 
+    def place(self, groups: Sequence[Sequence[str]]) -> dict[str, str]:
+        """The device of each vertebra when the vertebrae of a group share one model (:func:`classifier_groups`).
+
+        A group lives on one device (its weights once, its crops scored in one pass); the groups go round-robin over
+        the devices in the order given. Seven groups of one vertebra each (one classifier per vertebra) are placed
+        as :meth:`device_for` places them; one shared network runs on the first device only, with two GPUs the
+        second idles (replicating it would need a split of each study's batches, not done here); C1-C2 sharing one
+        network and C3-C7 another put one on each.
+        """
+        return {v: self.devices[i % len(self.devices)] for i, group in enumerate(groups) for v in group}
+
+    def with_placement(self, models: Mapping[str, Any]) -> "DevicePlan":
+        """This plan, recording where the loaded ``models`` (from :func:`load_classifiers`) were placed."""
+        import dataclasses
+
+        return dataclasses.replace(self, placement={v: getattr(m, _DEVICE_ATTR, None) for v, m in models.items()})
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "devices": list(self.devices), "names": list(self.names),
                 "precision": self.precision, "strategy": self.strategy, "why": list(self.why),
-                "placement": {v: self.device_for(v) for v in VERTEBRAE}}
+                "placement": dict(self.placement) if self.placement else {v: self.device_for(v) for v in VERTEBRAE}}
 
     def summary(self) -> str:
         """One line for the console."""
@@ -339,7 +365,8 @@ def plan_devices(config: ModelConfig | None = None) -> DevicePlan:
             why.append("float32: float16 is slow on a CPU" if kind == "CPU" else
                        "float32: a GPU below compute capability 7.0 (e.g. P100) gains nothing from float16")
     strategy = ("one device" if len(devices) == 1 else
-                f"classifiers round-robin over {len(devices)} {kind} devices by vertebra, scored concurrently")
+                f"classifiers round-robin over {len(devices)} {kind} devices by vertebra (vertebrae sharing one "
+                "network on one device), scored concurrently")
     return DevicePlan(kind=kind, devices=devices, names=tuple(names), precision=policy, strategy=strategy, why=tuple(why))
 
 
@@ -583,8 +610,33 @@ def load_classifier(path: str | Path, config: ModelConfig):
     return model
 
 
-def load_classifiers(weights_dir: str | Path, vertebrae=VERTEBRAE):
+def classifier_groups(weights_dir: str | Path, config: ModelConfig, vertebrae=VERTEBRAE) -> list[tuple[tuple[Path, ...], tuple[str, ...]]]:
+    """Vertebrae whose classifiers are the same files, so the same computation.
+
+    A network trained with ``train --shared`` takes one crop and returns one probability, whatever the vertebra
+    (there is no vertebra input and no per-vertebra output), so vertebrae listing the same files, in the same order,
+    can share one loaded model. Files are compared by resolved path (a symlink is the file it points to).
+
+    Returns
+    -------
+    list of (files, vertebrae)
+        ``files``: the resolved paths of one classifier (several: an ensemble); ``vertebrae``: those using it, in
+        the order of ``vertebrae``. Groups are in the order of their first vertebra.
+    """
+    weights_dir = Path(weights_dir)
+    groups: dict[tuple[Path, ...], list[str]] = {}
+    for v in vertebrae:
+        key = tuple((weights_dir / name).resolve() for name in config.classifier_paths(v))
+        groups.setdefault(key, []).append(v)
+    return [(files, tuple(vs)) for files, vs in groups.items()]
+
+
+def load_classifiers(weights_dir: str | Path, vertebrae=VERTEBRAE, *, failures: dict | None = None):
     """Load the config and the per-vertebra classifiers of a weights folder.
+
+    Each distinct file is read once, and vertebrae with the same list of files share one model object
+    (:func:`classifier_groups`): the demo's shared network, five fold files listed for all seven vertebrae, is five
+    loads and one ensemble, not 35 loads and seven ensembles.
 
     Parameters
     ----------
@@ -594,13 +646,17 @@ def load_classifiers(weights_dir: str | Path, vertebrae=VERTEBRAE):
         :class:`DefaultConfigWarning` is issued; ``config.source`` says so too).
     vertebrae : iterable of str
         Which classifiers to load (default all seven).
+    failures : dict, optional
+        When given, a classifier file that is missing, corrupt or does not match the config does not raise: each
+        vertebra using it is left out of ``models`` and recorded here as ``{vertebra: exception}`` (the
+        exception names the file). A missing folder or config still raises.
 
     Returns
     -------
     config : ModelConfig
     models : {vertebra: keras.Model}
-        Built under the config's precision policy, each on its device of :func:`plan_devices` (round-robin
-        by vertebra when there are several).
+        Built under the config's precision policy; each group of vertebrae sharing a model on one device of
+        :func:`plan_devices`, the groups round-robin over the devices (:meth:`DevicePlan.place`).
 
     Raises
     ------
@@ -623,22 +679,42 @@ def load_classifiers(weights_dir: str | Path, vertebrae=VERTEBRAE):
             f"{config_path}: no such file (and the folder does not hold the seed notebook's "
             f"{', '.join(NOTEBOOK_FILES.values())} either)"
         )
+    vertebrae = list(vertebrae)
     missing = [v for v in vertebrae if v not in config.classifier_files]
     if missing:
         raise ValueError(f"{config_path}: classifier_files lacks {missing}")
     import tensorflow as tf
 
     placement = plan_devices(config)
+    groups = classifier_groups(weights_dir, config, vertebrae)
+    device_of = placement.place([vs for _files, vs in groups])
+    loaded: dict[Path, Any] = {}  # resolved path -> model (or the exception it raised), within this call
     models = {}
     with dtype_policy(placement.precision):
-        for v in vertebrae:
-            device = placement.device_for(v)
-            with tf.device(device):  # the weights are created there, once
-                members = [load_classifier(weights_dir / name, config) for name in config.classifier_paths(v)]
-                model = members[0] if len(members) == 1 else average_classifiers(members, config.input_shape, v)
+        for files, group in groups:
+            device = device_of[group[0]]
+            try:
+                with tf.device(device):  # the weights are created there, once
+                    members = []
+                    for path in files:
+                        if path not in loaded:
+                            try:
+                                loaded[path] = load_classifier(path, config)
+                            except (FileNotFoundError, ValueError, OSError) as exc:
+                                loaded[path] = exc
+                        if isinstance(loaded[path], BaseException):
+                            raise loaded[path]
+                        members.append(loaded[path])
+                    model = members[0] if len(members) == 1 else average_classifiers(members, config.input_shape,
+                                                                                      "_".join(group))
+            except (FileNotFoundError, ValueError, OSError) as exc:
+                if failures is None:
+                    raise
+                failures.update({v: exc for v in group})
+                continue
             object.__setattr__(model, _DEVICE_ATTR, device)
-            models[v] = model
-    return config, models
+            models.update({v: model for v in group})
+    return config, {v: models[v] for v in vertebrae if v in models}
 
 
 def average_classifiers(members, input_shape, name: str = "ensemble"):
@@ -743,6 +819,54 @@ def _predict_fn(model):
     return fn
 
 
+def _batches(arrays: Sequence[np.ndarray], batch_size: int):
+    """Batches of ``batch_size`` rows over ``arrays`` laid end to end, the last one zero-padded to :func:`_bucket`.
+
+    Yields ``(batch, n)`` with ``n`` the real rows. A batch inside one array is a view; only one that spans two
+    arrays or needs padding is copied (laying the arrays end to end first would copy every crop once more).
+    """
+    total = sum(a.shape[0] for a in arrays)
+    i, offset = 0, 0  # current array, row within it
+    for start in range(0, total, batch_size):
+        n = min(batch_size, total - start)
+        size = _bucket(n, batch_size)
+        while arrays[i].shape[0] == offset:
+            i, offset = i + 1, 0
+        if size == n and arrays[i].shape[0] - offset >= n:
+            yield arrays[i][offset : offset + n], n
+            offset += n
+            continue
+        batch = np.zeros((size,) + arrays[i].shape[1:], arrays[i].dtype)
+        filled = 0
+        while filled < n:
+            while arrays[i].shape[0] == offset:
+                i, offset = i + 1, 0
+            take = min(n - filled, arrays[i].shape[0] - offset)
+            batch[filled : filled + take] = arrays[i][offset : offset + take]
+            filled, offset = filled + take, offset + take
+        yield batch, n
+
+
+def _as_model_input(crops) -> np.ndarray:
+    crops = np.asarray(crops)
+    return crops if crops.dtype == np.uint16 else crops.astype(np.float32, copy=False)
+
+
+def _predict_arrays(model, arrays: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    """Probabilities of the crops of ``arrays`` (all uint16, or all float32) laid end to end, shape ``(sum k,)``."""
+    arrays = [a for a in arrays if a.shape[0]]
+    k = sum(a.shape[0] for a in arrays)
+    if k == 0:
+        return np.zeros((0,), dtype=np.float32)
+    fn = _predict_fn(model)
+    out = np.empty((k,), dtype=np.float32)
+    start = 0
+    for batch, n in _batches(arrays, max(int(batch_size), 1)):
+        out[start : start + n] = np.asarray(fn(batch), dtype=np.float32).reshape(-1)[:n]
+        start += n
+    return out
+
+
 def predict(model, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Fracture probability of each crop with one compiled model.
 
@@ -757,73 +881,77 @@ def predict(model, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
     -------
     (k,) ndarray of float32
     """
-    crops = np.asarray(crops)
-    if crops.dtype != np.uint16:
-        crops = crops.astype(np.float32, copy=False)
-    k = crops.shape[0]
-    if k == 0:
-        return np.zeros((0,), dtype=np.float32)
-    fn = _predict_fn(model)
-    batch_size = max(int(batch_size), 1)
-    out = np.empty((k,), dtype=np.float32)
-    for start in range(0, k, batch_size):
-        chunk = crops[start : start + batch_size]
-        n = chunk.shape[0]
-        size = _bucket(n, batch_size)
-        if size != n:
-            chunk = np.concatenate([chunk, np.zeros((size - n,) + chunk.shape[1:], chunk.dtype)])
-        prob = np.asarray(fn(chunk), dtype=np.float32).reshape(-1)
-        out[start : start + n] = prob[:n]
-    return out
+    return _predict_arrays(model, [_as_model_input(crops)], batch_size)
 
 
 def score(models: Mapping[str, Any], crops_by_vertebra: Mapping[str, np.ndarray], batch_size: int = 32) -> dict[str, np.ndarray]:
     """Score each vertebra's crops with that vertebra's classifier.
+
+    Vertebrae that share one model (:func:`load_classifiers` gives vertebrae with the same files the same object)
+    are scored in one pass over their crops laid end to end, in batches of ``batch_size``, and the probabilities
+    split back per vertebra: the same numbers as scoring each vertebra alone (up to float rounding of the batch
+    size), in a few full batches instead of one small batch per vertebra. Each crop's probability depends on that
+    crop only (inference: BatchNormalization uses its stored statistics), so mixing vertebrae in a batch is exact.
 
     Parameters
     ----------
     models : {vertebra: keras.Model}
         From :func:`load_classifiers`.
     crops_by_vertebra : {vertebra: (k, S, S, C) ndarray}
-        From :func:`cspine_submit.crop.prepare_crops`.
+        From :func:`cspine_submit.crop.prepare_crops`, float32 or uint16 (:func:`cspine_submit.crop.encode_crops`);
+        ``k`` may be 0.
     batch_size : int
         Crops per forward pass (``ModelConfig.batch_size`` or the CLI's).
 
     Returns
     -------
     {vertebra: (k,) ndarray of float32}
-        Probabilities in the order of the crops.
+        Probabilities in the order of the crops, in the order of ``crops_by_vertebra``.
     """
     missing = [v for v in crops_by_vertebra if v not in models]
     if missing:
         raise ValueError(f"no classifier loaded for {missing}; loaded: {sorted(models)}")
-    by_device: dict[Any, list[str]] = {}
-    for v in crops_by_vertebra:
-        by_device.setdefault(getattr(models[v], _DEVICE_ATTR, None), []).append(v)
+    crops = {v: _as_model_input(c) for v, c in crops_by_vertebra.items()}
+    # One pass per (model, crop encoding): uint16 codes and float32 values cannot share a batch.
+    passes: dict[tuple[int, bool], list[str]] = {}
+    for v, c in crops.items():
+        if c.shape[0]:
+            passes.setdefault((id(models[v]), c.dtype == np.uint16), []).append(v)
+    by_device: dict[Any, list[list[str]]] = {}
+    for vs in passes.values():
+        by_device.setdefault(getattr(models[vs[0]], _DEVICE_ATTR, None), []).append(vs)
 
-    def run(vertebrae):
-        return {v: predict(models[v], crops_by_vertebra[v], batch_size) for v in vertebrae}
-
-    if len(by_device) <= 1:
-        return run(list(crops_by_vertebra))
-    # One thread per device: a call blocks until its device is done, so the devices only overlap this way. Daemon
-    # threads: one stuck on a wedged device must not keep the process from exiting (pool workers are joined at exit).
-    import threading
+    def run(groups) -> dict[str, np.ndarray]:
+        got = {}
+        for vs in groups:
+            probs = _predict_arrays(models[vs[0]], [crops[v] for v in vs], batch_size)
+            ends = np.cumsum([crops[v].shape[0] for v in vs])
+            got.update(zip(vs, np.split(probs, ends[:-1])))
+        return got
 
     out: dict[str, np.ndarray] = {}
-    errors: list[BaseException] = []
+    if len(by_device) <= 1:
+        out.update(run([vs for groups in by_device.values() for vs in groups]))
+    else:
+        # One thread per device: a call blocks until its device is done, so the devices only overlap this way.
+        # Daemon threads: one stuck on a wedged device must not keep the process from exiting (pool workers are
+        # joined at exit).
+        import threading
 
-    def work(vertebrae) -> None:
-        try:
-            out.update(run(vertebrae))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            errors.append(exc)
+        errors: list[BaseException] = []
 
-    threads = [threading.Thread(target=work, args=(vs,), name="score", daemon=True) for vs in by_device.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return {v: out[v] for v in crops_by_vertebra}
+        def work(groups) -> None:
+            try:
+                out.update(run(groups))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(gs,), name="score", daemon=True) for gs in by_device.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+    empty = np.zeros((0,), dtype=np.float32)
+    return {v: out[v] if v in out else empty.copy() for v in crops_by_vertebra}

@@ -400,27 +400,26 @@ def load_models(weights_dir: Path) -> tuple[ModelConfig, dict, list[str]]:
     config_path = weights_dir / "model_config.json"
     messages: list[str] = []
     config = ModelConfig.from_json(config_path) if config_path.is_file() else None
-    models: dict = {}
-    for v in VERTEBRAE:
-        if config is not None and not (v in config.classifier_files
-                                       and all((weights_dir / f).is_file() for f in config.classifier_paths(v))):
-            continue  # reported by prepare_run as "no classifier"
-        with _warnings.catch_warnings(record=True) as caught:
-            _warnings.simplefilter("always")
-            try:
-                loaded_config, loaded = load_classifiers(weights_dir, [v])
-            except FileNotFoundError:
-                if config is None:
-                    raise  # neither model_config.json nor the seed notebook's files: nothing to run
-                continue
-            except (ValueError, OSError) as exc:
-                messages.append(f"classifier for {v} could not be loaded ({exc}); {v} gets its prior")
-                continue
-        messages += [str(w.message) for w in caught if "DefaultConfig" in type(w.message).__name__
-                     and str(w.message) not in messages]
-        config = loaded_config
-        models[v] = loaded[v]
-    return config, models, messages
+    wanted = [v for v in VERTEBRAE
+              if config is None or (v in config.classifier_files
+                                    and all((weights_dir / f).is_file() for f in config.classifier_paths(v)))]
+    # The rest are reported by prepare_run as "no classifier". One call, so that a file several vertebrae list
+    # (a shared network) is loaded once and they share one model.
+    failures: dict = {}
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        try:
+            loaded_config, models = load_classifiers(weights_dir, wanted, failures=failures)
+        except FileNotFoundError:
+            if config is None:
+                raise  # neither model_config.json nor the seed notebook's files: nothing to run
+            loaded_config, models = config, {}
+    for w in caught:
+        if "DefaultConfig" in type(w.message).__name__ and str(w.message) not in messages:
+            messages.append(str(w.message))
+    messages += [f"classifier for {v} could not be loaded ({exc}); {v} gets its prior"
+                 for v, exc in failures.items() if not isinstance(exc, FileNotFoundError)]
+    return loaded_config, models, messages
 
 
 def initial_priors(weights_dir: str | Path) -> dict[str, float]:
@@ -497,7 +496,7 @@ def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_si
         plan=plan, weights_dir=weights_dir, config=config, models=models, ranges=ranges, ranges_path=ranges_path,
         warnings=warnings, notes=list(plan.notes) + notes,
         fingerprint=_weights_fingerprint(weights_dir, config, ranges, plan), demo=demo,
-        load_seconds=time.perf_counter() - t0, devices=plan_devices(config),
+        load_seconds=time.perf_counter() - t0, devices=plan_devices(config).with_placement(models),
     )
 
 

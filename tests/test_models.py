@@ -1,6 +1,7 @@
 """models.py: architectures, parameter counts, every loading path round-trips bit-exactly, scoring."""
 
 import shutil
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -369,3 +370,87 @@ def test_a_list_of_files_per_vertebra_is_an_ensemble_averaging_probabilities(tmp
     got = M.score(models, {"C2": x}, batch_size=4)["C2"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert len(set(np.round(want, 4))) > 1  # the members differ, so the mean is not any one of them
+
+
+def _shared_weights(tmp_path):
+    """A weights folder mixing a shared ensemble (C1, C2, C4), a shared single file (C3, C5) and two classifiers of
+    their own (C6; C7 lists the ensemble's files in the other order, so it is another model)."""
+    nets = {name: _randomize(M.build_classifier("tiny", SHAPE), seed=s)
+            for name, s in (("a0", 21), ("a1", 22), ("b", 23), ("c", 24))}
+    for name, m in nets.items():
+        M.save_classifier(m, tmp_path / f"{name}.keras")
+    files = {"C1": ["a0.keras", "a1.keras"], "C2": ["a0.keras", "a1.keras"], "C3": "b.keras",
+             "C4": ["a0.keras", "a1.keras"], "C5": "b.keras", "C6": "c.keras", "C7": ["a1.keras", "a0.keras"]}
+    _tiny_config("keras").replace(classifier_files=files).to_json(tmp_path / "model_config.json")
+    return nets
+
+
+def test_vertebrae_listing_the_same_files_share_one_model_loaded_once(tmp_path, monkeypatch):
+    nets = _shared_weights(tmp_path)
+    read = []
+    real = M.load_classifier
+    monkeypatch.setattr(M, "load_classifier", lambda path, config: read.append(Path(path).name) or real(path, config))
+    config, models = M.load_classifiers(tmp_path)
+    assert sorted(read) == ["a0.keras", "a1.keras", "b.keras", "c.keras"]  # each file once, not 11 reads
+    assert models["C1"] is models["C2"] is models["C4"] and models["C3"] is models["C5"]
+    assert len({id(m) for m in models.values()}) == 4
+    assert [vs for _f, vs in M.classifier_groups(tmp_path, config)] == [
+        ("C1", "C2", "C4"), ("C3", "C5"), ("C6",), ("C7",)]
+    # Groups go round-robin over the devices, each on one.
+    plan = M.DevicePlan("GPU", ("/gpu:0", "/gpu:1"), ("a", "b"), "float32", "test")
+    assert plan.place([("C1", "C2", "C4"), ("C3", "C5"), ("C6",), ("C7",)]) == {
+        "C1": "/gpu:0", "C2": "/gpu:0", "C4": "/gpu:0", "C3": "/gpu:1", "C5": "/gpu:1", "C6": "/gpu:0", "C7": "/gpu:1"}
+    assert plan.place([(v,) for v in VERTEBRAE]) == {v: plan.device_for(v) for v in VERTEBRAE}
+    x = _x(n=4, seed=3)
+    want = np.mean([np.asarray(nets[n].predict_on_batch(x))[:, 0] for n in ("a0", "a1")], axis=0)
+    np.testing.assert_allclose(M.predict(models["C2"], x, 4), want, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_models_score_in_one_pass_exactly_as_alone(tmp_path, monkeypatch):
+    from cspine_submit import crop
+
+    _shared_weights(tmp_path)
+    _, models = M.load_classifiers(tmp_path)
+    rng = np.random.default_rng(7)
+    sizes = {"C1": 11, "C2": 0, "C3": 5, "C4": 20, "C5": 3, "C6": 7, "C7": 9}
+    crops = {v: crop.encode_crops(rng.uniform(0, 1, (k,) + SHAPE)) for v, k in sizes.items()}
+    crops["C5"] = crop.decode_crops(crops["C5"])  # float32 beside uint16 in one group: scored apart, still right
+    alone = {v: M.predict(models[v], c, 8) for v, c in crops.items()}
+    calls = []
+    for m in {id(m): m for m in models.values()}.values():
+        fn = M._predict_fn(m)
+        object.__setattr__(m, M._PREDICT_FN_ATTR, lambda b, fn=fn: calls.append(len(b)) or fn(b))
+    got = M.score(models, crops, batch_size=8)
+    assert list(got) == list(crops)
+    for v, k in sizes.items():
+        assert got[v].shape == (k,) and got[v].dtype == np.float32
+        np.testing.assert_allclose(got[v], alone[v], rtol=0, atol=1e-6)
+    # C1+C4 (C2 empty): 31 crops -> 8, 8, 8, 8 (7 real); C3 uint16: 5 -> 8; C5 float32: 3 -> 4; C6: 7 -> 8;
+    # C7: 9 -> 8, 1. Scored alone it would be 2 + 3 + 1 + 1 + 1 + 2 = 10 calls.
+    assert sorted(calls) == sorted([8, 8, 8, 8, 8, 4, 8, 8, 1])
+    assert set(M.score(models, {"C2": crops["C2"], "C6": crops["C6"][:0]}).keys()) == {"C2", "C6"}
+
+
+def test_batches_lay_arrays_end_to_end_and_pad_the_last():
+    arrays = [np.arange(a, b, dtype=np.float32).reshape(-1, 1) for a, b in ((0, 5), (5, 5), (5, 16), (16, 19))]
+    batches = list(M._batches([a for a in arrays if len(a)], 4))
+    assert [(len(b), n) for b, n in batches] == [(4, 4)] * 4 + [(4, 3)]
+    np.testing.assert_array_equal(np.concatenate([b[:n] for b, n in batches])[:, 0], np.arange(19))
+    assert np.all(batches[-1][0][3:] == 0)
+    assert np.shares_memory(batches[0][0], arrays[0])  # within one array: a view, no copy
+
+
+def test_a_bad_file_costs_only_the_vertebrae_that_list_it(tmp_path):
+    from cspine_submit import pipeline
+
+    _shared_weights(tmp_path)
+    (tmp_path / "b.keras").write_bytes(b"not a zip")
+    failures = {}
+    _, models = M.load_classifiers(tmp_path, failures=failures)
+    assert sorted(models) == ["C1", "C2", "C4", "C6", "C7"] and sorted(failures) == ["C3", "C5"]
+    assert "b.keras" in str(failures["C3"])
+    with pytest.raises(ValueError, match="b.keras"):
+        M.load_classifiers(tmp_path)
+    _, models, messages = pipeline.load_models(tmp_path)
+    assert sorted(models) == ["C1", "C2", "C4", "C6", "C7"]
+    assert [m.split(" could")[0] for m in messages] == ["classifier for C3", "classifier for C5"]

@@ -688,7 +688,9 @@ def load_classifiers(weights_dir: str | Path, vertebrae=VERTEBRAE, *, failures: 
     placement = plan_devices(config)
     groups = classifier_groups(weights_dir, config, vertebrae)
     device_of = placement.place([vs for _files, vs in groups])
-    loaded: dict[Path, Any] = {}  # resolved path -> model (or the exception it raised), within this call
+    # resolved path -> model (or the exception it raised), within this call. A file in two different lists keeps
+    # its weights on the device of the first group that loaded it; TensorFlow copies them if the second's differs.
+    loaded: dict[Path, Any] = {}
     models = {}
     with dtype_policy(placement.precision):
         for files, group in groups:

@@ -288,6 +288,17 @@ for v in VERTEBRAE:
     single.set_weights(models[v].get_weights())
     want = np.asarray(single.predict_on_batch(x))[:, 0]
     np.testing.assert_allclose(got[v], want, rtol=0, atol=1e-5)
+# Vertebrae sharing one model: one group per device (C1-C2 on the first, C3-C7 on the second, not C3's place by
+# vertebra), scored as alone.
+config, shared = M.load_classifiers(sys.argv[2])
+device_of = plan.with_placement(shared).to_dict()["placement"]
+assert [device_of[v] for v in VERTEBRAE] == [plan.devices[0]] * 2 + [plan.devices[1]] * 5, device_of
+for v in VERTEBRAE:
+    assert all(w.value.device.endswith(device_of[v].split("device:")[-1]) for w in shared[v].weights), v
+codes = {v: crop.encode_crops(rng.uniform(0, 1, (k, 32, 32, 1))) for v, k in zip(VERTEBRAE, (5, 0, 9, 3, 7, 4, 6))}
+got = M.score(shared, codes, batch_size=4)
+for v in VERTEBRAE:
+    np.testing.assert_allclose(got[v], M.predict(shared[v], codes[v], 4), rtol=0, atol=1e-6)
 print("OK", plan.strategy)
 """
 
@@ -303,9 +314,16 @@ def test_classifiers_round_robin_over_two_devices_with_compact_crops(tmp_path):
     config.to_json(tmp_path / "model_config.json")
     for i, v in enumerate(VERTEBRAE):
         M.save_classifier(_randomize(M.build_classifier("tiny", SHAPE), seed=10 + i), tmp_path / f"{v}.keras")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    _tiny_config("keras").replace(classifier_files={**{v: "C3.keras" for v in VERTEBRAE[2:]},
+                                                    "C1": ["C1.keras", "C2.keras"], "C2": ["C1.keras", "C2.keras"]},
+                                  ).to_json(shared / "model_config.json")
+    for v in ("C1", "C2", "C3"):
+        shutil.copy(tmp_path / f"{v}.keras", shared / f"{v}.keras")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES_SCRIPT, str(tmp_path), str(shared)], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK classifiers round-robin over 2 CPU devices" in proc.stdout
 

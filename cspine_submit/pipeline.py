@@ -142,6 +142,8 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
             planned = localize.plan_crops(header, job.ranges, job.config)
         not_scored = {v: "no classifier loaded" for v in VERTEBRAE if v not in job.vertebrae}
         summary = plan_report.plan_summary(header, job.ranges, cue, planned, job.config, not_scored)
+        if plan_report.implausible_alignment(summary):
+            warnings.append(f"planner: {plan_report.implausible_alignment(summary)}")
         skip = plan_report.priors_from_summary(summary)  # e.g. a vertebra planned outside the scan
         plans = {v: p for v, p in planned.items() if v not in skip}
         seconds["plan"] = time.perf_counter() - t
@@ -492,6 +494,9 @@ def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_si
         ranges, ranges_path, notes = _placeholder_ranges(), Path("-"), []
         warnings.append(f"no usable slice ranges ({exc}); EVERY study gets the priors")
         models = {}
+    if ranges.method == "profile" and "loo_cost" not in ranges.extra.get("profile_template", {}):
+        notes.append(f"the slice ranges {ranges_path} carry no alignment-cost reference (learned before it existed): "
+                     "an implausible profile alignment cannot be flagged (re-learn them with learn-ranges to get one)")
     return RunSetup(
         plan=plan, weights_dir=weights_dir, config=config, models=models, ranges=ranges, ranges_path=ranges_path,
         warnings=warnings, notes=list(plan.notes) + notes,
@@ -877,6 +882,7 @@ def _totals(state: RunState, wall: float) -> dict:
     back = [u for u, e in studies.items() if fell_back(e)]
     causes = Counter(_cause(e["reason"]) if e["status"] == "fallback" else "every vertebra took its prior"
                      for u, e in studies.items() if fell_back(e))
+    implausible = [u for u, e in studies.items() if (e.get("plan") or {}).get("alignment", {}).get("plausible") is False]
     return {
         "studies": len(studies),
         "ok": n_ok,
@@ -884,6 +890,8 @@ def _totals(state: RunState, wall: float) -> dict:
         "fallback_reasons": fallbacks,
         "fell_back": len(back),
         "fallback_causes": dict(causes.most_common()),
+        "implausible_alignment": len(implausible),
+        "implausible_alignment_studies": implausible,
         "resumed": state.n_resumed,
         "rows": len(setup.plan.row_ids),
         "classifiers_loaded": len(setup.models),

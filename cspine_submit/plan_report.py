@@ -8,6 +8,11 @@ report's summary, so that a user can check the cropper on their own studies::
      "fallback_reason": null,                # why the planner fell back to another method, or null
      "scan_z_mm": [0.0, 278.5],              # first and last slice position (mm toward the feet)
      "cue_slices": [3, 17, ...],             # DICOM file numbers decoded for the image cue (profile only)
+     "alignment": {"cost": 0.71,             # profile only: cost of the cue's best alignment to the template,
+                   "cost_reference": {"n": 11, "q50": 1.0, "q90": 1.6, "max": 2.83},  # the training studies'
+                   "threshold": 8.5,         # leave-one-out costs (null in files learned before it existed),
+                   "plausible": true,        # cost <= threshold (null: no cost or no reference to judge it by)
+                   "warning": null},         # what is wrong when it is not plausible (the study is still scored)
      "C1": {"z_mm": [12.3, 40.1],            # planned range, before the z margin (null if the planner gives none)
             "slices": [9, 11, ...],          # DICOM file numbers decoded for this vertebra's crops
             "box": [y0, x0, y1, x1],         # in-plane box, pixels, half-open
@@ -25,6 +30,7 @@ import numpy as np
 
 from cspine_submit.config import VERTEBRAE, ModelConfig
 from cspine_submit.crop import slices_needed
+from cspine_submit.localize.align import alignment_check
 
 PROFILE_FALLBACK_METHOD = "fraction"
 """What the planner uses when the profile cue could not be aligned (see ``localize.planned_ranges_mm``)."""
@@ -102,6 +108,8 @@ def plan_summary(header, ranges, cue, plans: Mapping[str, Any], config: ModelCon
     }
     if cue is not None and getattr(cue, "indices", ()):
         summary["cue_slices"] = [file_number(files[int(i)]) for i in cue.indices]
+    if cue is not None and ranges.method == "profile" and "profile_template" in ranges.extra:
+        summary["alignment"] = alignment_check(getattr(cue, "cost", None), ranges)
     for v in VERTEBRAE:
         plan = plans.get(v)
         if plan is None:
@@ -119,6 +127,12 @@ def plan_summary(header, ranges, cue, plans: Mapping[str, Any], config: ModelCon
             "prior": reason,
         }
     return summary
+
+
+def implausible_alignment(summary: Mapping[str, Any]) -> str | None:
+    """The summary's alignment warning (the profile cue matched the template far worse than normal studies do),
+    or None."""
+    return (summary.get("alignment") or {}).get("warning")
 
 
 def priors_from_summary(summary: Mapping[str, Any]) -> dict[str, str]:

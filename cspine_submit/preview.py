@@ -270,7 +270,9 @@ def preview_study(
     geometry : PreviewGeometry
     plans : {vertebra: CropPlan}
     info : dict
-        ``slices_read`` (subset + any cue slices), ``n_slices``, ``method``.
+        ``slices_read`` (subset + any cue slices), ``n_slices``, ``method``; ``alignment`` (profile only: the
+        cue's alignment cost against the training studies' reference,
+        :func:`~cspine_submit.localize.align.alignment_check`).
     """
     from cspine_submit.config import ModelConfig
     from cspine_submit.dicom import read_slices, scan_study
@@ -312,4 +314,8 @@ def preview_study(
     image, geo = render_preview(slices, idx, header.z, header.spacing, plans, mask=mask, title=title)
     info = {"slices_read": int(len(idx) + cue_read), "n_slices": header.n_slices, "method": ranges.method,
             "title_h": 22}
+    if cue is not None and "profile_template" in ranges.extra:
+        from cspine_submit.localize.align import alignment_check
+
+        info["alignment"] = alignment_check(cue.cost, ranges)
     return image, geo, plans, info

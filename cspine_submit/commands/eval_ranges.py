@@ -54,16 +54,24 @@ def format_table(result: dict) -> str:
         errs = [abs(e) for e in result["anchor_error_mm"] if e is not None]
         if errs:
             lines.append(f"column-centre error: median {sorted(errs)[len(errs) // 2]:.1f} mm, max {max(errs):.1f} mm")
+    reference = result.get("alignment_reference")
+    if reference and reference.get("cost_reference"):
+        ref = reference["cost_reference"]
+        lines.append(f"alignment cost reference (the ranges' {ref['n']} training studies, leave-one-out): median "
+                     f"{ref['q50']:.2f}, max {ref['max']:.2f}; implausible above {reference['threshold']:.2f} (marked !)")
     summary = result.get("study_summary")
     if summary:
+        costs = any(d.get("alignment_cost") is not None for d in summary.values())
         lines.append("")
         lines.append(f"{'study (worst first)':<32}{'coverage':>9}{'purity':>8}{'box_cov':>8}  worst vertebra"
-                     f"{'centre err':>12}")
+                     f"{'centre err':>12}" + (f"{'align cost':>12}" if costs else ""))
         for uid, d in sorted(summary.items(), key=lambda kv: kv[1]["coverage"]):
             err = d.get("anchor_error_mm")
             err_text = "" if err is None else f"{err:>+11.1f}"
+            cost = d.get("alignment_cost")
+            cost_text = "" if cost is None else f"{cost:>11.2f}" + ("!" if d.get("alignment_plausible") is False else "")
             lines.append(f"{uid[-31:]:<32}{d['coverage']:>9.3f}{d['purity']:>8.3f}{d['box_coverage']:>8.3f}  "
-                         f"{d['worst']} {d['worst_offset_mm']:>+6.1f} mm{err_text:>12}")
+                         f"{d['worst']} {d['worst_offset_mm']:>+6.1f} mm{err_text:>12}" + (f"{cost_text:>12}" if costs else ""))
     return "\n".join(lines)
 
 
@@ -119,7 +127,7 @@ def run(args) -> int:
         return 2
     if args.json:
         keep = ("method", "leave_one_out", "learned_from", "n_studies", "k", "z_margin_mm", "per_vertebra", "mean",
-                "anchor_error_mm", "study_summary", "per_study")
+                "anchor_error_mm", "alignment_reference", "study_summary", "per_study")
         out = [{k: r[k] for k in keep if k in r} for r in results]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
     else:

@@ -59,6 +59,15 @@ def run(args) -> int:
         return 2
     print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]} px) from {info['slices_read']} of "
           f"{info['n_slices']} slices, ranges {ranges_path} (method {info['method']})")
+    alignment = info.get("alignment")
+    if alignment is not None and alignment["cost"] is not None:
+        ref = alignment["cost_reference"]
+        judged = ("no reference in these ranges to judge it by" if ref is None else
+                  f"training studies leave-one-out {ref['q50']:.2f} median, {ref['max']:.2f} max; implausible above "
+                  f"{alignment['threshold']:.2f}")
+        print(f"profile alignment cost {alignment['cost']:.2f} ({judged})")
+        if alignment["warning"]:
+            print(f"WARNING: {alignment['warning']}")
     for v, p in plans.items():
         print(f"  {v}: slices {p.slice_indices[0]}-{p.slice_indices[-1]} ({len(p.slice_indices)} planned), "
               f"box y {p.box[0]}-{p.box[2]} x {p.box[1]}-{p.box[3]}")

@@ -169,6 +169,19 @@ def _print_summary(result, demo_data) -> None:
               f"(weighted log loss, lower is better; constant 0.5 scores 0.693)")
 
 
+def _print_implausible(totals: dict, folders) -> None:
+    """Say how many studies' profile cue matched the learned neck far worse than normal studies do, and how to look."""
+    uids = totals.get("implausible_alignment_studies") or []
+    if not uids:
+        return
+    print(f"WARNING: {len(uids)} of {totals['studies']} studies had an implausible profile alignment (the cue slices "
+          "match the learned neck far worse than any training study did): their planned vertebra ranges may be far "
+          "off; they were scored anyway. Each one's report entry says why (plan.alignment).")
+    print(f"  look at one: cspine-submit preview {folders.get(uids[0], uids[0])} --out preview_{uids[0]}.png")
+    if len(uids) > 1:
+        print(f"  the others: {', '.join(uids[1:6])}{' ...' if len(uids) > 6 else ''} (totals.implausible_alignment_studies)")
+
+
 def _first_study(plan) -> Path | None:
     return next((Path(plan.folders[u]) for u in plan.studies if Path(plan.folders[u]).is_dir()), None)
 
@@ -244,6 +257,7 @@ def run(args) -> int:
     for warning in result.totals["warnings"][len(setup.warnings):]:  # raised during the run (e.g. the warm-up)
         _loud(warning)
     _print_summary(result, where["demo"])
+    _print_implausible(result.totals, setup.plan.folders)
     problems += pipeline.run_problems(result.totals)
     if problems:
         for problem in problems:

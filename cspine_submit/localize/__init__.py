@@ -31,8 +31,12 @@ One job a module, imports pointing down the list (no module imports one listed a
     slices to decode.
 ``masks``
     Mask file + study headers -> :class:`StudyTruth` (both layouts, the orientation checks, the mask-on-bone check).
+``align``
+    Measured cue features + the learned template -> column centre, length scale and the alignment's cost; whether
+    that cost is plausible next to the training studies' leave-one-out costs stored with the template.
 ``learn``
-    StudyTruths -> :class:`~cspine_submit.config.SliceRanges` (extents, boxes, the profile template; JSON in).
+    StudyTruths -> :class:`~cspine_submit.config.SliceRanges` (extents, boxes, the profile template and its
+    leave-one-out cost reference; JSON in).
 ``plan``
     Header + SliceRanges (+ the measured cue) -> ``{vertebra: CropPlan}``.
 ``evaluate``
@@ -66,6 +70,12 @@ from cspine_submit.localize.masks import (
     pair_masks,
     truth_from_files,
 )
+from cspine_submit.localize.align import (
+    IMPLAUSIBLE_FACTOR,
+    alignment_check,
+    cost_reference,
+    cost_threshold,
+)
 from cspine_submit.localize.learn import (
     DEFAULT_SCALES,
     METHODS,
@@ -75,6 +85,7 @@ from cspine_submit.localize.learn import (
     learn_ranges,
     learn_template,
     load_ranges,
+    loo_alignment_costs,
     ranges_from_truths,
     study_coordinates,
 )
@@ -106,7 +117,10 @@ __all__ = [
     "MaskError", "StudyTruth", "check_mask_on_bone", "extract_truth", "load_truths", "pair_masks", "truth_from_files",
     # learn
     "DEFAULT_SCALES", "METHODS", "QUANTILES", "TEMPLATE_STEP_MM",
-    "column_point_truth", "learn_ranges", "learn_template", "load_ranges", "ranges_from_truths", "study_coordinates",
+    "column_point_truth", "learn_ranges", "learn_template", "load_ranges", "loo_alignment_costs", "ranges_from_truths",
+    "study_coordinates",
+    # align
+    "IMPLAUSIBLE_FACTOR", "alignment_check", "cost_reference", "cost_threshold",
     # plan
     "BOX_MODES", "DEFAULT_Z_MARGIN_MM", "CropPlan", "Cue", "cue_features", "cue_from_measurements", "indices_in_range",
     "match_profile", "measure_cue", "plan_crops", "planned_box", "planned_ranges_mm", "plans_from_positions", "snap_to_decoded",

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cspine_submit.config import VERTEBRAE, SliceRanges
+from cspine_submit.localize.align import alignment_check
 from cspine_submit.localize.features import cue_indices
 from cspine_submit.localize.learn import ranges_from_truths
 from cspine_submit.localize.masks import StudyTruth
@@ -94,8 +95,11 @@ def evaluate_ranges(
         ``{"method", "n_studies", "per_vertebra": {v: {"coverage", "purity", "box_coverage", "abs_offset_mm"}},
         "mean": {...}, "mean_box_area" (planned box area as a share of the image, mean over vertebrae and studies),
         "per_study": {uid: {v: {"coverage", "purity", "box_coverage", "offset_mm"}}}, "study_summary": {uid:
-        {"coverage", "purity", "box_coverage", "worst", "worst_offset_mm", "anchor_error_mm"}}, "anchor_error_mm":
-        [...] (profile only)}``.
+        {"coverage", "purity", "box_coverage", "worst", "worst_offset_mm", "anchor_error_mm", "alignment_cost",
+        "alignment_plausible"}}, "anchor_error_mm": [...] and "alignment_reference": {"cost_reference",
+        "threshold"} (profile only; None for leave-one-out, whose folds carry no reference)}``. ``alignment_cost``
+        is the cue's best alignment cost (``Cue.cost``); ``alignment_plausible`` compares it with the fixed
+        ranges' leave-one-out reference (:func:`~cspine_submit.localize.align.alignment_check`; None without one).
     """
     if ranges is None and learn_from is None and len(truths) < 2:
         raise ValueError(f"leave-one-out needs at least 2 masks, got {len(truths)}")
@@ -117,6 +121,7 @@ def evaluate_ranges(
                              f"with {sorted({t.feature_set for t in truths})}: measure them with {wanted!r}")
     per_study: dict[str, dict[str, dict[str, float]]] = {}
     anchor_errors: list[float | None] = []
+    alignments: list[dict | None] = []
     box_areas: list[float] = []
     for i, held in enumerate(truths):
         if ranges is not None:
@@ -125,9 +130,11 @@ def evaluate_ranges(
             others = [t for t in learn_from if t.uid != held.uid]
             if not others:
                 raise ValueError(f"nothing to learn from for {held.uid!r}: learn_from holds only that study")
-            learned = ranges_from_truths(others, method=method, layout=layout)
+            # No cost reference: it would learn once more per training study, and nothing here judges by it.
+            learned = ranges_from_truths(others, method=method, layout=layout, with_cost_reference=False)
         else:
-            learned = ranges_from_truths([t for j, t in enumerate(truths) if j != i], method=method, layout=layout)
+            learned = ranges_from_truths([t for j, t in enumerate(truths) if j != i], method=method, layout=layout,
+                                         with_cost_reference=False)
         anchor = point = None
         scale = 1.0
         cue_slices: Sequence[int] = ()
@@ -138,6 +145,8 @@ def evaluate_ranges(
                                         (held.z_mm[0], held.z_mm[-1]), idx)
             anchor, point, scale, cue_slices = cue.anchor_mm, cue.point, cue.scale, cue.indices
             anchor_errors.append(None if anchor is None else float(anchor - held.anchor_mm))
+            # Judged against the reference only with fixed ranges (leave-one-out folds learn none).
+            alignments.append(alignment_check(cue.cost, learned))
         plans = plans_from_positions(held.z_mm, held.rows, held.cols, learned, k, z_margin_mm, method, anchor,
                                      pixel_spacing=held.spacing[1:], point=point, box_mode=box_mode,
                                      box_quantiles=box_quantiles, scale=scale, decoded=cue_slices)
@@ -152,11 +161,14 @@ def evaluate_ranges(
     }
     mean = {key: float(np.mean([per_vertebra[v][key] for v in VERTEBRAE])) for key in keys}
     study_summary = {}
-    for (uid, scores), error in zip(per_study.items(), anchor_errors or [None] * len(per_study)):
+    for (uid, scores), error, alignment in zip(per_study.items(), anchor_errors or [None] * len(per_study),
+                                               alignments or [None] * len(per_study)):
         worst = max(VERTEBRAE, key=lambda v: abs(scores[v]["offset_mm"]))
         study_summary[uid] = {**{key: float(np.mean([scores[v][key] for v in VERTEBRAE])) for key in keys},
                               "worst": worst, "worst_offset_mm": scores[worst]["offset_mm"],
                               "anchor_error_mm": error}
+        if alignment is not None:
+            study_summary[uid].update(alignment_cost=alignment["cost"], alignment_plausible=alignment["plausible"])
     result: dict[str, Any] = {
         "method": method,
         "leave_one_out": ranges is None,
@@ -175,4 +187,6 @@ def evaluate_ranges(
     }
     if method == "profile":
         result["anchor_error_mm"] = anchor_errors
+        result["alignment_reference"] = (
+            None if ranges is None else {k: alignments[0][k] for k in ("cost_reference", "threshold")})
     return result

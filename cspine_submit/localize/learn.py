@@ -25,6 +25,7 @@ from cspine_submit.localize.features import (
     column_point,
     cue_indices,
 )
+from cspine_submit.localize.align import cost_reference, match_profile
 from cspine_submit.localize.masks import StudyTruth, load_truths
 
 METHODS: tuple[str, ...] = ("fraction", "mm_top", "profile")
@@ -178,6 +179,7 @@ def ranges_from_truths(
     layout: str = "competition",
     source: str = "",
     cue: Mapping[str, float] | None = None,
+    with_cost_reference: bool = True,
 ) -> SliceRanges:
     """Learn a :class:`SliceRanges` from the truths of several studies (pure; :func:`learn_ranges` wraps IO).
 
@@ -185,6 +187,11 @@ def ranges_from_truths(
     vertebra's start (first slice) and end (last slice) coordinate (``{"fraction": {"start": {...}, "end":
     {...}}, ...}``), the in-plane box quantiles as fractions of rows/columns (``"box": {"y0": {...}, ...}``) and
     its length in mm. ``extra`` holds the profile template (when images were read) and the cue settings.
+
+    With ``method="profile"`` and ``with_cost_reference`` the template also gets ``"loo_cost"``: the alignment
+    costs of the training studies, each aligned to the template learned without it (:func:`loo_alignment_costs`,
+    summarised by :func:`~cspine_submit.localize.align.cost_reference`), what a normal new study costs. That
+    learns ``n`` more sets of ranges; leave-one-out evaluation, which learns one per study itself, turns it off.
     """
     if not truths:
         raise ValueError("no usable masks to learn from")
@@ -225,6 +232,10 @@ def ranges_from_truths(
     if template is not None:
         extra["profile_template"] = template
         extra["n_with_images"] = sum(t.profile is not None for t in truths)
+        if method == "profile" and with_cost_reference:
+            costs = [c for _, c in loo_alignment_costs(truths, cue=cue, layout=layout)]
+            if costs:
+                template["loo_cost"] = cost_reference(costs)
     from cspine_submit import __version__
 
     return SliceRanges(
@@ -237,6 +248,39 @@ def ranges_from_truths(
         source=source,
         package_version=__version__,
     )
+
+
+def loo_alignment_costs(truths: Sequence[StudyTruth], cue: Mapping[str, float] | None = None,
+                        layout: str = "competition") -> list[tuple[str, float]]:
+    """Alignment cost of every training study with images against the template learned without it.
+
+    For each study with a profile: the ranges are learned from all the other studies exactly as
+    :func:`ranges_from_truths` learns them (the same reference length, template and extents), its own cue
+    features (the :func:`cue_indices` slices of its profile: what the planner would decode) are aligned to them by
+    :func:`~cspine_submit.localize.align.match_profile`, and the best alignment's cost is kept. These are the
+    costs of studies the template has never seen but that are normal: the reference a new study's cost is judged
+    against.
+
+    Returns
+    -------
+    list of (uid, cost)
+        In the order of ``truths``; studies without a profile, or that could not be aligned at all, are left
+        out; empty when fewer than two studies have images.
+    """
+    if sum(t.profile is not None for t in truths) < 2:
+        return []
+    out = []
+    for i, held in enumerate(truths):
+        if held.profile is None:
+            continue
+        others = [t for j, t in enumerate(truths) if j != i]
+        learned = ranges_from_truths(others, method="profile", layout=layout, cue=cue, with_cost_reference=False)
+        idx = cue_indices(held.n_slices, held.z_mm, learned.extra.get("cue"))
+        anchor, _, cost = match_profile(held.z_mm[idx], held.profile[idx], learned,
+                                        (float(held.z_mm[0]), float(held.z_mm[-1])))
+        if anchor is not None and math.isfinite(cost):
+            out.append((held.uid, float(cost)))
+    return out
 
 
 def learn_ranges(

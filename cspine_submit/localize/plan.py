@@ -14,6 +14,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cspine_submit.config import VERTEBRAE, SliceRanges
+from cspine_submit.localize.align import (  # noqa: F401 - the alignment's names, re-exported where callers look
+    MIN_TEMPLATE_STUDIES,
+    OFF_TEMPLATE_COST,
+    SPREAD_FLOOR,
+    WeightedSquares,
+    _grid_cells,
+    _interp_rows,
+    match_profile,
+)
 from cspine_submit.localize.features import bone_centroids, column_centre, column_point, cue_indices, measure_features
 
 DEFAULT_Z_MARGIN_MM: float = 3.0
@@ -41,162 +50,6 @@ class CropPlan:
     slice_indices: tuple[int, ...]
     box: tuple[int, int, int, int]
     z_range_mm: tuple[float, float] | None = None
-
-
-SPREAD_FLOOR: float = 0.1
-"""Added to a template spread before weighting (in feature units: 50 HU for ``column_cells``), so that a cell that
-happened to agree across the training studies cannot dominate the match."""
-
-OFF_TEMPLATE_COST: float = 1.5
-"""Cost of a measured slice that falls outside the learned template (``column_cells``), in the units of a slice's
-weighted mean squared difference (about 0.5-1 for a slice at its right level)."""
-
-MIN_TEMPLATE_STUDIES: int = 3
-"""Template positions learned from fewer studies than this (or than all of them, when fewer) are not matched."""
-
-
-def _grid_cells(r: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Grid cell ``i`` (``grid[i] <= r <= grid[i + 1]``, clipped to the grid) and the fraction ``t`` in [0, 1] of
-    each position ``r`` (any shape) along it: linear interpolation at ``r`` is ``(1 - t) * row[i] + t * row[i + 1]``."""
-    i = np.clip(np.searchsorted(grid, r) - 1, 0, len(grid) - 2)
-    t = np.clip((r - grid[i]) / (grid[i + 1] - grid[i]), 0.0, 1.0)
-    return i, t
-
-
-def _interp_rows(r: np.ndarray, grid: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Linear interpolation of the rows of ``table`` (G, F) at positions ``r`` (any shape) on ``grid`` (G,)."""
-    i, t = _grid_cells(r, grid)
-    t = t[..., None]
-    return table[i] * (1.0 - t) + table[i + 1] * t
-
-
-class WeightedSquares:
-    """``sum_F W(r) * (f_j - T(r))**2`` for every measured slice ``j`` at any template position ``r``, cheaply.
-
-    ``T`` (template) and ``W`` (weights) are interpolated linearly between grid positions, so inside grid cell
-    ``i`` at fraction ``t`` the sum is a cubic in ``t`` whose four coefficients depend only on ``(j, i)``. They
-    are computed once per study with a few ``(m, F) @ (F, G)`` products; each of the many candidate alignments
-    then costs a gather and a polynomial per slice instead of an ``(m, F)`` interpolation (about 10x faster on
-    the real necks; same costs to about 1e-12 relative).
-
-    Parameters
-    ----------
-    features : (m, F) ndarray
-        The measured slices' features ``f``.
-    template, weights : (G, F) ndarray
-        At the template's grid positions.
-    """
-
-    def __init__(self, features: np.ndarray, template: np.ndarray, weights: np.ndarray):
-        f = np.asarray(features, dtype=float)
-        a, c = weights[:-1], template[:-1]  # the cell's start
-        dw, dt = weights[1:] - a, template[1:] - c  # and its slope per unit t
-        f2 = f * f
-        # sum W f^2 - 2 sum W T f + sum W T^2, each term a polynomial in t.
-        self._f_terms = (
-            f2 @ a.T - 2.0 * (f @ (a * c).T),  # t^0, (m, G-1)
-            f2 @ dw.T - 2.0 * (f @ (a * dt + dw * c).T),  # t^1
-            -2.0 * (f @ (dw * dt).T),  # t^2
-        )
-        self._t_terms = (  # sum_F W T^2 = sum (a + t dw)(c + t dt)^2, (G-1,) each
-            (a * c * c).sum(axis=1),
-            (dw * c * c + 2.0 * a * c * dt).sum(axis=1),
-            (a * dt * dt + 2.0 * dw * c * dt).sum(axis=1),
-            (dw * dt * dt).sum(axis=1),
-        )
-
-    def at(self, cells: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """The sums for slice ``j`` (last axis) at cells ``cells`` and fractions ``t``, both ``(..., m)``."""
-        j = np.arange(cells.shape[-1])
-        f0, f1, f2 = (term[j, cells] for term in self._f_terms)
-        t0, t1, t2, t3 = (term[cells] for term in self._t_terms)
-        return (f0 + t0) + t * ((f1 + t1) + t * ((f2 + t2) + t * t3))
-
-
-def match_profile(
-    z_mm: np.ndarray,
-    features: np.ndarray,
-    ranges: SliceRanges,
-    study_z: tuple[float, float],
-    search_step_mm: float = 1.0,
-) -> tuple[float | None, float, float]:
-    """Find the column centre (and length scale) of a study by aligning its features to the learned template.
-
-    Every candidate centre ``a`` (1 mm steps) and scale ``s`` (``extra["scales"]``) maps a measured slice at ``z``
-    to the template position ``(z - a) / s``; the cost is the mean squared difference between the measured and
-    the template features. For ``column_cells`` templates each squared difference is divided by the feature's
-    learned spread there (squared, plus :data:`SPREAD_FLOOR` squared), so that consistent landmarks count and
-    variable ones barely, and a slice off the template costs :data:`OFF_TEMPLATE_COST`. For ``areas`` templates
-    each feature gets a free constant offset instead (log areas: the offset is the patient's size). Candidates keep C1's expected top and C7's expected
-    bottom inside the study, give or take 10 mm (a cervical-spine CT contains its cervical spine) and need half the
-    measured slices on the template.
-
-    Parameters
-    ----------
-    z_mm : (m,) ndarray
-        Positions (mm, toward the feet) of the measured slices.
-    features : (m, F) ndarray
-        :func:`~cspine_submit.localize.features.measure_features` of those slices, in the template's feature set.
-    ranges : SliceRanges
-        With ``extra["profile_template"]``.
-    study_z : (first, last)
-        z of the study's first and last slice, mm.
-
-    Returns
-    -------
-    (anchor_mm, scale, cost)
-        Best centre (None when no candidate has enough overlap), its scale and cost.
-    """
-    tpl = ranges.extra["profile_template"]
-    grid = np.asarray(tpl["grid_mm"], dtype=float)
-    template = np.asarray(tpl["template"], dtype=float)
-    weights = None
-    if tpl.get("feature_set") == "column_cells":
-        count = np.asarray(tpl["count"])
-        enough = count >= min(MIN_TEMPLATE_STUDIES, int(count.max()))
-        grid, template = grid[enough], template[enough]
-        weights = 1.0 / (np.asarray(tpl["spread"], dtype=float)[enough] ** 2 + SPREAD_FLOOR**2)
-    if features.shape[1] != template.shape[1]:
-        raise ValueError(f"{features.shape[1]} features per slice, but the template has {template.shape[1]}")
-    scales = np.asarray(ranges.extra.get("scales", [1.0]), dtype=float)
-    pv = ranges.per_vertebra
-    c1_top = pv["C1"]["profile"]["start"]["q50"]
-    c7_bottom = pv["C7"]["profile"]["end"]["q50"]
-    ok = np.isfinite(features).all(axis=1)
-    z, f = np.asarray(z_mm, float)[ok], np.asarray(features, float)[ok]
-    min_points = max(4, int(0.5 * len(z)))
-    slack = 10.0
-    best: tuple[float | None, float, float] = (None, 1.0, np.inf)
-    if len(grid) < 2:
-        return best
-    squares = None if weights is None else WeightedSquares(f, template, weights)
-    for s in scales:
-        lo = study_z[0] - s * c1_top - slack
-        hi = study_z[1] - s * c7_bottom + slack
-        if hi < lo:  # the study is shorter than a cervical column: let the profile decide anywhere in it
-            lo, hi = study_z[0] - s * grid[-1], study_z[1] - s * grid[0]
-        anchors = np.arange(lo, hi + search_step_mm / 2, search_step_mm)
-        if anchors.size == 0:
-            continue
-        r = (z[None, :] - anchors[:, None]) / s  # (A, m) template positions
-        inside = (r >= grid[0]) & (r <= grid[-1])
-        n_in = inside.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            if weights is None:
-                resid = np.where(inside[..., None], f[None] - _interp_rows(r, grid, template), 0.0)  # (A, m, F)
-                mean = resid.sum(axis=1) / n_in[:, None]
-                sq = np.where(inside[..., None], (resid - mean[:, None, :]) ** 2, 0.0)
-                cost = sq.sum(axis=(1, 2)) / (n_in * f.shape[1])
-            else:
-                sq = np.where(inside, squares.at(*_grid_cells(r, grid)), 0.0)  # (A, m)
-                # Slices off the template pay a fixed price: otherwise shrinking the column until the awkward
-                # slices (skull, shoulders) fall off the template's ends would be the cheapest fit.
-                cost = (sq.sum(axis=1) / f.shape[1] + OFF_TEMPLATE_COST * (len(z) - n_in)) / len(z)
-        cost = np.where(n_in >= min_points, cost, np.inf)
-        i = int(np.argmin(cost))
-        if cost[i] < best[2]:
-            best = (float(anchors[i]), float(s), float(cost[i]))
-    return best
 
 
 def _range_mm(ranges: SliceRanges, vertebra: str, method: str, z: np.ndarray, anchor_mm: float | None,

@@ -16,7 +16,8 @@ whole (native grid). Every study is then planned leave-one-patient-out and score
 
 Prints coverage / purity / box coverage per method and z margin (mean over studies and vertebrae, and the spread
 over studies), per vertebra for the default, and the cue's cost per study: slices decoded, seconds to decode them,
-to measure the features and to align the template.
+to measure the features and to align the template; and the cue's alignment cost per study (``Cue.cost``; with the
+shipped file, how many are above its implausibility threshold: normal cuts should not be).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 from cspine_submit.config import VERTEBRAE
 from cspine_submit.dicom import read_slices, scan_study
 from cspine_submit.localize import (
+    cost_threshold,
     cue_features,
     cue_from_measurements,
     evaluate_ranges,
@@ -134,6 +136,16 @@ def main(argv=None) -> None:
           f"{np.median(c['slices']):.0f} slices decoded (min {c['slices'].min()}, max {c['slices'].max()}); "
           f"decode {np.median(c['decode']):.2f} s, features {np.median(c['features']) * 1e3:.0f} ms, "
           f"align {np.median(c['align']) * 1e3:.0f} ms (medians)")
+    ref = shipped.extra["profile_template"].get("loo_cost")
+    for name in ("profile cells", "shipped file"):
+        align = np.array([d["alignment_cost"] for r in rows[(name, default_margin)]
+                          for d in r["study_summary"].values() if d.get("alignment_cost") is not None])
+        flagged = sum(d.get("alignment_plausible") is False for r in rows[(name, default_margin)]
+                      for d in r["study_summary"].values())
+        print(f"alignment cost, {name}: median {np.median(align):.2f}, max {align.max():.2f}"
+              + ("" if name != "shipped file" or not ref else
+                 f"; {flagged} of {align.size} above the shipped threshold {cost_threshold(ref):.2f} (3 x the "
+                 f"leave-one-out max {ref['max']:.2f} of its training studies)"))
     if args.keep is None:
         shutil.rmtree(work)
 

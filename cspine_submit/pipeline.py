@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE, ModelConfig, SliceRanges
+from cspine_submit.config import VERTEBRAE, ModelConfig, SliceRanges
 
 MIN_SLICES = 3
 """Fewer slices than this cannot hold a cervical spine: such a study falls back to priors without planning."""
@@ -142,8 +142,8 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
             planned = localize.plan_crops(header, job.ranges, job.config)
         not_scored = {v: "no classifier loaded" for v in VERTEBRAE if v not in job.vertebrae}
         summary = plan_report.plan_summary(header, job.ranges, cue, planned, job.config, not_scored)
-        if plan_report.implausible_alignment(summary):
-            warnings.append(f"planner: {plan_report.implausible_alignment(summary)}")
+        if alignment_warning := plan_report.implausible_alignment(summary):
+            warnings.append(f"planner: {alignment_warning}")
         skip = plan_report.priors_from_summary(summary)  # e.g. a vertebra planned outside the scan
         plans = {v: p for v, p in planned.items() if v not in skip}
         seconds["plan"] = time.perf_counter() - t

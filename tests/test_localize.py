@@ -468,7 +468,7 @@ def test_profile_plans_decode_fewer_slices_with_snapping(synthetic_dataset):
 def test_weighted_squares_equal_the_interpolated_sum():
     """The per-study polynomial form of the alignment cost gives sum_F W(r) (f - T(r))^2 with W and T interpolated
     linearly on the grid, at grid points, inside cells and clipped beyond the ends."""
-    from cspine_submit.localize.plan import WeightedSquares, _grid_cells, _interp_rows
+    from cspine_submit.localize.align import WeightedSquares, _grid_cells, _interp_rows
 
     rng = np.random.default_rng(3)
     grid = np.cumsum(rng.uniform(2.0, 6.0, 30)) - 60.0  # uneven spacing, mm

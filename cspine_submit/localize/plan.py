@@ -14,15 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cspine_submit.config import VERTEBRAE, SliceRanges
-from cspine_submit.localize.align import (  # noqa: F401 - the alignment's names, re-exported where callers look
-    MIN_TEMPLATE_STUDIES,
-    OFF_TEMPLATE_COST,
-    SPREAD_FLOOR,
-    WeightedSquares,
-    _grid_cells,
-    _interp_rows,
-    match_profile,
-)
+from cspine_submit.localize.align import match_profile
 from cspine_submit.localize.features import bone_centroids, column_centre, column_point, cue_indices, measure_features
 
 DEFAULT_Z_MARGIN_MM: float = 3.0

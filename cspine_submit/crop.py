@@ -225,6 +225,52 @@ def hu_squares(slices: np.ndarray, slice_indices, plan: CropPlan, config: ModelC
     return np.ascontiguousarray(hu[inverse].reshape(k, P, s, s))
 
 
+def _input_planes(squares: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, list[tuple[int, float, float]]]:
+    """HU squares at the input size and, per model input channel, which plane and window it shows.
+
+    Returns
+    -------
+    hu : (k, P, S, S) ndarray of float32
+        ``squares`` resized to ``S = config.input_size`` (enlarging: INTER_LINEAR).
+    channels : list of (plane, level, width)
+        One per channel of the model input, in order.
+    """
+    squares = np.asarray(squares, dtype=np.float32)
+    k, P, s = squares.shape[0], squares.shape[1], squares.shape[-1]
+    S = config.input_size
+    hu = squares.reshape(k * P, s, s)
+    if s != S and k:
+        hu = resize_stack(hu, S)  # s < S: enlarging, INTER_LINEAR
+    if config.channels == "neighbours":
+        level, width = config.windows[0]
+        channels = [(p, level, width) for p in range(3)]
+    else:
+        channels = [(0, level, width) for level, width in _channel_windows(config)]
+        if config.channels == "replicate":
+            channels = channels * 3
+    return hu.reshape(k, P, S, S), channels
+
+
+def _windowed_channels(squares: np.ndarray, config: ModelConfig, dtype, code: bool):
+    """Model input of ``squares`` as ``dtype``, channel by channel into one array (no per-channel stack)."""
+    hu, channels = _input_planes(squares, config)
+    k, S = hu.shape[0], config.input_size
+    out = np.empty((k, S, S, len(channels)), dtype=dtype)
+    done: dict[tuple[int, float, float], int] = {}
+    for c, key in enumerate(channels):
+        if key in done:  # "replicate": the same window again
+            out[..., c] = out[..., done[key]]
+            continue
+        plane, level, width = key
+        x = window(hu[:, plane], level, width)
+        if code:  # encode_crops's arithmetic (its clip is a no-op on a window's output)
+            np.multiply(x, np.float32(CROP_CODE_SCALE), out=x)
+            np.rint(x, out=x)
+        out[..., c] = x
+        done[key] = c
+    return out
+
+
 def squares_to_input(squares: np.ndarray, config: ModelConfig) -> np.ndarray:
     """The second half of :func:`prepare_crops`: HU squares -> model input.
 
@@ -238,22 +284,18 @@ def squares_to_input(squares: np.ndarray, config: ModelConfig) -> np.ndarray:
     -------
     (k, S, S, C) ndarray of float32 in [0, 1]
     """
-    squares = np.asarray(squares, dtype=np.float32)
-    k, P, s = squares.shape[0], squares.shape[1], squares.shape[-1]
-    S = config.input_size
-    if k == 0:
-        return np.zeros((0, S, S, config.n_channels), dtype=np.float32)
-    hu = squares.reshape(k * P, s, s)
-    if s != S:
-        hu = resize_stack(hu, S)  # s < S: enlarging, INTER_LINEAR
-    if config.channels == "neighbours":
-        level, width = config.windows[0]
-        out = window(hu.reshape(k, 3, S, S), level, width)
-        return np.ascontiguousarray(np.moveaxis(out, 1, -1))
-    chans = [window(hu, level, width) for level, width in _channel_windows(config)]
-    if config.channels == "replicate":
-        chans = chans * 3
-    return np.ascontiguousarray(np.stack(chans, axis=-1), dtype=np.float32)
+    return _windowed_channels(squares, config, np.float32, code=False)
+
+
+def squares_to_encoded_input(squares: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """``encode_crops(squares_to_input(squares, config))`` (the same values), written straight as uint16: what a
+    worker sends, without the float32 model input in between.
+
+    Returns
+    -------
+    (k, S, S, C) ndarray of uint16
+    """
+    return _windowed_channels(squares, config, np.uint16, code=True)
 
 
 def prepare_crops(slices: np.ndarray, slice_indices, plan: CropPlan, config: ModelConfig) -> np.ndarray:
@@ -276,6 +318,11 @@ def prepare_crops(slices: np.ndarray, slice_indices, plan: CropPlan, config: Mod
         ``k = len(plan.slice_indices)``, ``S = config.input_size``, ``C = config.n_channels``.
     """
     return squares_to_input(hu_squares(slices, slice_indices, plan, config), config)
+
+
+def prepare_encoded_crops(slices: np.ndarray, slice_indices, plan: CropPlan, config: ModelConfig) -> np.ndarray:
+    """``encode_crops(prepare_crops(...))`` (the same values) in one pass: the crops a worker sends, as uint16."""
+    return squares_to_encoded_input(hu_squares(slices, slice_indices, plan, config), config)
 
 
 def encode_crops(crops: np.ndarray) -> np.ndarray:

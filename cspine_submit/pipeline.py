@@ -152,7 +152,7 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
         slices = _read_reusing(header, needed, cue_indices, cue_slices, stack="crops", dtype=hu_dtype)
         seconds["read"] = time.perf_counter() - t
         stage, t = "crop", time.perf_counter()
-        crops = {v: crop.encode_crops(crop.prepare_crops(slices, needed, plan, job.config)) for v, plan in plans.items()}
+        crops = {v: crop.prepare_encoded_crops(slices, needed, plan, job.config) for v, plan in plans.items()}
         seconds["crop"] = time.perf_counter() - t
     except Exception as exc:  # noqa: BLE001 - any failure of one study becomes that study's fallback
         raise StudyFailure(f"{stage}: {type(exc).__name__}: {exc}") from None

@@ -136,3 +136,28 @@ def test_the_two_halves_store_the_crop_at_its_own_resolution_and_clip_to_the_win
     assert hu_squares(slices, np.arange(4), big, cfg).shape == (1, 1, 32, 32)
     nb = _cfg(input_size=32, channels="neighbours", neighbour_offset=1)
     assert hu_squares(slices, np.arange(4), small, nb).shape == (2, 3, 12, 12)
+
+
+@pytest.mark.parametrize("channels, windows", [
+    ("single", ((400.0, 1800.0),)),
+    ("windows", ((400.0, 1800.0), (400.0, 2500.0), (40.0, 400.0))),
+    ("replicate", ((400.0, 1800.0),)),
+    ("neighbours", ((400.0, 1800.0),)),
+])
+@pytest.mark.parametrize("input_size", [16, 48])  # the square shrunk, and enlarged
+def test_workers_encoded_crops_are_exactly_the_encoded_model_input(channels, windows, input_size):
+    # What a worker sends (uint16 straight from the HU squares) must be encode_crops of the model input, bit for bit,
+    # including squares that leave the image (padding) and int16 stacks.
+    from cspine_submit.crop import encode_crops, prepare_encoded_crops
+
+    rng = np.random.default_rng(input_size)
+    slices = rng.integers(-1024, 3000, (9, 40, 40)).astype(np.int16)
+    idx = np.arange(9)
+    cfg = _cfg(channels=channels, windows=windows, input_size=input_size, neighbour_offset=2)
+    for plan in (CropPlan("C3", (1, 4, 8), (5, 6, 30, 33)), CropPlan("C4", (0, 2), (-6, 20, 18, 46)),
+                 CropPlan("C5", (), (0, 0, 10, 10))):
+        got = prepare_encoded_crops(slices, idx, plan, cfg)
+        want = encode_crops(prepare_crops(slices, idx, plan, cfg))
+        assert got.dtype == np.uint16 and got.shape == want.shape == (len(plan.slice_indices), input_size,
+                                                                        input_size, cfg.n_channels)
+        np.testing.assert_array_equal(got, want)

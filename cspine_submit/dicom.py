@@ -1050,7 +1050,7 @@ def hu_dtype(header: StudyHeader) -> np.dtype:
 
 def _decode_whole_hu(path: Path, tsyntax: str, spec: PixelSpec, out: np.ndarray) -> np.ndarray:
     """Direct decode into an int16 HU row (:func:`hu_dtype` said int16 holds it); raises NotDirect like read_stored."""
-    if spec.dtype.itemsize == 2 and (spec.signed or spec.bits_stored <= 15):
+    if spec.dtype.itemsize == 2 and (spec.signed or spec.bits_stored <= 15) and out.flags.c_contiguous:
         # 16-bit stored values that int16 holds as they are: decode in place and add the intercept there.
         read_stored(path, tsyntax, spec, out=out.view(spec.dtype))
         if spec.intercept:

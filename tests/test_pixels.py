@@ -240,6 +240,8 @@ def test_int16_hu_stacks_hold_exactly_the_float_hu_of_every_test_file(tmp_path):
             out = np.full((header.rows, header.cols), 12345, dtype=np.int16)
             dicom.decode_into(header, 0, out, direct=direct)
             np.testing.assert_array_equal(out, expected, err_msg=f"{path.name} direct={direct}")
+        strided = np.zeros((header.cols, header.rows), dtype=np.int16).T  # not C-contiguous: decoded via scratch
+        np.testing.assert_array_equal(dicom.decode_into(header, 0, strided), expected)
         np.testing.assert_array_equal(dicom.read_slices(header, dtype=np.int16)[0], expected)
         as_int16.add(path.name)
     assert {"5001001.dcm", "12bitSigned_0x0F0F.dcm"} <= as_int16

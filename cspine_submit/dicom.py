@@ -253,32 +253,10 @@ def missing_decoders(
 # Header scan
 # ----------------------------------------------------------------------------------------------------------------
 
-_HEADER_TAGS = [
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "InstanceNumber",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelSpacing",
-    "SliceThickness",
-    "SpacingBetweenSlices",
-    "Rows",
-    "Columns",
-    "SamplesPerPixel",
-    "NumberOfFrames",
-    "BitsAllocated",
-    # for decoding straight from the scan (cspine_submit.pixels.PixelSpec)
-    "BitsStored",
-    "PixelRepresentation",
-    "PhotometricInterpretation",
-    "RescaleSlope",
-    "RescaleIntercept",
-]
+# The scanned tags (keywords) for pydicom's ``specific_tags``: the same ones the fast scan reads.
+_HEADER_TAGS = list(dicom_header.WANTED)
 
 _EXPLICIT_LONG_VRS = {b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN"}
-
-# (tag, VR) of the scanned tags, for reading their raw bytes (see _header_value).
-_TAG_VR: dict[str, tuple[int, str]] = dicom_header.WANTED
 
 
 def _header_value(ds, keyword: str, default=None):
@@ -291,7 +269,7 @@ def _header_value(ds, keyword: str, default=None):
     """
     from pydicom.dataelem import RawDataElement
 
-    tag, vr = _TAG_VR[keyword]
+    tag, vr = dicom_header.WANTED[keyword]
     elem = ds.get_item(tag)
     if elem is None:
         return default

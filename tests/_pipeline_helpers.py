@@ -11,6 +11,29 @@ from cspine_submit.config import VERTEBRAE, ModelConfig, SliceRanges
 UID_ROOT = "1.2.826.0.1.3680043.99"
 
 
+def write_ct_slice(path: Path, stored: np.ndarray, bits_stored: int, signed: bool, syntax: str) -> Path:
+    """One uncompressed CT slice with a competition header: ``stored`` values in 16 bits with ``bits_stored`` used,
+    PixelRepresentation 1 with intercept 0 (``signed``) or 0 with intercept -1024, in transfer syntax ``syntax``
+    (Implicit or Explicit VR Little Endian)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import generate_uid
+
+    rows, cols = stored.shape
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, int(signed)
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0 if signed else -1024
+    ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def write_study(folder: Path, uid: str, n_slices: int = 24, size: int = 48, seed: int = 0) -> Path:
     """Write an uncompressed axial CT study (head first: largest z first), files 1.dcm..n.dcm."""
     from pydicom.dataset import Dataset, FileMetaDataset

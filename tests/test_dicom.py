@@ -32,6 +32,8 @@ from cspine_submit.dicom import (
     to_hu,
 )
 
+from _pipeline_helpers import write_ct_slice
+
 DATA = Path(__file__).parent / "data" / "dicom"
 TS_DIR = DATA / "transfer_syntaxes"
 REF = TS_DIR / "CTImage_ref_implicitLE.dcm"
@@ -506,19 +508,7 @@ def test_jpeg_lossless_sv1_sign_and_bit_depth_match_native(tmp_path, bits_stored
     lo, hi = (-2048, 2047 if bits_stored == 12 else 2347) if signed else (0, 4095)
     stored = rng.integers(lo, hi + 1, (ROWS, COLS))
     stored[0, :2] = lo, hi
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = ROWS, COLS, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, int(signed)
-    ds.RescaleSlope, ds.RescaleIntercept = 1, 0 if signed else -1024
-    ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
-    native = tmp_path / "native.dcm"
-    ds.save_as(native, enforce_file_format=True)
+    native = write_ct_slice(tmp_path / "native.dcm", stored, bits_stored, signed, ExplicitVRLittleEndian)
     jpeg = compress_jpeg_lossless(native, tmp_path / "jpeg.dcm")
     expected = stored.astype(np.float32) + (0.0 if signed else -1024.0)
     np.testing.assert_array_equal(decode_slice(native), expected)

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from cspine_submit import dicom, pixels
+
+from _pipeline_helpers import write_ct_slice
 
 DATA = Path(__file__).parent / "data"
 JPEG_SV1 = "1.2.840.10008.1.2.4.70"
@@ -139,21 +140,8 @@ def test_unused_bits_correction_is_pydicoms():
 
 
 def _write(tmp_path: Path, stored: np.ndarray, bits_stored: int, signed: bool, syntax) -> Path:
-    rows, cols = stored.shape
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, int(signed)
-    ds.RescaleSlope, ds.RescaleIntercept = 1, 0 if signed else -1024
-    ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
-    path = tmp_path / f"native_{bits_stored}_{int(signed)}_{syntax}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_ct_slice(tmp_path / f"native_{bits_stored}_{int(signed)}_{syntax}.dcm", stored, bits_stored, signed,
+                          syntax)
 
 
 @pytest.mark.parametrize("bits_stored, signed", [(12, True), (16, True), (12, False), (16, False)])

@@ -46,8 +46,8 @@ def transport(repeats: int = 5) -> dict:
     import multiprocessing as mp
 
     from cspine_submit.config import VERTEBRAE, ModelConfig
-    from cspine_submit.crop import encode_crops
-    from cspine_submit.pipeline import PreparedStudy
+    from cspine_submit.score.crop import encode_crops
+    from cspine_submit.submit.run import PreparedStudy
 
     config = ModelConfig()
     rng = np.random.default_rng(0)
@@ -82,7 +82,8 @@ weights, mode, n_studies, k = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sy
 if mode != "after-1-device":
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from cspine_submit import crop, models as M
+from cspine_submit.score import crop
+from cspine_submit.score import models as M
 from cspine_submit.config import VERTEBRAE, ModelConfig
 config = ModelConfig.from_json(weights + "/model_config.json")
 rng = np.random.default_rng(0)
@@ -132,7 +133,7 @@ print(json.dumps({"mode": mode, "crops_per_s": n_studies * 7 * k / dt, "seconds_
 
 def scoring(size: int, n_studies: int, k: int = 15) -> list[dict]:
     from cspine_submit.config import VERTEBRAE, ModelConfig
-    from cspine_submit.models import build_classifier, save_classifier
+    from cspine_submit.score.models import build_classifier, save_classifier
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +157,7 @@ def scoring(size: int, n_studies: int, k: int = 15) -> list[dict]:
 
 def refresh_cost(n_studies: int = 1500, repeats: int = 10) -> dict:
     from cspine_submit.config import PREDICTION_TYPES
-    from cspine_submit.submission import LiveSubmission
+    from cspine_submit.submit.submission import LiveSubmission
 
     rows = [f"1.2.826.0.1.3680043.{10000 + i}_{t}" for i in range(n_studies) for t in PREDICTION_TYPES]
     with tempfile.TemporaryDirectory() as tmp:

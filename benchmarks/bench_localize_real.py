@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cspine_submit.config import VERTEBRAE
-from cspine_submit.dicom import read_slices, scan_study
+from cspine_submit.read.dicom import read_slices, scan_study
 from cspine_submit.localize import (
     cost_threshold,
     cue_features,
@@ -42,7 +42,7 @@ from cspine_submit.localize import (
     study_cue_indices,
 )
 from cspine_submit.localize.features import bone_centroids
-from cspine_submit.volume_study import write_studies
+from cspine_submit.datasets.volume_study import write_studies
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "tests" / "data" / "real_neck"

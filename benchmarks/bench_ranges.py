@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cspine_submit.config import ModelConfig
-from cspine_submit.dicom import read_slices, scan_study
+from cspine_submit.read.dicom import read_slices, scan_study
 from cspine_submit.localize import (
     METHODS,
     evaluate_ranges,
@@ -57,7 +57,7 @@ def main() -> None:
 
     tmp = None
     if args.data is None:
-        from cspine_submit.synthetic import generate_dataset
+        from cspine_submit.datasets.synthetic import generate_dataset
 
         tmp = tempfile.TemporaryDirectory()
         args.data = Path(tmp.name) / "data"

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from cspine_submit.dicom import available_plugins, compress_jpeg_lossless, read_slices, scan_study
-from cspine_submit.reader import iter_studies
+from cspine_submit.read.dicom import available_plugins, compress_jpeg_lossless, read_slices, scan_study
+from cspine_submit.read.reader import iter_studies
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "dicom"
 REF = DATA / "transfer_syntaxes" / "CTImage_ref_implicitLE.dcm"
@@ -98,7 +98,7 @@ def decoder_cases(header) -> list[tuple[str, object]]:
     """``(name, fn)``: each candidate decoding every slice of ``header`` called directly in a loop."""
     from pydicom.pixels import pixel_array
 
-    from cspine_submit import pixels
+    from cspine_submit.read import pixels
 
     files = [str(f) for f in header.files]
     specs, ts = header.pixels, header.transfer_syntaxes[0]

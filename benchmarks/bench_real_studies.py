@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cspine_submit.synthetic_dicom import write_dicom_series, write_mask
-from cspine_submit.volume_cut import competition_cut, resample_volume
-from cspine_submit.volume_study import find_volumes, load_pair, stored_hu, write_studies
+from cspine_submit.datasets.dicom_writer import write_dicom_series, write_mask
+from cspine_submit.datasets.volume_cut import competition_cut, resample_volume
+from cspine_submit.datasets.volume_study import find_volumes, load_pair, stored_hu, write_studies
 
 
 def _mb(folder: Path) -> float:

@@ -1,8 +1,8 @@
-"""Header scan cost: the fast scan (cspine_submit.dicom_header) against pydicom's reader, per file and per study.
+"""Header scan cost: the fast scan (cspine_submit.read.dicom_header) against pydicom's reader, per file and per study.
 
 Studies: the 11 real necks of tests/data/real_neck written as competition-style 512 x 512 studies (half JPEG Lossless
 .4.70, half Explicit VR Little Endian, signed and unsigned; ``cspine-submit write-study``), and synthetic 512 x 512
-studies (``cspine_submit.bench.make_studies``: three in four .4.70). Pass ``--necks``/``--synthetic`` to reuse folders
+studies (``cspine_submit.tools.bench.make_studies``: three in four .4.70). Pass ``--necks``/``--synthetic`` to reuse folders
 of study folders already written.
 
 Prints, per study set, ms per file (median [min, max] over ``--repeat`` rounds, round robin so that the shared
@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cspine_submit import dicom_header
-from cspine_submit.dicom import read_slice_header, scan_study
+from cspine_submit.read import dicom_header
+from cspine_submit.read.dicom import read_slice_header, scan_study
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = tuple(dicom_header.WANTED)
@@ -133,13 +133,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         necks = args.necks
         if necks is None:
-            from cspine_submit.volume_study import write_studies
+            from cspine_submit.datasets.volume_study import write_studies
 
             write_studies(ROOT / "tests" / "data" / "real_neck", Path(tmp) / "necks", size=512, seed=0)
             necks = Path(tmp) / "necks" / "images"
         synthetic = args.synthetic
         if synthetic is None:
-            from cspine_submit.bench import make_studies
+            from cspine_submit.tools.bench import make_studies
 
             synthetic = make_studies(Path(tmp) / "synthetic", args.n_synthetic, 512, args.slices)[0].parent
         print("ms per file: median [min, max] over rounds; machine load varies, compare within a row set")

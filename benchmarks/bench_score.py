@@ -42,7 +42,7 @@ CASES = [
 
 
 def bench_score(head, shape, batch_size, n_batches):
-    from cspine_submit.models import build_classifier, predict
+    from cspine_submit.score.models import build_classifier, predict
 
     model = build_classifier(head, shape)
     x = np.random.default_rng(0).uniform(0, 1, (batch_size * n_batches,) + shape).astype(np.float32)
@@ -55,7 +55,7 @@ def bench_score(head, shape, batch_size, n_batches):
 
 def bench_crop(k=15, rows=512, input_size=256, channels="windows"):
     from cspine_submit.config import ModelConfig
-    from cspine_submit.crop import prepare_crops, slices_needed
+    from cspine_submit.score.crop import prepare_crops, slices_needed
     from cspine_submit.localize import CropPlan
 
     cfg = ModelConfig(input_size=input_size, channels=channels)
@@ -89,11 +89,13 @@ def bench_weights(weights: str, studies_dir: str, n_studies: int | None, rounds:
     import tempfile
     from pathlib import Path
 
-    from cspine_submit import aggregate, submission
+    from cspine_submit.score import aggregate
+
+    from cspine_submit.submit import submission
     from cspine_submit.config import VERTEBRAE, ModelConfig
     from cspine_submit.localize import load_ranges
-    from cspine_submit.models import load_classifiers, score
-    from cspine_submit.pipeline import StudyJob, prepare_study
+    from cspine_submit.score.models import load_classifiers, score
+    from cspine_submit.submit.run import StudyJob, prepare_study
 
     def load_per_vertebra():
         return {v: load_classifiers(weights, [v])[1][v] for v in VERTEBRAE}

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def bench_pipeline(data, weights: Path, workers: int) -> dict:
-    from cspine_submit import metric, pipeline
+    from cspine_submit.train import metric
+    from cspine_submit.submit import run as pipeline
 
     t0 = time.perf_counter()
     setup = pipeline.prepare_run(data.test_dir, data.test_csv, weights, demo=True)
@@ -36,8 +37,10 @@ def bench_pipeline(data, weights: Path, workers: int) -> dict:
 
 
 def compare_rules(data, weights: Path) -> list[tuple[str, float]]:
-    from cspine_submit import aggregate, metric, pipeline
-    from cspine_submit.models import score
+    from cspine_submit.score import aggregate
+    from cspine_submit.train import metric
+    from cspine_submit.submit import run as pipeline
+    from cspine_submit.score.models import score
 
     setup = pipeline.prepare_run(data.test_dir, data.test_csv, weights, demo=True)
     slice_probs = {}
@@ -64,7 +67,7 @@ def compare_rules(data, weights: Path) -> list[tuple[str, float]]:
 
 
 def main(argv=None) -> int:
-    from cspine_submit import demo
+    from cspine_submit.tools import demo
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=demo.DEMO_N_STUDIES)

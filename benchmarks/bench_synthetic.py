@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cspine_submit.synthetic import StudySpec, generate_dataset, render_study, write_study, write_study_mask
+from cspine_submit.datasets.synthetic import StudySpec, generate_dataset, render_study, write_study, write_study_mask
 
 
 def _mb(folder: Path) -> float:

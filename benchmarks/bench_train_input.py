@@ -32,8 +32,8 @@ STUDIES = 2019
 
 def make_store(folder: Path, slices: np.ndarray, config, seed: int = 0):
     """One study's crops (7 x 15) cached as train does; returns the Samples over them."""
-    from cspine_submit import train_data as td
-    from cspine_submit.crop import hu_squares, n_planes
+    from cspine_submit.train import data as td
+    from cspine_submit.score.crop import hu_squares, n_planes
     from cspine_submit.localize import CropPlan
 
     rng = np.random.default_rng(seed)
@@ -62,7 +62,7 @@ def make_store(folder: Path, slices: np.ndarray, config, seed: int = 0):
 
 
 def pipeline_rate(samples, config, workers: int, augment: bool, n_crops: int, batch: int = 16) -> float:
-    from cspine_submit.train_data import Samples, make_dataset
+    from cspine_submit.train.data import Samples, make_dataset
 
     many = Samples.concat([samples] * int(np.ceil(n_crops / len(samples))))
     ds = make_dataset(many, config, batch, shuffle=True, augment_data=augment, seed=1, workers=workers)
@@ -80,9 +80,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
 
-    from cspine_submit import dicom
+    from cspine_submit.read import dicom
     from cspine_submit.config import ModelConfig
-    from cspine_submit.train_plan import GPU_TRAIN_224
+    from cspine_submit.train.plan import GPU_TRAIN_224
 
     header = dicom.scan_study(SERIES)
     slices = dicom.read_slices(header, np.arange(header.n_slices))

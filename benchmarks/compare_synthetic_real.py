@@ -53,10 +53,10 @@ from cspine_submit.localize.features import (
     column_centre,
     cue_indices,
 )
-from cspine_submit.synthetic import plan_specs, render_study
-from cspine_submit.synthetic_anatomy import draw_background
-from cspine_submit.volume_cut import competition_cut, resample_volume
-from cspine_submit.volume_study import find_volumes, load_labels_axial, load_pair
+from cspine_submit.datasets.synthetic import plan_specs, render_study
+from cspine_submit.datasets.anatomy import draw_background
+from cspine_submit.datasets.volume_cut import competition_cut, resample_volume
+from cspine_submit.datasets.volume_study import find_volumes, load_labels_axial, load_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "tests" / "data" / "real_neck"

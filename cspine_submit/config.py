@@ -41,7 +41,7 @@ TRAIN_PREVALENCE: dict[str, float] = {
 
 CROP_CODE_SCALE: int = 65535
 """Model inputs (in [0, 1]) cross process boundaries as uint16 ``round(x * CROP_CODE_SCALE)``: half the bytes of
-float32, at most 7.7e-6 off (:func:`cspine_submit.crop.encode_crops`; the scoring side converts back). float16 has
+float32, at most 7.7e-6 off (:func:`cspine_submit.score.crop.encode_crops`; the scoring side converts back). float16 has
 the same size but is 30 times coarser near 1 (2.4e-4), as much as the int16 HU rounding of the training cache."""
 
 CHANNEL_MODES: tuple[str, ...] = ("single", "replicate", "windows", "neighbours")
@@ -122,7 +122,7 @@ class ModelConfig(_JsonFile):
     Attributes
     ----------
     head : str
-        Classifier architecture name in :data:`cspine_submit.models.ARCHITECTURES` (``seed``, ``gap``, ``tiny``).
+        Classifier architecture name in :data:`cspine_submit.score.models.ARCHITECTURES` (``seed``, ``gap``, ``tiny``).
     input_size : int
         Side of the square model input, pixels.
     channels : str
@@ -151,7 +151,7 @@ class ModelConfig(_JsonFile):
     calibration : dict
         ``{label: [a, b]}`` per prediction type: the pooled probability ``p`` becomes
         ``sigmoid(a * logit(p) + b)``. Fitted by ``train`` on out-of-fold predictions by minimising the
-        competition metric (:mod:`cspine_submit.calibration`); a label that is absent is left as pooled.
+        competition metric (:mod:`cspine_submit.train.calibration`); a label that is absent is left as pooled.
     clip : (float, float)
         Every written probability is clipped into this open interval, so no single row costs an infinite loss.
     priors : dict

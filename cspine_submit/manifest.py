@@ -99,7 +99,7 @@ def manifest_entries(folder: str | Path) -> dict[str, dict]:
 def write_manifest(folder: str | Path, created_by: str = "") -> Path:
     """Write ``folder/MANIFEST.json`` (atomically) listing every file :func:`manifest_entries` lists."""
     from cspine_submit import __version__
-    from cspine_submit.submission import atomic_write_text
+    from cspine_submit.files import atomic_write_text
 
     folder = Path(folder)
     data = {"files": manifest_entries(folder), "package_version": __version__}

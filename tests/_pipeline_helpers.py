@@ -94,7 +94,7 @@ def write_weights(folder: Path, config: ModelConfig | None = None, seed: int = 1
     """Tiny classifiers for C1..C7 (random but seeded), model_config.json and slice_ranges.json."""
     import keras
 
-    from cspine_submit.models import build_classifier, save_classifier
+    from cspine_submit.score.models import build_classifier, save_classifier
 
     config = config or tiny_config()
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ synthetic_dataset : Path
     6 training studies (the first 4 with masks), 3 test studies, 128 x 128 px, 3-4 mm slices (tens of slices),
     a mix of JPEG Lossless .4.70 and uncompressed files, 3 studies numbered feet to head, both PixelRepresentations.
     Treat it as read-only (copy a study to ``tmp_path`` before damaging it).
-synthetic_info : cspine_submit.synthetic.SyntheticDataset
+synthetic_info : cspine_submit.datasets.synthetic.SyntheticDataset
     What was written: ``.train`` / ``.test`` records (uid, labels, spec with flags such as ``spec.reversed``,
     ``spec.compressed``, folder, n_slices, spacing, segmented), ``.params``.
 synthetic_truth : callable
@@ -43,7 +43,7 @@ SYNTH_PARAMS = dict(
 
 @pytest.fixture(scope="session")
 def synthetic_info(tmp_path_factory):
-    from cspine_submit.synthetic import generate_dataset
+    from cspine_submit.datasets.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("synthetic") / "rsna-synthetic"
     return generate_dataset(root, **SYNTH_PARAMS)
@@ -56,7 +56,7 @@ def synthetic_dataset(synthetic_info):
 
 @pytest.fixture(scope="session")
 def synthetic_truth(synthetic_info):
-    from cspine_submit.synthetic import render_study
+    from cspine_submit.datasets.synthetic import render_study
 
     @functools.lru_cache(maxsize=None)
     def truth(uid: str):
@@ -80,7 +80,7 @@ def real_neck_dataset(tmp_path_factory):
     """
     from pathlib import Path
 
-    from cspine_submit.volume_study import write_studies
+    from cspine_submit.datasets.volume_study import write_studies
 
     root = tmp_path_factory.mktemp("real_neck") / "real-necks"
     records = write_studies(Path(__file__).parent / "data" / "real_neck", root, **REAL_NECK_PARAMS)
@@ -93,7 +93,7 @@ def real_neck_whole(tmp_path_factory):
     ``weights/slice_ranges.json`` is learned from. Returns the dataset root (``images/``, ``segmentations/``)."""
     from pathlib import Path
 
-    from cspine_submit.volume_study import write_studies
+    from cspine_submit.datasets.volume_study import write_studies
 
     root = tmp_path_factory.mktemp("real_neck_whole") / "real-necks-whole"
     write_studies(Path(__file__).parent / "data" / "real_neck", root, cut=False, seed=0, progress=False)

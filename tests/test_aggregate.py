@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cspine_submit import aggregate
+from cspine_submit.score import aggregate
 from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE, ModelConfig
 
 

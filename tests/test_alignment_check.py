@@ -85,7 +85,7 @@ def test_headers_only_ranges_have_no_reference(whole_truths):
 
 def test_old_ranges_without_reference_plan_the_same_and_judge_nothing(real_neck_dataset, tmp_path):
     from cspine_submit.config import ModelConfig
-    from cspine_submit.dicom import scan_study
+    from cspine_submit.read.dicom import scan_study
     from cspine_submit.localize import measure_cue
 
     root, records = real_neck_dataset
@@ -122,8 +122,8 @@ def test_alignment_check_thresholds_at_the_reference():
 def _write_blanked_study(folder: Path, uid: str, name: str = "pt_122") -> None:
     """A real neck written as a competition-style study (128 px, 1.25 mm, as the session's cut necks), its CT
     blanked to air from the top of C4 down: the cue sees a head and upper neck, then nothing."""
-    from cspine_submit.volume_cut import competition_cut
-    from cspine_submit.volume_study import load_pair, write_volume_study
+    from cspine_submit.datasets.volume_cut import competition_cut
+    from cspine_submit.datasets.volume_study import load_pair, write_volume_study
 
     ct, labels = load_pair(REAL / f"{name}_ct.nii.gz", REAL / f"{name}_vert.nii.gz")
     c4_top = int(np.flatnonzero((labels.volume == 4).any(axis=(1, 2)))[0])

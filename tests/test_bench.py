@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cspine_submit import bench
+from cspine_submit.tools import bench
 from cspine_submit.config import VERTEBRAE, ModelConfig
 
 
@@ -53,7 +53,7 @@ def test_marginal_seconds_over_a_few_studies():
 
 
 def test_naive_decode_and_the_direct_loop_read_every_slice(synthetic_dataset, monkeypatch):
-    from cspine_submit import dicom
+    from cspine_submit.read import dicom
 
     folder = sorted((synthetic_dataset / "test_images").iterdir())[0]
     n_files = len(list(folder.glob("*.dcm")))

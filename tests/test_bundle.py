@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cspine_submit import bundle
-from cspine_submit.pipeline import repo_root
+from cspine_submit.tools import bundle
+from cspine_submit.files import repo_root
 
 REPO = repo_root()
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from cspine_submit import calibration as C
+from cspine_submit.train import calibration as C
 from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE, ModelConfig
-from cspine_submit.metric import competition_score
+from cspine_submit.train.metric import competition_score
 
 
 def _labels(n, seed=0):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 
-from cspine_submit import bundle, reproduce
+from cspine_submit.tools import bundle
+
+from cspine_submit.tools import reproduce
 from cspine_submit.cli import main
-from cspine_submit.pipeline import default_weights_dir
+from cspine_submit.files import default_weights_dir
 
 
 def test_tampered_weight_file_fails_check(tmp_path, capsys):

@@ -40,7 +40,7 @@ def test_env_text_table(capsys):
 
 
 def test_env_fails_listing_packages_when_jpeg_lossless_cannot_be_decoded(capsys, monkeypatch):
-    import cspine_submit.dicom as dicom
+    import cspine_submit.read.dicom as dicom
 
     real = dicom.decoder_table
 

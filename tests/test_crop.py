@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cspine_submit.config import ModelConfig
-from cspine_submit.crop import PAD_HU, crop_square, prepare_crops, slices_needed, window
+from cspine_submit.score.crop import PAD_HU, crop_square, prepare_crops, slices_needed, window
 from cspine_submit.localize import CropPlan
 
 
@@ -121,7 +121,7 @@ def test_empty_plan_gives_no_crops():
 
 
 def test_the_two_halves_store_the_crop_at_its_own_resolution_and_clip_to_the_windows():
-    from cspine_submit.crop import hu_span, hu_squares, squares_to_input
+    from cspine_submit.score.crop import hu_span, hu_squares, squares_to_input
 
     rng = np.random.default_rng(0)
     slices = rng.normal(300, 900, (4, 40, 40)).astype(np.float32)
@@ -148,7 +148,7 @@ def test_the_two_halves_store_the_crop_at_its_own_resolution_and_clip_to_the_win
 def test_workers_encoded_crops_are_exactly_the_encoded_model_input(channels, windows, input_size):
     # What a worker sends (uint16 straight from the HU squares) must be encode_crops of the model input, bit for bit,
     # including squares that leave the image (padding) and int16 stacks.
-    from cspine_submit.crop import encode_crops, prepare_encoded_crops
+    from cspine_submit.score.crop import encode_crops, prepare_encoded_crops
 
     rng = np.random.default_rng(input_size)
     slices = rng.integers(-1024, 3000, (9, 40, 40)).astype(np.int16)

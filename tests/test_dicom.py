@@ -17,7 +17,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cspine_submit.dicom import (
+from cspine_submit.read.dicom import (
     DicomReadError,
     StudyHeader,
     available_plugins,

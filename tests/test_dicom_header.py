@@ -1,4 +1,4 @@
-"""The fast header scan (cspine_submit.dicom_header) against pydicom's reader: the same SliceInfo, field by field.
+"""The fast header scan (cspine_submit.read.dicom_header) against pydicom's reader: the same SliceInfo, field by field.
 
 Every DICOM file in tests/data (real files as their producers wrote them, broken and odd ones included), the
 session's real-neck and synthetic studies (as the project's writers write them), and files written here with pydicom
@@ -20,8 +20,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from cspine_submit import dicom, dicom_header
-from cspine_submit.dicom import DicomReadError, read_slice_header, scan_study
+from cspine_submit.read import dicom
+
+from cspine_submit.read import dicom_header
+from cspine_submit.read.dicom import DicomReadError, read_slice_header, scan_study
 
 DATA = Path(__file__).parent / "data"
 

@@ -17,10 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cspine_submit import aggregate, pipeline, preflight
+from cspine_submit.files import default_weights_dir
+from cspine_submit.score import aggregate
+
+from cspine_submit.submit import run as pipeline
+
+from cspine_submit.read import preflight
 from cspine_submit.cli import main as cli_main
 from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE, ModelConfig, SliceRanges
-from cspine_submit.submission import LiveSubmission, companion_paths, split_row_id
+from cspine_submit.submit.submission import LiveSubmission, companion_paths, split_row_id
 
 from _pipeline_helpers import UID_ROOT, hand_ranges, write_study, write_weights
 
@@ -140,7 +145,8 @@ def test_the_run_steps_write_a_complete_file_before_any_scoring(weights, priors,
 
 _HANG_SCRIPT = r"""
 import json, sys, threading
-from cspine_submit import models, pipeline
+from cspine_submit.score import models
+from cspine_submit.submit import run as pipeline
 real_score, calls = models.score, []
 
 def score_hanging_on_the_second_study(*args, **kw):
@@ -328,10 +334,11 @@ def test_a_vertebra_planned_outside_the_scan_takes_its_prior(weights, priors, tm
 def test_plan_summary_matches_the_slices_actually_read(synthetic_info, monkeypatch):
     """Profile method on a synthetic study: the summary's cue slices and per-vertebra slices (file numbers) are
     exactly the files decoded, its boxes and ranges are the planner's, and the method is the one used."""
-    from cspine_submit import crop, dicom
+    from cspine_submit.score import crop
+    from cspine_submit.read import dicom
     from cspine_submit.localize import load_ranges, measure_cue, plan_crops
 
-    ranges = load_ranges(pipeline.default_weights_dir() / "demo" / "slice_ranges.json")
+    ranges = load_ranges(default_weights_dir() / "demo" / "slice_ranges.json")
     config = ModelConfig(head="tiny", input_size=32, channels="neighbours", windows=((400, 1800),),
                          slices_per_vertebra=5)
     record = next(r for r in synthetic_info.test if r.spec.reversed) if any(
@@ -364,7 +371,7 @@ def test_plan_summary_matches_the_slices_actually_read(synthetic_info, monkeypat
 def test_method_used_follows_the_cue():
     from types import SimpleNamespace
 
-    from cspine_submit import plan_report
+    from cspine_submit.submit import plan_report
 
     profile = SimpleNamespace(method="profile")
     assert plan_report.method_used(profile, None) == "profile"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cspine_submit.config import VERTEBRAE, ModelConfig, SliceRanges
-from cspine_submit.dicom import StudyHeader
+from cspine_submit.read.dicom import StudyHeader
 from cspine_submit.localize import (
     CropPlan,
     MaskError,
@@ -282,7 +282,7 @@ def test_competition_and_affine_layouts_on_normal_and_reversed_studies(synthetic
 def test_renumbered_feet_to_head_copy_gives_the_same_truth(synthetic_dataset, synthetic_info, tmp_path):
     """The same study with its files numbered the other way round: scan_study sorts by position, so the
     competition conversion (which follows the patient, not the file numbers) must give the same answer."""
-    from cspine_submit.dicom import scan_study
+    from cspine_submit.read.dicom import scan_study
     from cspine_submit.localize import truth_from_files
 
     r = next(r for r in _segmented(synthetic_info) if not r.spec.reversed)
@@ -442,7 +442,7 @@ def test_snap_to_decoded_moves_interior_slices_onto_cue_slices_only():
 
 
 def test_profile_plans_decode_fewer_slices_with_snapping(synthetic_dataset):
-    from cspine_submit.dicom import scan_study
+    from cspine_submit.read.dicom import scan_study
     from cspine_submit.localize import measure_cue, plan_crops, plans_from_positions
 
     ranges = load_ranges(Path(__file__).parents[1] / "weights" / "demo" / "slice_ranges.json")

@@ -135,7 +135,7 @@ def test_submit_on_real_necks_plans_every_vertebra_with_the_profile(real_neck_da
     (the seed's .h5 folder case): the shipped real-neck ranges are used, every study is ``ok``, planned with the
     image profile (no fallback), and each vertebra's planned z-range overlaps the vertebra in the study."""
     from cspine_submit.cli import main
-    from cspine_submit.dicom import scan_study
+    from cspine_submit.read.dicom import scan_study
 
     root, records = real_neck_dataset
     weights = tmp_path / "weights"

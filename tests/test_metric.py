@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from cspine_submit import metric
+from cspine_submit.train import metric
 from cspine_submit.config import PREDICTION_TYPES
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cspine_submit.config import VERTEBRAE, ModelConfig
-from cspine_submit import models as M
+from cspine_submit.score import models as M
 
 SHAPE = (32, 32, 1)
 
@@ -270,7 +270,8 @@ _TWO_DEVICES_SCRIPT = r"""
 import sys, numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from cspine_submit import crop, models as M
+from cspine_submit.score import crop
+from cspine_submit.score import models as M
 from cspine_submit.config import VERTEBRAE, ModelConfig
 weights = sys.argv[1]
 plan = M.plan_devices()
@@ -329,7 +330,7 @@ def test_classifiers_round_robin_over_two_devices_with_compact_crops(tmp_path):
 
 
 def test_compact_crops_round_trip_within_their_step_and_score_alike():
-    from cspine_submit import crop
+    from cspine_submit.score import crop
 
     x = np.concatenate([_x(n=3, seed=9).ravel(), [0.0, 1.0, 0.5, 1e-6]]).astype(np.float32)
     code = crop.encode_crops(x)
@@ -365,7 +366,7 @@ def test_scored_models_can_be_freed():
 
     import numpy as np
 
-    from cspine_submit.models import build_classifier, predict
+    from cspine_submit.score.models import build_classifier, predict
 
     model = build_classifier("tiny", (32, 32, 1))
     assert predict(model, np.zeros((3, 32, 32, 1), np.float32), 4).shape == (3,)
@@ -425,7 +426,7 @@ def test_vertebrae_listing_the_same_files_share_one_model_loaded_once(tmp_path, 
 
 
 def test_shared_models_score_in_one_pass_exactly_as_alone(tmp_path, monkeypatch):
-    from cspine_submit import crop
+    from cspine_submit.score import crop
 
     _shared_weights(tmp_path)
     _, models = M.load_classifiers(tmp_path)
@@ -459,7 +460,7 @@ def test_batches_lay_arrays_end_to_end_and_pad_the_last():
 
 
 def test_a_bad_file_costs_only_the_vertebrae_that_list_it(tmp_path):
-    from cspine_submit import pipeline
+    from cspine_submit.submit import run as pipeline
 
     _shared_weights(tmp_path)
     (tmp_path / "b.keras").write_bytes(b"not a zip")

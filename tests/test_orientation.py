@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cspine_submit.orientation import (
+from cspine_submit.read.orientation import (
     affine_to_axial,
     axial_axcodes,
     axial_to_affine_layout,

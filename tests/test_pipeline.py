@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cspine_submit import pipeline
+from cspine_submit.files import default_weights_dir
+from cspine_submit.submit import run as pipeline
 from cspine_submit.config import PREDICTION_TYPES
-from cspine_submit.submission import companion_paths
+from cspine_submit.submit.submission import companion_paths
 
 from _pipeline_helpers import UID_ROOT, write_study, write_weights
 
@@ -128,7 +129,7 @@ def test_resume_after_a_kill(testset, weights, tmp_path):
     # Complete at the kill: the three finished studies as in the uninterrupted run, priors for the rest.
     ref, sub = _read_sub(tmp_path / "reference.csv"), _read_sub(out)
     assert list(sub) == list(ref)
-    from cspine_submit import aggregate
+    from cspine_submit.score import aggregate
     from cspine_submit.config import ModelConfig
 
     priors = aggregate.prior_probabilities(ModelConfig.from_json(weights / "model_config.json"))
@@ -278,14 +279,14 @@ def test_submit_defaults_on_kaggle(tmp_path, monkeypatch):
 def test_synthetic_competition_layout_end_to_end(synthetic_dataset, weights, tmp_path):
     """The generator's competition layout (.4.70 and uncompressed, reversed studies, test.csv) with the shipped
     default slice ranges: every study scores, the rows follow test.csv, and the metric reads the result."""
-    from cspine_submit import metric
-    from cspine_submit.submission import read_test_csv
+    from cspine_submit.train import metric
+    from cspine_submit.submit.submission import read_test_csv
 
     w = tmp_path / "w"
     shutil.copytree(weights, w)
     (w / "slice_ranges.json").unlink()  # -> the package default weights/slice_ranges.json
     setup = pipeline.prepare_run(synthetic_dataset / "test_images", synthetic_dataset / "test.csv", w)
-    assert setup.ranges_path == pipeline.default_weights_dir() / "slice_ranges.json"
+    assert setup.ranges_path == default_weights_dir() / "slice_ranges.json"
     result = pipeline.run_submission(setup, tmp_path / "s.csv", workers=0, progress=False)
     assert all(e["status"] == "ok" for e in result.studies.values()), result.studies
     rows = [r.split(",")[0] for r in (tmp_path / "s.csv").read_text().splitlines()[1:]]
@@ -296,7 +297,7 @@ def test_synthetic_competition_layout_end_to_end(synthetic_dataset, weights, tmp
 
 def test_nan_from_a_classifier_falls_back_for_that_study(testset, weights, tmp_path, monkeypatch):
     """A NaN slice probability used to survive clipping and make the final write refuse the whole submission."""
-    from cspine_submit import models
+    from cspine_submit.score import models
 
     real_score = models.score
 
@@ -318,7 +319,7 @@ def test_nan_from_a_classifier_falls_back_for_that_study(testset, weights, tmp_p
 
 
 def test_classifiers_failing_warm_up_give_priors_not_a_crash(testset, weights, tmp_path, monkeypatch):
-    from cspine_submit import models
+    from cspine_submit.score import models
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of GPU memory (simulated)")
@@ -385,11 +386,12 @@ def test_a_failing_run_still_writes_every_row(testset, weights, tmp_path, monkey
 def test_profile_cue_slices_are_decoded_once(synthetic_info, monkeypatch):
     # The profile planner decodes its cue slices; the crops reuse those the plans also need instead of decoding
     # them a second time, and the crops equal those built from a plain read of the needed slices.
-    from cspine_submit import crop, dicom
+    from cspine_submit.score import crop
+    from cspine_submit.read import dicom
     from cspine_submit.config import ModelConfig, VERTEBRAE
     from cspine_submit.localize import load_ranges
 
-    ranges = load_ranges(pipeline.default_weights_dir() / "demo" / "slice_ranges.json")
+    ranges = load_ranges(default_weights_dir() / "demo" / "slice_ranges.json")
     assert ranges.method == "profile"
     config = ModelConfig(head="tiny", input_size=32, channels="single", windows=((400, 1800),))
     folder = synthetic_info.test[0].folder

@@ -1,4 +1,4 @@
-"""Direct decoding from the header scan (cspine_submit.pixels): exactly pydicom's values, pydicom as the fallback.
+"""Direct decoding from the header scan (cspine_submit.read.pixels): exactly pydicom's values, pydicom as the fallback.
 
 Every DICOM file in tests/data is decoded both ways: each direct decoder installed here against pydicom's plugins.
 """
@@ -13,7 +13,9 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from cspine_submit import dicom, pixels
+from cspine_submit.read import dicom
+
+from cspine_submit.read import pixels
 
 from _pipeline_helpers import write_ct_slice
 
@@ -171,7 +173,7 @@ def test_competition_forms_signed_and_unsigned_every_decoder(tmp_path, bits_stor
 
 
 def test_start_up_check_turns_a_wrong_direct_decoder_off(monkeypatch, tmp_path):
-    from cspine_submit import preflight
+    from cspine_submit.read import preflight
 
     monkeypatch.setenv(pixels.DISABLE_ENV, "0")  # direct route on; restored after the test
     check = preflight.check_selftest()
@@ -192,7 +194,7 @@ def test_start_up_check_turns_a_wrong_direct_decoder_off(monkeypatch, tmp_path):
 
 def test_first_study_check_accepts_the_direct_route_alone(monkeypatch, tmp_path):
     # Without any pydicom JPEG plugin, a .4.70 study still decodes through a direct decoder: not a problem of the run.
-    from cspine_submit import preflight
+    from cspine_submit.read import preflight
 
     monkeypatch.setenv(pixels.DISABLE_ENV, "0")
     study = tmp_path / "study"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cspine_submit.config import VERTEBRAE
-from cspine_submit.preview import COLOURS_BGR, LANE_W, N_LANES, render_preview, subset_indices
+from cspine_submit.tools.preview import COLOURS_BGR, LANE_W, N_LANES, render_preview, subset_indices
 from cspine_submit.localize import CropPlan
 
 cv2 = pytest.importorskip("cv2")
@@ -107,7 +107,7 @@ def test_preview_command_names_a_corrupt_mask(synthetic_info, tmp_path, capsys):
 
 
 def test_preview_study_defaults_to_the_shipped_ranges(synthetic_info):
-    from cspine_submit.preview import preview_study
+    from cspine_submit.tools.preview import preview_study
 
     folder = synthetic_info.test[0].folder
     image, _, plans, info = preview_study(folder)

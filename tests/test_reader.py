@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cspine_submit.dicom import read_slices, scan_study
-from cspine_submit.reader import WORKER_DIED, Outcome, iter_studies
+from cspine_submit.read.dicom import read_slices, scan_study
+from cspine_submit.read.reader import WORKER_DIED, Outcome, iter_studies
 
 SERIES = Path(__file__).parent / "data" / "dicom" / "series_j2k_ct"
 
@@ -146,7 +146,7 @@ def test_wait_polls_through_the_futures_timeout_class():
     # clock has not started must keep being polled, not be failed as "TimeoutError" (the first study on 3.10).
     import concurrent.futures
 
-    from cspine_submit.reader import _Pool
+    from cspine_submit.read.reader import _Pool
 
     class SlowFuture:
         calls = 0

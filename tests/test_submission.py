@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cspine_submit import submission as sub
+from cspine_submit.submit import submission as sub
 from cspine_submit.config import PREDICTION_TYPES
 
 # The public competition test.csv, verbatim (its 3 studies are not in the public test_images/).

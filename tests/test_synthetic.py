@@ -171,9 +171,9 @@ def test_jpeg_lossless_decodes_the_same_with_both_plugins(synthetic_info, synthe
 
 
 def test_package_reader_reads_every_study_in_order(synthetic_info, synthetic_truth):
-    dicom = pytest.importorskip("cspine_submit.dicom")
+    dicom = pytest.importorskip("cspine_submit.read.dicom")
     if not hasattr(dicom, "scan_study") or not hasattr(dicom, "read_slices"):
-        pytest.skip("cspine_submit.dicom.scan_study/read_slices not there yet (reader issue)")
+        pytest.skip("cspine_submit.read.dicom.scan_study/read_slices not there yet (reader issue)")
     for rec in synthetic_info.studies:
         study = synthetic_truth(rec.uid)
         header = dicom.scan_study(rec.folder)
@@ -191,7 +191,7 @@ def test_package_reader_reads_every_study_in_order(synthetic_info, synthetic_tru
 def test_masks_convert_back_with_the_competition_conversion(synthetic_info, synthetic_truth):
     import nibabel as nib
 
-    from cspine_submit.orientation import competition_to_axial
+    from cspine_submit.read.orientation import competition_to_axial
 
     for rec in synthetic_info.train:
         if not rec.segmented:
@@ -294,7 +294,7 @@ def _digest(root: Path) -> dict[str, str]:
 
 
 def test_same_seed_same_bytes(tmp_path):
-    from cspine_submit.synthetic import generate_dataset
+    from cspine_submit.datasets.synthetic import generate_dataset
 
     params = dict(size=64, spacing=(4.0, 5.0), compressed_fraction=0.5, reversed_fraction=0.5,
                   prevalence={v: 0.5 for v in VERTEBRAE})
@@ -308,7 +308,7 @@ def test_same_seed_same_bytes(tmp_path):
 
 
 def test_refuses_to_overwrite_and_rejects_unknown_parameters(tmp_path):
-    from cspine_submit.synthetic import generate_dataset
+    from cspine_submit.datasets.synthetic import generate_dataset
 
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
@@ -342,7 +342,7 @@ def test_synth_command(tmp_path, capsys):
 @pytest.mark.parametrize("bad", [{"size": 8}, {"spacing": (1.0, 0.5)}, {"spacing": (0.0, 1.0)},
                                  {"reversed_fraction": 1.5}, {"fov": (10.0, 20.0)}])
 def test_out_of_range_parameters_are_named(tmp_path, bad):
-    from cspine_submit.synthetic import generate_dataset
+    from cspine_submit.datasets.synthetic import generate_dataset
 
     with pytest.raises(ValueError, match=next(iter(bad))):
         generate_dataset(tmp_path / "d", 1, 0, **bad)
@@ -373,7 +373,7 @@ def test_synth_command_reads_a_params_file(tmp_path, capsys):
 def test_table_option_adds_a_dense_shell_and_changes_nothing_else():
     import dataclasses
 
-    from cspine_submit.synthetic import plan_specs, render_study
+    from cspine_submit.datasets.synthetic import plan_specs, render_study
 
     plain = plan_specs(3, 9, size=64, spacing=(5.0, 6.0))
     tabled = plan_specs(3, 9, size=64, spacing=(5.0, 6.0), table_fraction=1.0)
@@ -394,7 +394,7 @@ def test_table_option_adds_a_dense_shell_and_changes_nothing_else():
 
 
 def test_boxed_fraction_leaves_some_fractured_studies_without_boxes(tmp_path):
-    from cspine_submit.synthetic import generate_dataset
+    from cspine_submit.datasets.synthetic import generate_dataset
 
     ds = generate_dataset(tmp_path / "d", 4, 0, seed=2, size=40, spacing=(6.0, 6.0), boxed_fraction=0.5,
                           prevalence={"C4": 1.0})

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from cspine_submit import train_data as td
+from cspine_submit.train import data as td
 from cspine_submit.config import VERTEBRAE, ModelConfig
-from cspine_submit.train import TrainOptions, draw_history_png, learning_rate_at, read_history, train_classifiers
+from cspine_submit.train.run import TrainOptions, draw_history_png, learning_rate_at, read_history, train_classifiers
 
 
 def test_split_is_deterministic_stratified_and_order_free():
@@ -128,11 +128,11 @@ def test_cross_validated_run_writes_only_inference_files_and_honest_oof(syntheti
                                                                       monkeypatch):
     import pandas as pd
 
-    import cspine_submit.train as train_mod
-    from cspine_submit.calibration import fit_priors
+    import cspine_submit.train.run as train_mod
+    from cspine_submit.train.calibration import fit_priors
     from cspine_submit.manifest import verify_manifest
-    from cspine_submit.metric import competition_score
-    from cspine_submit.models import load_classifiers
+    from cspine_submit.train.metric import competition_score
+    from cspine_submit.score.models import load_classifiers
 
     trained_on: dict[str, set] = {}
     real = train_mod.train_unit
@@ -189,7 +189,7 @@ def test_cross_validated_run_writes_only_inference_files_and_honest_oof(syntheti
 
 
 def test_resume_continues_after_an_interrupted_fold(synthetic_dataset, fixture_ranges, tmp_path, monkeypatch):
-    import cspine_submit.train as train_mod
+    import cspine_submit.train.run as train_mod
 
     options = TrainOptions(vertebrae=("C5",), folds=2, epochs=1, batch_size=8, box_policy="study", workers=0,
                            seed=3, final="refit", trained_on="synthetic")
@@ -217,7 +217,7 @@ def test_resume_continues_after_an_interrupted_fold(synthetic_dataset, fixture_r
 
 def test_plan_matches_what_a_run_writes(synthetic_dataset, fixture_ranges, tmp_path, capsys):
     from cspine_submit.cli import main
-    from cspine_submit.train_data import build_cache, cache_key
+    from cspine_submit.train.data import build_cache, cache_key
 
     argv = ["train", "--data", str(synthetic_dataset), "--ranges", str(fixture_ranges), "--out", str(tmp_path / "w"),
             "--head", "tiny", "--input-size", "32", "--channels", "single", "--windows", "400/1800",
@@ -246,7 +246,7 @@ def test_tiny_model_learns_synthetic_fractures(tmp_path):
     """Out-of-fold vertebra-level AUC of a tiny shared model on a small synthetic set is well above chance, and the
     calibrated out-of-fold metric beats the prior-only baseline."""
     from cspine_submit.localize import learn_ranges
-    from cspine_submit.synthetic import generate_dataset
+    from cspine_submit.datasets.synthetic import generate_dataset
 
     data = tmp_path / "data"
     generate_dataset(data, n_train=60, n_test=0, **DEMO_LIKE)
@@ -269,7 +269,7 @@ def test_training_crops_are_the_inference_crops(synthetic_info, fixture_ranges, 
     """No train/serve skew: the cached squares, windowed on load, are what the submission pipeline feeds the models
     (up to the int16 rounding of HU the cache stores: half a HU, 0.5 / 1800 after the window)."""
     from cspine_submit.localize import load_ranges
-    from cspine_submit.pipeline import StudyJob, prepare_study
+    from cspine_submit.submit.run import StudyJob, prepare_study
 
     config = ModelConfig(head="tiny", input_size=32, channels="neighbours", neighbour_offset=1,
                          slices_per_vertebra=4, mixed_precision=False)
@@ -284,7 +284,7 @@ def test_training_crops_are_the_inference_crops(synthetic_info, fixture_ranges, 
         for v, crops in served.items():
             crops = np.asarray(crops)
             if crops.dtype == np.uint16:
-                from cspine_submit.crop import decode_crops
+                from cspine_submit.score.crop import decode_crops
 
                 crops = decode_crops(crops)
             s = td.collect_samples({record.uid: meta}, [record.uid], v, tmp_path, labels, {})
@@ -296,7 +296,7 @@ def test_training_crops_are_the_inference_crops(synthetic_info, fixture_ranges, 
 def test_augmentation_runs_inside_the_model_only_while_training(tmp_path):
     import keras
 
-    from cspine_submit.models import build_classifier
+    from cspine_submit.score.models import build_classifier
 
     clf = build_classifier("tiny", (32, 32, 1))
     model = td.augmenting_model(clf, (32, 32, 1), seed=4)

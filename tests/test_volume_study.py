@@ -18,8 +18,8 @@ import pydicom
 import pytest
 
 from cspine_submit.config import VERTEBRAE
-from cspine_submit.dicom import read_slices, scan_study
-from cspine_submit.volume_cut import (
+from cspine_submit.read.dicom import read_slices, scan_study
+from cspine_submit.datasets.volume_cut import (
     AIR_HU,
     CutSpec,
     competition_cut,
@@ -27,7 +27,7 @@ from cspine_submit.volume_cut import (
     resample_volume,
     source_positions,
 )
-from cspine_submit.volume_study import (
+from cspine_submit.datasets.volume_study import (
     load_ct_axial,
     load_labels_axial,
     load_pair,

@@ -48,7 +48,7 @@ def add_arguments(parser) -> None:
 
 
 def _table(results: dict) -> str:
-    from cspine_submit.bench import STAGES
+    from cspine_submit.tools.bench import STAGES
 
     ours, naive, ratio = results["ours"], results["naive"] or {}, results["ratio"] or {}
     lines = [f"{'stage':<11} {'ours s/study':>13} {'naive s/study':>14} {'naive/ours':>11}"]
@@ -98,7 +98,7 @@ def _table(results: dict) -> str:
 
 
 def run(args) -> int:
-    from cspine_submit.bench import run_benchmark
+    from cspine_submit.tools.bench import run_benchmark
 
     heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
     results = run_benchmark(

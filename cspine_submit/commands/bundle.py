@@ -30,8 +30,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from cspine_submit import bundle
-    from cspine_submit.pipeline import repo_root
+    from cspine_submit.tools import bundle
+    from cspine_submit.files import repo_root
 
     kernel_path = args.kernel_metadata or repo_root() / "kernel-metadata.json"
     validation = bundle.validate_kernel_metadata(kernel_path)

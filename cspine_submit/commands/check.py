@@ -24,8 +24,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from cspine_submit import manifest, reproduce
-    from cspine_submit.pipeline import default_weights_dir
+    from cspine_submit import manifest
+    from cspine_submit.tools import reproduce
+    from cspine_submit.files import default_weights_dir
 
     weights = args.weights or default_weights_dir()
     if args.write_golden:

@@ -82,7 +82,7 @@ def _tensorflow() -> dict:
 def collect(tensorflow: bool = True) -> dict:
     """Everything ``env`` reports, as a JSON-able dict (library function: no printing)."""
     from cspine_submit import __version__
-    from cspine_submit.dicom import REQUIRED_TRANSFER_SYNTAXES, decoder_table, missing_decoders
+    from cspine_submit.read.dicom import REQUIRED_TRANSFER_SYNTAXES, decoder_table, missing_decoders
 
     libs = {label: {"package": dist, "version": _version(dist, module)} for label, dist, module in LIBRARIES}
     table = decoder_table()

@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
 
 
 def format_table(result) -> str:
-    """Human-readable lines for an :class:`~cspine_submit.metric.Evaluation`."""
+    """Human-readable lines for an :class:`~cspine_submit.train.metric.Evaluation`."""
     lines = [f"score (weighted log loss, lower is better): {result.score:.5f}   studies: {result.n_studies}",
              f"{'label':<16}{'log_loss':>10}{'auc':>8}"]
     for label, d in result.per_label.items():
@@ -40,7 +40,7 @@ def format_table(result) -> str:
 
 def write_roc_report(submission: Path, labels: Path, folder: Path) -> list[Path]:
     """One ROC PNG per label plus metrics.json in ``folder``; returns the PNG paths."""
-    from cspine_submit import metric
+    from cspine_submit.train import metric
     from cspine_submit.config import PREDICTION_TYPES
 
     lab = metric.read_table(labels, "labels")
@@ -53,7 +53,7 @@ def write_roc_report(submission: Path, labels: Path, folder: Path) -> list[Path]
 
 
 def run(args) -> int:
-    from cspine_submit import metric
+    from cspine_submit.train import metric
 
     try:
         result = metric.evaluate_files(args.submission, args.labels)
@@ -80,12 +80,14 @@ def run(args) -> int:
 
 def calibrated_score(submission: Path, labels: Path, groups: int = 5, seed: int = 0) -> dict:
     """``{"before", "after", "groups"}``: the metric as submitted, and after a per-label calibration fitted to the
-    metric on the other groups of studies (:mod:`cspine_submit.calibration`)."""
+    metric on the other groups of studies (:mod:`cspine_submit.train.calibration`)."""
     import numpy as np
 
-    from cspine_submit import calibration, metric
+    from cspine_submit.train import calibration
+
+    from cspine_submit.train import metric
     from cspine_submit.config import PREDICTION_TYPES
-    from cspine_submit.train_data import assign_folds
+    from cspine_submit.train.data import assign_folds
 
     uids, y, p = metric.align(metric.read_table(labels, "labels"), metric.read_table(submission, "predictions"),
                               labels, submission)

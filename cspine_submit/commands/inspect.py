@@ -27,7 +27,7 @@ def hu_stats(header, chunk: int = 32, progress: bool = False) -> dict:
     """min, max and mean HU over every slice, decoded ``chunk`` slices at a time (memory stays small)."""
     import numpy as np
 
-    from cspine_submit.dicom import read_slices
+    from cspine_submit.read.dicom import read_slices
 
     lo, hi, total, count = np.inf, -np.inf, 0.0, 0
     starts = range(0, header.n_slices, chunk)
@@ -84,7 +84,7 @@ def format_text(header, doc: dict) -> str:
 
 
 def run(args) -> int:
-    from cspine_submit.dicom import DicomReadError, scan_study
+    from cspine_submit.read.dicom import DicomReadError, scan_study
 
     try:
         header = scan_study(args.study_dir)

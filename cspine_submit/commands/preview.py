@@ -36,8 +36,8 @@ def run(args) -> int:
     import cv2
 
     from cspine_submit.config import ModelConfig
-    from cspine_submit.dicom import DicomReadError
-    from cspine_submit.preview import preview_study
+    from cspine_submit.read.dicom import DicomReadError
+    from cspine_submit.tools.preview import preview_study
     from cspine_submit.localize import load_ranges
 
     if args.out.exists() and not args.force:

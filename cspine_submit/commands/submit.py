@@ -122,7 +122,7 @@ def start_tensorflow(verbose: bool = False) -> None:
 
 def _resolve(args):
     """Decide test folder, test.csv, weights, output and budget; returns a dict and whether this is the demo."""
-    from cspine_submit.pipeline import default_weights_dir
+    from cspine_submit.files import default_weights_dir
 
     on_kaggle = KAGGLE_INPUT.exists()
     budget = parse_duration(args.time_budget) if args.time_budget else (KAGGLE_BUDGET_S if on_kaggle else None)
@@ -132,7 +132,7 @@ def _resolve(args):
                     weights=args.weights or default_weights_dir(),
                     out=args.out or KAGGLE_OUT, budget=budget, demo=None, own_output=False)
     if args.test_dir is None:
-        from cspine_submit import demo
+        from cspine_submit.tools import demo
 
         print("No --test-dir and no Kaggle competition data: running the BUILT-IN DEMO on synthetic studies.")
         data = demo.prepare_demo(weights=args.weights)
@@ -162,7 +162,7 @@ def _print_summary(result, demo_data) -> None:
         print(f"time budget: after study {event['after_study']}: {event['action']}")
     print(f"run report: {result.report_path}")
     if demo_data is not None:
-        from cspine_submit import metric
+        from cspine_submit.train import metric
 
         ev = metric.evaluate_files(result.out, demo_data.labels)
         print(f"DEMO score against the synthetic truth ({demo_data.labels}): {ev.score:.4f} "
@@ -187,7 +187,9 @@ def _first_study(plan) -> Path | None:
 
 
 def run(args) -> int:
-    from cspine_submit import pipeline, preflight, submission
+    from cspine_submit.submit import run as pipeline
+    from cspine_submit.read import preflight
+    from cspine_submit.submit import submission
 
     try:
         where = _resolve(args)

@@ -5,7 +5,7 @@ training studies), train.csv, train_bounding_boxes.csv, test.csv, sample_submiss
 truth of the test studies). The same seed and parameters give the same bytes.
 
 Parameters can also come from a JSON file (--params, e.g. weights/demo/synthetic_params.json: the keys of
-cspine_submit.synthetic.DEFAULTS plus n_train, n_test, n_segmented, seed); options given on the command line win.
+cspine_submit.datasets.synthetic.DEFAULTS plus n_train, n_test, n_segmented, seed); options given on the command line win.
 
 Examples:
   cspine-submit synth /tmp/synth --studies 40 --test 10 --seed 1 --size 160
@@ -69,7 +69,7 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from cspine_submit.synthetic import generate_dataset
+    from cspine_submit.datasets.synthetic import generate_dataset
 
     params: dict = {}
     if args.params:

@@ -116,7 +116,7 @@ def run(args) -> int:
     import shutil
 
     from cspine_submit.config import ModelConfig
-    from cspine_submit.train import TrainOptions, existing_outputs, train_classifiers
+    from cspine_submit.train.run import TrainOptions, existing_outputs, train_classifiers
 
     try:
         config = ModelConfig.from_json(args.config) if args.config else ModelConfig()
@@ -176,7 +176,7 @@ def run(args) -> int:
 def _run_plan(args, config) -> int:
     import json
 
-    from cspine_submit.train_plan import format_plan, plan_training
+    from cspine_submit.train.plan import format_plan, plan_training
 
     try:
         plan = plan_training(args.data, args.ranges, config, folds=args.folds, epochs=args.epochs,

@@ -50,7 +50,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import time
 
-    from cspine_submit.volume_study import write_studies
+    from cspine_submit.datasets.volume_study import write_studies
 
     if str(args.slice_mm).lower() == "native":
         slice_mm = None

@@ -1,6 +1,6 @@
 """Truth from segmentation masks: where C1-C7 are in one study (mask file + study headers -> :class:`StudyTruth`).
 
-Both mask layouts (``competition`` and ``affine``, see :mod:`cspine_submit.orientation`) are brought into the
+Both mask layouts (``competition`` and ``affine``, see :mod:`cspine_submit.read.orientation`) are brought into the
 axial head-to-feet frame ``(z, y, x)``; a mask that cannot be learned from raises :class:`MaskError` naming the
 file (:func:`load_truths` collects those as ``(file, reason)`` instead).
 """
@@ -192,7 +192,7 @@ def truth_from_files(
     """
     import nibabel as nib
 
-    from cspine_submit.orientation import affine_to_axial, mask_to_axial
+    from cspine_submit.read.orientation import affine_to_axial, mask_to_axial
 
     mask_path = Path(mask_path)
     uid = _uid_from_mask_path(mask_path)
@@ -216,7 +216,7 @@ def truth_from_files(
         z_mm = np.arange(volume.shape[0]) * spacing[0]
         return extract_truth(volume, z_mm, spacing, uid=uid, name=str(mask_path))
 
-    from cspine_submit.dicom import read_slices, scan_study
+    from cspine_submit.read.dicom import read_slices, scan_study
 
     header = scan_study(study_dir)
     volume = mask_to_axial(array, img.affine, layout, orientation=header.orientation)

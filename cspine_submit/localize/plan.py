@@ -2,7 +2,7 @@
 -> ``{vertebra: CropPlan}``.
 
 :func:`plans_from_positions` is the pure core; :func:`measure_cue` decodes and aligns the ``profile`` cue and
-:func:`plan_crops` puts the two together for a :class:`~cspine_submit.dicom.StudyHeader`.
+:func:`plan_crops` puts the two together for a :class:`~cspine_submit.read.dicom.StudyHeader`.
 """
 
 from __future__ import annotations
@@ -318,14 +318,14 @@ def measure_cue(
     header : StudyHeader
     ranges : SliceRanges
     read : callable, optional
-        ``read(header, indices) -> (m, rows, cols) HU``; default :func:`cspine_submit.dicom.read_slices`.
+        ``read(header, indices) -> (m, rows, cols) HU``; default :func:`cspine_submit.read.dicom.read_slices`.
     slices : (m, rows, cols) ndarray, optional
         HU of the slices ``cue_indices(header.n_slices, header.z, ranges.extra["cue"])``, if already decoded.
     """
     idx = cue_indices(header.n_slices, header.z, ranges.extra.get("cue"))
     if slices is None:
         if read is None:
-            from cspine_submit.dicom import read_slices as read
+            from cspine_submit.read.dicom import read_slices as read
         slices = read(header, idx)
     cents = bone_centroids(slices)
     feats = cue_features(slices, header.spacing[1:], ranges, centroids=cents)

@@ -2,8 +2,8 @@
 
 For tests and benchmarks on real anatomy (e.g. ``tests/data/real_neck``, OpenKBP head-and-neck CTs with C1-C7
 labels): :func:`load_ct_axial` / :func:`load_labels_axial` bring a NIfTI file into the package's axial frame,
-:mod:`cspine_submit.volume_cut` cuts and resamples it the way competition scans are cut, and
-:func:`write_volume_study` writes it with the synthetic studies' writers (:mod:`cspine_submit.synthetic_dicom`):
+:mod:`cspine_submit.datasets.volume_cut` cuts and resamples it the way competition scans are cut, and
+:func:`write_volume_study` writes it with the synthetic studies' writers (:mod:`cspine_submit.datasets.dicom_writer`):
 ``<n>.dcm`` files numbered by position (head to feet, or feet to head), optionally JPEG Lossless .4.70, and the
 competition's sagittal ``segmentations/<uid>.nii`` mask. :func:`write_studies` does a whole folder of
 ``<name>_ct.nii.gz`` (+ ``<name>_vert.nii.gz``) pairs into the competition layout::
@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE
-from cspine_submit.dataset_folder import clear_outputs, exact_flags
-from cspine_submit.synthetic_dicom import EXPLICIT_VR_LITTLE_ENDIAN, JPEG_LOSSLESS_SV1, write_dicom_series, write_mask
-from cspine_submit.volume_cut import AIR_HU, CutSpec, competition_cut, resample_volume
+from cspine_submit.datasets.folder import clear_outputs, exact_flags
+from cspine_submit.datasets.dicom_writer import EXPLICIT_VR_LITTLE_ENDIAN, JPEG_LOSSLESS_SV1, write_dicom_series, write_mask
+from cspine_submit.datasets.volume_cut import AIR_HU, CutSpec, competition_cut, resample_volume
 
 CT_SUFFIX = "_ct.nii.gz"
 LABEL_SUFFIX = "_vert.nii.gz"
@@ -72,7 +72,7 @@ def _load_axial(path: str | Path, what: str):
     import nibabel as nib
     from nibabel import orientations as ornts
 
-    from cspine_submit.orientation import axial_axcodes
+    from cspine_submit.read.orientation import axial_axcodes
 
     path = Path(path)
     if not path.is_file():
@@ -286,7 +286,7 @@ def write_volume_study(
     uid : str
         StudyInstanceUID.
     cut : CutSpec, optional
-        From :func:`cspine_submit.volume_cut.competition_cut` (or any spec); None writes the volume as it is.
+        From :func:`cspine_submit.datasets.volume_cut.competition_cut` (or any spec); None writes the volume as it is.
     mask_path : path, optional
         Where to write the competition-style mask (``segmentations/<uid>.nii``); needs ``labels``.
     reversed_ : bool
@@ -424,10 +424,10 @@ def write_studies(
         Same seed, same studies: the set's flags (reversed, compressed, signed) come from ``seed``, each cut from
         ``(seed, crc32(name))`` so that one volume's cut does not depend on the others in the folder.
     cut : bool
-        Cut and resample by :func:`~cspine_submit.volume_cut.competition_cut` (needs labels); False writes each
+        Cut and resample by :func:`~cspine_submit.datasets.volume_cut.competition_cut` (needs labels); False writes each
         volume whole, on its own grid.
     fov_mm, head_mm, chest_mm : (float, float)
-        Ranges the cuts draw from (see :func:`~cspine_submit.volume_cut.competition_cut`).
+        Ranges the cuts draw from (see :func:`~cspine_submit.datasets.volume_cut.competition_cut`).
     reversed_fraction, compressed_fraction, signed_fraction : float
         Exact shares of studies numbered feet to head, written as JPEG Lossless .4.70, written signed.
     force : bool
@@ -452,7 +452,7 @@ def write_studies(
     """
     from tqdm import tqdm
 
-    from cspine_submit.submission import atomic_write_text
+    from cspine_submit.files import atomic_write_text
 
     for key, value in (("reversed_fraction", reversed_fraction), ("compressed_fraction", compressed_fraction),
                        ("signed_fraction", signed_fraction)):

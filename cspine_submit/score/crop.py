@@ -25,7 +25,7 @@ For each centre slice of a :class:`~cspine_submit.localize.CropPlan`:
 
 Output: ``(k, S, S, C)`` float32 in [0, 1], channels last, crop ``j`` for ``plan.slice_indices[j]``.
 
-The steps are two pure functions, so training can store what lies between them (:mod:`cspine_submit.train_data`):
+The steps are two pure functions, so training can store what lies between them (:mod:`cspine_submit.train.data`):
 :func:`hu_squares` (box, clip, shrink: HU at ``min(side, input_size)`` pixels, the smallest exact form of the
 crop) and :func:`squares_to_input` (enlarge, window, channels). :func:`prepare_crops` is the two in a row.
 """

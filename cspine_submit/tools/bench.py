@@ -6,7 +6,7 @@ one run:
 
 - ours, per stage and per study: header scan, planning, decoding only the planned slices, crop preparation,
   compiled batched scoring, aggregation, writing;
-- end to end: a study's marginal cost inside real :func:`cspine_submit.pipeline.run_submission` runs (a run of all
+- end to end: a study's marginal cost inside real :func:`cspine_submit.submit.run.run_submission` runs (a run of all
   the studies minus a run of a few, per study), against merely decoding the same studies the naive way (pydicom's
   default plugins, file order, one process), both measured in each repeat, for each worker count asked;
 - the naive baseline the way the seed notebook works: pydicom + pylibjpeg decoding every slice in file-name order
@@ -59,7 +59,7 @@ def make_studies(out_dir: Path, n_studies: int, size: int, slices: int, seed: in
 
     Returns the study folders.
     """
-    from cspine_submit.synthetic import generate_dataset
+    from cspine_submit.datasets.synthetic import generate_dataset
 
     spacing = ASSUMED_EXTENT_MM / max(int(slices), 1)
     ds = generate_dataset(
@@ -84,8 +84,8 @@ def make_weights(weights_dir: Path, config: ModelConfig, seed: int = 0) -> dict:
     """
     import keras
 
-    from cspine_submit.models import build_classifier, save_classifier
-    from cspine_submit.pipeline import default_weights_dir
+    from cspine_submit.score.models import build_classifier, save_classifier
+    from cspine_submit.files import default_weights_dir
 
     keras.utils.set_random_seed(seed)
     weights_dir.mkdir(parents=True, exist_ok=True)
@@ -105,13 +105,13 @@ def make_weights(weights_dir: Path, config: ModelConfig, seed: int = 0) -> dict:
 def ours_per_study(folder: Path, ranges, config: ModelConfig, models: dict) -> tuple[dict, int]:
     """Our stages on one study, in this process, exactly as the submission runs them.
 
-    The worker side is :func:`cspine_submit.pipeline.prepare_study` (its own per-stage seconds; ``plan`` includes
+    The worker side is :func:`cspine_submit.submit.run.prepare_study` (its own per-stage seconds; ``plan`` includes
     decoding the image cue's slices when the ranges use the ``profile`` method), then the main process's scoring
     and aggregation. Returns ``({stage: seconds}, distinct slices decoded)``.
     """
-    from cspine_submit import aggregate
-    from cspine_submit.models import score
-    from cspine_submit.pipeline import StudyJob, prepare_study
+    from cspine_submit.score import aggregate
+    from cspine_submit.score.models import score
+    from cspine_submit.submit.run import StudyJob, prepare_study
 
     prepared = prepare_study(StudyJob(folder.name, str(folder), ranges, config, VERTEBRAE))
     sec = {"scan": prepared.seconds["scan"], "plan": prepared.seconds["plan"],
@@ -131,7 +131,9 @@ def fastest_direct_loop(header, indices) -> str:
     """
     from pydicom.pixels import pixel_array
 
-    from cspine_submit import dicom, pixels
+    from cspine_submit.read import dicom
+
+    from cspine_submit.read import pixels
 
     try:
         import dicomsdl
@@ -167,11 +169,12 @@ def decode_limit(folder: Path, ranges, config: ModelConfig, rounds: int = 3) -> 
 
     Returns ``(reader seconds, direct seconds, slices)``; the direct loop is :func:`fastest_direct_loop` (no header
     scan, no HU conversion, no checks): the floor our reader is compared against. The reader decodes as a run's
-    workers do: :func:`cspine_submit.dicom.decode_into` each slice, into a stack of the study's
-    :func:`cspine_submit.dicom.hu_dtype` that was already written once (workers reuse theirs from study to study;
+    workers do: :func:`cspine_submit.read.dicom.decode_into` each slice, into a stack of the study's
+    :func:`cspine_submit.read.dicom.hu_dtype` that was already written once (workers reuse theirs from study to study;
     first-touch page faults of a fresh stack would cost about as much as reading uncompressed slices).
     """
-    from cspine_submit import crop, dicom
+    from cspine_submit.score import crop
+    from cspine_submit.read import dicom
     from cspine_submit.localize import plan_crops
 
     header = dicom.scan_study(folder)
@@ -194,7 +197,7 @@ def naive_decode_seconds(folder: Path) -> tuple[float, int]:
     plugins, file-name order, one process, to HU. Returns ``(seconds, slices)``."""
     import pydicom
 
-    from cspine_submit.dicom import natural_key
+    from cspine_submit.read.dicom import natural_key
 
     files = sorted((p for p in Path(folder).iterdir() if p.is_file()), key=lambda p: natural_key(p.name))
     t = time.perf_counter()
@@ -237,7 +240,7 @@ def run_vs_naive_decode(folders: list[Path], weights_dir: Path, root: Path, work
                         repeat: int = 1, say: Callable[[str], None] = lambda _m: None) -> dict:
     """A study's marginal cost inside real submission runs against merely decoding it the naive way, same studies.
 
-    Each repeat runs :func:`cspine_submit.pipeline.run_submission` on the first ``n_few`` studies and on all of
+    Each repeat runs :func:`cspine_submit.submit.run.run_submission` on the first ``n_few`` studies and on all of
     them (marginal cost per study = wall time difference / study difference, :func:`marginal_seconds`), then
     decodes every slice of the same studies with :func:`naive_decode_seconds`. Measuring both in every repeat keeps
     the machine's load alike on both sides of the ratio. Also reports the main process's own CPU seconds per
@@ -250,7 +253,7 @@ def run_vs_naive_decode(folders: list[Path], weights_dir: Path, root: Path, work
         ``marginal_s``, ``naive_decode_s``, ``ratio`` (naive / marginal), ``main_cpu_s``: each
         ``{"median", "min", "max", "runs"}``; ``score_s`` (median over repeats); ``workers``, ``n``, ``n_few``.
     """
-    from cspine_submit.pipeline import prepare_run, run_submission
+    from cspine_submit.submit.run import prepare_run, run_submission
 
     n = len(folders)
     n_few = max(1, min(int(n_few), n - 1))
@@ -295,7 +298,9 @@ def naive_per_study(folder: Path, config: ModelConfig, models: dict) -> tuple[di
     """
     import pydicom
 
-    from cspine_submit import aggregate, crop
+    from cspine_submit.score import aggregate
+
+    from cspine_submit.score import crop
     from cspine_submit.localize import CropPlan
 
     sec = dict.fromkeys(("scan", "plan", "decode", "crop", "score", "aggregate"), 0.0)
@@ -329,7 +334,7 @@ def head_throughput(heads: list[str], input_size: int, channels: int, batch_size
     """CPU crops/s of each head with the compiled batched path (after one warm-up batch)."""
     import keras
 
-    from cspine_submit.models import build_classifier, predict
+    from cspine_submit.score.models import build_classifier, predict
 
     out = {}
     for head in heads:
@@ -365,7 +370,7 @@ def _vm_hwm_mb() -> float:
 
 def _prepare_and_measure(job) -> float:
     """Worker entry point: prepare one study as the pipeline's workers do, return the worker's peak memory (MB)."""
-    from cspine_submit.pipeline import prepare_study
+    from cspine_submit.submit.run import prepare_study
 
     prepare_study(job)
     return _vm_hwm_mb()
@@ -376,7 +381,7 @@ def worker_peak_mb(folder: Path, ranges, config: ModelConfig) -> float:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from cspine_submit.pipeline import StudyJob
+    from cspine_submit.submit.run import StudyJob
 
     job = StudyJob(folder.name, str(folder), ranges, config, VERTEBRAE)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -456,8 +461,10 @@ def run_benchmark(n_studies: int | None = None, size: int = 512, slices: int = 3
     import os
     import platform
 
-    from cspine_submit import dicom, submission
-    from cspine_submit.pipeline import load_models, load_ranges_for, prepare_run
+    from cspine_submit.read import dicom
+
+    from cspine_submit.submit import submission
+    from cspine_submit.submit.run import load_models, load_ranges_for, prepare_run
 
     say = progress or (lambda _msg: None)
     own_tmp = work_dir is None

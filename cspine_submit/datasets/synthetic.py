@@ -17,8 +17,8 @@ package reads against the truth. Same seed, same bytes.
 
 Entry points: :func:`generate_dataset` (a whole set), :func:`plan_specs` (the specs a set would have, no IO),
 :func:`generate_study` (one spec into one folder, optionally with its mask), :func:`render_study` (arrays only).
-The anatomy lives in :mod:`cspine_submit.synthetic_anatomy`, the DICOM/NIfTI writing in
-:mod:`cspine_submit.synthetic_dicom`.
+The anatomy lives in :mod:`cspine_submit.datasets.anatomy`, the DICOM/NIfTI writing in
+:mod:`cspine_submit.datasets.dicom_writer`.
 
 Axis convention: ``volume : (z, y, x) ndarray``, z from head to feet, y rows, x columns.
 """
@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from cspine_submit.config import PREDICTION_TYPES, TRAIN_PREVALENCE, VERTEBRAE
-from cspine_submit.dataset_folder import clear_outputs, exact_flags
-from cspine_submit.synthetic_anatomy import Anatomy, build_anatomy, draw_background, draw_table, render_volume
-from cspine_submit.synthetic_dicom import file_numbers, write_dicom_series, write_mask
+from cspine_submit.datasets.folder import clear_outputs, exact_flags
+from cspine_submit.datasets.anatomy import Anatomy, build_anatomy, draw_background, draw_table, render_volume
+from cspine_submit.datasets.dicom_writer import file_numbers, write_dicom_series, write_mask
 
 UID_PREFIX = "1.2.826.0.1.3680043."
 """The competition's StudyInstanceUID prefix; a study's UID is this plus a number."""

@@ -219,7 +219,7 @@ def write_dicom_series(
 def competition_affine(
     shape: tuple[int, int, int], spacing: tuple[float, float, float], z_head: float, origin_xy: tuple[float, float]
 ) -> np.ndarray:
-    """RAS affine of a mask stored in the competition's layout (see :mod:`cspine_submit.orientation`).
+    """RAS affine of a mask stored in the competition's layout (see :mod:`cspine_submit.read.orientation`).
 
     The stored array ``a`` has axes (x = DICOM column, rows reversed, slices reversed), so voxel ``(i, j, k)`` is the
     pixel at column ``i``, row ``rows - 1 - j`` of the head-to-feet slice ``nz - 1 - k``. In RAS (nibabel's frame,
@@ -263,7 +263,7 @@ def write_mask(
     """
     import nibabel as nib
 
-    from cspine_submit.orientation import axial_to_competition
+    from cspine_submit.read.orientation import axial_to_competition
 
     # A view: NIfTI stores Fortran order, so nibabel writes this (X, Y, Z) view without a strided copy.
     arr = axial_to_competition(labels.astype(np.uint8, copy=False))

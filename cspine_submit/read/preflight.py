@@ -6,7 +6,7 @@ with the package, ``data/selftest_jpeg_lossless.dcm`` (a 64 x 64 crop of an MIT-
 ``data/LICENSE_cornerstone3D_MIT.txt``), and compares the HU with their known checksum; then it decodes one file
 of every transfer syntax found in the first study. A syntax nothing here can decode is a problem of the run, not of
 one study: every study using it would silently get the priors. Both decode the way the run does, through the direct
-route (:mod:`cspine_submit.pixels`); when a direct decoder gives other values than pydicom's plugins, the direct
+route (:mod:`cspine_submit.read.pixels`); when a direct decoder gives other values than pydicom's plugins, the direct
 route is turned off for the run (and its worker processes) with a warning, and pydicom decodes.
 """
 
@@ -51,7 +51,8 @@ def _hu_digest(hu: np.ndarray) -> str:
 
 def check_selftest(path: str | Path = SELFTEST_FILE, expected_sha256: str = SELFTEST_SHA256) -> DecoderCheck:
     """Decode the shipped JPEG Lossless file the way the run decodes, and check its HU exactly."""
-    from cspine_submit import dicom, pixels
+    from cspine_submit.read import dicom
+    from cspine_submit.read import pixels
 
     path = Path(path)
     check = DecoderCheck()
@@ -92,7 +93,8 @@ def check_study_syntaxes(folder: str | Path) -> DecoderCheck:
     A syntax with no decoder here is a problem; a file that fails for another reason (a corrupt file) is only a
     note: that study falls back on its own, the run is not wrong.
     """
-    from cspine_submit import dicom, pixels
+    from cspine_submit.read import dicom
+    from cspine_submit.read import pixels
 
     check = DecoderCheck()
     try:

@@ -30,7 +30,7 @@ KAGGLE_KERNEL_TYPES = ("script", "notebook")
 WHEEL_PACKAGES: tuple[str, ...] = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "python-gdcm", "dicomsdl")
 """What Kaggle's image lacks for decoding the competition's JPEG Lossless (.4.70) slices: pydicom 3 (the image
 may carry an older one), its pylibjpeg plugin with the libjpeg backend, GDCM, and dicomsdl (the fastest direct
-.4.70 decoder, :mod:`cspine_submit.pixels`; without it GDCM decodes directly, about 2.5x slower). TensorFlow, numpy, pandas,
+.4.70 decoder, :mod:`cspine_submit.read.pixels`; without it GDCM decodes directly, about 2.5x slower). TensorFlow, numpy, pandas,
 OpenCV, nibabel and tqdm come with Kaggle's image."""
 
 DEFAULT_PLATFORMS: tuple[str, ...] = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
@@ -291,7 +291,7 @@ def build_bundle(out: str | Path, *, python_version: str | None = None, platform
     FileExistsError, ValueError
         ``out`` exists without ``force``; ``kernel-metadata.json`` or the weights manifest is invalid.
     """
-    from cspine_submit.pipeline import repo_root
+    from cspine_submit.files import repo_root
 
     repo = Path(repo) if repo else repo_root()
     out = Path(out)

@@ -792,7 +792,7 @@ _FILTER_INSTALLED = False
 def _predict_fn(model):
     """A compiled inference function for ``model``, cached on it; runs on the model's device.
 
-    It takes float32 crops, or uint16 ones in the fixed-point code of :func:`cspine_submit.crop.encode_crops`
+    It takes float32 crops, or uint16 ones in the fixed-point code of :func:`cspine_submit.score.crop.encode_crops`
     (what worker processes send): those are converted on the device, so half the bytes also cross to the GPU.
     """
     global _FILTER_INSTALLED
@@ -874,7 +874,7 @@ def predict(model, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
 
     Parameters
     ----------
-    crops : (k, S, S, C) ndarray of float32 in [0, 1], or of uint16 (:func:`cspine_submit.crop.encode_crops`)
+    crops : (k, S, S, C) ndarray of float32 in [0, 1], or of uint16 (:func:`cspine_submit.score.crop.encode_crops`)
     batch_size : int
         Crops per forward pass; the last batch is zero-padded to a power of two so that the compiled function
         sees few distinct shapes.
@@ -900,7 +900,7 @@ def score(models: Mapping[str, Any], crops_by_vertebra: Mapping[str, np.ndarray]
     models : {vertebra: keras.Model}
         From :func:`load_classifiers`.
     crops_by_vertebra : {vertebra: (k, S, S, C) ndarray}
-        From :func:`cspine_submit.crop.prepare_crops`, float32 or uint16 (:func:`cspine_submit.crop.encode_crops`);
+        From :func:`cspine_submit.score.crop.prepare_crops`, float32 or uint16 (:func:`cspine_submit.score.crop.encode_crops`);
         ``k`` may be 0.
     batch_size : int
         Crops per forward pass (``ModelConfig.batch_size`` or the CLI's).

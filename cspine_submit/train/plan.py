@@ -32,8 +32,9 @@ GPU_TRAIN_224: dict[str, dict] = {
 
 def _header_plan(job) -> dict:
     """Crops per vertebra and the side of each stored square, from headers only (top level: picklable)."""
-    from cspine_submit import dicom, localize
-    from cspine_submit.crop import crop_square, n_planes
+    from cspine_submit import localize
+    from cspine_submit.read import dicom
+    from cspine_submit.score.crop import crop_square, n_planes
 
     folder, ranges_path, config_json = job
     config = ModelConfig(**json.loads(config_json))
@@ -58,7 +59,7 @@ def gpu_epoch_seconds(crops: float, input_size: int, head: str) -> dict[str, flo
 def measure_input_pipeline(samples, config: ModelConfig, workers: int = 2, batch_size: int = 16,
                            min_crops: int = 512) -> float:
     """Crops per second of the training input pipeline (read, decompress, enlarge, window, batch)."""
-    from cspine_submit.train_data import Samples, make_dataset
+    from cspine_submit.train.data import Samples, make_dataset
 
     reps = int(np.ceil(min_crops / max(len(samples), 1)))
     many = Samples.concat([samples] * reps)
@@ -87,8 +88,8 @@ def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5,
         ``epoch`` (crops per model per epoch, seconds per GPU, whether input-bound), ``run`` (models, GPU hours
         per GPU), ``assumptions``.
     """
-    from cspine_submit import train_data as td
-    from cspine_submit.reader import iter_studies
+    from cspine_submit.train import data as td
+    from cspine_submit.read.reader import iter_studies
 
     data_dir, ranges_path = Path(data_dir), Path(ranges_path)
     labels = td.read_train_labels(data_dir)

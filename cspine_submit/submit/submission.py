@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
 from cspine_submit.config import PREDICTION_TYPES
+from cspine_submit.files import atomic_write_text
 
 JOURNAL_VERSION = 1
 
@@ -158,38 +158,6 @@ def format_probability(p: float) -> str:
     if float(text) in (0.0, 1.0) and 0.0 < float(p) < 1.0:
         text = f"{float(p):.17g}"
     return text
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    A crash at any moment leaves either the old file or the complete new one, never a partial file. The file gets
-    the permissions of the file it replaces, or the usual ones for a new file (0666 minus the umask), not
-    mkstemp's owner-only 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.chmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 SUBMISSION_HEADER = "row_id,fractured\n"

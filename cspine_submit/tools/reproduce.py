@@ -41,8 +41,8 @@ def environment_table() -> list[tuple[str, str]]:
 
 
 def decoder_rows() -> list[tuple[str, str]]:
-    """``(transfer syntax, plugins or what is missing)`` from :func:`cspine_submit.dicom.decoder_table`."""
-    from cspine_submit.dicom import decoder_table
+    """``(transfer syntax, plugins or what is missing)`` from :func:`cspine_submit.read.dicom.decoder_table`."""
+    from cspine_submit.read.dicom import decoder_table
 
     rows = []
     for row in decoder_table():
@@ -82,7 +82,8 @@ def demo_predictions(weights: Path, cache: Path | None = None, workers: int = 0)
     info : dict
         Generator parameters, number of studies, seed.
     """
-    from cspine_submit import demo, pipeline
+    from cspine_submit.tools import demo
+    from cspine_submit.submit import run as pipeline
     from cspine_submit.config import PREDICTION_TYPES
 
     on_cpu = cpu_only()
@@ -100,7 +101,7 @@ def demo_predictions(weights: Path, cache: Path | None = None, workers: int = 0)
 def write_golden(weights: Path, cache: Path | None = None) -> Path:
     """Compute the demo predictions with ``weights`` and store them as ``weights/golden.json``."""
     from cspine_submit import __version__
-    from cspine_submit.submission import atomic_write_text
+    from cspine_submit.files import atomic_write_text
 
     studies, info = demo_predictions(weights, cache)
     data = {"tolerance": GOLDEN_TOLERANCE, "studies": studies,

@@ -6,7 +6,7 @@ The rules and constants come from :class:`~cspine_submit.config.ModelConfig` (``
 Order, per study: slices -> pooled vertebra probability (``top_k`` scaled to the slices actually scored) ->
 ``patient_overall`` by ``overall_rule`` from the pooled vertebrae -> each of the 8 calibrated by its
 ``calibration[label] = (a, b)`` -> clipped. Training fits pooling and calibration on out-of-fold predictions
-(:mod:`cspine_submit.calibration`) through this very function, so what it fits is what inference does.
+(:mod:`cspine_submit.train.calibration`) through this very function, so what it fits is what inference does.
 """
 
 from __future__ import annotations

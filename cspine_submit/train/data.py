@@ -2,7 +2,7 @@
 
 Crops are made by exactly the inference path: ``dicom.scan_study`` -> ``localize.plan_crops`` ->
 ``crop.slices_needed`` -> ``dicom.read_slices`` -> ``crop.hu_squares`` (cached) -> ``crop.squares_to_input``
-(on load). The cache holds what lies between the two halves of :func:`cspine_submit.crop.prepare_crops`: each
+(on load). The cache holds what lies between the two halves of :func:`cspine_submit.score.crop.prepare_crops`: each
 crop's HU square, clipped to the windows' span, at ``min(box side, input_size)`` pixels (a box smaller than the
 input is stored at its own resolution and enlarged on load), as int16, its two bytes split into planes
 (byte shuffle: the high bytes are nearly constant) and zlib-compressed (level 1), one record per crop in
@@ -214,7 +214,7 @@ def class_weights(y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
 def cache_key(config: ModelConfig, ranges_path: str | Path) -> str:
     """Short hash of what determines the cached squares: the crop geometry of the config, the HU span its windows
     clip to, the cache format and the ranges file's bytes."""
-    from cspine_submit.crop import hu_span, n_planes
+    from cspine_submit.score.crop import hu_span, n_planes
 
     h = hashlib.sha256()
     fields = {f: getattr(config, f) for f in CACHE_FIELDS if hasattr(config, f) and f not in ("windows", "channels")}
@@ -271,7 +271,9 @@ def cache_study(job: CacheJob) -> dict:
     ``{slice_indices, slice_numbers, box, side, crops: [[offset, nbytes], ...]}``. Already cached studies are
     returned from their meta.json without work.
     """
-    from cspine_submit import crop, dicom, localize
+    from cspine_submit import localize
+    from cspine_submit.score import crop
+    from cspine_submit.read import dicom
 
     out = Path(job.out_dir) / job.uid
     meta_path = out / "meta.json"
@@ -323,7 +325,7 @@ def build_cache(data_dir: str | Path, uids: Iterable[str], cache_dir: str | Path
     ``cache_dir`` is marked with a CACHEDIR.TAG, so manifests and bundles leave it out wherever it lies.
     """
     from cspine_submit.manifest import tag_cache_dir
-    from cspine_submit.reader import iter_studies
+    from cspine_submit.read.reader import iter_studies
 
     tag_cache_dir(cache_dir, "the crop cache of cspine-submit train")
     images = Path(data_dir) / "train_images"
@@ -439,7 +441,7 @@ def read_square(path: str, offset: int, nbytes: int, planes: int, side: int) -> 
 
 def load_crop(samples: Samples, i: int, config: ModelConfig) -> np.ndarray:
     """Model input ``(S, S, C)`` float32 of sample ``i``: the cached square, enlarged and windowed on load."""
-    from cspine_submit.crop import n_planes, squares_to_input
+    from cspine_submit.score.crop import n_planes, squares_to_input
 
     sq = read_square(samples.files[i], samples.offsets[i], samples.nbytes[i], n_planes(config), samples.sides[i])
     return squares_to_input(sq[None], config)[0]

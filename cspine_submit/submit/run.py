@@ -1,7 +1,7 @@
 """The streaming submission flow: test folder -> submission.csv, never crashing on a bad study.
 
-Per study, in worker processes (:func:`prepare_study`, run through :func:`cspine_submit.reader.iter_studies`):
-scan headers -> plan crops (and say where, :mod:`cspine_submit.plan_report`) -> decode only the planned slices ->
+Per study, in worker processes (:func:`prepare_study`, run through :func:`cspine_submit.read.reader.iter_studies`):
+scan headers -> plan crops (and say where, :mod:`cspine_submit.submit.plan_report`) -> decode only the planned slices ->
 prepare model crops, sent back as uint16. In the main process, :func:`run_submission` reads as the run's steps:
 
 1. :func:`start_run` - open the journal, take the studies a killed run finished, set up budget and scorer;
@@ -31,22 +31,13 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from cspine_submit.config import VERTEBRAE, ModelConfig, SliceRanges
+from cspine_submit.files import default_weights_dir
 
 MIN_SLICES = 3
 """Fewer slices than this cannot hold a cervical spine: such a study falls back to priors without planning."""
 
 REFRESH_SECONDS = 30.0
 """Default seconds between two refreshes of submission.csv during a run (measured cost: see the issue 11 note)."""
-
-
-def repo_root() -> Path:
-    """The folder holding the package directory (the repo, or the Kaggle dataset folder)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def default_weights_dir() -> Path:
-    """``weights/`` beside the package (works for editable installs and for the Kaggle dataset folder)."""
-    return repo_root() / "weights"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,7 +64,7 @@ class PreparedStudy:
     uid : str
     crops : dict
         ``{vertebra: (k, S, S, C) uint16}``, model input in the fixed-point code of
-        :func:`cspine_submit.crop.encode_crops` (half the bytes of float32 to send between processes, 7.7e-6 off;
+        :func:`cspine_submit.score.crop.encode_crops` (half the bytes of float32 to send between processes, 7.7e-6 off;
         the scoring side converts).
     slices_read : int
         Distinct slices decoded.
@@ -83,7 +74,7 @@ class PreparedStudy:
         ``{stage: seconds}`` for scan, plan, read, crop.
     warnings : list of str
     plan : dict
-        Where each vertebra was looked for (:func:`cspine_submit.plan_report.plan_summary`).
+        Where each vertebra was looked for (:func:`cspine_submit.submit.plan_report.plan_summary`).
     """
 
     uid: str
@@ -107,7 +98,10 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
     StudyFailure
         Message ``"<stage>: <what went wrong>"``.
     """
-    from cspine_submit import crop, dicom, localize, plan_report
+    from cspine_submit import localize
+    from cspine_submit.score import crop
+    from cspine_submit.read import dicom
+    from cspine_submit.submit import plan_report
 
     seconds: dict[str, float] = {}
     stage = "scan"
@@ -195,14 +189,14 @@ def _read_reusing(header, indices: np.ndarray, known_indices: np.ndarray, known_
         Write into this process's reusable stack of that name (:func:`_stack`; valid until the next study asks
         for it) instead of a new array.
     dtype : float32 or int16
-        Of the result; int16 only when :func:`cspine_submit.dicom.hu_dtype` of the study says so.
+        Of the result; int16 only when :func:`cspine_submit.read.dicom.hu_dtype` of the study says so.
 
     Returns
     -------
     (m, rows, cols) ndarray of ``dtype``
         HU in the order of ``indices``.
     """
-    from cspine_submit import dicom
+    from cspine_submit.read import dicom
 
     indices = np.asarray(indices, dtype=np.int64)
     have = {int(i): r for r, i in enumerate(known_indices)}
@@ -242,7 +236,7 @@ def _failure_reason(error: str | None) -> str:
 def _iter_outcomes(items: Iterable, work_fn: Callable, workers: int, timeout: float | None = None) -> Iterator:
     """Outcomes of ``work_fn`` per item from :func:`reader.iter_studies` (``workers=0``: in this process), so that
     run reports read the same whatever the worker count."""
-    from cspine_submit.reader import iter_studies
+    from cspine_submit.read.reader import iter_studies
 
     workers = max(0, int(workers))
     return iter_studies(items, work_fn, workers=workers, prefetch=max(2, 2 * workers), timeout=timeout)
@@ -394,7 +388,7 @@ def load_models(weights_dir: Path) -> tuple[ModelConfig, dict, list[str]]:
     """
     import warnings as _warnings
 
-    from cspine_submit.models import load_classifiers
+    from cspine_submit.score.models import load_classifiers
 
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():
@@ -427,7 +421,7 @@ def load_models(weights_dir: Path) -> tuple[ModelConfig, dict, list[str]]:
 def initial_priors(weights_dir: str | Path) -> dict[str, float]:
     """The 8 prior probabilities for the file written before anything is loaded: those of the weights folder's
     model_config.json when it reads, else the defaults (train prevalences). Reads JSON only: no TensorFlow."""
-    from cspine_submit import aggregate
+    from cspine_submit.score import aggregate
 
     try:
         config = ModelConfig.from_json(Path(weights_dir) / "model_config.json")
@@ -458,8 +452,8 @@ def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_si
     Raises FileNotFoundError / ValueError for problems that concern the whole run (missing weights, a malformed
     test.csv); per-study problems never raise.
     """
-    from cspine_submit.models import plan_devices
-    from cspine_submit.submission import plan_rows
+    from cspine_submit.score.models import plan_devices
+    from cspine_submit.submit.submission import plan_rows
 
     t0 = time.perf_counter()
     weights_dir = Path(weights_dir)
@@ -642,8 +636,9 @@ def start_run(setup: RunSetup, out: str | Path, *, resume: bool = False, report_
               on_study: Callable[[str, dict], None] | None = None, study_timeout: float | None = None) -> RunState:
     """Step 1, prepare: open the journal (taking the studies a killed run finished when resuming), split the studies
     into those to do and those whose folder is missing, set up the time budget, the live submission and the scorer."""
-    from cspine_submit import aggregate, submission
-    from cspine_submit.models import score
+    from cspine_submit.score import aggregate
+    from cspine_submit.submit import submission
+    from cspine_submit.score.models import score
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -684,7 +679,7 @@ def warm_up(state: RunState) -> None:
     Otherwise the first study looks several times slower than the rest and the time-budget projection overreacts.
     A failure is a run warning (each study then falls back with its own scoring error), not a crash.
     """
-    from cspine_submit.crop import encode_crops
+    from cspine_submit.score.crop import encode_crops
 
     t = time.perf_counter()
     setup, config = state.setup, state.setup.config
@@ -700,7 +695,7 @@ def warm_up(state: RunState) -> None:
 
 def score_study(state: RunState, job: StudyJob, prepared: PreparedStudy, seconds: dict) -> None:
     """Score one prepared study in the main process, pool it to the 8 probabilities and record it."""
-    from cspine_submit import aggregate
+    from cspine_submit.score import aggregate
 
     config = state.setup.config
     seconds.update({k: round(v, 4) for k, v in prepared.seconds.items()})
@@ -779,7 +774,7 @@ def stream_studies(state: RunState, workers: int = 2, study_timeout: float | Non
 
 def finish_run(state: RunState) -> RunResult:
     """Step 5: the final submission.csv and the run report."""
-    from cspine_submit import submission
+    from cspine_submit.submit import submission
 
     probabilities = state.live.write()
     wall = time.perf_counter() - state.t_start

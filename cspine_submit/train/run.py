@@ -4,14 +4,14 @@ competition metric.
 Recipe (``TrainOptions``): the seed notebook's network and optimiser (Adam, 5e-4 at a global batch of 16, binary
 cross-entropy) on a **fixed schedule** (``epochs``, cosine decay, the last epoch kept) with augmentation; sample
 weights as the metric weighs labels (a positive crop 2, a negative 1: ``pos_weight``), no class balancing; fracture
-box slice labels (:mod:`cspine_submit.train_data`). Then, step by step (:func:`train_classifiers`):
+box slice labels (:mod:`cspine_submit.train.data`). Then, step by step (:func:`train_classifiers`):
 
 1. **plan**: labels, K patient-level folds (stratified by the number of fractured vertebrae), the work folder;
-2. **cache**: every study's crops, compressed, in the work folder (:func:`cspine_submit.train_data.build_cache`);
+2. **cache**: every study's crops, compressed, in the work folder (:func:`cspine_submit.train.data.build_cache`);
 3. **fit**: per fold and vertebra (or one shared network per fold), train on the other folds, then predict the
    held-out fold's slices (out-of-fold);
 4. **probabilities**: pooling (``top_k``, overall rule) and a per-label calibration fitted on the out-of-fold
-   predictions by minimising the metric (:mod:`cspine_submit.calibration`); priors = the metric-minimising
+   predictions by minimising the metric (:mod:`cspine_submit.train.calibration`); priors = the metric-minimising
    constants of the training labels;
 5. **write**: the classifiers (the K fold models as an ensemble per vertebra, or one model refit on every study),
    ``model_config.json``, ``oof.csv``, ``validation.json``, ``slice_ranges.json``, ``MANIFEST.json``.
@@ -107,7 +107,7 @@ class TrainOptions:
     shared : bool
         Train ONE network per fold on the crops of all selected vertebrae, used as each vertebra's classifier.
     box_policy : str
-        One of :data:`cspine_submit.train_data.BOX_POLICIES`.
+        One of :data:`cspine_submit.train.data.BOX_POLICIES`.
     other_weight : float
         Weight of a fractured vertebra's crops without a box under ``box_policy="downweight"``.
     calibrate : bool
@@ -198,7 +198,7 @@ def learning_rate_at(options: TrainOptions, epoch: int, replicas: int = 1) -> fl
 
 def sample_weights(y: np.ndarray, w: np.ndarray, options: TrainOptions) -> np.ndarray:
     """Per-crop loss weights: the crop's label weight times ``pos_weight`` for positives (or class balancing)."""
-    from cspine_submit.train_data import class_weights
+    from cspine_submit.train.data import class_weights
 
     y = np.asarray(y) > 0.5
     w = np.asarray(w, np.float32)
@@ -232,7 +232,7 @@ def append_history(path: str | Path, row: dict) -> None:
     """Add one row to history.csv, rewriting the file atomically (a kill never leaves half a row)."""
     import io
 
-    from cspine_submit.submission import atomic_write_text
+    from cspine_submit.files import atomic_write_text
 
     path = Path(path)
     text = path.read_text() if path.is_file() else ""
@@ -329,8 +329,8 @@ def _make_model(config: ModelConfig, options: TrainOptions, strategy, seed: int)
     """The classifier to train, behind the on-device augmentation layer when ``options.augment``, compiled."""
     import keras
 
-    from cspine_submit.models import build_classifier, dtype_policy, precision_policy
-    from cspine_submit.train_data import augmenting_model
+    from cspine_submit.score.models import build_classifier, dtype_policy, precision_policy
+    from cspine_submit.train.data import augmenting_model
 
     with dtype_policy(precision_policy(config)), strategy.scope():
         model = build_classifier(config.head, config.input_shape, options.backbone_weights)
@@ -351,8 +351,8 @@ def classifier_of(model):
 
 def predict_samples(model, samples, config: ModelConfig) -> np.ndarray:
     """Slice probabilities of every crop in ``samples`` (streamed from the cache in chunks of 256)."""
-    from cspine_submit.models import predict
-    from cspine_submit.train_data import load_crops
+    from cspine_submit.score.models import predict
+    from cspine_submit.train.data import load_crops
 
     out, buf = [], []
     for x in load_crops(samples, config):
@@ -367,7 +367,7 @@ def predict_samples(model, samples, config: ModelConfig) -> np.ndarray:
 
 def vertebra_level(study: np.ndarray, probs: np.ndarray, labels: dict, vertebra: str, config: ModelConfig):
     """Pool slice probabilities per study with the config's rule: ``(uids, y, p)`` for a vertebra-level AUC."""
-    from cspine_submit.aggregate import effective_top_k, pool_slices
+    from cspine_submit.score.aggregate import effective_top_k, pool_slices
 
     uids = sorted(set(study))
     p = []
@@ -412,7 +412,7 @@ def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOpti
     import keras
     from tqdm import tqdm
 
-    from cspine_submit.train_data import make_dataset
+    from cspine_submit.train.data import make_dataset
 
     # tf.data generators have no known length; Keras warns at every epoch end that the input "ran out".
     warnings.filterwarnings("ignore", message="Your input ran out of data")
@@ -431,7 +431,7 @@ def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOpti
     offset = (VERTEBRAE.index(unit) if unit in VERTEBRAE else len(VERTEBRAE)) + 10 * (int(fold[1:]) if fold[1:].isdigit() else 9)
     _set_seeds(options.seed + offset)
     if past and last_path.is_file():
-        from cspine_submit.train_data import _train_augment_class
+        from cspine_submit.train.data import _train_augment_class
 
         _train_augment_class()  # registers the augmentation layer, so the checkpoint deserializes
         with strategy.scope():
@@ -532,7 +532,7 @@ class RunPlan:
 
 
 def _check_inputs(out_dir: Path, ranges_path: Path, config: ModelConfig, options: TrainOptions, resume: bool) -> None:
-    from cspine_submit import models as models_mod
+    from cspine_submit.score import models as models_mod
 
     if options.monitor not in ("val_loss", "val_auc"):
         raise ValueError(f"monitor {options.monitor!r}: expected 'val_loss' or 'val_auc'")
@@ -560,7 +560,7 @@ def _check_inputs(out_dir: Path, ranges_path: Path, config: ModelConfig, options
 
 def plan_run(data_dir: Path, options: TrainOptions) -> RunPlan:
     """Step 1: labels, boxes, folds and the units of training."""
-    from cspine_submit import train_data as td
+    from cspine_submit.train import data as td
 
     labels = td.read_train_labels(data_dir)
     uids = sorted(labels)
@@ -583,7 +583,7 @@ def _load_state(work: WorkPaths) -> dict:
 
 
 def _save_state(work: WorkPaths, state: dict) -> None:
-    from cspine_submit.submission import atomic_write_text
+    from cspine_submit.files import atomic_write_text
 
     atomic_write_text(work.state, json.dumps(state, indent=2) + "\n")
 
@@ -601,7 +601,7 @@ def _fit_jobs(plan: RunPlan, options: TrainOptions) -> list[tuple[str, str, list
 
 
 def _inner_split(uids: list, labels: dict, options: TrainOptions) -> tuple[list, list]:
-    from cspine_submit import train_data as td
+    from cspine_submit.train import data as td
 
     if options.patience <= 0:
         return uids, []
@@ -613,9 +613,9 @@ def fit_models(plan: RunPlan, metas: dict, cache_dir: Path, config: ModelConfig,
     """Step 3: train every (fold, unit) model not done yet; save it and its held-out slice probabilities."""
     import keras
 
-    from cspine_submit import models as models_mod
-    from cspine_submit import train_data as td
-    from cspine_submit.submission import atomic_write_text
+    from cspine_submit.score import models as models_mod
+    from cspine_submit.train import data as td
+    from cspine_submit.files import atomic_write_text
 
     strategy = models_mod.distribution_strategy()
     replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
@@ -689,9 +689,9 @@ def fit_probabilities(plan: RunPlan, slice_probs: dict, groups: dict, config: Mo
         Cross-fitted predictions for ``sorted(groups)``: each row from models that never trained on the study and
         pooling/calibration/priors fitted without its fold.
     """
-    from cspine_submit import calibration as cal
-    from cspine_submit import train_data as td
-    from cspine_submit.metric import competition_score, evaluate_arrays
+    from cspine_submit.train import calibration as cal
+    from cspine_submit.train import data as td
+    from cspine_submit.train.metric import competition_score, evaluate_arrays
 
     labels = plan.labels
     y_all = np.array([[labels[u][t] for t in PREDICTION_TYPES] for u in plan.uids], float)
@@ -746,7 +746,7 @@ def fit_probabilities(plan: RunPlan, slice_probs: dict, groups: dict, config: Mo
 
 
 def _per_vertebra_report(plan: RunPlan, slice_probs: dict, config: ModelConfig) -> dict:
-    from cspine_submit.metric import roc_auc
+    from cspine_submit.train.metric import roc_auc
 
     out = {}
     for v in VERTEBRAE:
@@ -765,7 +765,7 @@ def write_outputs(out_dir: Path, ranges_path: Path, plan: RunPlan, final: ModelC
                   data_dir: Path) -> list[str]:
     """Step 5: classifiers, model_config.json, slice_ranges.json, oof.csv, validation.json, MANIFEST.json."""
     from cspine_submit.manifest import write_manifest
-    from cspine_submit.submission import atomic_write_text
+    from cspine_submit.files import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if options.final == "refit" and options.folds >= 2:
@@ -821,7 +821,7 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
     log : callable, optional
         Receives one line per epoch / step (the CLI prints them).
     """
-    from cspine_submit import train_data as td
+    from cspine_submit.train import data as td
 
     t_start = time.perf_counter()
     data_dir, out_dir, ranges_path = Path(data_dir), Path(out_dir), Path(ranges_path)
@@ -869,7 +869,7 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
     report["per_vertebra"] = _per_vertebra_report(plan, slice_probs, config)
     replicas = 1
     try:
-        from cspine_submit.models import gpu_devices
+        from cspine_submit.score.models import gpu_devices
 
         replicas = max(len(gpu_devices()), 1)
     except Exception:  # noqa: BLE001 - reporting only

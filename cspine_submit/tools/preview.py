@@ -275,11 +275,11 @@ def preview_study(
         :func:`~cspine_submit.localize.align.alignment_check`).
     """
     from cspine_submit.config import ModelConfig
-    from cspine_submit.dicom import read_slices, scan_study
+    from cspine_submit.read.dicom import read_slices, scan_study
     from cspine_submit.localize import measure_cue, plan_crops
 
     if ranges is None:
-        from cspine_submit.pipeline import default_weights_dir
+        from cspine_submit.files import default_weights_dir
         from cspine_submit.localize import load_ranges
 
         ranges = load_ranges(default_weights_dir() / "slice_ranges.json")
@@ -296,7 +296,7 @@ def preview_study(
     if mask_path is not None:
         import nibabel as nib
 
-        from cspine_submit.orientation import mask_to_axial
+        from cspine_submit.read.orientation import mask_to_axial
 
         try:
             img = nib.load(str(mask_path))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cspine_submit import __version__
-from cspine_submit.pipeline import default_weights_dir, repo_root
+from cspine_submit.files import default_weights_dir, repo_root
 
 DEMO_N_STUDIES = 4
 """Test studies in the demo: enough to show the flow and a score, few enough to run in seconds."""
@@ -95,7 +95,7 @@ def prepare_demo(cache: Path | None = None, n_studies: int = DEMO_N_STUDIES, see
     DemoData
         ``test_dir`` holds one folder per study, ``test_csv`` its rows, ``labels`` the truth (row_id,fractured).
     """
-    from cspine_submit import synthetic
+    from cspine_submit.datasets import synthetic
 
     weights = Path(weights) if weights else demo_weights_dir()
     params, _ = generator_params(weights)

@@ -29,8 +29,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from cspine_submit import dicom_header
-from cspine_submit.pixels import NotDirect, PixelSpec, read_stored
+from cspine_submit.read import dicom_header
+from cspine_submit.read.pixels import NotDirect, PixelSpec, read_stored
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class StudyHeader:
         SliceThickness as the headers state it (mm); informative only, ``spacing[0]`` comes from positions.
     pixels : tuple of (PixelSpec or None)
         Per kept file, in ``files`` order: where its Pixel Data lies and how it reads, so that decoding starts
-        from the scan (:func:`cspine_submit.pixels.read_stored`); empty for headers built without a scan.
+        from the scan (:func:`cspine_submit.read.pixels.read_stored`); empty for headers built without a scan.
     """
 
     folder: Path
@@ -200,13 +200,13 @@ def decoder_table(tsyntaxes: Iterable[str] = COMPETITION_TRANSFER_SYNTAXES) -> l
     -------
     list of dict
         One per syntax: ``uid``, ``name``, ``direct`` (the route tried before pydicom's plugins, see
-        :mod:`cspine_submit.pixels`: ``["numpy"]`` for uncompressed little-endian data, the direct JPEG decoders in
+        :mod:`cspine_submit.read.pixels`: ``["numpy"]`` for uncompressed little-endian data, the direct JPEG decoders in
         the order tried for JPEG Lossless, else empty), ``available`` (pydicom plugin names, in the order the reader
         tries them; ``["native"]`` for uncompressed data), ``missing`` (``{plugin: what to install}``) and ``ok``.
     """
     from pydicom.pixels import get_decoder
 
-    from cspine_submit import pixels
+    from cspine_submit.read import pixels
 
     rows = []
     for uid in tsyntaxes:
@@ -351,7 +351,7 @@ def _locate_pixel_data(fp, file_size: int) -> tuple[str | None, tuple[tuple[int,
     A header-only read stops in front of Pixel Data and so cannot notice a file cut off inside it: compare
     the element's declared length with the file size (native data), or walk the fragment items up to the
     sequence delimiter (encapsulated data). Only the item headers are read, never the pixel bytes. What the walk
-    finds is kept, so that decoding can go straight to the bytes (:class:`cspine_submit.pixels.PixelSpec`).
+    finds is kept, so that decoding can go straight to the bytes (:class:`cspine_submit.read.pixels.PixelSpec`).
 
     Returns
     -------
@@ -413,9 +413,9 @@ def read_slice_header(path: str | Path, fast: bool | None = None) -> SliceInfo:
     ----------
     path : str or Path
     fast : bool, optional
-        Try :func:`cspine_submit.dicom_header.scan_header` first (several times cheaper than pydicom's reader; files
+        Try :func:`cspine_submit.read.dicom_header.scan_header` first (several times cheaper than pydicom's reader; files
         it does not read with certainty go to pydicom, with the same result). False: pydicom only. None (default):
-        fast unless :data:`cspine_submit.dicom_header.DISABLE_ENV` is set.
+        fast unless :data:`cspine_submit.read.dicom_header.DISABLE_ENV` is set.
 
     Raises
     ------
@@ -432,7 +432,7 @@ def read_slice_header(path: str | Path, fast: bool | None = None) -> SliceInfo:
 
 
 def _read_slice_header_fast(path: Path) -> SliceInfo | None:
-    """:func:`read_slice_header` through :func:`cspine_submit.dicom_header.scan_header`; None when the file needs
+    """:func:`read_slice_header` through :func:`cspine_submit.read.dicom_header.scan_header`; None when the file needs
     pydicom's reader (anything unusual, including a read error: pydicom's route then words the error)."""
     try:
         with open(path, "rb") as fp:
@@ -546,7 +546,7 @@ def _int_or(value, default: int) -> int:
 
 def _pixel_spec(value, rows: int, cols: int, ranges: tuple[tuple[int, int], ...],
                 encapsulated: bool) -> PixelSpec | None:
-    """What :func:`cspine_submit.pixels.read_stored` needs, from the scanned header (``value(keyword, default)``);
+    """What :func:`cspine_submit.read.pixels.read_stored` needs, from the scanned header (``value(keyword, default)``);
     None when it is incomplete (the slice is then decoded through pydicom)."""
     if not ranges:
         return None
@@ -853,13 +853,13 @@ def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | Non
     path : str or Path
     tsyntax : str, optional
         The file's transfer syntax if already known (from the scan); when None the header is read again to find it
-        (and its :class:`~cspine_submit.pixels.PixelSpec` with it).
+        (and its :class:`~cspine_submit.read.pixels.PixelSpec` with it).
     plugin : str, optional
         Force one pydicom decoding plugin (e.g. ``"gdcm"``, ``"pylibjpeg"``; implies ``direct=False``); by default
         the preferred available one (see :data:`PREFERRED_PLUGINS`), then every other plugin if that one fails.
     spec : PixelSpec, optional
         Where the scan found the file's Pixel Data. With it, uncompressed and JPEG Lossless slices are decoded
-        without pydicom (:func:`cspine_submit.pixels.read_stored`, same values); without it, or when that route
+        without pydicom (:func:`cspine_submit.read.pixels.read_stored`, same values); without it, or when that route
         does not apply or fails, pydicom's plugins decode the file.
     direct : bool
         False: always decode through pydicom's plugins (benchmarks, checks).

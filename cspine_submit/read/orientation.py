@@ -7,7 +7,7 @@ The competition's ``segmentations/<uid>.nii`` files are stored sagittally. Read 
 (``np.asanyarray(img.dataobj)``), the array ``a`` has axes (x, y, z) in NIfTI order; the top teams brought it to the
 head-to-feet axial stack with ``a[:, ::-1, ::-1].transpose(2, 1, 0)``. The stored orientation follows the patient,
 not the file numbering, so the same conversion holds for studies numbered feet to head once their slices are sorted
-head to feet (as :func:`cspine_submit.dicom.scan_study` sorts them).
+head to feet (as :func:`cspine_submit.read.dicom.scan_study` sorts them).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A scanned slice's stored pixels, read straight from where the header scan found them (no second header parse).
 
-The header scan (:func:`cspine_submit.dicom.read_slice_header`) already walks to the Pixel Data element to check that
+The header scan (:func:`cspine_submit.read.dicom.read_slice_header`) already walks to the Pixel Data element to check that
 it is complete; it records what it saw as a :class:`PixelSpec`: the byte ranges of the value (uncompressed data) or
 of the frame's fragments (encapsulated data), and the few attributes that say how stored values read. From that,
 :func:`read_stored` decodes the competition's two storage forms without pydicom:
@@ -41,7 +41,7 @@ _DECODER_MODULES: dict[str, str] = {"dicomsdl": "dicomsdl", "gdcm": "gdcm", "lib
 
 DISABLE_ENV = "CSPINE_SUBMIT_NO_DIRECT_DECODE"
 """Set (to anything but "" or "0") to send every slice through pydicom's plugins. An environment variable, so that
-the worker processes a run spawns inherit it: the start-up check (:mod:`cspine_submit.preflight`) sets it when a
+the worker processes a run spawns inherit it: the start-up check (:mod:`cspine_submit.read.preflight`) sets it when a
 direct decoder gives other values than pydicom's."""
 
 

@@ -1,6 +1,6 @@
 """Probabilities fitted to the competition metric: priors, pooling and a per-label calibration.
 
-The metric (:mod:`cspine_submit.metric`) is, per study, ``sum_j w_ij BCE_ij / W_i`` with ``W_i = sum_j w_ij``,
+The metric (:mod:`cspine_submit.train.metric`) is, per study, ``sum_j w_ij BCE_ij / W_i`` with ``W_i = sum_j w_ij``,
 and ``w_ij`` depends on the labels only (1/2 for a vertebra, 7/14 for patient_overall). So for fixed labels the
 score is a sum over the 8 labels of a BCE weighted per study by ``w_ij / W_i`` (:func:`label_weights`), and
 each label's constant or calibration can be fitted on its own, minimising the metric itself:
@@ -12,7 +12,7 @@ each label's constant or calibration can be fitted on its own, minimising the me
 - :func:`fit_pooling`: the slice -> vertebra ``top_k`` and the ``overall_rule`` chosen from a small grid, each
   candidate scored after its own calibration fit.
 
-All of them see pooled probabilities made by :func:`cspine_submit.aggregate.aggregate_study` itself, so what is
+All of them see pooled probabilities made by :func:`cspine_submit.score.aggregate.aggregate_study` itself, so what is
 fitted is what inference computes. :func:`cross_fitted` applies a fit to each group of studies with parameters
 fitted on the other groups only: that is the honest out-of-fold score of the whole recipe.
 """
@@ -23,9 +23,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from cspine_submit import aggregate
+from cspine_submit.score import aggregate
 from cspine_submit.config import PREDICTION_TYPES, ModelConfig
-from cspine_submit.metric import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, competition_score
+from cspine_submit.train.metric import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, competition_score
 
 OVERALL_CANDIDATES: tuple[str, ...] = aggregate.OVERALL_RULES
 PRIOR_STUDIES = 20.0
@@ -107,7 +107,7 @@ def fit_logit_affine(p: np.ndarray, y: np.ndarray, weight: np.ndarray, prior_stu
 
 
 def fit_calibration(p: np.ndarray, y: np.ndarray) -> dict[str, tuple[float, float]]:
-    """Per-label ``(a, b)`` (see :func:`cspine_submit.aggregate.calibrate`) minimising the metric on (n, 8) arrays."""
+    """Per-label ``(a, b)`` (see :func:`cspine_submit.score.aggregate.calibrate`) minimising the metric on (n, 8) arrays."""
     v = label_weights(y)
     return {t: fit_logit_affine(p[:, j], y[:, j], v[:, j]) for j, t in enumerate(PREDICTION_TYPES)}
 
@@ -133,7 +133,7 @@ class PooledTable:
     """Pooled (uncalibrated) vertebra and overall probabilities of many studies for many pooling choices, fast.
 
     Each vertebra's slice probabilities are sorted once; a ``top_k`` choice is then a cumulative-sum lookup.
-    Matches :func:`cspine_submit.aggregate.aggregate_study` with an empty calibration (tested).
+    Matches :func:`cspine_submit.score.aggregate.aggregate_study` with an empty calibration (tested).
     """
 
     def __init__(self, slice_probs: Mapping[str, Mapping[str, np.ndarray]], uids: Sequence[str],

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cspine_submit.config import VERTEBRAE, ModelConfig
-from cspine_submit.crop import slices_needed
+from cspine_submit.score.crop import slices_needed
 from cspine_submit.localize.align import alignment_check
 
 PROFILE_FALLBACK_METHOD = "fraction"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-SELFTEST_FILE = Path(__file__).resolve().parent / "data" / "selftest_jpeg_lossless.dcm"
+SELFTEST_FILE = Path(__file__).resolve().parents[1] / "data" / "selftest_jpeg_lossless.dcm"  # package data: cspine_submit/data
 """A 64 x 64 CT slice, JPEG Lossless Process 14 SV1 (1.2.840.10008.1.2.4.70), HU -3024..1261."""
 
 SELFTEST_SHA256 = "0517e6ed5f1cda91191a9822ec98cdea5e04b364f9f5c59b4a4ee98e5f04a718"

@@ -65,7 +65,8 @@ def cue_cost(images: Path, ranges) -> list[dict]:
         cents = bone_centroids(hu)
         feats = cue_features(hu, header.spacing[1:], ranges, centroids=cents)
         t2 = time.perf_counter()
-        cue_from_measurements(header.z[idx], feats, cents, ranges, (float(header.z[0]), float(header.z[-1])), idx)
+        cue_from_measurements(header.z[idx], feats, cents, ranges, (float(header.z[0]), float(header.z[-1])),
+                              indices=idx)
         t3 = time.perf_counter()
         out.append({"slices": len(idx), "n_slices": header.n_slices, "decode": t1 - t0, "features": t2 - t1,
                     "align": t3 - t2})

@@ -452,7 +452,7 @@ def test_profile_plans_decode_fewer_slices_with_snapping(synthetic_dataset):
         cue = measure_cue(header, ranges)
         snapped = plan_crops(header, ranges, config, cue=cue)
         plain = plans_from_positions(header.z, header.rows, header.cols, ranges, config.slices_per_vertebra,
-                                     config.z_margin_mm, ranges.method, cue.anchor_mm,
+                                     z_margin_mm=config.z_margin_mm, method=ranges.method, anchor_mm=cue.anchor_mm,
                                      pixel_spacing=header.spacing[1:], point=cue.point, scale=cue.scale)
 
         def decoded(plans):

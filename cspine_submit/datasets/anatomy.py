@@ -14,6 +14,7 @@ around cancellous bone (less dense) in all three directions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -498,6 +499,11 @@ def build_anatomy(
 ) -> Anatomy:
     """Draw one study's anatomy.
 
+    The steps, in the order they draw from ``rng`` (the order fixes every study a seed gives): the column's
+    posture (:func:`_draw_posture`), the vertebrae stacked along z (:func:`_stack_vertebrae`, no draws), placed
+    in-plane on the centreline with their bone densities and fractures (:func:`_place_vertebrae`), then the soft
+    tissue around them (:func:`_draw_soft_tissue`).
+
     Parameters
     ----------
     rng : numpy Generator
@@ -511,23 +517,40 @@ def build_anatomy(
     fractures : dict
         ``{vertebra: "line" | "wedge"}`` for the fractured vertebrae.
     """
-    s = float(rng.uniform(0.88, 1.12))
-    cx0 = fov / 2 + float(rng.uniform(-0.08, 0.08)) * fov
-    cy0 = fov / 2 + float(rng.uniform(-0.06, 0.1)) * fov
-    lordosis = float(rng.uniform(0.0, 12.0))
-    drift = float(rng.uniform(-6.0, 6.0))
-    lean = float(rng.uniform(-0.08, 0.08))
-    back = float(rng.uniform(20.0, 40.0))
-    yaw = float(np.deg2rad(rng.uniform(-7.0, 7.0)))
-    disc = [float(rng.uniform(4.0, 5.5)) * s for _ in range(len(CERVICAL) + len(THORACIC))]
+    posture = _draw_posture(rng, fov)
+    parts = _stack_vertebrae(posture["s"], posture["disc"], head_mm)
+    z_c1, z_c7 = head_mm, parts[6][2] + parts[6][3]
+    proto = Anatomy((), posture["cx0"], posture["cy0"], posture["lordosis"], posture["drift"], posture["lean"],
+                    z_c1, z_c7, (0.0, 0.0), 0.0, False, back=posture["back"])
+    vertebrae = _place_vertebrae(rng, parts, proto, s=posture["s"], yaw=posture["yaw"], fractures=fractures, px=px)
+    return Anatomy(tuple(vertebrae), proto.cx0, proto.cy0, proto.lordosis, proto.drift, proto.lean, z_c1, z_c7,
+                   back=proto.back, **_draw_soft_tissue(rng))
 
-    # Stack the vertebrae along z first (local origins), then place them in-plane on the centreline.
-    z_c1 = head_mm
-    parts: list[tuple[str, tuple[Solid, ...], float, float]] = []  # name, solids, z0, body height
+
+def _draw_posture(rng: np.random.Generator, fov: float) -> dict[str, Any]:
+    """Size, centreline and disc heights of one column: ``{"s", "cx0", "cy0", "lordosis", "drift", "lean",
+    "back", "yaw" (radians), "disc" (list of 12 heights, mm)}``."""
+    s = float(rng.uniform(0.88, 1.12))
+    out: dict[str, Any] = {"s": s}
+    out["cx0"] = fov / 2 + float(rng.uniform(-0.08, 0.08)) * fov
+    out["cy0"] = fov / 2 + float(rng.uniform(-0.06, 0.1)) * fov
+    out["lordosis"] = float(rng.uniform(0.0, 12.0))
+    out["drift"] = float(rng.uniform(-6.0, 6.0))
+    out["lean"] = float(rng.uniform(-0.08, 0.08))
+    out["back"] = float(rng.uniform(20.0, 40.0))
+    out["yaw"] = float(np.deg2rad(rng.uniform(-7.0, 7.0)))
+    out["disc"] = [float(rng.uniform(4.0, 5.5)) * s for _ in range(len(CERVICAL) + len(THORACIC))]
+    return out
+
+
+def _stack_vertebrae(s: float, disc: Sequence[float], head_mm: float
+                     ) -> list[tuple[str, tuple[Solid, ...], float, float]]:
+    """The vertebrae stacked along z, head to feet: ``[(name, solids, z0 (mm), body height (mm)), ...]``."""
+    parts: list[tuple[str, tuple[Solid, ...], float, float]] = []
     atlas, h1 = _atlas(s)
-    parts.append(("C1", atlas, z_c1, h1))
+    parts.append(("C1", atlas, head_mm, h1))
     axis, h2 = _axis(s)
-    z2 = z_c1 + 1.0 * s + 16.0 * s  # dens tip just below the top of C1's ring
+    z2 = head_mm + 1.0 * s + 16.0 * s  # dens tip just below the top of C1's ring
     parts.append(("C2", axis, z2, h2))
     z = z2 + h2 + disc[1]
     for k in range(3, 3 + 5 + len(THORACIC)):
@@ -535,9 +558,20 @@ def build_anatomy(
         solids, hb = _typical(name, k, s, thoracic=k >= 8)
         parts.append((name, solids, z, hb))
         z += hb + disc[k - 1]
-    z_c7 = parts[6][2] + parts[6][3]
-    proto = Anatomy((), cx0, cy0, lordosis, drift, lean, z_c1, z_c7, (0.0, 0.0), 0.0, False, back=back)
+    return parts
 
+
+def _place_vertebrae(
+    rng: np.random.Generator,
+    parts: Sequence[tuple[str, tuple[Solid, ...], float, float]],
+    proto: Anatomy,
+    *,
+    s: float,
+    yaw: float,
+    fractures: dict[str, str],
+    px: float,
+) -> list[Vertebra]:
+    """Each stacked vertebra on the centreline of ``proto``, with its tilt, bone densities and fracture."""
     vertebrae = []
     for name, solids, z0, hb in parts:
         zmid = z0 + 0.5 * hb
@@ -569,27 +603,24 @@ def build_anatomy(
                 yaw=yaw + float(np.deg2rad(rng.uniform(-2.0, 2.0))),
             )
         )
+    return vertebrae
+
+
+def _draw_soft_tissue(rng: np.random.Generator) -> dict[str, Any]:
+    """The neck around the column: the :class:`Anatomy` fields ``neck, fat, mandible, shoulder_mm, jaw_mm,
+    airway``, drawn in this order."""
     # Real necks (tests/data/real_neck): 120-170 mm wide and deep at C4, the column a little behind the middle.
     neck = (float(rng.uniform(56.0, 80.0)), float(rng.uniform(48.0, 68.0)))
-    return Anatomy(
-        tuple(vertebrae),
-        cx0,
-        cy0,
-        lordosis,
-        drift,
-        lean,
-        z_c1,
-        z_c7,
-        neck,
-        fat=float(rng.uniform(3.0, 10.0)),
-        mandible=bool(rng.random() < 0.85),
+    return {
+        "neck": neck,
+        "fat": float(rng.uniform(3.0, 10.0)),
+        "mandible": bool(rng.random() < 0.85),
         # Real necks: shoulders widen the body from 20-55 mm above the bottom of C7, the mandible's lower border
         # lies 25-80 mm below the top of C1 (head flexion), airways of 1-4 cm^2 at C4.
-        shoulder_mm=float(rng.uniform(25.0, 60.0)),
-        jaw_mm=float(rng.uniform(35.0, 80.0)),
-        airway=float(rng.uniform(7.5, 11.0)),
-        back=back,
-    )
+        "shoulder_mm": float(rng.uniform(25.0, 60.0)),
+        "jaw_mm": float(rng.uniform(35.0, 80.0)),
+        "airway": float(rng.uniform(7.5, 11.0)),
+    }
 
 
 def _ellipse(img, centre, axes, px, value, angle0=0.0, angle1=360.0, thickness=-1):

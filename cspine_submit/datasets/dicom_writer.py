@@ -148,17 +148,42 @@ def write_dicom_series(
     list of Path
         The files written, in head-to-feet order.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     nz, rows, cols = hu.shape
-    dz, dy, dx = spacing
+    ds = _series_dataset(study_uid, series_uid, shape=(rows, cols), spacing=spacing, signed=signed,
+                         modality=modality, window=window, thickness=thickness, compressed=compressed)
     numbers = file_numbers(nz, reversed_)
+    paths = []
+    for i in range(nz):
+        path = folder / f"{int(numbers[i])}.dcm"
+        _write_slice(path, ds, hu[i], number=int(numbers[i]), z=z_head - i * spacing[0], origin_xy=origin_xy,
+                     compressed=compressed)
+        paths.append(path)
+    return paths
 
+
+def _series_dataset(
+    study_uid: str,
+    series_uid: str,
+    *,
+    shape: tuple[int, int],
+    spacing: tuple[float, float, float],
+    signed: bool,
+    modality: bool,
+    window: tuple[float, float] | None,
+    thickness: float | None,
+    compressed: bool,
+):
+    """The header every slice of a series shares (a pydicom Dataset with its file meta); per-slice tags are
+    filled in by :func:`_write_slice`. Parameters as for :func:`write_dicom_series`; ``shape`` is (rows, cols)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    rows, cols = shape
+    dz, dy, dx = spacing
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    meta.TransferSyntaxUID = EXPLICIT_VR_LITTLE_ENDIAN
+    meta.TransferSyntaxUID = JPEG_LOSSLESS_SV1 if compressed else EXPLICIT_VR_LITTLE_ENDIAN
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = CT_IMAGE_STORAGE
@@ -188,32 +213,29 @@ def write_dicom_series(
     ds.RescaleIntercept = "0" if signed else "-1024"
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
+    return ds
 
+
+def _write_slice(path: Path, ds, hu: np.ndarray, *, number: int, z: float, origin_xy: tuple[float, float],
+                 compressed: bool) -> None:
+    """Fill the per-slice tags of ``ds`` (file number ``number``, ImagePositionPatient z ``z`` mm) and the pixels
+    of one (rows, cols) HU slice, and save it to ``path``."""
+    from pydicom.encaps import encapsulate
+
+    sop = f"{ds.SeriesInstanceUID}.{number}"
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.SOPInstanceUID = sop
+    ds.InstanceNumber = number
+    ds.ImagePositionPatient = [_ds(origin_xy[0]), _ds(origin_xy[1]), _ds(z)]
+    ds.SliceLocation = _ds(z)
+    stored = stored_values(hu, ds.PixelRepresentation == 1)
     if compressed:
-        from pydicom.encaps import encapsulate
-
-        meta.TransferSyntaxUID = JPEG_LOSSLESS_SV1
-    paths = []
-    for i in range(nz):
-        n = int(numbers[i])
-        sop = f"{series_uid}.{n}"
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
-        ds.SOPInstanceUID = sop
-        ds.InstanceNumber = n
-        z = z_head - i * dz
-        ds.ImagePositionPatient = [_ds(origin_xy[0]), _ds(origin_xy[1]), _ds(z)]
-        ds.SliceLocation = _ds(z)
-        stored = stored_values(hu[i], signed)
-        if compressed:
-            ds.PixelData = encapsulate([encode_jpeg_lossless(stored, ds.BitsStored)])
-            ds["PixelData"].VR = "OB"
-        else:
-            ds.PixelData = stored.tobytes()
-            ds["PixelData"].VR = "OW"
-        path = folder / f"{n}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+        ds.PixelData = encapsulate([encode_jpeg_lossless(stored, ds.BitsStored)])
+        ds["PixelData"].VR = "OB"
+    else:
+        ds.PixelData = stored.tobytes()
+        ds["PixelData"].VR = "OW"
+    ds.save_as(path, enforce_file_format=True)
 
 
 def competition_affine(

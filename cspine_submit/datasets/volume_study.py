@@ -35,6 +35,7 @@ from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE
 from cspine_submit.datasets.folder import clear_outputs, exact_flags
 from cspine_submit.datasets.dicom_writer import EXPLICIT_VR_LITTLE_ENDIAN, JPEG_LOSSLESS_SV1, write_dicom_series, write_mask
 from cspine_submit.datasets.volume_cut import AIR_HU, CutSpec, competition_cut, resample_volume
+from cspine_submit.files import atomic_write_text
 
 CT_SUFFIX = "_ct.nii.gz"
 LABEL_SUFFIX = "_vert.nii.gz"
@@ -452,30 +453,19 @@ def write_studies(
     """
     from tqdm import tqdm
 
-    from cspine_submit.files import atomic_write_text
-
-    for key, value in (("reversed_fraction", reversed_fraction), ("compressed_fraction", compressed_fraction),
-                       ("signed_fraction", signed_fraction)):
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{key}={value}: expected a fraction in [0, 1]")
-    if int(size) < 16:
-        raise ValueError(f"size={size}: at least 16 pixels")
-    if slice_mm is not None and not float(slice_mm) > 0:
-        raise ValueError(f"slice_mm={slice_mm}: must be > 0")
+    _check_write_args(size=size, slice_mm=slice_mm, fractions={
+        "reversed_fraction": reversed_fraction, "compressed_fraction": compressed_fraction,
+        "signed_fraction": signed_fraction})
     volumes = find_volumes(src)
     if cut:
-        unlabelled = [str(ct) for _, ct, lab in volumes if lab is None]
-        if unlabelled:
-            raise ValueError(f"a competition cut needs each volume's <name>{LABEL_SUFFIX} labels; missing for "
-                             f"{unlabelled} (write them whole with cut=False / --no-cut)")
+        _check_labelled(volumes)
     root = Path(out)
     clear_outputs(root, OUTPUTS, force, "the studies")
     names = [n for n, _, _ in volumes]
     uids = study_uids(names)
     rng = np.random.default_rng(seed)
-    reversed_flags = exact_flags(rng, len(names), reversed_fraction)
-    compressed_flags = exact_flags(rng, len(names), compressed_fraction)
-    signed_flags = exact_flags(rng, len(names), signed_fraction)
+    reversed_flags, compressed_flags, signed_flags = (
+        exact_flags(rng, len(names), f) for f in (reversed_fraction, compressed_fraction, signed_fraction))
 
     records = []
     for i, (name, ct_path, lab_path) in enumerate(tqdm(volumes, desc="real studies", unit="study",
@@ -483,9 +473,8 @@ def write_studies(
         ct, labels = load_pair(ct_path, lab_path)
         spec = None
         if cut:
-            study_rng = np.random.default_rng([int(seed), zlib.crc32(name.encode("utf-8"))])
-            spec = competition_cut(labels.volume, labels.spacing, study_rng, size=size, slice_mm=slice_mm,
-                                   head_mm=head_mm, chest_mm=chest_mm, fov_mm=fov_mm)
+            spec = _draw_cut(labels, name, seed=seed, size=size, slice_mm=slice_mm, fov_mm=fov_mm, head_mm=head_mm,
+                             chest_mm=chest_mm)
         uid = uids[name]
         written = write_volume_study(
             root / "images" / uid, ct, labels, uid=uid, cut=spec,
@@ -499,6 +488,42 @@ def write_studies(
               "fov_mm": list(fov_mm), "head_mm": list(head_mm), "chest_mm": list(chest_mm),
               "reversed_fraction": reversed_fraction, "compressed_fraction": compressed_fraction,
               "signed_fraction": signed_fraction, "air_hu": AIR_HU}
+    write_study_tables(root, params, records)
+    return records
+
+
+def _check_write_args(*, size: int, slice_mm: float | None, fractions: dict[str, float]) -> None:
+    """Raise ValueError naming the first argument of :func:`write_studies` out of its range."""
+    for key, value in fractions.items():
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{key}={value}: expected a fraction in [0, 1]")
+    if int(size) < 16:
+        raise ValueError(f"size={size}: at least 16 pixels")
+    if slice_mm is not None and not float(slice_mm) > 0:
+        raise ValueError(f"slice_mm={slice_mm}: must be > 0")
+
+
+def _check_labelled(volumes: list[tuple[str, Path, Path | None]]) -> None:
+    """A competition cut is placed by the labels: ValueError naming every volume without them."""
+    unlabelled = [str(ct) for _, ct, lab in volumes if lab is None]
+    if unlabelled:
+        raise ValueError(f"a competition cut needs each volume's <name>{LABEL_SUFFIX} labels; missing for "
+                         f"{unlabelled} (write them whole with cut=False / --no-cut)")
+
+
+def _draw_cut(labels: AxialVolume, name: str, *, seed: int, size: int, slice_mm: float | None,
+              fov_mm: tuple[float, float], head_mm: tuple[float, float], chest_mm: tuple[float, float]) -> CutSpec:
+    """One volume's cut, drawn from ``(seed, crc32(name))`` so that it does not depend on the other volumes."""
+    study_rng = np.random.default_rng([int(seed), zlib.crc32(name.encode("utf-8"))])
+    return competition_cut(labels.volume, labels.spacing, study_rng, size=size, slice_mm=slice_mm,
+                           head_mm=head_mm, chest_mm=chest_mm, fov_mm=fov_mm)
+
+
+def write_study_tables(root: Path, params: dict, records: list[dict]) -> None:
+    """``studies.json`` (params + records), ``studies.csv`` (:data:`CSV_COLUMNS`) and ``test.csv`` (8 rows per
+    study) of a folder written by :func:`write_studies`, each written atomically."""
+    from cspine_submit.files import atomic_write_text
+
     atomic_write_text(root / "studies.json", json.dumps({"params": params, "studies": records}, indent=1) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=("name",) + CSV_COLUMNS, lineterminator="\n")
@@ -509,4 +534,3 @@ def write_studies(
     lines = ["row_id,StudyInstanceUID,prediction_type"]
     lines += [f"{r['uid']}_{t},{r['uid']},{t}" for r in records for t in PREDICTION_TYPES]
     atomic_write_text(root / "test.csv", "\n".join(lines) + "\n")
-    return records

@@ -15,6 +15,7 @@ from cspine_submit.localize.masks import StudyTruth
 from cspine_submit.localize.plan import (
     DEFAULT_Z_MARGIN_MM,
     CropPlan,
+    Cue,
     cue_from_measurements,
     plans_from_positions,
 )
@@ -58,6 +59,7 @@ def score_plans(truth: StudyTruth, plans: Mapping[str, CropPlan]) -> dict[str, d
 def evaluate_ranges(
     truths: Sequence[StudyTruth],
     method: str | None = None,
+    *,
     k: int = 15,
     z_margin_mm: float = DEFAULT_Z_MARGIN_MM,
     layout: str = "competition",
@@ -101,6 +103,50 @@ def evaluate_ranges(
         is the cue's best alignment cost (``Cue.cost``); ``alignment_plausible`` compares it with the fixed
         ranges' leave-one-out reference (:func:`~cspine_submit.localize.align.alignment_check`; None without one).
     """
+    method = _check_evaluation(truths, method, ranges=ranges, learn_from=learn_from)
+    per_study: dict[str, dict[str, dict[str, float]]] = {}
+    anchor_errors: list[float | None] = []
+    alignments: list[dict | None] = []
+    box_areas: list[float] = []
+    for i, held in enumerate(truths):
+        learned = _fold_ranges(truths, i, method, ranges=ranges, learn_from=learn_from, layout=layout)
+        plans, cue = _plan_held(held, learned, method, k=k, z_margin_mm=z_margin_mm, box_mode=box_mode,
+                                box_quantiles=box_quantiles)
+        if cue is not None:
+            anchor_errors.append(None if cue.anchor_mm is None else float(cue.anchor_mm - held.anchor_mm))
+            # Judged against the reference only with fixed ranges (leave-one-out folds learn none).
+            alignments.append(alignment_check(cue.cost, learned))
+        key = held.uid or f"study{i}"
+        per_study[key] = score_plans(held, plans)
+        box_areas.extend((p.box[2] - p.box[0]) * (p.box[3] - p.box[1]) / (held.rows * held.cols) for p in plans.values())
+    per_vertebra, mean = _summarise_vertebrae(per_study)
+    result: dict[str, Any] = {
+        "method": method,
+        "leave_one_out": ranges is None,
+        "learned_from": "fixed ranges" if ranges is not None else (
+            "the other studies" if learn_from is None else f"{len(learn_from)} studies of another set, minus the "
+                                                           "held-out study's UID"),
+        "n_studies": len(truths),
+        "k": k,
+        "z_margin_mm": z_margin_mm,
+        "box_mode": box_mode,
+        "per_vertebra": per_vertebra,
+        "mean": mean,
+        "mean_box_area": float(np.mean(box_areas)),
+        "per_study": per_study,
+        "study_summary": _summarise_studies(per_study, anchor_errors, alignments),
+    }
+    if method == "profile":
+        result["anchor_error_mm"] = anchor_errors
+        result["alignment_reference"] = (
+            None if ranges is None else {k: alignments[0][k] for k in ("cost_reference", "threshold")})
+    return result
+
+
+def _check_evaluation(truths: Sequence[StudyTruth], method: str | None, *, ranges: SliceRanges | None,
+                      learn_from: Sequence[StudyTruth] | None) -> str:
+    """The method :func:`evaluate_ranges` evaluates (its default resolved); ValueError when the inputs cannot
+    give it."""
     if ranges is None and learn_from is None and len(truths) < 2:
         raise ValueError(f"leave-one-out needs at least 2 masks, got {len(truths)}")
     if not truths:
@@ -119,74 +165,69 @@ def evaluate_ranges(
         if any(t.feature_set != wanted for t in truths):
             raise ValueError(f"the given ranges' template uses {wanted!r} features but the studies were measured "
                              f"with {sorted({t.feature_set for t in truths})}: measure them with {wanted!r}")
-    per_study: dict[str, dict[str, dict[str, float]]] = {}
-    anchor_errors: list[float | None] = []
-    alignments: list[dict | None] = []
-    box_areas: list[float] = []
-    for i, held in enumerate(truths):
-        if ranges is not None:
-            learned = ranges
-        elif learn_from is not None:
-            others = [t for t in learn_from if t.uid != held.uid]
-            if not others:
-                raise ValueError(f"nothing to learn from for {held.uid!r}: learn_from holds only that study")
-            # No cost reference: it would learn once more per training study, and nothing here judges by it.
-            learned = ranges_from_truths(others, method=method, layout=layout, with_cost_reference=False)
-        else:
-            learned = ranges_from_truths([t for j, t in enumerate(truths) if j != i], method=method, layout=layout,
-                                         with_cost_reference=False)
-        anchor = point = None
-        scale = 1.0
-        cue_slices: Sequence[int] = ()
-        if method == "profile":
-            idx = cue_indices(held.n_slices, held.z_mm, learned.extra.get("cue"))
-            cue = cue_from_measurements(held.z_mm[idx], held.profile[idx],
-                                        None if held.centroids is None else held.centroids[idx], learned,
-                                        (held.z_mm[0], held.z_mm[-1]), idx)
-            anchor, point, scale, cue_slices = cue.anchor_mm, cue.point, cue.scale, cue.indices
-            anchor_errors.append(None if anchor is None else float(anchor - held.anchor_mm))
-            # Judged against the reference only with fixed ranges (leave-one-out folds learn none).
-            alignments.append(alignment_check(cue.cost, learned))
-        plans = plans_from_positions(held.z_mm, held.rows, held.cols, learned, k, z_margin_mm, method, anchor,
-                                     pixel_spacing=held.spacing[1:], point=point, box_mode=box_mode,
-                                     box_quantiles=box_quantiles, scale=scale, decoded=cue_slices)
-        key = held.uid or f"study{i}"
-        per_study[key] = score_plans(held, plans)
-        box_areas.extend((p.box[2] - p.box[0]) * (p.box[3] - p.box[1]) / (held.rows * held.cols) for p in plans.values())
-    keys = ("coverage", "purity", "box_coverage")
+    return method
+
+
+def _fold_ranges(truths: Sequence[StudyTruth], i: int, method: str, *, ranges: SliceRanges | None,
+                 learn_from: Sequence[StudyTruth] | None, layout: str) -> SliceRanges:
+    """The ranges study ``i`` is planned with: ``ranges`` when fixed, else learned without it (leave-one-out)."""
+    if ranges is not None:
+        return ranges
+    held = truths[i]
+    if learn_from is not None:
+        others = [t for t in learn_from if t.uid != held.uid]
+        if not others:
+            raise ValueError(f"nothing to learn from for {held.uid!r}: learn_from holds only that study")
+    else:
+        others = [t for j, t in enumerate(truths) if j != i]
+    # No cost reference: it would learn once more per training study, and nothing here judges by it.
+    return ranges_from_truths(others, method=method, layout=layout, with_cost_reference=False)
+
+
+def _plan_held(held: StudyTruth, learned: SliceRanges, method: str, *, k: int, z_margin_mm: float, box_mode: str,
+               box_quantiles: tuple[str, str]) -> tuple[dict[str, CropPlan], Cue | None]:
+    """Plan one held-out study as the planner would (its cue measured from its own profile at the cue slices);
+    returns the plans and the cue (None unless ``profile``)."""
+    cue = None
+    if method == "profile":
+        idx = cue_indices(held.n_slices, held.z_mm, learned.extra.get("cue"))
+        cue = cue_from_measurements(held.z_mm[idx], held.profile[idx],
+                                    None if held.centroids is None else held.centroids[idx], learned,
+                                    (held.z_mm[0], held.z_mm[-1]), indices=idx)
+    plans = plans_from_positions(
+        held.z_mm, held.rows, held.cols, learned, k, z_margin_mm=z_margin_mm, method=method,
+        anchor_mm=None if cue is None else cue.anchor_mm, pixel_spacing=held.spacing[1:],
+        point=None if cue is None else cue.point, box_mode=box_mode, box_quantiles=box_quantiles,
+        scale=1.0 if cue is None else cue.scale, decoded=() if cue is None else cue.indices)
+    return plans, cue
+
+
+_SCORE_KEYS = ("coverage", "purity", "box_coverage")
+
+
+def _summarise_vertebrae(per_study: Mapping[str, Mapping[str, Mapping[str, float]]]
+                         ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per vertebra the mean scores over studies and the median absolute offset; and the mean over vertebrae."""
     per_vertebra = {
-        v: {**{key: float(np.mean([s[v][key] for s in per_study.values()])) for key in keys},
+        v: {**{key: float(np.mean([s[v][key] for s in per_study.values()])) for key in _SCORE_KEYS},
             "abs_offset_mm": float(np.median([abs(s[v]["offset_mm"]) for s in per_study.values()]))}
         for v in VERTEBRAE
     }
-    mean = {key: float(np.mean([per_vertebra[v][key] for v in VERTEBRAE])) for key in keys}
+    mean = {key: float(np.mean([per_vertebra[v][key] for v in VERTEBRAE])) for key in _SCORE_KEYS}
+    return per_vertebra, mean
+
+
+def _summarise_studies(per_study: Mapping[str, Mapping[str, Mapping[str, float]]],
+                       anchor_errors: Sequence[float | None], alignments: Sequence[dict | None]) -> dict[str, dict]:
+    """Per study the mean scores over vertebrae, the vertebra planned furthest off, the anchor error and the
+    alignment check (``evaluate_ranges``'s ``study_summary``)."""
     study_summary = {}
     for (uid, scores), error, alignment in zip(per_study.items(), anchor_errors or [None] * len(per_study),
                                                alignments or [None] * len(per_study)):
         worst = max(VERTEBRAE, key=lambda v: abs(scores[v]["offset_mm"]))
-        study_summary[uid] = {**{key: float(np.mean([scores[v][key] for v in VERTEBRAE])) for key in keys},
+        study_summary[uid] = {**{key: float(np.mean([scores[v][key] for v in VERTEBRAE])) for key in _SCORE_KEYS},
                               "worst": worst, "worst_offset_mm": scores[worst]["offset_mm"],
                               "anchor_error_mm": error}
         if alignment is not None:
             study_summary[uid].update(alignment_cost=alignment["cost"], alignment_plausible=alignment["plausible"])
-    result: dict[str, Any] = {
-        "method": method,
-        "leave_one_out": ranges is None,
-        "learned_from": "fixed ranges" if ranges is not None else (
-            "the other studies" if learn_from is None else f"{len(learn_from)} studies of another set, minus the "
-                                                           "held-out study's UID"),
-        "n_studies": len(truths),
-        "k": k,
-        "z_margin_mm": z_margin_mm,
-        "box_mode": box_mode,
-        "per_vertebra": per_vertebra,
-        "mean": mean,
-        "mean_box_area": float(np.mean(box_areas)),
-        "per_study": per_study,
-        "study_summary": study_summary,
-    }
-    if method == "profile":
-        result["anchor_error_mm"] = anchor_errors
-        result["alignment_reference"] = (
-            None if ranges is None else {k: alignments[0][k] for k in ("cost_reference", "threshold")})
-    return result
+    return study_summary

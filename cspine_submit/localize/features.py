@@ -230,6 +230,7 @@ def measure_features(
     slices: np.ndarray,
     pixel_spacing: tuple[float, float],
     feature_set: str = DEFAULT_FEATURE_SET,
+    *,
     centre: tuple[float, float] | None = None,
     half_mm: float = CELL_HALF_MM,
     cell_mm: float = CELL_MM,

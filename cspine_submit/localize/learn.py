@@ -176,6 +176,7 @@ def learn_template(truths: Sequence[StudyTruth], step_mm: float = TEMPLATE_STEP_
 def ranges_from_truths(
     truths: Sequence[StudyTruth],
     method: str = "fraction",
+    *,
     layout: str = "competition",
     source: str = "",
     cue: Mapping[str, float] | None = None,
@@ -286,6 +287,7 @@ def loo_alignment_costs(truths: Sequence[StudyTruth], cue: Mapping[str, float] |
 def learn_ranges(
     segmentations: str | Path,
     images: str | Path | None = None,
+    *,
     layout: str = "competition",
     method: str | None = None,
     source: str = "",

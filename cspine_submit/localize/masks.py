@@ -172,6 +172,7 @@ def _uid_from_mask_path(path: Path) -> str:
 def truth_from_files(
     mask_path: str | Path,
     study_dir: str | Path | None = None,
+    *,
     layout: str = "competition",
     with_profile: bool = True,
     profile_step_mm: float = 2.0,
@@ -311,6 +312,7 @@ def pair_masks(segmentations: str | Path, images: str | Path | None) -> list[tup
 def load_truths(
     segmentations: str | Path,
     images: str | Path | None = None,
+    *,
     layout: str = "competition",
     with_profile: bool = True,
     progress: bool = False,

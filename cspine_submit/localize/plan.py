@@ -44,7 +44,7 @@ class CropPlan:
     z_range_mm: tuple[float, float] | None = None
 
 
-def _range_mm(ranges: SliceRanges, vertebra: str, method: str, z: np.ndarray, anchor_mm: float | None,
+def _range_mm(ranges: SliceRanges, vertebra: str, method: str, z: np.ndarray, anchor_mm: float | None, *,
               scale: float = 1.0, lo_q: str = "q50", hi_q: str = "q50") -> tuple[float, float]:
     entry = ranges.per_vertebra[vertebra][method]
     start, end = entry["start"][lo_q], entry["end"][hi_q]
@@ -72,7 +72,7 @@ def planned_ranges_mm(
     z = np.asarray(z_mm, dtype=float)
     if method == "profile" and anchor_mm is None:
         method = "fraction"
-    return {v: _range_mm(ranges, v, method, z, anchor_mm, scale) for v in VERTEBRAE}
+    return {v: _range_mm(ranges, v, method, z, anchor_mm, scale=scale) for v in VERTEBRAE}
 
 
 def indices_in_range(z_mm: np.ndarray, start_mm: float, end_mm: float, k: int) -> tuple[int, ...]:
@@ -141,6 +141,7 @@ def planned_box(
     vertebra: str,
     rows: int,
     cols: int,
+    *,
     pixel_spacing: tuple[float, float] | None = None,
     point: tuple[float, float] | None = None,
     mode: str = "auto",
@@ -202,6 +203,7 @@ def plans_from_positions(
     cols: int,
     ranges: SliceRanges,
     k: int,
+    *,
     z_margin_mm: float = DEFAULT_Z_MARGIN_MM,
     method: str | None = None,
     anchor_mm: float | None = None,
@@ -244,7 +246,8 @@ def plans_from_positions(
     for v in VERTEBRAE:
         start, end = mm[v]
         idx = snap_to_decoded(indices_in_range(z_mm, start - z_margin_mm, end + z_margin_mm, k), decoded)
-        box = planned_box(ranges, v, rows, cols, pixel_spacing, point, box_mode, box_quantiles)
+        box = planned_box(ranges, v, rows, cols, pixel_spacing=pixel_spacing, point=point, mode=box_mode,
+                          quantiles=box_quantiles)
         plans[v] = CropPlan(vertebra=v, slice_indices=idx, box=box, z_range_mm=(float(start), float(end)))
     return plans
 
@@ -283,6 +286,7 @@ def cue_from_measurements(
     centroids: np.ndarray | None,
     ranges: SliceRanges,
     study_z: tuple[float, float],
+    *,
     indices: Sequence[int] = (),
 ) -> Cue:
     """Align measured cue features (pure): column centre, then column point from the centroids in its range."""
@@ -330,7 +334,7 @@ def measure_cue(
     cents = bone_centroids(slices)
     feats = cue_features(slices, header.spacing[1:], ranges, centroids=cents)
     return cue_from_measurements(header.z[idx], feats, cents, ranges, (float(header.z[0]), float(header.z[-1])),
-                                 idx)
+                                 indices=idx)
 
 
 def cue_features(slices: np.ndarray, pixel_spacing: tuple[float, float], ranges: SliceRanges,
@@ -403,7 +407,7 @@ def plan_crops(
             cue = measure_cue(header, ranges, read=read)
         anchor, point, scale = cue.anchor_mm, cue.point, cue.scale
     return plans_from_positions(
-        header.z, header.rows, header.cols, ranges, config.slices_per_vertebra, z_margin_mm, ranges.method, anchor,
-        pixel_spacing=(float(header.spacing[1]), float(header.spacing[2])), point=point, scale=scale,
+        header.z, header.rows, header.cols, ranges, config.slices_per_vertebra, z_margin_mm=z_margin_mm,
+        method=ranges.method, anchor_mm=anchor, pixel_spacing=(float(header.spacing[1]), float(header.spacing[2])), point=point, scale=scale,
         decoded=cue.indices if cue is not None else (),
     )

@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from cspine_submit.config import VERTEBRAE, ModelConfig
-    from cspine_submit.train.run import TrainOptions, train_classifiers
+    from cspine_submit.train import TrainOptions, train_classifiers
 
     config = ModelConfig(head="tiny", input_size=args.input_size, channels="single", windows=((400.0, 1800.0),))
     rows = []

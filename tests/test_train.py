@@ -9,7 +9,9 @@ import pytest
 
 from cspine_submit.train import data as td
 from cspine_submit.config import VERTEBRAE, ModelConfig
-from cspine_submit.train.run import TrainOptions, draw_history_png, learning_rate_at, read_history, train_classifiers
+from cspine_submit.train.history import draw_history_png, read_history
+from cspine_submit.train.options import TrainOptions, learning_rate_at
+from cspine_submit.train.run import train_classifiers
 
 
 def test_split_is_deterministic_stratified_and_order_free():
@@ -128,20 +130,20 @@ def test_cross_validated_run_writes_only_inference_files_and_honest_oof(syntheti
                                                                       monkeypatch):
     import pandas as pd
 
-    import cspine_submit.train.run as train_mod
+    import cspine_submit.train.fit as fit_mod
     from cspine_submit.train.calibration import fit_priors
     from cspine_submit.manifest import verify_manifest
     from cspine_submit.train.metric import competition_score
     from cspine_submit.score.models import load_classifiers
 
     trained_on: dict[str, set] = {}
-    real = train_mod.train_unit
+    real = fit_mod.train_unit
 
     def spy(tag, train_s, *args, **kwargs):
         trained_on[tag] = set(train_s.kept().study)
         return real(tag, train_s, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_unit", spy)
+    monkeypatch.setattr(fit_mod, "train_unit", spy)
     options = TrainOptions(folds=3, epochs=1, batch_size=8, shared=True, box_policy="study", workers=0, seed=3,
                            trained_on="synthetic")
     out = tmp_path / "weights"
@@ -189,12 +191,12 @@ def test_cross_validated_run_writes_only_inference_files_and_honest_oof(syntheti
 
 
 def test_resume_continues_after_an_interrupted_fold(synthetic_dataset, fixture_ranges, tmp_path, monkeypatch):
-    import cspine_submit.train.run as train_mod
+    import cspine_submit.train.fit as fit_mod
 
     options = TrainOptions(vertebrae=("C5",), folds=2, epochs=1, batch_size=8, box_policy="study", workers=0,
                            seed=3, final="refit", trained_on="synthetic")
     out = tmp_path / "weights"
-    real = train_mod.train_unit
+    real = fit_mod.train_unit
     calls = []
 
     def interrupted(tag, *args, **kwargs):
@@ -203,7 +205,7 @@ def test_resume_continues_after_an_interrupted_fold(synthetic_dataset, fixture_r
             raise KeyboardInterrupt
         return real(tag, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_unit", interrupted)
+    monkeypatch.setattr(fit_mod, "train_unit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_classifiers(synthetic_dataset, fixture_ranges, out, TINY, options, progress=False)
     assert not (out / "model_config.json").exists()  # nothing half-written in --out

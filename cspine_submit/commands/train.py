@@ -116,7 +116,7 @@ def run(args) -> int:
     import shutil
 
     from cspine_submit.config import ModelConfig
-    from cspine_submit.train.run import TrainOptions, existing_outputs, train_classifiers
+    from cspine_submit.train import TrainOptions, existing_outputs, train_classifiers
 
     try:
         config = ModelConfig.from_json(args.config) if args.config else ModelConfig()

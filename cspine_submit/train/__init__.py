@@ -6,7 +6,9 @@ inside the functions that train.
 
 from cspine_submit.train.metric import competition_score, evaluate_files
 from cspine_submit.train.plan import format_plan, plan_training
-from cspine_submit.train.run import TrainOptions, TrainResult, existing_outputs, train_classifiers, train_unit
+from cspine_submit.train.fit import train_unit
+from cspine_submit.train.options import TrainOptions, TrainResult
+from cspine_submit.train.run import existing_outputs, train_classifiers
 
 __all__ = ["competition_score", "evaluate_files", "format_plan", "plan_training", "TrainOptions", "TrainResult",
            "existing_outputs", "train_classifiers", "train_unit"]

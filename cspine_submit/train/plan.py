@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cspine_submit.config import ModelConfig
+from cspine_submit.read.reader import iter_studies
+from cspine_submit.train import data as td
 
 GPU_TRAIN_224: dict[str, dict] = {
     "T4": {"img_s": 1270.0 / 3.0, "precision": "mixed float16",
@@ -59,12 +62,10 @@ def gpu_epoch_seconds(crops: float, input_size: int, head: str) -> dict[str, flo
 def measure_input_pipeline(samples, config: ModelConfig, workers: int = 2, batch_size: int = 16,
                            min_crops: int = 512) -> float:
     """Crops per second of the training input pipeline (read, decompress, enlarge, window, batch)."""
-    from cspine_submit.train.data import Samples, make_dataset
-
     reps = int(np.ceil(min_crops / max(len(samples), 1)))
-    many = Samples.concat([samples] * reps)
+    many = td.Samples.concat([samples] * reps)
     # No augmentation here: training augments on the GPU, inside the model (train_data.augmenting_model).
-    ds = make_dataset(many, config, batch_size, shuffle=True, augment_data=False, seed=0, workers=workers)
+    ds = td.make_dataset(many, config, batch_size, shuffle=True, augment_data=False, seed=0, workers=workers)
     it = iter(ds)
     next(it)  # trace once
     t0 = time.perf_counter()
@@ -74,24 +75,20 @@ def measure_input_pipeline(samples, config: ModelConfig, workers: int = 2, batch
     return n / max(time.perf_counter() - t0, 1e-9)
 
 
-def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5, epochs: int = 10,
-                  final: str = "ensemble", sample: int = 64, measure: int = 3, limit: int | None = None,
-                  workers: int = 2, shared: bool = False, vertebrae: int = 7, seed: int = 0,
-                  studies: int | None = None) -> dict:
-    """The projected cost of ``train`` on ``data_dir`` (see the module docstring).
+@dataclass(frozen=True)
+class HeaderSample:
+    """What the headers of the sampled studies say (step 1 of :func:`plan_training`)."""
 
-    Returns
-    -------
-    dict
-        ``studies``, ``studies_read``, ``crops`` (total, per study), ``cache_bytes`` (raw, projected, per
-        study), ``compression`` (measured ratio), ``cache_build_seconds``, ``input_crops_per_s``,
-        ``epoch`` (crops per model per epoch, seconds per GPU, whether input-bound), ``run`` (models, GPU hours
-        per GPU), ``assumptions``.
-    """
-    from cspine_submit.train import data as td
-    from cspine_submit.read.reader import iter_studies
+    labels: dict            # train.csv, {uid: {label: 0/1}}
+    uids: list              # train.csv's studies (after ``limit``)
+    chosen: list            # the sampled studies
+    read: dict              # {uid: _header_plan(...)} of those that planned
+    failed: list            # [{"uid", "error"}] of those that did not
 
-    data_dir, ranges_path = Path(data_dir), Path(ranges_path)
+
+def read_header_sample(data_dir: Path, ranges_path: Path, config: ModelConfig, *, sample: int, limit: int | None,
+                       workers: int, seed: int) -> HeaderSample:
+    """Step 1: plan the crops of up to ``sample`` studies of train.csv from their headers (no pixels)."""
     labels = td.read_train_labels(data_dir)
     uids = sorted(labels)[:limit] if limit else sorted(labels)
     if not uids:
@@ -111,66 +108,113 @@ def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5,
     if not read:
         raise ValueError(f"{images}: none of the {len(chosen)} studies read could be planned "
                          f"(first error: {failed[0]['error'] if failed else 'none'})")
-    crops_per_study = float(np.mean([sum(d["crops"] for d in r["vertebrae"].values()) for r in read.values()]))
-    raw_per_study = float(np.mean([r["raw_bytes"] for r in read.values()]))
-    ok_share = len(read) / len(chosen)
-    n_total = int(studies) if studies else len(uids)  # e.g. the full training set, from a downloaded subset
-    n_ok = n_total * ok_share
+    return HeaderSample(labels, uids, chosen, read, failed)
 
-    # Cache a few studies for real: compression ratio, build time, and crops for the input pipeline.
+
+def measure_cache(data_dir: Path, ranges_path: Path, config: ModelConfig, headers: HeaderSample, *, measure: int,
+                  workers: int) -> dict:
+    """Step 2: cache ``measure`` studies for real: compression ratio, build seconds, input crops per second."""
     with tempfile.TemporaryDirectory(prefix="cspine_plan_") as tmp:
-        measured = sorted(read)[:measure]
+        measured = sorted(headers.read)[:measure]
         t0 = time.perf_counter()
         metas, _ = td.build_cache(data_dir, measured, tmp, ranges_path, config, workers=0, progress=False)
         build_s = (time.perf_counter() - t0) / max(len(metas), 1)
-        raw_measured = sum(read[u]["raw_bytes"] for u in metas)
+        raw_measured = sum(headers.read[u]["raw_bytes"] for u in metas)
         ratio = td.cache_bytes(metas) / raw_measured if raw_measured else 1.0
-        parts = [td.collect_samples(metas, metas, v, tmp, labels, {}, "study") for v in
+        parts = [td.collect_samples(metas, metas, v, tmp, headers.labels, {}, "study") for v in
                  sorted({v for m in metas.values() for v in m["vertebrae"]})]
         crops_s = measure_input_pipeline(td.Samples.concat(parts), config, workers=workers) if metas else float("nan")
+    return {"ratio": ratio, "studies_measured": len(metas), "build_seconds_per_study": build_s,
+            "input_crops_per_s": crops_s}
 
-    per_vertebra = crops_per_study / 7.0
-    units = 1 if shared else vertebrae
+
+def project_epoch(n_ok: float, crops_per_study: float, config: ModelConfig, crops_s: float, *, folds: int,
+                  shared: bool) -> tuple[dict, float]:
+    """Step 3: ``(epoch dict, training share)``: crops per model per epoch, and the seconds of input and of each GPU
+    (an epoch takes the longer of the two)."""
     train_share = (folds - 1) / folds if folds >= 2 else 2.0 / 3.0
+    per_vertebra = crops_per_study / 7.0
     crops_epoch = n_ok * train_share * per_vertebra * (7.0 if shared else 1.0)
     gpu = gpu_epoch_seconds(crops_epoch, config.input_size, config.head)
     epoch = {"crops_per_model": round(crops_epoch), "cpu_input_seconds": crops_epoch / crops_s}
     for g, sec in gpu.items():
         epoch[f"{g}_seconds"] = None if sec is None else max(sec, epoch["cpu_input_seconds"])
         epoch[f"{g}_input_bound"] = None if sec is None else bool(epoch["cpu_input_seconds"] > sec)
+    return epoch, train_share
+
+
+def project_run(epoch: dict, *, folds: int, epochs: int, final: str, units: int) -> dict:
+    """Step 4: models to train and GPU hours for the whole run."""
     models = folds * units + (units if final == "refit" and folds >= 2 else 0)
     run = {"models": models, "epochs": epochs}
     for g in GPU_TRAIN_224:
         sec = epoch[f"{g}_seconds"]
         # + one prediction pass over the held-out fold per model (a third of a training step's cost per crop)
         run[f"{g}_hours"] = None if sec is None else models * epochs * sec / 3600.0 * (1 + 1 / (3 * epochs))
+    return run
+
+
+def _assumptions(config: ModelConfig, train_share: float) -> dict:
+    return {
+        "gpu": {g: dict(d, img_s_at_input=d["img_s"] * (224.0 / config.input_size) ** 2)
+                for g, d in GPU_TRAIN_224.items()},
+        "notes": [
+            "cache bytes: crops per study and stored square sides from the headers of studies_read studies, "
+            "compression ratio measured by caching a few of them; extrapolated to every study",
+            "GPU rates scale the 224-px ResNet-50 figure by pixel count; the seed head (Flatten + Dense) "
+            "costs a few % more",
+            "input_crops_per_s is measured on THIS machine with the given workers (read, decompress, enlarge, "
+            "window; the augmentation runs on the GPU); an epoch takes the longer of GPU and input time",
+            f"crops per model per epoch: the training folds' share ({train_share:.2f}) of every study's crops "
+            "of one vertebra (7 vertebrae with --shared); a fracture's box-less crops are not left out here",
+        ],
+    }
+
+
+def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5, epochs: int = 10,
+                  final: str = "ensemble", sample: int = 64, measure: int = 3, limit: int | None = None,
+                  workers: int = 2, shared: bool = False, vertebrae: int = 7, seed: int = 0,
+                  studies: int | None = None) -> dict:
+    """The projected cost of ``train`` on ``data_dir`` (see the module docstring).
+
+    Steps: :func:`read_header_sample`, :func:`measure_cache`, :func:`project_epoch`, :func:`project_run`.
+
+    Returns
+    -------
+    dict
+        ``studies``, ``studies_read``, ``crops`` (total, per study), ``cache_bytes`` (raw, projected, per
+        study), ``compression`` (measured ratio), ``cache_build_seconds``, ``input_crops_per_s``,
+        ``epoch`` (crops per model per epoch, seconds per GPU, whether input-bound), ``run`` (models, GPU hours
+        per GPU), ``assumptions``.
+    """
+    data_dir, ranges_path = Path(data_dir), Path(ranges_path)
+    headers = read_header_sample(data_dir, ranges_path, config, sample=sample, limit=limit, workers=workers,
+                                 seed=seed)
+    read = headers.read
+    crops_per_study = float(np.mean([sum(d["crops"] for d in r["vertebrae"].values()) for r in read.values()]))
+    raw_per_study = float(np.mean([r["raw_bytes"] for r in read.values()]))
+    n_total = int(studies) if studies else len(headers.uids)  # e.g. the full training set, from a downloaded subset
+    n_ok = n_total * len(read) / len(headers.chosen)
+    cache = measure_cache(data_dir, ranges_path, config, headers, measure=measure, workers=workers)
+    ratio, build_s = cache["ratio"], cache["build_seconds_per_study"]
+    epoch, train_share = project_epoch(n_ok, crops_per_study, config, cache["input_crops_per_s"], folds=folds,
+                                       shared=shared)
+    run = project_run(epoch, folds=folds, epochs=epochs, final=final, units=1 if shared else vertebrae)
     return {
         "data": str(data_dir), "config": {"head": config.head, "input_shape": list(config.input_shape),
                                           "channels": config.channels, "slices_per_vertebra": config.slices_per_vertebra},
-        "studies": n_total, "studies_in_train_csv": len(uids), "studies_read": len(read), "studies_failed": failed,
+        "studies": n_total, "studies_in_train_csv": len(headers.uids), "studies_read": len(read),
+        "studies_failed": headers.failed,
         "slices_per_study": float(np.mean([r["n_slices"] for r in read.values()])),
         "crops": {"total": round(crops_per_study * n_ok), "per_study": crops_per_study},
         "cache_bytes": {"raw_int16": round(raw_per_study * n_ok), "projected": round(raw_per_study * ratio * n_ok),
                         "per_study": raw_per_study * ratio},
-        "compression": {"ratio": ratio, "studies_measured": len(metas)},
+        "compression": {"ratio": ratio, "studies_measured": cache["studies_measured"]},
         "cache_build_seconds": {"per_study_one_core": build_s, "total": build_s * n_ok / max(workers, 1)},
-        "input_crops_per_s": crops_s,
+        "input_crops_per_s": cache["input_crops_per_s"],
         "epoch": epoch,
         "run": run,
-        "assumptions": {
-            "gpu": {g: dict(d, img_s_at_input=d["img_s"] * (224.0 / config.input_size) ** 2)
-                    for g, d in GPU_TRAIN_224.items()},
-            "notes": [
-                "cache bytes: crops per study and stored square sides from the headers of studies_read studies, "
-                "compression ratio measured by caching a few of them; extrapolated to every study",
-                "GPU rates scale the 224-px ResNet-50 figure by pixel count; the seed head (Flatten + Dense) "
-                "costs a few % more",
-                "input_crops_per_s is measured on THIS machine with the given workers (read, decompress, enlarge, "
-                "window; the augmentation runs on the GPU); an epoch takes the longer of GPU and input time",
-                f"crops per model per epoch: the training folds' share ({train_share:.2f}) of every study's crops "
-                "of one vertebra (7 vertebrae with --shared); a fracture's box-less crops are not left out here",
-            ],
-        },
+        "assumptions": _assumptions(config, train_share),
     }
 
 

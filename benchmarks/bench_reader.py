@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from cspine_submit.read.dicom import available_plugins, compress_jpeg_lossless, read_slices, scan_study
+from cspine_submit.datasets.jpeg_lossless import compress_jpeg_lossless
+from cspine_submit.read.dicom import available_plugins, read_slices, scan_study
 from cspine_submit.read.reader import iter_studies
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "dicom"

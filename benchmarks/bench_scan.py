@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from cspine_submit.read import dicom_header
-from cspine_submit.read.dicom import read_slice_header, scan_study
+from cspine_submit.read.dicom import scan_study
+from cspine_submit.read.slice_header import read_slice_header
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = tuple(dicom_header.WANTED)

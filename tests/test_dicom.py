@@ -21,7 +21,6 @@ from cspine_submit.read.dicom import (
     DicomReadError,
     StudyHeader,
     available_plugins,
-    compress_jpeg_lossless,
     decode_slice,
     decoder_table,
     missing_decoders,
@@ -31,6 +30,8 @@ from cspine_submit.read.dicom import (
     scan_study,
     to_hu,
 )
+
+from cspine_submit.datasets.jpeg_lossless import compress_jpeg_lossless
 
 from _pipeline_helpers import write_ct_slice
 

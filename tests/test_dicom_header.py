@@ -20,10 +20,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from cspine_submit.read import dicom
-
-from cspine_submit.read import dicom_header
-from cspine_submit.read.dicom import DicomReadError, read_slice_header, scan_study
+from cspine_submit.read import dicom_header, slice_header
+from cspine_submit.read.dicom import scan_study
+from cspine_submit.read.slice_header import DicomReadError, read_slice_header
 
 DATA = Path(__file__).parent / "data"
 
@@ -308,8 +307,8 @@ def test_switch_forces_pydicom(tmp_path, monkeypatch):
 def test_whole_study_scan_is_identical(real_neck_dataset, monkeypatch):
     root, records = real_neck_dataset
     pydicom_reads = []
-    real_read = dicom._read_slice_header_pydicom
-    monkeypatch.setattr(dicom, "_read_slice_header_pydicom", lambda path: pydicom_reads.append(path) or
+    real_read = slice_header._read_slice_header_pydicom
+    monkeypatch.setattr(slice_header, "_read_slice_header_pydicom", lambda path: pydicom_reads.append(path) or
                         real_read(path))
     for rec in records[:3]:
         folder = root / "images" / rec["uid"]
@@ -334,4 +333,4 @@ def test_pydicom_reads_the_sequence_files_as_the_walk_assumes(tmp_path):
     ds = pydicom.dcmread(path)
     assert [i.CodeValue for i in ds.ProcedureCodeSequence] == ["A", "D"]
     assert [i.CodeValue for i in ds.ProcedureCodeSequence[0].PurposeOfReferenceCodeSequence] == ["B", "C"]
-    assert dicom._header_value(ds, "Rows") == 4
+    assert slice_header._header_value(ds, "Rows") == 4

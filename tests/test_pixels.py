@@ -13,9 +13,8 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from cspine_submit.read import dicom
-
-from cspine_submit.read import pixels
+from cspine_submit.datasets.jpeg_lossless import compress_jpeg_lossless
+from cspine_submit.read import dicom, pixels
 
 from _pipeline_helpers import write_ct_slice
 
@@ -160,7 +159,7 @@ def test_competition_forms_signed_and_unsigned_every_decoder(tmp_path, bits_stor
         info = dicom.read_slice_header(native)
         assert pixels.direct_route(info.transfer_syntax, info.pixels) == "native"
         np.testing.assert_array_equal(dicom.decode_slice(native), expected)
-    jpeg = dicom.compress_jpeg_lossless(native, tmp_path / "jpeg.dcm")
+    jpeg = compress_jpeg_lossless(native, tmp_path / "jpeg.dcm")
     info = dicom.read_slice_header(jpeg)
     assert info.transfer_syntax == JPEG_SV1
     decoders = pixels.available_jpeg_decoders()
@@ -201,7 +200,7 @@ def test_first_study_check_accepts_the_direct_route_alone(monkeypatch, tmp_path)
     study.mkdir()
     stored = np.random.default_rng(0).integers(-1000, 2000, (32, 32))
     native = _write(tmp_path, stored, 16, True, ExplicitVRLittleEndian)
-    dicom.compress_jpeg_lossless(native, study / "1.dcm")
+    compress_jpeg_lossless(native, study / "1.dcm")
     monkeypatch.setattr(dicom, "available_plugins", lambda ts: ())
     check = preflight.check_study_syntaxes(study)
     assert check.ok and "(direct)" in check.notes[0], check.notes

@@ -1,36 +1,55 @@
-"""DICOM study headers, slice ordering, decoding through pydicom's pixel plugins, HU conversion.
+"""A study's headers and its planned slices decoded to HU: the read stage's main module.
 
 Axis convention everywhere: ``volume : (z, y, x) ndarray``, z from head to feet, y rows (anterior to
 posterior for a standard axial CT), x columns.
 
-- :func:`scan_study` reads headers only (``stop_before_pixels`` with a short tag list), checks every
-  file's Pixel Data is complete (declared length vs file size, or the fragment items of encapsulated data),
-  and orders slices by ImagePositionPatient projected on the slice normal. Bad, truncated, stray,
-  duplicate or other-series/other-size files are listed in ``header.skipped``; the study fails only when
-  nothing readable is left.
-- :func:`read_slices` decodes just the requested slices with :func:`pydicom.pixels.pixel_array` (no
-  decoder of our own), preferring the measured-faster plugin (GDCM for .4.70), then applies
-  RescaleSlope/Intercept. A slice that decodes to another size than the study is rejected with
-  :class:`DicomReadError`, never resized: resizing would silently change the pixel spacing.
+- :func:`scan_study` reads headers only (:func:`~cspine_submit.read.slice_header.read_slice_header`: the scanned
+  tags, and a check that every file's Pixel Data is complete), and orders slices by ImagePositionPatient projected
+  on the slice normal (:func:`~cspine_submit.read.slice_order.order_slices`). Bad, truncated, stray, duplicate or
+  other-series/other-size files are listed in ``header.skipped``; the study fails only when nothing readable is left.
+- :func:`read_slices` / :func:`decode_into` decode just the requested slices: straight from where the scan found
+  their Pixel Data when a checked direct route applies (:mod:`cspine_submit.read.pixels`), else with
+  :func:`pydicom.pixels.pixel_array` (no decoder of our own), preferring the measured-faster plugin
+  (:mod:`cspine_submit.read.plugins`), then apply RescaleSlope/Intercept (:func:`to_hu`). A slice that decodes to
+  another size than the study is rejected with :class:`DicomReadError`, never resized: resizing would silently
+  change the pixel spacing.
+
+The names of the split-off modules (plugin tables, slice headers, slice order) are re-exported here, so that
+``cspine_submit.read.dicom`` keeps serving the code written against it. pydicom is imported inside the functions
+that need it (0.2-0.4 s that the CLI's argument checks should not pay).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-import re
-import struct
 import warnings as _warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
-from cspine_submit.read import dicom_header
 from cspine_submit.read.pixels import NotDirect, PixelSpec, read_stored
+from cspine_submit.read.plugins import (  # noqa: F401 - re-exported: the module's names before the split
+    COMPETITION_TRANSFER_SYNTAXES,
+    DEFLATED,
+    PLUGIN_PACKAGES,
+    PREFERRED_PLUGINS,
+    REQUIRED_TRANSFER_SYNTAXES,
+    available_plugins,
+    decoder_table,
+    install_hint,
+    missing_decoders,
+    uid_name,
+)
+from cspine_submit.read.slice_header import (  # noqa: F401 - re-exported
+    DicomReadError,
+    SliceInfo,
+    finite_float,
+    read_slice_header,
+)
+from cspine_submit.read.slice_order import SliceOrder, natural_key, order_slices  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -99,642 +118,6 @@ class StudyHeader:
     def shape(self) -> tuple[int, int, int]:
         """Volume shape (z, y, x)."""
         return (self.n_slices, self.rows, self.cols)
-
-
-class DicomReadError(ValueError):
-    """A study folder or a slice file cannot be read; the message starts with the offending path."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Transfer syntaxes and decoding plugins
-# ----------------------------------------------------------------------------------------------------------------
-
-COMPETITION_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1: the competition's compressed slices
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-)
-"""Transfer syntaxes the reader is expected to meet, listed by ``cspine-submit env``."""
-
-PREFERRED_PLUGINS: dict[str, tuple[str, ...]] = {
-    # Measured on one core (benchmarks/bench_reader.py, 512x512 CT slices): GDCM decodes .4.70 in about
-    # 8 ms a slice, pylibjpeg in about 11.5 ms, so GDCM goes first when both are installed.
-    "1.2.840.10008.1.2.4.70": ("gdcm", "pylibjpeg"),
-    "1.2.840.10008.1.2.4.57": ("gdcm", "pylibjpeg"),
-}
-"""Plugin preference per transfer syntax; syntaxes not listed use pydicom's own order."""
-
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-
-# What each pydicom decoding plugin needs, by pip package name (for messages about missing plugins).
-PLUGIN_PACKAGES: dict[str, str] = {
-    "gdcm": "python-gdcm",
-    "pylibjpeg": "pylibjpeg + pylibjpeg-libjpeg (JPEG, JPEG-LS), pylibjpeg-openjpeg (JPEG 2000), pylibjpeg-rle (RLE)",
-    "pillow": "pillow",
-    "pyjpegls": "pyjpegls",
-    "pydicom": "pydicom",
-}
-
-
-# pydicom names a plugin's dependencies by import name; pip wants the distribution name.
-_PIP_NAMES: dict[str, str] = {"gdcm": "python-gdcm"}
-
-
-def install_hint(missing: str) -> str:
-    """pydicom's ``"<plugin> - requires <dep> and <dep>"`` -> ``'pip install "<dist>" "<dist>"'`` (pip names, quoted).
-
-    pydicom spells GDCM's dependency ``gdcm>=3.0.10``, but ``pip install gdcm`` does not give GDCM: the package
-    is ``python-gdcm``. A text without ``requires`` (a plugin unavailable for another reason) is returned as is.
-    """
-    _, sep, deps = missing.partition(" - requires ")
-    if not sep:
-        return missing.partition(" - ")[2] or missing
-    parts = [d.strip() for d in re.split(r",\s*|\s+and\s+", deps) if d.strip()]
-    out = []
-    for dep in parts:
-        name = re.match(r"[A-Za-z0-9_.\-]+", dep).group(0)
-        out.append(_PIP_NAMES.get(name.lower(), name) + dep[len(name):])
-    return "pip install " + " ".join(f'"{d}"' if re.search(r"[<>=!~ ]", d) else d for d in out)
-
-
-def _uid_name(uid: str) -> str:
-    from pydicom.uid import UID
-
-    name = UID(uid).name
-    return name if name != uid else "unknown transfer syntax"
-
-
-def available_plugins(tsyntax: str) -> tuple[str, ...]:
-    """Decoding plugins that can decode ``tsyntax`` here, in the order :func:`read_slices` tries them.
-
-    Native (uncompressed) syntaxes need no plugin and return ``("native",)``; syntaxes pydicom cannot decode
-    at all return ``()``.
-    """
-    from pydicom.pixels import get_decoder
-
-    try:
-        decoder = get_decoder(tsyntax)
-    except NotImplementedError:
-        return ()
-    if decoder.is_native:
-        return ("native",)
-    have = tuple(decoder.available_plugins)
-    first = tuple(p for p in PREFERRED_PLUGINS.get(str(tsyntax), ()) if p in have)
-    return first + tuple(p for p in have if p not in first)
-
-
-def decoder_table(tsyntaxes: Iterable[str] = COMPETITION_TRANSFER_SYNTAXES) -> list[dict]:
-    """Which pydicom decoding plugins serve each transfer syntax in this environment.
-
-    Returns
-    -------
-    list of dict
-        One per syntax: ``uid``, ``name``, ``direct`` (the route tried before pydicom's plugins, see
-        :mod:`cspine_submit.read.pixels`: ``["numpy"]`` for uncompressed little-endian data, the direct JPEG decoders in
-        the order tried for JPEG Lossless, else empty), ``available`` (pydicom plugin names, in the order the reader
-        tries them; ``["native"]`` for uncompressed data), ``missing`` (``{plugin: what to install}``) and ``ok``.
-    """
-    from pydicom.pixels import get_decoder
-
-    from cspine_submit.read import pixels
-
-    rows = []
-    for uid in tsyntaxes:
-        direct = (["numpy"] if str(uid) in pixels.NATIVE_SYNTAXES else list(pixels.available_jpeg_decoders())
-                  if str(uid) in pixels.JPEG_LOSSLESS_SYNTAXES else [])
-        row = {"uid": str(uid), "name": _uid_name(uid), "direct": direct, "available": [], "missing": {}, "ok": False}
-        try:
-            decoder = get_decoder(uid)
-        except NotImplementedError:
-            row["missing"] = {"(none)": "pydicom has no decoder for this transfer syntax"}
-            rows.append(row)
-            continue
-        row["available"] = list(available_plugins(uid))
-        if not decoder.is_native:
-            for text in decoder.missing_dependencies:
-                plugin = text.partition(" - ")[0]
-                row["missing"][plugin] = install_hint(text).strip() or PLUGIN_PACKAGES.get(plugin, plugin)
-        row["ok"] = bool(row["available"])
-        rows.append(row)
-    return rows
-
-
-REQUIRED_TRANSFER_SYNTAXES: tuple[str, ...] = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.70")
-"""Without a decoder for these the competition's studies cannot be read (uncompressed and JPEG Lossless SV1)."""
-
-
-def missing_decoders(
-    required: Iterable[str] = REQUIRED_TRANSFER_SYNTAXES, table: list[dict] | None = None
-) -> list[str]:
-    """What to install so that every ``required`` syntax can be decoded: ``["<plugin>: <pip install ...>", ...]``.
-
-    Empty when all can be decoded. For a syntax with no plugin, any one of its listed packages suffices.
-    Meant for a start-up check that fails with one message listing every missing package.
-    """
-    required = set(required)
-    rows = decoder_table(sorted(required)) if table is None else table
-    return list(dict.fromkeys(
-        f"{plugin}: {need}" for row in rows if row["uid"] in required and not row["ok"]
-        for plugin, need in row["missing"].items()
-    ))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Header scan
-# ----------------------------------------------------------------------------------------------------------------
-
-# The scanned tags (keywords) for pydicom's ``specific_tags``: the same ones the fast scan reads.
-_HEADER_TAGS = list(dicom_header.WANTED)
-
-_EXPLICIT_LONG_VRS = {b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN"}
-
-
-def _header_value(ds, keyword: str, default=None):
-    """``ds.get(keyword, default)`` for the scanned tags, read from pydicom's raw element bytes when it can.
-
-    pydicom converts a value on first access through its full machinery (hooks, VR lookup, charset, validation),
-    which took half of the header scan's time; these tags need only bytes -> text, or two bytes -> int. Returns
-    text (``"a\\b"`` split into a list for several values) for strings and numbers-as-text (DS, IS, UI, CS), an
-    int for US; anything unusual (another VR in the file, an odd length, a converted element) goes to pydicom.
-    """
-    from pydicom.dataelem import RawDataElement
-
-    tag, vr = dicom_header.WANTED[keyword]
-    elem = ds.get_item(tag)
-    if elem is None:
-        return default
-    if not isinstance(elem, RawDataElement) or elem.VR not in (None, vr) or elem.value is None:
-        return ds.get(keyword, default)
-    raw = elem.value
-    if not raw:
-        return default if vr == "US" else ""
-    if vr == "US":
-        if len(raw) != 2:
-            return ds.get(keyword, default)
-        return struct.unpack("<H" if elem.is_little_endian else ">H", raw)[0]
-    return dicom_header.decode_raw(raw, vr)  # the fast scan's decoding, so that both routes agree
-
-
-@dataclass(frozen=True)
-class SliceInfo:
-    """The header of one slice file, as far as ordering and grouping need it.
-
-    Attributes
-    ----------
-    path : Path
-    study_uid, series_uid : str
-        "" when absent.
-    position : (3,) ndarray or None
-        ImagePositionPatient, mm (patient LPS).
-    orientation : (6,) ndarray or None
-        ImageOrientationPatient.
-    instance_number : int or None
-    rows, cols : int
-    pixel_spacing : (dy, dx) tuple of float or None
-        mm, from PixelSpacing (row spacing, column spacing).
-    transfer_syntax : str
-    slice_thickness, spacing_between : float or None
-        mm, as stated (informative, or the last resort for dz when positions are missing).
-    pixels : PixelSpec or None
-        Where the Pixel Data lies and how its values read, for decoding without a second header parse (None when
-        the header lacks what that needs: such a file is decoded through pydicom).
-    """
-
-    path: Path
-    study_uid: str
-    series_uid: str
-    position: np.ndarray | None
-    orientation: np.ndarray | None
-    instance_number: int | None
-    rows: int
-    cols: int
-    pixel_spacing: tuple[float, float] | None
-    transfer_syntax: str
-    slice_thickness: float | None = None
-    spacing_between: float | None = None
-    pixels: PixelSpec | None = None
-
-
-def _floats(value, n: int) -> np.ndarray | None:
-    """``n`` finite floats from a multi-valued header value, else None (checked on Python floats: numpy's checks
-    cost more than the rest of a header's fast scan)."""
-    try:
-        values = [float(v) for v in value]
-    except (TypeError, ValueError):
-        return None
-    if len(values) != n or not all(map(math.isfinite, values)):
-        return None
-    return np.array(values, dtype=np.float64)
-
-
-def _float_or_none(value) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
-def _locate_pixel_data(fp, file_size: int) -> tuple[str | None, tuple[tuple[int, int], ...], bool]:
-    """Check the Pixel Data element at the current position of ``fp`` and say where its bytes lie.
-
-    A header-only read stops in front of Pixel Data and so cannot notice a file cut off inside it: compare
-    the element's declared length with the file size (native data), or walk the fragment items up to the
-    sequence delimiter (encapsulated data). Only the item headers are read, never the pixel bytes. What the walk
-    finds is kept, so that decoding can go straight to the bytes (:class:`cspine_submit.read.pixels.PixelSpec`).
-
-    Returns
-    -------
-    problem : str or None
-        Why the element is incomplete, or None when it is whole.
-    ranges : tuple of (offset, length)
-        The value's byte range (native data), or the fragments after the Basic Offset Table (encapsulated data);
-        empty when there is a problem.
-    encapsulated : bool
-    """
-    start = fp.tell()
-    head = fp.read(12)
-    if len(head) < 8:
-        return "truncated or no pixel data: the file ends before a Pixel Data element", (), False
-    little = head[:4] in (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
-    endian = "<" if little else ">"
-    if head[4:6] in _EXPLICIT_LONG_VRS and head[6:8] == b"\x00\x00":
-        if len(head) < 12:
-            return "truncated in the Pixel Data element header", (), False
-        (length,) = struct.unpack(endian + "I", head[8:12])
-        value_start = start + 12
-    else:
-        (length,) = struct.unpack(endian + "I", head[4:8])
-        value_start = start + 8
-    if length != 0xFFFFFFFF:
-        if value_start + length > file_size:
-            return (
-                f"truncated: Pixel Data declares {length} bytes but the file holds only "
-                f"{max(file_size - value_start, 0)}"
-            ), (), False
-        # Only the standard Pixel Data tag in little endian is located: float data and big endian go to pydicom.
-        located = ((value_start, length),) if head[:4] == b"\xe0\x7f\x10\x00" else ()
-        return None, located, False
-    # Encapsulated: items (FFFE,E000) each with a length, ended by the sequence delimiter (FFFE,E0DD).
-    pos = value_start
-    fp.seek(pos)
-    items: list[tuple[int, int]] = []
-    while True:
-        item = fp.read(8)
-        if len(item) < 8:
-            return "truncated: the encapsulated Pixel Data ends before its sequence delimiter", (), True
-        group, elem, length = struct.unpack("<HHI", item)
-        if (group, elem) == (0xFFFE, 0xE0DD):
-            # The first item is the Basic Offset Table; one frame per file, so every other item is its fragment.
-            return None, tuple(items[1:]), True
-        if (group, elem) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
-            return f"corrupt encapsulated Pixel Data at byte {pos} (tag ({group:04X},{elem:04X}))", (), True
-        items.append((pos + 8, length))
-        pos += 8 + length
-        if pos > file_size:
-            return "truncated: an encapsulated Pixel Data fragment runs past the end of the file", (), True
-        fp.seek(pos)
-
-
-def read_slice_header(path: str | Path, fast: bool | None = None) -> SliceInfo:
-    """Read one slice file's header (never its pixel data) and check that the pixel data is complete.
-
-    Parameters
-    ----------
-    path : str or Path
-    fast : bool, optional
-        Try :func:`cspine_submit.read.dicom_header.scan_header` first (several times cheaper than pydicom's reader; files
-        it does not read with certainty go to pydicom, with the same result). False: pydicom only. None (default):
-        fast unless :data:`cspine_submit.read.dicom_header.DISABLE_ENV` is set.
-
-    Raises
-    ------
-    DicomReadError
-        Message ``"<path>: <reason>"`` when the file is not DICOM, unreadable, has no pixel data, is
-        truncated, is multi-frame or not grayscale.
-    """
-    path = path if isinstance(path, Path) else Path(path)
-    if fast or (fast is None and dicom_header.fast_enabled()):
-        info = _read_slice_header_fast(path)
-        if info is not None:
-            return info
-    return _read_slice_header_pydicom(path)
-
-
-def _read_slice_header_fast(path: Path) -> SliceInfo | None:
-    """:func:`read_slice_header` through :func:`cspine_submit.read.dicom_header.scan_header`; None when the file needs
-    pydicom's reader (anything unusual, including a read error: pydicom's route then words the error)."""
-    try:
-        with open(path, "rb") as fp:
-            file_size = os.fstat(fp.fileno()).st_size
-            scan = dicom_header.scan_header(fp, file_size)
-            # the same check of Pixel Data as pydicom's route, from the same place in the file
-            fp.seek(scan.pixel_tell)
-            problem, ranges, encapsulated = _locate_pixel_data(fp, file_size)
-    except Exception:  # noqa: BLE001 - NotFast, OSError or a surprise: pydicom's route decides
-        return None
-    if problem:
-        raise DicomReadError(f"{path}: {problem}")
-    return _slice_info(path, scan.transfer_syntax, ranges, encapsulated, scan.value)
-
-
-def _read_slice_header_pydicom(path: Path) -> SliceInfo:
-    """:func:`read_slice_header` through ``pydicom.dcmread`` (headers only, the scanned tags only)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        file_size = path.stat().st_size
-        with open(path, "rb") as fp, _warnings.catch_warnings():
-            # pydicom warns about every small standard deviation; the reasons that matter are raised below.
-            _warnings.simplefilter("ignore")
-            try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-            except InvalidDicomError:
-                # No 'DICM' preamble: some writers omit it. Accept the file only if a forced read finds an image.
-                fp.seek(0)
-                try:
-                    ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
-                except Exception:
-                    raise DicomReadError(f"{path}: not a DICOM file") from None
-                if ds.get_item(0x00280010) is None or ds.get_item(0x00280011) is None:
-                    raise DicomReadError(f"{path}: not a DICOM file") from None
-            tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
-            if not tsyntax:
-                implicit, little = ds.original_encoding
-                tsyntax = ("1.2.840.10008.1.2" if implicit
-                           else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
-            ranges, encapsulated = (), False
-            if tsyntax != _DEFLATED:
-                # (the deflated syntax compresses the whole dataset; zlib notices truncation when decoding)
-                problem, ranges, encapsulated = _locate_pixel_data(fp, file_size)
-                if problem:
-                    raise DicomReadError(f"{path}: {problem}")
-    except DicomReadError:
-        raise
-    except (OSError, EOFError) as exc:
-        raise DicomReadError(f"{path}: unreadable ({exc})") from exc
-    except Exception as exc:  # pydicom raises many kinds on corrupt headers
-        raise DicomReadError(f"{path}: corrupt DICOM header ({type(exc).__name__}: {exc})") from exc
-
-    def value(keyword, default=None):
-        return _header_value(ds, keyword, default)
-
-    return _slice_info(path, tsyntax, ranges, encapsulated, value)
-
-
-def _slice_info(path: Path, tsyntax: str, ranges: tuple[tuple[int, int], ...], encapsulated: bool,
-                value) -> SliceInfo:
-    """The checks and the :class:`SliceInfo` of :func:`read_slice_header`, from the scanned header's values
-    (``value(keyword, default)``) and what :func:`_locate_pixel_data` found, whichever route read them."""
-    try:
-        rows, cols = value("Rows"), value("Columns")
-        rows, cols = (None if v in (None, "") else int(v) for v in (rows, cols))
-    except (TypeError, ValueError):
-        rows = cols = None
-    if rows is None or cols is None:
-        raise DicomReadError(f"{path}: no image (Rows/Columns missing)")
-    samples = value("SamplesPerPixel", 1)
-    if _int_or(samples, 1) != 1:
-        raise DicomReadError(f"{path}: not a grayscale slice (SamplesPerPixel={samples})")
-    frames = _int_or(value("NumberOfFrames", 1), 1)
-    if frames != 1:
-        raise DicomReadError(f"{path}: multi-frame file ({frames} frames); expected one slice per file")
-    inst = value("InstanceNumber", None)
-    try:
-        inst = int(inst) if inst not in (None, "") else None
-    except (TypeError, ValueError):
-        inst = None
-    spacing = _floats(value("PixelSpacing", None) or (), 2)
-    return SliceInfo(
-        path=path,
-        study_uid=str(value("StudyInstanceUID", "") or ""),
-        series_uid=str(value("SeriesInstanceUID", "") or ""),
-        position=_floats(value("ImagePositionPatient", None) or (), 3),
-        orientation=_floats(value("ImageOrientationPatient", None) or (), 6),
-        instance_number=inst,
-        rows=rows,
-        cols=cols,
-        pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
-        transfer_syntax=tsyntax,
-        slice_thickness=_float_or_none(value("SliceThickness", None)),
-        spacing_between=_float_or_none(value("SpacingBetweenSlices", None)),
-        pixels=_pixel_spec(value, rows, cols, ranges, encapsulated),
-    )
-
-
-def _int_or(value, default: int) -> int:
-    """``int(value or default)``, for counts stated as text or numbers (SamplesPerPixel, NumberOfFrames)."""
-    try:
-        return int(value or default)
-    except (TypeError, ValueError):
-        try:
-            return int(float(value))
-        except (TypeError, ValueError):
-            return default
-
-
-def _pixel_spec(value, rows: int, cols: int, ranges: tuple[tuple[int, int], ...],
-                encapsulated: bool) -> PixelSpec | None:
-    """What :func:`cspine_submit.read.pixels.read_stored` needs, from the scanned header (``value(keyword, default)``);
-    None when it is incomplete (the slice is then decoded through pydicom)."""
-    if not ranges:
-        return None
-    try:
-        bits_allocated = int(value("BitsAllocated"))
-        bits_stored = int(value("BitsStored", None) or bits_allocated)
-        signed = int(value("PixelRepresentation")) == 1
-    except (TypeError, ValueError):
-        return None
-    slope = _float_or_none(value("RescaleSlope", None))
-    intercept = _float_or_none(value("RescaleIntercept", None))
-    return PixelSpec(
-        fragments=tuple(ranges), encapsulated=encapsulated, rows=rows, cols=cols,
-        bits_allocated=bits_allocated, bits_stored=bits_stored, signed=signed, samples=1,
-        photometric=str(value("PhotometricInterpretation", "") or ""),
-        slope=1.0 if slope is None else slope, intercept=0.0 if intercept is None else intercept,
-    )
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key for file names that orders embedded numbers by value (``2.dcm`` before ``10.dcm``)."""
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
-
-
-def _numeric_stem(path: Path) -> float | None:
-    try:
-        return float(path.name.split(".")[0]) if path.name.split(".")[0] else None
-    except ValueError:
-        return None
-
-
-@dataclass(frozen=True)
-class SliceOrder:
-    """Result of :func:`order_slices`: which slices to keep, in which order, and why others were dropped."""
-
-    kept: tuple[SliceInfo, ...]
-    z: np.ndarray
-    dz: float
-    orientation: np.ndarray
-    reversed: bool
-    skipped: tuple[tuple[str, str], ...]
-    warnings: tuple[str, ...]
-
-
-_AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
-
-
-def order_slices(infos: Sequence[SliceInfo]) -> SliceOrder:
-    """Choose the study's slices and order them head to feet, from headers alone.
-
-    The largest group of files sharing (SeriesInstanceUID, Rows, Columns) is the study; other files are
-    skipped. Slices are ordered by ImagePositionPatient projected on the slice normal (the cross product of
-    the ImageOrientationPatient cosines), so file names, InstanceNumber and reversed numbering do not
-    matter. Slices at the same position are duplicates: the first in file-name order is kept. Without
-    positions the order falls back to InstanceNumber, then to the numeric file name, with a warning.
-
-    Parameters
-    ----------
-    infos : sequence of SliceInfo
-        At least one.
-
-    Returns
-    -------
-    SliceOrder
-        ``z`` (n,) mm increasing toward the feet; ``dz`` the median z step (mm).
-    """
-    if not infos:
-        raise ValueError("order_slices needs at least one slice")
-    infos = sorted(infos, key=lambda s: natural_key(s.path.name))
-    skipped: list[tuple[str, str]] = []
-    warns: list[str] = []
-
-    groups = Counter((s.series_uid, s.rows, s.cols) for s in infos)
-    (series, rows, cols), _ = max(groups.items(), key=lambda kv: kv[1])  # ties: the first in name order
-    group = []
-    for s in infos:
-        if s.series_uid != series:
-            other, main = s.series_uid or "(empty)", series or "(empty)"
-            skipped.append((s.path.name, f"other series {other} (study series is {main})"))
-        elif (s.rows, s.cols) != (rows, cols):
-            skipped.append((s.path.name, f"slice size {s.rows}x{s.cols} differs from the study's {rows}x{cols}"))
-        else:
-            group.append(s)
-
-    rounded: dict[bytes, tuple] = {}  # np.round once per distinct orientation (a series has one)
-    orients = []
-    for s in group:
-        if s.orientation is not None:
-            key = s.orientation.tobytes()
-            if key not in rounded:
-                rounded[key] = tuple(np.round(s.orientation, 4))
-            orients.append(rounded[key])
-    if orients:
-        orientation = np.asarray(Counter(orients).most_common(1)[0][0], dtype=np.float64)
-    else:
-        orientation = _AXIAL.copy()
-        warns.append("no ImageOrientationPatient: assuming axial slices (1,0,0,0,1,0)")
-    normal = np.cross(orientation[:3], orientation[3:])
-    normal = normal / (np.linalg.norm(normal) or 1.0)
-    keep = []
-    alignment: dict[bytes, float] = {}  # per distinct orientation (a series has one): np.cross costs ~15 us a call
-    for s in group:
-        if s.orientation is not None:
-            key = s.orientation.tobytes()
-            cos = alignment.get(key)
-            if cos is None:
-                n = np.cross(s.orientation[:3], s.orientation[3:])
-                cos = alignment[key] = abs(float(n @ normal)) / (np.linalg.norm(n) or 1.0)
-            if cos < 0.9998:  # > ~1 degree off the series plane
-                skipped.append((s.path.name, "ImageOrientationPatient differs from the series (e.g. a localizer)"))
-                continue
-        keep.append(s)
-    group = keep
-    if abs(normal[2]) < 0.5:
-        warns.append(f"slice normal {np.round(normal, 3).tolist()} is not head-feet: not an axial series")
-    # Sign so that z grows toward the feet: patient +z (LPS) points to the head.
-    sign = -1.0 if normal[2] >= 0 else 1.0
-
-    with_pos = [s for s in group if s.position is not None]
-    stated = [s.spacing_between or s.slice_thickness for s in group]
-    thick = next((t for t in stated if t), None)
-    if len(with_pos) >= 3:
-        # Positions that do not separate the slices (a broken header copied to every file) would keep one slice
-        # of the study and drop the rest as "duplicates": order as if positions were missing instead.
-        z_pos = np.round(np.array([s.position @ normal for s in with_pos]), 3)
-        if 2 * len(np.unique(z_pos)) <= len(with_pos):
-            warns.append(f"ImagePositionPatient gives only {len(np.unique(z_pos))} distinct position(s) for "
-                         f"{len(with_pos)} slices: ignored")
-            with_pos = []
-            group = [dataclasses.replace(s, position=None) for s in group]
-    if with_pos:
-        for s in group:
-            if s.position is None:
-                skipped.append((s.path.name, "no ImagePositionPatient while the other slices have one"))
-        group = with_pos
-        z_all = sign * np.array([s.position @ normal for s in group])
-        method = "position"
-    else:
-        dz_guess = thick or 1.0
-        numbers = [s.instance_number for s in group]
-        if None not in numbers and len(set(numbers)) == len(numbers):
-            rank = np.array(numbers, dtype=np.float64)
-            warns.append("no ImagePositionPatient: ordered by InstanceNumber (assumed to grow head to feet), "
-                         f"dz {dz_guess} mm from SliceThickness/SpacingBetweenSlices")
-            method = "instance"
-        else:
-            stems = [_numeric_stem(s.path) for s in group]
-            if all(v is not None for v in stems) and len(set(stems)) == len(stems):
-                rank = np.array(stems, dtype=np.float64)
-                warns.append("no ImagePositionPatient or InstanceNumber: ordered by the numeric file name "
-                             f"(assumed to grow head to feet), dz {dz_guess} mm")
-            else:
-                rank = np.arange(len(group), dtype=np.float64)
-                warns.append("no ImagePositionPatient, InstanceNumber or numeric file names: kept file-name "
-                             f"order, dz {dz_guess} mm")
-            method = "name"
-        order = np.argsort(rank, kind="stable")
-        z_all = np.empty(len(group))
-        z_all[order] = np.arange(len(group)) * dz_guess
-        if thick is None:
-            warns.append("no slice spacing in the headers: dz = 1.0 mm assumed")
-
-    # Sort head to feet; ties (same position) are duplicates and keep the first file in name order.
-    order = np.argsort(z_all, kind="stable")
-    kept_idx: list[int] = []
-    for i in order:
-        if kept_idx and abs(z_all[i] - z_all[kept_idx[-1]]) < 1e-3:
-            skipped.append((group[i].path.name, f"duplicate position of {group[kept_idx[-1]].path.name}"))
-            continue
-        kept_idx.append(int(i))
-    kept = tuple(group[i] for i in kept_idx)
-    z = np.asarray(z_all[kept_idx], dtype=np.float64)
-
-    if len(z) > 1:
-        steps = np.diff(z)
-        dz = round(float(np.median(steps)), 6)  # positions are decimal strings: drop float noise
-        uneven = np.abs(steps - dz) > 0.1 * dz + 0.01
-        if uneven.any():
-            warns.append(f"uneven slice spacing: {int(uneven.sum())} step(s) differ from the median {dz:.3f} mm "
-                         f"(min {steps.min():.3f}, max {steps.max():.3f} mm)")
-    else:
-        dz = float(thick or 1.0)
-    # File-name order ran feet to head when z decreases along it (at least 90% of the steps, so that a
-    # shuffled or UID-named study is not called reversed). ``group`` is in file-name order.
-    z_by_name = z[np.argsort(kept_idx)]
-    is_reversed = bool(method != "name" and len(z) > 1 and np.mean(np.diff(z_by_name) < 0) >= 0.9)
-    return SliceOrder(kept=kept, z=z, dz=dz, orientation=orientation, reversed=is_reversed,
-                      skipped=tuple(skipped), warnings=tuple(warns))
 
 
 def scan_study(folder: str | Path) -> StudyHeader:
@@ -806,11 +189,6 @@ def scan_study(folder: str | Path) -> StudyHeader:
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Decoding
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def to_hu(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0, out: np.ndarray | None = None) -> np.ndarray:
     """Stored pixel values to Hounsfield units: ``stored * slope + intercept``, as float32.
 
@@ -838,7 +216,7 @@ def to_hu(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0, out: n
 
 def _unsupported_message(path: Path, tsyntax: str) -> str:
     return (
-        f"{path}: cannot decode transfer syntax {tsyntax} ({_uid_name(tsyntax)}): no pydicom decoder exists for it "
+        f"{path}: cannot decode transfer syntax {tsyntax} ({uid_name(tsyntax)}): no pydicom decoder exists for it "
         "(not gdcm, pylibjpeg, pillow or pyjpegls); convert the file first to an uncompressed or lossless syntax "
         "with a tool that reads it (e.g. dcmtk's `dcmdjpeg`)"
     )
@@ -896,10 +274,10 @@ def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | Non
                 missing = "; ".join(f"{t.partition(' - ')[0]}: {install_hint(t)}"
                                     for t in decoder.missing_dependencies) or "a decoding plugin"
                 raise DicomReadError(
-                    f"{path}: cannot decode transfer syntax {tsyntax} ({_uid_name(tsyntax)}): no decoding plugin is "
+                    f"{path}: cannot decode transfer syntax {tsyntax} ({uid_name(tsyntax)}): no decoding plugin is "
                     f"installed; install one of: {missing}"
                 )
-            if tsyntax == _DEFLATED:
+            if tsyntax == DEFLATED:
                 # pixel_array(path) reads the raw (still deflated) stream; a full dcmread inflates it.
                 ds = pydicom.dcmread(path)
                 arr = ds.pixel_array
@@ -921,12 +299,12 @@ def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | Non
         raise
     except Exception as exc:
         raise DicomReadError(
-            f"{path}: cannot decode pixel data ({tsyntax} {_uid_name(tsyntax or '')}): {type(exc).__name__}: {exc}"
+            f"{path}: cannot decode pixel data ({tsyntax} {uid_name(tsyntax or '')}): {type(exc).__name__}: {exc}"
         ) from exc
     if arr.ndim != 2:
         raise DicomReadError(f"{path}: decoded pixel data has shape {arr.shape}, expected one grayscale slice")
-    slope = _float_or_none(ds.get("RescaleSlope", None))
-    intercept = _float_or_none(ds.get("RescaleIntercept", None))
+    slope = finite_float(ds.get("RescaleSlope", None))
+    intercept = finite_float(ds.get("RescaleIntercept", None))
     return to_hu(arr, 1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
 
 
@@ -1095,35 +473,3 @@ def read_study(folder: str | Path, progress: bool = False) -> tuple[StudyHeader,
     """
     header = scan_study(folder)
     return header, read_slices(header, None, progress=progress)
-
-
-def compress_jpeg_lossless(src: str | Path, dst: str | Path) -> Path:
-    """Re-encode one DICOM file as JPEG Lossless Process 14 SV1 (.4.70), the competition's compressed syntax.
-
-    Only GDCM can write .4.70 among the Python DICOM libraries (pydicom's encoders cannot); used to build
-    test and benchmark studies that look like the competition's files.
-
-    Raises
-    ------
-    DicomReadError
-        GDCM cannot read ``src`` or write ``dst``; the message names the file.
-    """
-    import gdcm
-
-    src, dst = Path(src), Path(dst)
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(src))
-    if not reader.Read():
-        raise DicomReadError(f"{src}: GDCM cannot read this file")
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
-    change.SetInput(reader.GetImage())
-    if not change.Change():
-        raise DicomReadError(f"{src}: GDCM cannot re-encode this file as JPEG Lossless SV1")
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(dst))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    if not writer.Write():
-        raise DicomReadError(f"{dst}: GDCM cannot write this file")
-    return dst

@@ -1,6 +1,6 @@
 """A slice file's header read without pydicom: the few values the header scan needs, and where Pixel Data starts.
 
-:func:`cspine_submit.read.dicom.read_slice_header` runs for every file of a study (150 to 1000 of them), and
+:func:`cspine_submit.read.slice_header.read_slice_header` runs for every file of a study (150 to 1000 of them), and
 ``pydicom.dcmread(..., stop_before_pixels=True, specific_tags=...)`` costs about 0.35-0.6 ms a file, several times what
 walking the header's elements in a tight loop costs. :func:`scan_header` does that walk for the files the competition
 has (a 128-byte preamble and ``DICM``, a File Meta group in Explicit VR Little Endian, then a dataset in Implicit or
@@ -90,7 +90,7 @@ class HeaderScan:
     raw: dict
 
     def value(self, keyword: str, default=None):
-        """The value :func:`cspine_submit.read.dicom._header_value` gives for ``keyword`` from pydicom's dataset.
+        """The value :func:`cspine_submit.read.slice_header._header_value` gives for ``keyword`` from pydicom's dataset.
 
         ``default`` when the tag is absent; None (DS, IS, US) or "" (UI, CS) for an empty value, as pydicom converts
         one; else :func:`decode_raw`.

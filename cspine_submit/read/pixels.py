@@ -1,9 +1,9 @@
 """A scanned slice's stored pixels, read straight from where the header scan found them (no second header parse).
 
-The header scan (:func:`cspine_submit.read.dicom.read_slice_header`) already walks to the Pixel Data element to check that
-it is complete; it records what it saw as a :class:`PixelSpec`: the byte ranges of the value (uncompressed data) or
-of the frame's fragments (encapsulated data), and the few attributes that say how stored values read. From that,
-:func:`read_stored` decodes the competition's two storage forms without pydicom:
+The header scan (:func:`cspine_submit.read.slice_header.read_slice_header`) already walks to the Pixel Data element to
+check that it is complete; it records what it saw as a :class:`PixelSpec`: the byte ranges of the value (uncompressed
+data) or of the frame's fragments (encapsulated data), and the few attributes that say how stored values read. From
+that, :func:`read_stored` decodes the competition's two storage forms without pydicom:
 
 - uncompressed little-endian data (Implicit / Explicit VR Little Endian): the bytes at the recorded offset, viewed
   with numpy (about 10x cheaper than ``pydicom.pixels.pixel_array``, which parses the header again);

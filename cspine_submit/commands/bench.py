@@ -98,13 +98,16 @@ def _table(results: dict) -> str:
 
 
 def run(args) -> int:
-    from cspine_submit.tools.bench import run_benchmark
+    from cspine_submit.tools.bench import BenchOptions, run_benchmark
 
     heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
-    results = run_benchmark(
+    options = BenchOptions(
         n_studies=args.studies, size=args.size, slices=args.slices, input_size=args.input_size, heads=heads,
         work_dir=args.work_dir, naive=not args.no_naive, studies_dir=args.studies_dir, weights=args.weights,
         workers=args.workers, n_few=args.few, repeat=args.repeat,
+    )
+    results = run_benchmark(
+        options,
         progress=None if args.json else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)),
     )
     print(json.dumps(results, indent=2) if args.json else _table(results))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cspine_submit.files import default_weights_dir
+
 NAME = "preview"
 HELP = "PNG of a study's planned vertebra ranges and crop boxes (sagittal + coronal)"
 ORDER = 32
@@ -28,10 +30,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
-def _weights_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "weights"
-
-
 def run(args) -> int:
     import cv2
 
@@ -43,13 +41,13 @@ def run(args) -> int:
     if args.out.exists() and not args.force:
         print(f"error: {args.out} exists; use --force to overwrite")
         return 2
-    ranges_path = args.ranges or _weights_dir() / "slice_ranges.json"
-    config_path = args.config or _weights_dir() / "model_config.json"
+    ranges_path = args.ranges or default_weights_dir() / "slice_ranges.json"
+    config_path = args.config or default_weights_dir() / "model_config.json"
     try:
         ranges = load_ranges(ranges_path)
         config = ModelConfig.from_json(config_path) if config_path.is_file() or args.config else ModelConfig()
-        image, geo, plans, info = preview_study(args.study, ranges, config, args.mask, args.layout,
-                                                args.max_slices)
+        image, geo, plans, info = preview_study(args.study, ranges, config, mask_path=args.mask,
+                                                layout=args.layout, max_slices=args.max_slices)
     except (FileNotFoundError, ValueError, DicomReadError) as exc:
         print(f"error: {exc}")
         return 2

@@ -26,6 +26,7 @@ import resource
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -236,7 +237,7 @@ def _spread(values: list[float]) -> dict:
             "max": round(float(np.max(values)), 4), "runs": [round(float(v), 4) for v in values]}
 
 
-def run_vs_naive_decode(folders: list[Path], weights_dir: Path, root: Path, workers: int, n_few: int,
+def run_vs_naive_decode(folders: list[Path], weights_dir: Path, root: Path, workers: int, *, n_few: int,
                         repeat: int = 1, say: Callable[[str], None] = lambda _m: None) -> dict:
     """A study's marginal cost inside real submission runs against merely decoding it the naive way, same studies.
 
@@ -430,17 +431,26 @@ def kaggle_projection(cpu_stage_seconds: float, crops_per_study: float, input_si
 # The whole run
 
 
-def run_benchmark(n_studies: int | None = None, size: int = 512, slices: int = 300, input_size: int = 256,
-                  heads: tuple[str, ...] = ("tiny", "gap"), work_dir: str | Path | None = None,
-                  naive: bool = True, progress: Callable[[str], None] | None = None,
-                  studies_dir: str | Path | None = None, weights: str | Path | None = None,
-                  workers: tuple[int, ...] = (1, 2), n_few: int | None = None, repeat: int = 1) -> dict:
-    """Run every measurement; returns the results as a JSON-able dict.
+@dataclass(frozen=True)
+class BenchOptions:
+    """What :func:`run_benchmark` measures.
 
-    Parameters
+    Attributes
     ----------
     n_studies : int, optional
         Studies to measure: synthetic ones generated (default 3), or the first of ``studies_dir`` (default all).
+    size : int
+        Rows = columns of each synthetic slice, pixels.
+    slices : int
+        About this many slices per synthetic study.
+    input_size : int
+        Classifier input side (pixels) of the random classifiers (ignored with ``weights``).
+    heads : tuple of str
+        Heads whose CPU throughput to measure (none when empty).
+    work_dir : path, optional
+        Keep the generated studies and outputs here (default: a temporary folder, removed afterwards).
+    naive : bool
+        Measure the naive baseline too.
     studies_dir : path, optional
         Measure these study folders (e.g. ``write-study``'s ``images/``) instead of generating synthetic ones.
     weights : path, optional
@@ -452,118 +462,190 @@ def run_benchmark(n_studies: int | None = None, size: int = 512, slices: int = 3
         Studies of the short run the marginal cost is taken against (default: a fifth, at least 1).
     repeat : int
         End-to-end measurements per worker count (medians and spread are reported).
-
-    Keys: ``ours`` / ``naive`` / ``ratio`` (``{stage: seconds per study}``, ratio = naive / ours), ``decode``
-    (slices/s and the direct-decoder limit), ``end_to_end`` (by worker count: marginal seconds per study in real
-    runs against the naive decode of the same studies, see :func:`run_vs_naive_decode`), ``heads`` (crops/s),
-    ``memory``, ``projection``, ``studies`` (slice counts), ``machine``.
     """
-    import os
-    import platform
 
-    from cspine_submit.read import dicom
+    n_studies: int | None = None
+    size: int = 512
+    slices: int = 300
+    input_size: int = 256
+    heads: tuple[str, ...] = ("tiny", "gap")
+    work_dir: str | Path | None = None
+    naive: bool = True
+    studies_dir: str | Path | None = None
+    weights: str | Path | None = None
+    workers: tuple[int, ...] = (1, 2)
+    n_few: int | None = None
+    repeat: int = 1
 
-    from cspine_submit.submit import submission
-    from cspine_submit.submit.run import load_models, load_ranges_for, prepare_run
 
+@dataclass
+class _Inputs:
+    """The studies and weights one benchmark measures."""
+
+    folders: list[Path]
+    weights_dir: Path
+    config: ModelConfig
+    models: dict
+    ranges: object
+
+
+def run_benchmark(options: BenchOptions | None = None, *, progress: Callable[[str], None] | None = None) -> dict:
+    """Run every measurement; returns the results as a JSON-able dict.
+
+    Parameters
+    ----------
+    options : BenchOptions, optional
+        What to measure (default: ``BenchOptions()``).
+    progress : callable, optional
+        Called with a line of text before each long step.
+
+    Returns
+    -------
+    dict
+        ``ours`` / ``naive`` / ``ratio`` (``{stage: seconds per study}``, ratio = naive / ours), ``decode``
+        (slices/s and the direct-decoder limit), ``end_to_end`` (by worker count: marginal seconds per study in real
+        runs against the naive decode of the same studies, see :func:`run_vs_naive_decode`), ``heads`` (crops/s),
+        ``memory``, ``projection``, ``studies`` (slice counts), ``machine``.
+    """
+    opts = options or BenchOptions()
     say = progress or (lambda _msg: None)
-    own_tmp = work_dir is None
-    root = Path(tempfile.mkdtemp(prefix="cspine-bench-")) if own_tmp else Path(work_dir)
+    own_tmp = opts.work_dir is None
+    root = Path(tempfile.mkdtemp(prefix="cspine-bench-")) if own_tmp else Path(opts.work_dir)
     try:
-        if studies_dir is not None:
-            folders = sorted(p for p in Path(studies_dir).iterdir() if p.is_dir())[:n_studies or None]
-            if len(folders) < 2:
-                raise ValueError(f"{studies_dir}: the benchmark needs at least 2 study folders")
-        else:
-            n_studies = n_studies or 3
-            say(f"generating {n_studies} synthetic studies ({size}x{size}, ~{slices} slices) in {root}")
-            folders = make_studies(root / "data", n_studies, size, slices)
-        if weights is not None:
-            weights_dir = Path(weights)
-            config, models, _ = load_models(weights_dir)
-            ranges, _, _ = load_ranges_for(weights_dir)
-        else:
-            config = ModelConfig(head="tiny", input_size=input_size, trained_on="untrained",
-                                 source="benchmark: random tiny classifiers")
-            weights_dir = root / "weights"
-            models = make_weights(weights_dir, config)
-            ranges, _, _ = load_ranges_for(weights_dir)
-
+        inputs = bench_inputs(opts, root, say)
         # Warm up TensorFlow (tracing, thread pools) outside the timed runs, for both sides.
-        ours_per_study(folders[0], ranges, config, models)
-
-        say("ours, stage by stage")
-        ours_rows, decoded = [], []
-        for f in folders:
-            sec, n = ours_per_study(f, ranges, config, models)
-            ours_rows.append(sec)
-            decoded.append(n)
-        setup = prepare_run(_linked_test_dir(root / "all", folders), None, weights_dir)
-        probabilities = {rid: 0.5 for rid in setup.plan.row_ids}
-        _, write_s = _timed(submission.write_submission, root / "write_test.csv", setup.plan.row_ids, probabilities)
-        ours = {k: float(np.mean([r[k] for r in ours_rows])) for k in ours_rows[0]}
-        ours["write"] = write_s / len(folders)
-
-        n_few = n_few or max(1, len(folders) // 5)
-        end_to_end = {}
-        for w in workers:
-            end_to_end[f"workers_{w}"] = run_vs_naive_decode(folders, weights_dir, root, w, n_few, repeat, say)
-        best = min(end_to_end.values(), key=lambda e: e["marginal_s"]["median"])
-        ours["end_to_end"] = best["marginal_s"]["median"]
-
-        say("decode stage against the fastest decoder called directly")
-        lim = [decode_limit(f, ranges, config) for f in folders]
-        reader_s, direct_s, n_planned = (float(sum(x[i] for x in lim)) for i in range(3))
-        headers = [dicom.scan_study(f) for f in folders]
-        n_total = sum(h.n_slices for h in headers)
-        decode = {
-            "planned_slices_per_study": round(n_planned / len(folders), 1),
-            "all_slices_per_study": round(n_total / len(folders), 1),
-            "decoded_slices_per_study": round(float(np.mean(decoded)), 1),
-            "reader_slices_per_s": round(n_planned / reader_s, 1),
-            "direct_slices_per_s": round(n_planned / direct_s, 1),
-            "reader_over_direct": round(reader_s / direct_s, 3),
-        }
-
-        naive_res, ratio = None, None
-        if naive:
-            say("naive baseline")
-            rows = []
-            for f in folders:
-                t = time.perf_counter()
-                sec, _ = naive_per_study(f, config, models)
-                sec["write"] = ours["write"]  # the same writer: writing is not what the baseline is about
-                sec["end_to_end"] = time.perf_counter() - t + sec["write"]
-                rows.append(sec)
-            naive_res = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-            ratio = {k: (round(naive_res[k] / ours[k], 2) if ours.get(k) else None) for k in STAGES}
-
+        ours_per_study(inputs.folders[0], inputs.ranges, inputs.config, inputs.models)
+        ours, decoded, end_to_end = stage_costs(inputs, opts, root, say)
+        decode, headers = decode_costs(inputs, decoded, say)
+        naive_res = naive_costs(inputs, ours, say) if opts.naive else None
         heads_res = {}
-        if heads:
+        if opts.heads:
             say("classifier heads on this CPU")
-            heads_res = head_throughput(list(heads), config.input_size, config.n_channels, batch_size=8)
-
-        cpu = sum(ours[k] for k in ("scan", "plan", "decode", "crop"))
-        crops_per_study = len(VERTEBRAE) * config.slices_per_vertebra
-        projection = kaggle_projection(cpu, crops_per_study, config.input_size, ours["aggregate"] + ours["write"])
-        load = os.getloadavg() if hasattr(os, "getloadavg") else None
-        return {
-            "ours": {k: round(ours[k], 4) for k in STAGES},
-            "naive": {k: round(naive_res[k], 4) for k in STAGES} if naive_res else None,
-            "ratio": ratio,
-            "decode": decode,
-            "end_to_end": end_to_end,
-            "heads": heads_res,
-            "memory": {"main_mb": round(_vm_hwm_mb(), 1),
-                       "worker_mb": round(worker_peak_mb(folders[0], ranges, config), 1)},
-            "projection": projection,
-            "studies": {"n": len(folders), "source": str(studies_dir) if studies_dir else "synthetic",
-                        "size": headers[0].rows, "slices": [h.n_slices for h in headers],
-                        "compressed": [h.transfer_syntaxes[0] for h in headers]},
-            "weights": str(weights) if weights else f"random {config.head} heads",
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                        "load_average_1_5_15": [round(x, 2) for x in load] if load else None},
-        }
+            heads_res = head_throughput(list(opts.heads), inputs.config.input_size, inputs.config.n_channels,
+                                        batch_size=8)
+        return benchmark_report(opts, inputs, ours=ours, naive=naive_res, decode=decode, end_to_end=end_to_end,
+                                heads=heads_res, headers=headers)
     finally:
         if own_tmp:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def bench_inputs(opts: BenchOptions, root: Path, say: Callable[[str], None]) -> _Inputs:
+    """The study folders (given or generated into ``root / "data"``) and the weights to score them with."""
+    from cspine_submit.submit.run import load_models, load_ranges_for
+
+    if opts.studies_dir is not None:
+        folders = sorted(p for p in Path(opts.studies_dir).iterdir() if p.is_dir())[:opts.n_studies or None]
+        if len(folders) < 2:
+            raise ValueError(f"{opts.studies_dir}: the benchmark needs at least 2 study folders")
+    else:
+        n_studies = opts.n_studies or 3
+        say(f"generating {n_studies} synthetic studies ({opts.size}x{opts.size}, ~{opts.slices} slices) in {root}")
+        folders = make_studies(root / "data", n_studies, opts.size, opts.slices)
+    if opts.weights is not None:
+        weights_dir = Path(opts.weights)
+        config, models, _ = load_models(weights_dir)
+    else:
+        config = ModelConfig(head="tiny", input_size=opts.input_size, trained_on="untrained",
+                             source="benchmark: random tiny classifiers")
+        weights_dir = root / "weights"
+        models = make_weights(weights_dir, config)
+    ranges, _, _ = load_ranges_for(weights_dir)
+    return _Inputs(folders, weights_dir, config, models, ranges)
+
+
+def stage_costs(inputs: _Inputs, opts: BenchOptions, root: Path, say: Callable[[str], None]
+                ) -> tuple[dict, list[int], dict]:
+    """Ours, stage by stage (mean seconds per study), and end to end in real runs for each worker count.
+
+    Returns ``(ours, decoded slices per study, end_to_end)``; ``ours["end_to_end"]`` is the best worker count's
+    median marginal seconds per study.
+    """
+    from cspine_submit.submit import submission
+    from cspine_submit.submit.run import prepare_run
+
+    say("ours, stage by stage")
+    ours_rows, decoded = [], []
+    for f in inputs.folders:
+        sec, n = ours_per_study(f, inputs.ranges, inputs.config, inputs.models)
+        ours_rows.append(sec)
+        decoded.append(n)
+    setup = prepare_run(_linked_test_dir(root / "all", inputs.folders), None, inputs.weights_dir)
+    probabilities = {rid: 0.5 for rid in setup.plan.row_ids}
+    _, write_s = _timed(submission.write_submission, root / "write_test.csv", setup.plan.row_ids, probabilities)
+    ours = {k: float(np.mean([r[k] for r in ours_rows])) for k in ours_rows[0]}
+    ours["write"] = write_s / len(inputs.folders)
+
+    n_few = opts.n_few or max(1, len(inputs.folders) // 5)
+    end_to_end = {}
+    for w in opts.workers:
+        end_to_end[f"workers_{w}"] = run_vs_naive_decode(inputs.folders, inputs.weights_dir, root, w, n_few=n_few,
+                                                         repeat=opts.repeat, say=say)
+    best = min(end_to_end.values(), key=lambda e: e["marginal_s"]["median"])
+    ours["end_to_end"] = best["marginal_s"]["median"]
+    return ours, decoded, end_to_end
+
+
+def decode_costs(inputs: _Inputs, decoded: list[int], say: Callable[[str], None]) -> tuple[dict, list]:
+    """The decode stage against the fastest decoder called directly. Returns ``(decode, scanned headers)``."""
+    from cspine_submit.read import dicom
+
+    say("decode stage against the fastest decoder called directly")
+    folders = inputs.folders
+    lim = [decode_limit(f, inputs.ranges, inputs.config) for f in folders]
+    reader_s, direct_s, n_planned = (float(sum(x[i] for x in lim)) for i in range(3))
+    headers = [dicom.scan_study(f) for f in folders]
+    n_total = sum(h.n_slices for h in headers)
+    decode = {
+        "planned_slices_per_study": round(n_planned / len(folders), 1),
+        "all_slices_per_study": round(n_total / len(folders), 1),
+        "decoded_slices_per_study": round(float(np.mean(decoded)), 1),
+        "reader_slices_per_s": round(n_planned / reader_s, 1),
+        "direct_slices_per_s": round(n_planned / direct_s, 1),
+        "reader_over_direct": round(reader_s / direct_s, 3),
+    }
+    return decode, headers
+
+
+def naive_costs(inputs: _Inputs, ours: dict, say: Callable[[str], None]) -> dict:
+    """The naive baseline's mean seconds per study by stage (writing taken as ours: the same writer)."""
+    say("naive baseline")
+    rows = []
+    for f in inputs.folders:
+        t = time.perf_counter()
+        sec, _ = naive_per_study(f, inputs.config, inputs.models)
+        sec["write"] = ours["write"]  # the same writer: writing is not what the baseline is about
+        sec["end_to_end"] = time.perf_counter() - t + sec["write"]
+        rows.append(sec)
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def benchmark_report(opts: BenchOptions, inputs: _Inputs, *, ours: dict, naive: dict | None, decode: dict,
+                     end_to_end: dict, heads: dict, headers: list) -> dict:
+    """The JSON-able result of :func:`run_benchmark`: the measurements, ratios, memory, projection, machine."""
+    import os
+    import platform
+
+    config = inputs.config
+    ratio = {k: (round(naive[k] / ours[k], 2) if ours.get(k) else None) for k in STAGES} if naive else None
+    cpu = sum(ours[k] for k in ("scan", "plan", "decode", "crop"))
+    crops_per_study = len(VERTEBRAE) * config.slices_per_vertebra
+    projection = kaggle_projection(cpu, crops_per_study, config.input_size, ours["aggregate"] + ours["write"])
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "ours": {k: round(ours[k], 4) for k in STAGES},
+        "naive": {k: round(naive[k], 4) for k in STAGES} if naive else None,
+        "ratio": ratio,
+        "decode": decode,
+        "end_to_end": end_to_end,
+        "heads": heads,
+        "memory": {"main_mb": round(_vm_hwm_mb(), 1),
+                   "worker_mb": round(worker_peak_mb(inputs.folders[0], inputs.ranges, config), 1)},
+        "projection": projection,
+        "studies": {"n": len(inputs.folders), "source": str(opts.studies_dir) if opts.studies_dir else "synthetic",
+                    "size": headers[0].rows, "slices": [h.n_slices for h in headers],
+                    "compressed": [h.transfer_syntaxes[0] for h in headers]},
+        "weights": str(opts.weights) if opts.weights else f"random {config.head} heads",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "load_average_1_5_15": [round(x, 2) for x in load] if load else None},
+    }

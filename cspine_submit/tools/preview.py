@@ -139,6 +139,7 @@ def render_preview(
     z_mm: np.ndarray,
     spacing: tuple[float, float, float],
     plans: Mapping,
+    *,
     mask: np.ndarray | None = None,
     slab_mm: float = 6.0,
     title: str = "",
@@ -160,18 +161,40 @@ def render_preview(
         Labels (1-7 = C1-C7) on the same subset slices.
     slab_mm : float
         Thickness of the maximum-intensity slab of each panel.
+    title : str
+        Text of a header line above the panels (none when empty).
 
     Returns
     -------
     image : (H, W, 3) uint8 BGR
     geometry : PreviewGeometry
     """
-    import cv2
-
     slices = np.asarray(slices, dtype=np.float32)
-    m, rows, cols = slices.shape
-    _, dy, dx = spacing
     z_all = np.asarray(z_mm, dtype=float)
+    geo, dz, header_h = _layout(slices.shape, z_all, spacing, bool(title))
+    canvas = np.zeros((geo.height + header_h, geo.width, 3), dtype=np.uint8)
+    body = canvas[header_h:]  # a view: drawing on it draws on the canvas
+    reformat = _Reformat(geo, z_all[np.asarray(indices)])
+    xc, yc = _cut_positions(slices, indices, plans, spacing, slab_mm)
+    _draw_panels(body, slices, geo, reformat, spacing, (xc, yc), slab_mm)
+    if mask is not None:
+        _draw_mask_outlines(body, np.asarray(mask), geo, reformat, (xc, yc))
+    _draw_plans(body, plans, z_all, dz, geo, spacing)
+    if title:
+        import cv2
+
+        cv2.putText(canvas, title[:120], (4, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return canvas, geo
+
+
+def _layout(shape: tuple[int, int, int], z_all: np.ndarray, spacing, has_title: bool
+            ) -> tuple[PreviewGeometry, float, int]:
+    """Where the panels and lane strips go: one scale (px per mm) for every axis, the longer side ~TARGET_PX.
+
+    Returns ``(geometry, dz, header_h)``: ``dz`` is the median slice step (mm), ``header_h`` the title's height.
+    """
+    _, rows, cols = shape
+    _, dy, dx = spacing
     dz = float(np.median(np.diff(z_all))) if len(z_all) > 1 else spacing[0]
     z_top, z_bottom = z_all[0] - dz / 2, z_all[-1] + dz / 2
     extent = max(z_bottom - z_top, 1e-3)
@@ -179,54 +202,83 @@ def render_preview(
     height = max(1, int(round(extent * scale)))
     sag_w = max(1, int(round(rows * dy * scale)))
     cor_w = max(1, int(round(cols * dx * scale)))
+    lanes_w, gap = N_LANES * LANE_W, 6
+    sx0, cx0 = 0, sag_w + lanes_w + gap
+    geo = PreviewGeometry(z_top_mm=float(z_top), scale=float(scale), height=height, sagittal_x0=sx0, sag_w=sag_w,
+                          coronal_x0=cx0, cor_w=cor_w, lanes_x0=(sx0 + sag_w, cx0 + cor_w),
+                          width=cx0 + cor_w + lanes_w)
+    return geo, dz, (22 if has_title else 0)
 
+
+@dataclass(frozen=True)
+class _Reformat:
+    """Resamples (m, w) planes at the subset's z positions onto the panel's pixel grid."""
+
+    geo: PreviewGeometry
+    z_sub: np.ndarray
+
+    def __call__(self, planes: np.ndarray, width: int, nearest: bool = False) -> np.ndarray:
+        """(m, w) planes -> (height, width) float32 panel."""
+        import cv2
+
+        z_rows = self.geo.z_top_mm + (np.arange(self.geo.height) + 0.5) / self.geo.scale
+        img = _resample_z(planes.astype(np.float32), self.z_sub, z_rows, nearest)
+        interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+        return cv2.resize(img.astype(np.float32), (width, self.geo.height), interpolation=interp)
+
+
+def _cut_positions(slices: np.ndarray, indices: np.ndarray, plans: Mapping, spacing, slab_mm: float
+                   ) -> tuple[int, int]:
+    """Column ``xc`` of the sagittal cut (the boxes' centre column) and row ``yc`` of the coronal cut (pixels)."""
+    _, rows, cols = slices.shape
+    _, dy, _ = spacing
     boxes = [p.box for p in plans.values()]
     xc = int(np.clip(round(np.mean([(b[1] + b[3]) / 2 for b in boxes])), 0, cols - 1)) if boxes else cols // 2
+    hy = max(0, int(round(slab_mm / 2 / dy)))
+    return xc, _coronal_row(slices, indices, plans, rows, hy)
+
+
+def _draw_panels(body: np.ndarray, slices: np.ndarray, geo: PreviewGeometry, reformat: _Reformat, spacing,
+                 cuts: tuple[int, int], slab_mm: float) -> None:
+    """The two grey maximum-intensity slabs, bone window, into ``body`` (in place)."""
+    import cv2
+
+    _, dy, dx = spacing
+    xc, yc = cuts
     hx = max(0, int(round(slab_mm / 2 / dx)))
     hy = max(0, int(round(slab_mm / 2 / dy)))
-    yc = _coronal_row(slices, indices, plans, rows, hy)
     sag_planes = slices[:, :, max(0, xc - hx) : xc + hx + 1].max(axis=2)  # (m, rows)
     cor_planes = slices[:, max(0, yc - hy) : yc + hy + 1, :].max(axis=1)  # (m, cols)
-    z_rows = z_top + (np.arange(height) + 0.5) / scale
-    z_sub = z_all[np.asarray(indices)]
+    for planes, x0, w in ((sag_planes, geo.sagittal_x0, geo.sag_w), (cor_planes, geo.coronal_x0, geo.cor_w)):
+        body[:, x0 : x0 + w] = cv2.cvtColor(_to_grey(reformat(planes, w)), cv2.COLOR_GRAY2BGR)
 
-    def panel(planes: np.ndarray, width: int, nearest: bool = False) -> np.ndarray:
-        img = _resample_z(planes.astype(np.float32), z_sub, z_rows, nearest)
-        interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-        return cv2.resize(img.astype(np.float32), (width, height), interpolation=interp)
 
-    sag = cv2.cvtColor(_to_grey(panel(sag_planes, sag_w)), cv2.COLOR_GRAY2BGR)
-    cor = cv2.cvtColor(_to_grey(panel(cor_planes, cor_w)), cv2.COLOR_GRAY2BGR)
+def _draw_mask_outlines(body: np.ndarray, mask: np.ndarray, geo: PreviewGeometry, reformat: _Reformat,
+                        cuts: tuple[int, int]) -> None:
+    """Each labelled vertebra's outline on the two cut planes, in its colour (in place)."""
+    import cv2
 
-    lanes_w = N_LANES * LANE_W
-    gap = 6
-    header_h = 22 if title else 0
-    sx0, cx0 = 0, sag_w + lanes_w + gap
-    width = cx0 + cor_w + lanes_w
-    canvas = np.zeros((height + header_h, width, 3), dtype=np.uint8)
-    canvas[header_h:, sx0 : sx0 + sag_w] = sag
-    canvas[header_h:, cx0 : cx0 + cor_w] = cor
-    geo = PreviewGeometry(z_top_mm=float(z_top), scale=float(scale), height=height, sagittal_x0=sx0, sag_w=sag_w,
-                          coronal_x0=cx0, cor_w=cor_w, lanes_x0=(sx0 + sag_w, cx0 + cor_w), width=width)
-    body = canvas[header_h:]
+    xc, yc = cuts
+    # Most frequent label along the slab would be nicer; the label at the slab centre is what the eye expects.
+    lab_sag = np.where((mask[:, :, xc] >= 1) & (mask[:, :, xc] <= 7), mask[:, :, xc], 0).astype(np.uint8)
+    lab_cor = np.where((mask[:, yc, :] >= 1) & (mask[:, yc, :] <= 7), mask[:, yc, :], 0).astype(np.uint8)
+    for lab, x0, w in ((lab_sag, geo.sagittal_x0, geo.sag_w), (lab_cor, geo.coronal_x0, geo.cor_w)):
+        big = reformat(lab, w, nearest=True).astype(np.uint8)
+        for label, v in enumerate(VERTEBRAE, start=1):
+            binary = (big == label).astype(np.uint8)
+            if not binary.any():
+                continue
+            contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(body[:, x0 : x0 + w], contours, -1, COLOURS_BGR[v], 1)
 
-    if mask is not None:
-        mask = np.asarray(mask)
-        lab_sag = np.zeros((m, rows), dtype=np.uint8)
-        lab_cor = np.zeros((m, cols), dtype=np.uint8)
-        # Most frequent label along the slab would be nicer; the label at the slab centre is what the eye expects.
-        lab_sag[:] = np.where((mask[:, :, xc] >= 1) & (mask[:, :, xc] <= 7), mask[:, :, xc], 0)
-        lab_cor[:] = np.where((mask[:, yc, :] >= 1) & (mask[:, yc, :] <= 7), mask[:, yc, :], 0)
-        for lab, x0, w in ((lab_sag, sx0, sag_w), (lab_cor, cx0, cor_w)):
-            big = panel(lab, w, nearest=True).astype(np.uint8)
-            for label, v in enumerate(VERTEBRAE, start=1):
-                binary = (big == label).astype(np.uint8)
-                if not binary.any():
-                    continue
-                contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-                sub = body[:, x0 : x0 + w]
-                cv2.drawContours(sub, contours, -1, COLOURS_BGR[v], 1)
 
+def _draw_plans(body: np.ndarray, plans: Mapping, z_all: np.ndarray, dz: float, geo: PreviewGeometry,
+                spacing) -> None:
+    """Each vertebra's box in both panels, its planned slices as ticks, its range as a named lane band."""
+    import cv2
+
+    _, dy, dx = spacing
+    sx0, cx0, scale, height = geo.sagittal_x0, geo.coronal_x0, geo.scale, geo.height
     font = cv2.FONT_HERSHEY_SIMPLEX
     for v, plan in plans.items():
         colour = COLOURS_BGR.get(v, (255, 255, 255))
@@ -249,15 +301,13 @@ def render_preview(
             if bottom - top >= 12:
                 text_y = (top + bottom) // 2 + 4
                 cv2.putText(body, v, (lx0 + 2, text_y), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
-    if title:
-        cv2.putText(canvas, title[:120], (4, 15), font, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
-    return canvas, geo
 
 
 def preview_study(
     study_dir,
     ranges=None,
     config=None,
+    *,
     mask_path=None,
     layout: str = "competition",
     max_slices: int = 96,

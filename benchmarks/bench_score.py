@@ -1,4 +1,4 @@
-"""Throughput of ``models.score`` (compiled, padded batches) and of ``crop.prepare_crops``, on this machine.
+"""Throughput of ``score.prediction.score`` (compiled, padded batches) and of ``crop.prepare_crops``, on this machine.
 
 Prints one table row per (head, input shape, batch size): crops per second after a warm-up batch, the time of one
 study's worth of scoring (7 vertebrae x K crops), and parameters. Untrained weights: speed does not depend on them.
@@ -42,7 +42,7 @@ CASES = [
 
 
 def bench_score(head, shape, batch_size, n_batches):
-    from cspine_submit.score.models import build_classifier, predict
+    from cspine_submit.score import build_classifier, predict
 
     model = build_classifier(head, shape)
     x = np.random.default_rng(0).uniform(0, 1, (batch_size * n_batches,) + shape).astype(np.float32)
@@ -94,7 +94,7 @@ def bench_weights(weights: str, studies_dir: str, n_studies: int | None, rounds:
     from cspine_submit.submit import submission
     from cspine_submit.config import VERTEBRAE, ModelConfig
     from cspine_submit.localize import load_ranges
-    from cspine_submit.score.models import load_classifiers, score
+    from cspine_submit.score import load_classifiers, score
     from cspine_submit.submit.run import StudyJob, prepare_study
 
     def load_per_vertebra():

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cspine_submit.config import VERTEBRAE, ModelConfig
+from cspine_submit.config import METRIC_PRIORS_SOURCE, VERTEBRAE, ModelConfig
 from cspine_submit.score.architectures import ARCHITECTURES, build_classifier
 from cspine_submit.score.devices import DEVICE_ATTR, dtype_policy, plan_devices
 
@@ -46,7 +46,8 @@ NOTEBOOK_CONFIG = ModelConfig(
     source=(
         "default config for the seed notebook's spine_C1.h5..spine_C7.h5 (no model_config.json was found): "
         "seed head, 512x512x1 input; the notebook's own intensity scaling is not stored in its files, "
-        "a WL 400 / WW 1800 window is assumed - write a model_config.json to change it"
+        "a WL 400 / WW 1800 window is assumed - write a model_config.json to change it; priors: the "
+        "metric-minimising constants, " + METRIC_PRIORS_SOURCE
     ),
 )
 """Config used for a weights folder that holds only the seed notebook's seven ``.h5`` files."""

@@ -47,7 +47,7 @@ def transport(repeats: int = 5) -> dict:
 
     from cspine_submit.config import VERTEBRAE, ModelConfig
     from cspine_submit.score.crop import encode_crops
-    from cspine_submit.submit.run import PreparedStudy
+    from cspine_submit.submit import PreparedStudy
 
     config = ModelConfig()
     rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def bench_pipeline(data, weights: Path, workers: int) -> dict:
     from cspine_submit.train import metric
-    from cspine_submit.submit import run as pipeline
+    from cspine_submit import submit as pipeline
 
     t0 = time.perf_counter()
     setup = pipeline.prepare_run(data.test_dir, data.test_csv, weights, demo=True)
@@ -39,7 +39,7 @@ def bench_pipeline(data, weights: Path, workers: int) -> dict:
 def compare_rules(data, weights: Path) -> list[tuple[str, float]]:
     from cspine_submit.score import aggregate
     from cspine_submit.train import metric
-    from cspine_submit.submit import run as pipeline
+    from cspine_submit import submit as pipeline
     from cspine_submit.score.models import score
 
     setup = pipeline.prepare_run(data.test_dir, data.test_csv, weights, demo=True)

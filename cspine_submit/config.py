@@ -80,6 +80,15 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
+def config_dict(obj: Any) -> dict:
+    """A config dataclass (and the dataclasses in it) as a JSON-safe dict: values JSON cannot hold become ``str``.
+
+    For fingerprints and reports. (:func:`cspine_submit.train.data`'s cache key keeps its own shallow field dict:
+    the two differ for nested values, and the cache key must not change.)
+    """
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+
+
 def _read_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -20,7 +20,8 @@ import pytest
 from cspine_submit.files import default_weights_dir
 from cspine_submit.score import aggregate
 
-from cspine_submit.submit import run as pipeline
+from cspine_submit import submit as stage
+from cspine_submit.submit import run as run_steps
 
 from cspine_submit.read import preflight
 from cspine_submit.cli import main as cli_main
@@ -87,8 +88,8 @@ def test_sigkill_after_the_first_studies_leaves_a_complete_file(synthetic_info, 
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed = _read_sub(out)
 
-    setup = pipeline.prepare_run(images, None, weights)
-    reference = pipeline.run_submission(setup, tmp_path / "reference.csv", workers=0, progress=False).out
+    setup = stage.prepare_run(images, None, weights)
+    reference = stage.run_submission(setup, tmp_path / "reference.csv", workers=0, progress=False).out
     ref = _read_sub(reference)
     assert list(killed) == list(ref) and len(killed) == 8 * len(uids)
     assert all(0.0 < p < 1.0 for p in killed.values())
@@ -129,15 +130,15 @@ def test_the_run_steps_write_a_complete_file_before_any_scoring(weights, priors,
     images = tmp_path / "images"
     uids = [f"{UID_ROOT}.800"]
     write_study(images / uids[0], uids[0])
-    setup = pipeline.prepare_run(images, None, weights)
+    setup = stage.prepare_run(images, None, weights)
     out = tmp_path / "submission.csv"
-    state = pipeline.start_run(setup, out)
+    state = run_steps.start_run(setup, out)
     assert not out.exists() and state.todo == [uids[0]]
-    pipeline.write_priors_file(state)  # before the warm-up: the file is complete, every study at its priors
+    run_steps.write_priors_file(state)  # before the warm-up: the file is complete, every study at its priors
     assert _by_study(_read_sub(out)) == {uids[0]: pytest.approx(priors)}
-    pipeline.warm_up(state)
-    pipeline.stream_studies(state, workers=0, progress=False)
-    result = pipeline.finish_run(state)
+    run_steps.warm_up(state)
+    run_steps.stream_studies(state, workers=0, progress=False)
+    result = run_steps.finish_run(state)
     scored = result.probabilities[f"{uids[0]}_C1"]
     assert _read_sub(out)[f"{uids[0]}_C1"] == pytest.approx(scored, abs=5e-9) and scored != pytest.approx(priors["C1"])
     assert result.totals["submission_refresh"]["writes"] >= 2
@@ -145,8 +146,8 @@ def test_the_run_steps_write_a_complete_file_before_any_scoring(weights, priors,
 
 _HANG_SCRIPT = r"""
 import json, sys, threading
-from cspine_submit.score import models
-from cspine_submit.submit import run as pipeline
+from cspine_submit.score import prediction as models
+from cspine_submit import submit as pipeline
 real_score, calls = models.score, []
 
 def score_hanging_on_the_second_study(*args, **kw):
@@ -181,15 +182,15 @@ def test_a_hang_scoring_one_study_costs_that_study_only(weights, tmp_path):
 
 
 def test_guarded_scorer_gives_up_after_repeated_hangs():
-    scorer = pipeline.GuardedScorer(lambda crops: threading.Event().wait(5), timeout=0.2, max_timeouts=2)
+    scorer = run_steps.GuardedScorer(lambda crops: threading.Event().wait(5), timeout=0.2, max_timeouts=2)
     for _ in range(2):
-        with pytest.raises(pipeline.ScoringTimeout, match="within 0 s"):
+        with pytest.raises(run_steps.ScoringTimeout, match="within 0 s"):
             scorer({})
     t = time.perf_counter()
-    with pytest.raises(pipeline.ScoringTimeout, match="hung 2 times in a row"):
+    with pytest.raises(run_steps.ScoringTimeout, match="hung 2 times in a row"):
         scorer({})
     assert time.perf_counter() - t < 0.1  # no further wait: the remaining studies get their priors at once
-    assert pipeline.GuardedScorer(lambda crops: {"C1": 1}, timeout=None)({}) == {"C1": 1}
+    assert run_steps.GuardedScorer(lambda crops: {"C1": 1}, timeout=None)({}) == {"C1": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,8 +319,8 @@ def test_a_vertebra_planned_outside_the_scan_takes_its_prior(weights, priors, tm
     images = tmp_path / "images"
     uid = f"{UID_ROOT}.700"
     write_study(images / uid, uid, n_slices=24)
-    setup = pipeline.prepare_run(images, None, w)
-    result = pipeline.run_submission(setup, tmp_path / "s.csv", workers=0, progress=False)
+    setup = stage.prepare_run(images, None, w)
+    result = stage.run_submission(setup, tmp_path / "s.csv", workers=0, progress=False)
     entry = result.studies[uid]
     assert entry["status"] == "ok" and entry["priors_used"] == ["C6", "C7"]
     for v in ("C6", "C7"):
@@ -351,7 +352,7 @@ def test_plan_summary_matches_the_slices_actually_read(synthetic_info, monkeypat
         return real_decode(header, index, *a, **k)
 
     monkeypatch.setattr(dicom, "decode_into", recording_decode)
-    prepared = pipeline.prepare_study(pipeline.StudyJob(folder.name, str(folder), ranges, config, VERTEBRAE))
+    prepared = stage.prepare_study(stage.StudyJob(folder.name, str(folder), ranges, config, VERTEBRAE))
     monkeypatch.setattr(dicom, "decode_into", real_decode)
     summary = prepared.plan
     listed = set(summary["cue_slices"]) | {n for v in VERTEBRAE for n in summary[v]["slices"]}

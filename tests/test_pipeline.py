@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cspine_submit.files import default_weights_dir
-from cspine_submit.submit import run as pipeline
+from cspine_submit import submit as stage
+from cspine_submit.submit import run as run_steps
 from cspine_submit.config import PREDICTION_TYPES
 from cspine_submit.submit.submission import companion_paths
 
@@ -55,10 +56,10 @@ def testset(tmp_path_factory):
 
 
 def _run(testset, weights, out, **kw):
-    setup = pipeline.prepare_run(testset / "test_images", testset / "test.csv", weights)
+    setup = stage.prepare_run(testset / "test_images", testset / "test.csv", weights)
     kw.setdefault("workers", 0)
     kw.setdefault("progress", False)
-    return setup, pipeline.run_submission(setup, out, **kw)
+    return setup, stage.run_submission(setup, out, **kw)
 
 
 def _read_sub(path):
@@ -151,11 +152,11 @@ def test_missing_classifier_uses_priors_and_warns(testset, weights, tmp_path):
     w = tmp_path / "w"
     shutil.copytree(weights, w)
     (w / "C3.keras").unlink()
-    setup = pipeline.prepare_run(testset / "test_images", testset / "test.csv", w)
+    setup = stage.prepare_run(testset / "test_images", testset / "test.csv", w)
     assert sorted(setup.models) == ["C1", "C2", "C4", "C5", "C6", "C7"]
     assert any("NO CLASSIFIER for C3" in m for m in setup.warnings)
     assert any("SYNTHETIC" in m for m in setup.warnings)  # tiny weights say trained_on=synthetic, not a demo run
-    result = pipeline.run_submission(setup, tmp_path / "s.csv", workers=0, progress=False)
+    result = stage.run_submission(setup, tmp_path / "s.csv", workers=0, progress=False)
     assert result.probabilities[f"{GOOD[0]}_C3"] == pytest.approx(setup.config.priors["C3"])
     assert result.studies[GOOD[0]]["priors_used"] == ["C3"]
 
@@ -171,7 +172,7 @@ def test_time_budget_lowers_slices_then_falls_back(testset, weights, tmp_path):
 
 
 def test_budget_controller_projection():
-    b = pipeline.BudgetController(100.0, n_studies=10, slices_per_vertebra=15, min_history=1)
+    b = stage.BudgetController(100.0, n_studies=10, slices_per_vertebra=15, min_history=1)
     # 1 study in 10 s: projected 10 + 9 * 10 = 100 > 95 planned; time left per study (95 - 10) / 9 = 9.44 s
     # -> K = floor(15 * 9.44 / 10) = 14.
     assert b.update(10.0, elapsed=10.0, done=1) == 14
@@ -188,7 +189,7 @@ def test_budget_controller_projection():
 
 
 def test_budget_waits_for_min_history():
-    b = pipeline.BudgetController(100.0, n_studies=10, slices_per_vertebra=15)  # min_history 3
+    b = stage.BudgetController(100.0, n_studies=10, slices_per_vertebra=15)  # min_history 3
     assert b.update(30.0, elapsed=30.0, done=1) == 15  # a slow first study (warm-up) alone changes nothing
     assert b.update(5.0, elapsed=35.0, done=2) == 15
     # 3 studies, mean 13.33 s: projected 40 + 7 * 13.33 = 133 > 95 -> K = floor(15 * (55 / 7) / 13.33) = 8.
@@ -197,7 +198,7 @@ def test_budget_waits_for_min_history():
 
 
 def test_no_budget_never_changes_k():
-    b = pipeline.BudgetController(None, n_studies=3, slices_per_vertebra=15)
+    b = stage.BudgetController(None, n_studies=3, slices_per_vertebra=15)
     assert [b.update(1e6, elapsed=1e6 * i, done=i) for i in (1, 2, 3)] == [15, 15, 15]
     assert b.events == [] and not b.exhausted
 
@@ -244,16 +245,16 @@ def test_corrupt_classifier_and_unloadable_weights(testset, weights, tmp_path):
     w = tmp_path / "w"
     shutil.copytree(weights, w)
     (w / "C5.keras").write_bytes(b"not a keras file")
-    setup = pipeline.prepare_run(testset / "test_images", testset / "test.csv", w)
+    setup = stage.prepare_run(testset / "test_images", testset / "test.csv", w)
     assert "C5" not in setup.models and len(setup.models) == 6
     assert any("C5" in m and "could not be loaded" in m for m in setup.warnings)
     # No weights at all: raise by default, all priors when asked (Kaggle).
     with pytest.raises(FileNotFoundError):
-        pipeline.prepare_run(testset / "test_images", testset / "test.csv", tmp_path / "nothing")
-    setup = pipeline.prepare_run(testset / "test_images", testset / "test.csv", tmp_path / "nothing",
+        stage.prepare_run(testset / "test_images", testset / "test.csv", tmp_path / "nothing")
+    setup = stage.prepare_run(testset / "test_images", testset / "test.csv", tmp_path / "nothing",
                                  weights_error="priors")
     assert setup.models == {} and "EVERY study" in setup.warnings[0]
-    result = pipeline.run_submission(setup, tmp_path / "s.csv", workers=0, progress=False)
+    result = stage.run_submission(setup, tmp_path / "s.csv", workers=0, progress=False)
     assert len(result.probabilities) == 8 * len(ALL)
     assert result.probabilities[f"{GOOD[0]}_C1"] == pytest.approx(0.103)  # the default prior (config.METRIC_PRIORS)
     assert result.studies[GOOD[0]]["priors_used"] == ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
@@ -285,9 +286,9 @@ def test_synthetic_competition_layout_end_to_end(synthetic_dataset, weights, tmp
     w = tmp_path / "w"
     shutil.copytree(weights, w)
     (w / "slice_ranges.json").unlink()  # -> the package default weights/slice_ranges.json
-    setup = pipeline.prepare_run(synthetic_dataset / "test_images", synthetic_dataset / "test.csv", w)
+    setup = stage.prepare_run(synthetic_dataset / "test_images", synthetic_dataset / "test.csv", w)
     assert setup.ranges_path == default_weights_dir() / "slice_ranges.json"
-    result = pipeline.run_submission(setup, tmp_path / "s.csv", workers=0, progress=False)
+    result = stage.run_submission(setup, tmp_path / "s.csv", workers=0, progress=False)
     assert all(e["status"] == "ok" for e in result.studies.values()), result.studies
     rows = [r.split(",")[0] for r in (tmp_path / "s.csv").read_text().splitlines()[1:]]
     assert rows == [rid for rid, _, _ in read_test_csv(synthetic_dataset / "test.csv")]
@@ -297,7 +298,7 @@ def test_synthetic_competition_layout_end_to_end(synthetic_dataset, weights, tmp
 
 def test_nan_from_a_classifier_falls_back_for_that_study(testset, weights, tmp_path, monkeypatch):
     """A NaN slice probability used to survive clipping and make the final write refuse the whole submission."""
-    from cspine_submit.score import models
+    from cspine_submit.score import prediction as models  # where the run looks score up
 
     real_score = models.score
 
@@ -319,7 +320,7 @@ def test_nan_from_a_classifier_falls_back_for_that_study(testset, weights, tmp_p
 
 
 def test_classifiers_failing_warm_up_give_priors_not_a_crash(testset, weights, tmp_path, monkeypatch):
-    from cspine_submit.score import models
+    from cspine_submit.score import prediction as models  # where the run looks score up
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of GPU memory (simulated)")
@@ -348,7 +349,7 @@ def test_resume_redoes_studies_the_budget_skipped(testset, weights, tmp_path):
 def test_budget_ignores_studies_prefetched_at_an_older_k():
     # Workers prefetch studies with the K in force when they were submitted. After K drops, those older-K studies
     # still take the old time; counting them would lower K again (and again) before any study ran at the new K.
-    b = pipeline.BudgetController(100.0, n_studies=20, slices_per_vertebra=15, min_history=1)
+    b = stage.BudgetController(100.0, n_studies=20, slices_per_vertebra=15, min_history=1)
     # Projected 10 + 19 * 10 = 200 > 95 planned: K = floor(15 * (85 / 19) / 10) = 6.
     assert b.update(10.0, elapsed=10.0, done=1, k=15) == 6
     # Two studies prefetched at K=15 finish, as slow as before: K stays 6 (it used to drop to 2 here).
@@ -363,7 +364,7 @@ def test_budget_ignores_studies_prefetched_at_an_older_k():
 def test_a_failing_run_still_writes_every_row(testset, weights, tmp_path, monkeypatch):
     # The run itself fails after two studies (e.g. the worker pool dies for good): the studies not done get their
     # priors, are not journaled (a --resume must do them), and the submission is complete.
-    real = pipeline._iter_outcomes
+    real = run_steps._iter_outcomes
 
     def two_then_fail(items, work_fn, workers, timeout=None):
         for i, outcome in enumerate(real(items, work_fn, workers, timeout)):
@@ -371,7 +372,7 @@ def test_a_failing_run_still_writes_every_row(testset, weights, tmp_path, monkey
                 raise RuntimeError("worker pool cannot start")
             yield outcome
 
-    monkeypatch.setattr(pipeline, "_iter_outcomes", two_then_fail)
+    monkeypatch.setattr(run_steps, "_iter_outcomes", two_then_fail)
     out = tmp_path / "submission.csv"
     setup, result = _run(testset, weights, out)
     sub = _read_sub(out)
@@ -403,7 +404,7 @@ def test_profile_cue_slices_are_decoded_once(synthetic_info, monkeypatch):
         return real_decode(header, index, *a, **k)
 
     monkeypatch.setattr(dicom, "decode_into", counting_decode)
-    prepared = pipeline.prepare_study(pipeline.StudyJob(folder.name, str(folder), ranges, config, VERTEBRAE))
+    prepared = stage.prepare_study(stage.StudyJob(folder.name, str(folder), ranges, config, VERTEBRAE))
     assert len(decoded) == len(set(decoded)) == prepared.slices_read
     monkeypatch.setattr(dicom, "decode_into", real_decode)
     header = dicom.scan_study(folder)
@@ -414,3 +415,21 @@ def test_profile_cue_slices_are_decoded_once(synthetic_info, monkeypatch):
     slices = dicom.read_slices(header, needed)
     for v, plan in plans.items():
         np.testing.assert_array_equal(prepared.crops[v], crop.encode_crops(crop.prepare_crops(slices, needed, plan, config)))
+
+
+def test_reusable_stacks_share_memory_per_name_and_read_reusing_copies_known_slices():
+    """The reader's stacks (read/stacks.py): the next study of a name writes over the same buffer; known slices are
+    copied, not decoded again."""
+    from cspine_submit.read import stacks
+
+    a = stacks.reusable_stack("test-a", (2, 4, 4), np.int16)
+    b = stacks.reusable_stack("test-a", (1, 4, 4), np.float32)  # smaller, other dtype: the same bytes
+    assert np.shares_memory(a, b) and b.dtype == np.float32 and b.shape == (1, 4, 4)
+    assert not np.shares_memory(a, stacks.reusable_stack("test-b", (2, 4, 4), np.int16))
+
+    class Header:
+        rows, cols = 4, 4
+
+    known = np.arange(2 * 16, dtype=np.int16).reshape(2, 4, 4)
+    out = stacks.read_reusing(Header(), np.array([7, 3, 7]), np.array([3, 7]), known, dtype=np.int16)
+    assert np.array_equal(out, known[[1, 0, 1]])  # no decode: every wanted slice was known

@@ -186,47 +186,88 @@ def _first_study(plan) -> Path | None:
     return next((Path(plan.folders[u]) for u in plan.studies if Path(plan.folders[u]).is_dir()), None)
 
 
-def run(args) -> int:
-    from cspine_submit.submit import run as pipeline
-    from cspine_submit.read import preflight
-    from cspine_submit.submit import submission
+class _Stop(Exception):
+    """A step ends the command: exit ``code``, after printing ``message`` (if any)."""
 
+    def __init__(self, code: int, message: str | None = None):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def run(args) -> int:
+    """The command's steps in order; each may stop it with its exit code (:class:`_Stop`)."""
+    try:
+        where, out = resolve_paths(args)
+        plan = plan_and_write_priors(args, where, out)
+        problems, decoders = check_decoders_first(args, plan, out)
+        start_tensorflow(args.verbose)
+        setup = set_up_run(args, where, plan)
+        announce(args, where, setup, decoders, out)
+        result = stream(args, where, setup, out)
+        return verdict(args, result, problems, out)
+    except _Stop as stop:
+        if stop.message:
+            print(stop.message)
+        return stop.code
+
+
+def resolve_paths(args) -> tuple[dict, Path]:
+    """Step 1: the test folder, test.csv, weights, output and budget (:func:`_resolve`); an existing --out stops."""
     try:
         where = _resolve(args)
     except ValueError as exc:
-        print(f"error: {exc}")
-        return EXIT_USAGE
+        raise _Stop(EXIT_USAGE, f"error: {exc}") from None
     out = Path(where["out"])
     if out.exists() and not (args.force or args.resume or where["own_output"]):
-        print(f"error: {out} exists; use --force to overwrite it or --resume to continue the run that wrote it")
-        return EXIT_EXISTS
-    demo = where["demo"] is not None
-    on_kaggle = KAGGLE_INPUT.exists()
+        raise _Stop(EXIT_EXISTS, f"error: {out} exists; use --force to overwrite it or --resume to continue the run "
+                    "that wrote it")
+    return where, out
+
+
+def plan_and_write_priors(args, where: dict, out: Path):
+    """Step 2: the rows, and a complete file of priors from the first seconds (a killed run's file is kept when
+    resuming: it holds finished studies). Reads only JSON and CSV: no TensorFlow yet."""
+    # The stage is imported here, not at the top: the CLI imports every command module to build its parser.
+    from cspine_submit.submit import initial_priors, submission
+
     try:
         plan = submission.plan_rows(where["test_dir"], where["test_csv"])
-        priors = pipeline.initial_priors(where["weights"])
+        priors = initial_priors(where["weights"])
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}")
-        return EXIT_USAGE
-    # A complete file from the first seconds (a killed run's file is kept when resuming: it holds finished studies).
+        raise _Stop(EXIT_USAGE, f"error: {exc}") from None
     if not (args.resume and out.exists()):
         submission.write_submission(out, plan.row_ids, {r: priors[submission.split_row_id(r)[1]] for r in plan.row_ids})
-    problems: list[str] = []  # why this run cannot be right; printed at the top and at the end
+    return plan
+
+
+def check_decoders_first(args, plan, out: Path):
+    """Step 3: the decoder self-test on the first study; without a JPEG Lossless decoder the run stops (exit 3)
+    unless --allow-priors. Returns the problems to repeat at the end and the decoder check."""
+    from cspine_submit.read import preflight
+
     decoders = preflight.check_decoders(_first_study(plan))
-    problems += decoders.problems
     for problem in decoders.problems:
         _loud(problem)
     if decoders.problems and not args.allow_priors:
-        print(f"error: stopping before the run: the studies could not be read (the complete priors file {out} is "
-              "written; --allow-priors runs anyway)")
-        return EXIT_WRONG
-    start_tensorflow(args.verbose)
+        raise _Stop(EXIT_WRONG, f"error: stopping before the run: the studies could not be read (the complete priors "
+                    f"file {out} is written; --allow-priors runs anyway)")
+    return list(decoders.problems), decoders
+
+
+def set_up_run(args, where: dict, plan):
+    """Step 4 (TensorFlow is loaded): classifiers, config and ranges (:func:`cspine_submit.submit.prepare_run`)."""
+    from cspine_submit.submit import prepare_run
+
     try:
-        setup = pipeline.prepare_run(where["test_dir"], where["test_csv"], where["weights"], demo=demo,
-                                     batch_size=args.batch_size, weights_error="priors", plan=plan)
+        return prepare_run(where["test_dir"], where["test_csv"], where["weights"], demo=where["demo"] is not None,
+                           batch_size=args.batch_size, weights_error="priors", plan=plan)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}")
-        return EXIT_USAGE
+        raise _Stop(EXIT_USAGE, f"error: {exc}") from None
+
+
+def announce(args, where: dict, setup, decoders, out: Path) -> None:
+    """Step 5: say what will run where; stop (exit 3) without a GPU under --require-gpu, or without any classifier
+    unless --allow-priors."""
     devices = setup.devices
     print(f"test folder: {where['test_dir']}\ntest.csv: {where['test_csv']}\nweights: {setup.weights_dir} "
           f"(trained_on={setup.config.trained_on}, head={setup.config.head}, "
@@ -239,32 +280,41 @@ def run(args) -> int:
         print(f"time budget: {where['budget'] / 3600:.2f} h ({where['budget']:.0f} s)")
     for note in setup.notes:
         print(f"note: {note}")
-    if devices.kind != "GPU" and (on_kaggle or args.require_gpu):
-        message = (f"NO GPU: the classifiers would run on the CPU in {devices.precision} "
-                   f"({'; '.join(devices.why)}); the time budget would lower the slices per vertebra")
-        _loud(message)
+    if devices.kind != "GPU" and (KAGGLE_INPUT.exists() or args.require_gpu):
+        _loud(f"NO GPU: the classifiers would run on the CPU in {devices.precision} "
+              f"({'; '.join(devices.why)}); the time budget would lower the slices per vertebra")
         if args.require_gpu:
-            print("error: --require-gpu and TensorFlow sees no GPU")
-            return EXIT_WRONG
+            raise _Stop(EXIT_WRONG, "error: --require-gpu and TensorFlow sees no GPU")
     for warning in setup.warnings:
         _loud(warning)
     if not setup.models and not args.allow_priors:
-        print(f"error: no classifier could be loaded from {setup.weights_dir}; {out} holds the priors for every row "
-              "(--allow-priors to run anyway)")
-        return EXIT_WRONG
+        raise _Stop(EXIT_WRONG, f"error: no classifier could be loaded from {setup.weights_dir}; {out} holds the "
+                    "priors for every row (--allow-priors to run anyway)")
+
+
+def stream(args, where: dict, setup, out: Path):
+    """Step 6: the run itself (:func:`cspine_submit.submit.run_submission`), then its summary."""
+    from cspine_submit.submit import run_submission
+
     timeout = args.study_timeout if args.study_timeout > 0 else None
-    result = pipeline.run_submission(setup, out, workers=args.workers, time_budget=where["budget"],
-                                     resume=args.resume, report_path=args.report, progress=not args.no_progress,
-                                     study_timeout=timeout, refresh_seconds=args.refresh_every)
+    result = run_submission(setup, out, workers=args.workers, time_budget=where["budget"], resume=args.resume,
+                            report_path=args.report, progress=not args.no_progress, study_timeout=timeout,
+                            refresh_seconds=args.refresh_every)
     for warning in result.totals["warnings"][len(setup.warnings):]:  # raised during the run (e.g. the warm-up)
         _loud(warning)
     _print_summary(result, where["demo"])
     _print_implausible(result.totals, setup.plan.folders)
-    problems += pipeline.run_problems(result.totals)
-    if problems:
-        for problem in problems:
-            _loud(f"THIS RUN CANNOT BE RIGHT: {problem}")
-        if not args.allow_priors:
-            print(f"exit {EXIT_WRONG}: {out} is complete but not to be trusted (--allow-priors accepts such a run)")
-            return EXIT_WRONG
+    return result
+
+
+def verdict(args, result, problems: list[str], out: Path) -> int:
+    """Step 7: exit 0, or 3 when the run cannot be right (repeating why) unless --allow-priors."""
+    from cspine_submit.submit import run_problems
+
+    problems = problems + run_problems(result.totals)
+    for problem in problems:
+        _loud(f"THIS RUN CANNOT BE RIGHT: {problem}")
+    if problems and not args.allow_priors:
+        print(f"exit {EXIT_WRONG}: {out} is complete but not to be trusted (--allow-priors accepts such a run)")
+        return EXIT_WRONG
     return EXIT_OK

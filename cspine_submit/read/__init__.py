@@ -11,6 +11,7 @@ from cspine_submit.read.dicom import StudyHeader, decode_into, hu_dtype, read_sl
 from cspine_submit.read.orientation import affine_to_axial, axial_axcodes, axial_to_competition, mask_to_axial
 from cspine_submit.read.plugins import REQUIRED_TRANSFER_SYNTAXES, decoder_table, missing_decoders
 from cspine_submit.read.reader import Outcome, iter_studies
+from cspine_submit.read.stacks import read_reusing, reusable_stack  # noqa: F401 - a worker's reused study stacks
 from cspine_submit.read.slice_header import DicomReadError, SliceInfo, read_slice_header
 from cspine_submit.read.slice_order import natural_key, order_slices
 

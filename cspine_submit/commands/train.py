@@ -81,6 +81,9 @@ def add_arguments(parser) -> None:
                              "(small data sets, e.g. the synthetic demo)")
     parser.add_argument("--box-policy", choices=("exclude", "downweight", "study"), default="exclude")
     parser.add_argument("--other-weight", type=float, default=0.2, help="weight of box-less crops with downweight")
+    parser.add_argument("--jit-compile", choices=("auto", "on", "off"), default="auto",
+                        help="XLA for the training step: auto (default) compiles on exactly one GPU (P100, one T4) and "
+                             "not with two GPUs (MirroredStrategy) or on the CPU; on/off force it")
     parser.add_argument("--imagenet-weights", type=Path, default=None,
                         help="local ResNet50 ImageNet 'notop' weights file (3-channel inputs only; never downloaded)")
     parser.add_argument("--trained-on", choices=("competition", "synthetic"), default="competition",
@@ -117,6 +120,7 @@ def run(args) -> int:
 
     from cspine_submit.config import ModelConfig
     from cspine_submit.train import TrainOptions, existing_outputs, train_classifiers
+    from cspine_submit.train.fit import TrainingDeviceError
 
     try:
         config = ModelConfig.from_json(args.config) if args.config else ModelConfig()
@@ -147,7 +151,7 @@ def run(args) -> int:
         lr_schedule=args.schedule, patience=args.patience, monitor=args.monitor, val_fraction=args.val_fraction,
         seed=args.seed, augment=not args.no_augment, pos_weight=args.pos_weight, balance=args.balance,
         calibrate=not args.no_calibrate, shared=args.shared, box_policy=args.box_policy,
-        other_weight=args.other_weight,
+        other_weight=args.other_weight, jit_compile=args.jit_compile,
         backbone_weights=str(args.imagenet_weights) if args.imagenet_weights else None,
         workers=args.workers, limit=args.limit, work_dir=str(args.work_dir) if args.work_dir else None,
         cache_dir=str(args.cache) if args.cache else None, trained_on=args.trained_on, source=_command_line(),
@@ -160,6 +164,9 @@ def run(args) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
+    except TrainingDeviceError as exc:  # the finished (fold, unit) models are kept: --resume continues
+        print(f"error: {exc}\n(finished models are kept in the work folder: fix the cause, then rerun with --resume)")
+        return 3
     v = result.validation
     print(f"{'label':<16}{'log loss':>9}{'AUC':>7}   (out of fold, {v['n_studies']} studies)")
     for label, d in v["per_label"].items():

@@ -24,14 +24,64 @@ PREDICT_CHUNK = 256
 """Crops decoded from the cache per prediction call (bounds the host memory of a held-out fold's prediction)."""
 
 
+class TrainingDeviceError(RuntimeError):
+    """The device could not run a training step (out of memory, XLA could not compile, a driver/library error); the
+    message names the cause and what to change."""
+
+
+_XLA_WORDS = ("XLA", "jit", "OpKernel", "compil")
+
+
+def device_error(exc: BaseException, *, tag: str, config: ModelConfig, options: TrainOptions, jit_compile: bool,
+                 replicas: int) -> TrainingDeviceError | None:
+    """``exc`` as a :class:`TrainingDeviceError` with the cause and the options to change, or None when it is not
+    a device error (TensorFlow's ``OpError`` family: out of memory, XLA compilation, internal/driver errors)."""
+    import tensorflow as tf
+
+    if not isinstance(exc, tf.errors.OpError):
+        return None
+    first = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [""])[0][:300]
+    where = (f"training {tag} ({config.head} head, input {tuple(config.input_shape)}, batch {options.batch_size} "
+             f"per replica x {replicas}, XLA {'on' if jit_compile else 'off'})")
+    if isinstance(exc, tf.errors.ResourceExhaustedError):
+        return TrainingDeviceError(
+            f"out of device memory {where}: {first}. Lower --batch-size, use a smaller --input-size or the gap head "
+            "(--head gap: no 134M-parameter Dense kernel)" + ("" if jit_compile else ", or try --jit-compile on"))
+    if jit_compile and any(w in str(exc) for w in _XLA_WORDS):
+        return TrainingDeviceError(f"XLA could not compile the training step {where}: {first}. "
+                                   "Rerun with --jit-compile off")
+    return TrainingDeviceError(f"the device failed {where}: {type(exc).__name__}: {first}. "
+                               + ("Try --jit-compile off; " if jit_compile else "")
+                               + "check the GPU driver/CUDA libraries (cspine-submit env), or train on the CPU "
+                                 "with CUDA_VISIBLE_DEVICES=-1 for a smoke run")
+
+
+def devices_line(strategy, precision: str, jit_compile: bool) -> str:
+    """One console line: where training runs, in which precision, replicas and XLA."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    names = []
+    for gpu in gpus:
+        try:
+            names.append(tf.config.experimental.get_device_details(gpu).get("device_name") or gpu.name)
+        except Exception:  # noqa: BLE001 - a name for the console only
+            names.append(gpu.name)
+    where = f"GPU ({', '.join(names)})" if gpus else "CPU (no GPU visible to TensorFlow)"
+    replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
+    return (f"training on {where}, precision {precision}, {replicas} replica(s)"
+            f"{' (MirroredStrategy)' if replicas > 1 else ''}, XLA {'on' if jit_compile else 'off'}")
+
+
 def _set_seeds(seed: int) -> None:
     import keras
 
     keras.utils.set_random_seed(seed)
 
 
-def _make_model(config: ModelConfig, options: TrainOptions, strategy, seed: int):
-    """The classifier to train, behind the on-device augmentation layer when ``options.augment``, compiled."""
+def _make_model(config: ModelConfig, options: TrainOptions, strategy, seed: int, *, jit_compile: bool = False):
+    """The classifier to train, behind the on-device augmentation layer when ``options.augment``, compiled (with XLA
+    when ``jit_compile``)."""
     import keras
 
     from cspine_submit.score.models import build_classifier, dtype_policy, precision_policy
@@ -45,6 +95,7 @@ def _make_model(config: ModelConfig, options: TrainOptions, strategy, seed: int)
             optimizer=keras.optimizers.Adam(options.learning_rate),
             loss=keras.losses.BinaryCrossentropy(),
             weighted_metrics=[keras.metrics.AUC(name="auc")],
+            jit_compile=bool(jit_compile),
         )
     return model
 
@@ -104,8 +155,8 @@ def unit_seed_offset(fold: str, unit: str) -> int:
     return v + 10 * (int(fold[1:]) if fold[1:].isdigit() else 9)
 
 
-def _open_model(tag: str, past: list, last_path: Path, config: ModelConfig, options: TrainOptions, strategy,
-                seed: int):
+def _open_model(past: list, last_path: Path, config: ModelConfig, options: TrainOptions, strategy, *, seed: int,
+                jit_compile: bool):
     """``(model, past)``: the interrupted run's checkpoint with its logged epochs, or a new model and ``[]``."""
     import keras
 
@@ -114,8 +165,10 @@ def _open_model(tag: str, past: list, last_path: Path, config: ModelConfig, opti
 
         _train_augment_class()  # registers the augmentation layer, so the checkpoint deserializes
         with strategy.scope():
-            return keras.models.load_model(last_path), past
-    return _make_model(config, options, strategy, seed), []
+            model = keras.models.load_model(last_path)
+        model.jit_compile = bool(jit_compile)  # this run's choice, not the interrupted one's
+        return model, past
+    return _make_model(config, options, strategy, seed, jit_compile=jit_compile), []
 
 
 def _best_so_far(past: list, options: TrainOptions, use_val: bool) -> tuple[float, int]:
@@ -146,8 +199,8 @@ def _fit_epoch(model, ds_train, ds_val, epoch: int, *, tag: str, steps: int, lr:
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOptions, work: WorkPaths, strategy,
-               progress: bool = True, log: Callable[[str], None] | None = None):
+def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOptions, *, work: WorkPaths, strategy,
+               jit_compile: bool = False, progress: bool = True, log: Callable[[str], None] | None = None):
     """Train one classifier (resuming from its checkpoint when one exists); returns the model to keep.
 
     Parameters
@@ -161,6 +214,8 @@ def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOpti
         Checkpoints and ``history.csv`` go here.
     strategy : tf.distribute.Strategy
         The model is built (or reopened) in its scope; the global batch is ``batch_size`` per replica.
+    jit_compile : bool
+        Compile the training step with XLA (:func:`cspine_submit.train.options.resolve_jit_compile`).
     progress : bool
         A tqdm bar per epoch.
     log : callable, optional
@@ -184,7 +239,8 @@ def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOpti
 
     offset = unit_seed_offset(fold, unit)
     _set_seeds(options.seed + offset)
-    model, past = _open_model(tag, past, last_path, config, options, strategy, options.seed * 100 + offset)
+    model, past = _open_model(past, last_path, config, options, strategy, seed=options.seed * 100 + offset,
+                              jit_compile=jit_compile)
     replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
     global_batch = options.batch_size * replicas
     use_val = options.patience > 0 and len(val_s) > 0

@@ -71,7 +71,7 @@ from cspine_submit.train import fit
 from cspine_submit.train.history import draw_history_png, read_history
 from cspine_submit.train.metric import competition_score, evaluate_arrays, roc_auc
 from cspine_submit.train.options import (
-    REFERENCE_BATCH, TrainOptions, TrainResult, WorkPaths, default_work_dir, learning_rate_at,
+    JIT_CHOICES, REFERENCE_BATCH, TrainOptions, TrainResult, WorkPaths, default_work_dir, learning_rate_at, resolve_jit_compile,
 )
 
 __all__ = ["OUTPUT_FILES", "REFERENCE_BATCH", "RunPlan", "TrainOptions", "TrainResult", "WorkPaths",
@@ -114,6 +114,8 @@ def _check_inputs(out_dir: Path, ranges_path: Path, config: ModelConfig, options
         raise ValueError(f"lr_schedule {options.lr_schedule!r}: expected 'cosine' or 'constant'")
     if options.folds < 1:
         raise ValueError(f"folds={options.folds}: need 1 (one split) or more")
+    if options.jit_compile not in JIT_CHOICES:
+        raise ValueError(f"jit_compile {options.jit_compile!r}: expected one of {list(JIT_CHOICES)}")
     if options.final == "refit" and options.patience > 0:
         raise ValueError("final='refit' needs the fixed schedule (patience 0): a refit has no studies left to stop on")
     unknown = [v for v in options.vertebrae if v not in VERTEBRAE]
@@ -173,7 +175,7 @@ def _inner_split(uids: list, labels: dict, options: TrainOptions) -> tuple[list,
 
 
 def _fit_one(plan: RunPlan, job: tuple, samples: Callable, config: ModelConfig, options: TrainOptions, *,
-             work: WorkPaths, strategy, progress: bool, say: Callable[[str], None]) -> None:
+             work: WorkPaths, strategy, jit_compile: bool, progress: bool, say: Callable[[str], None]) -> None:
     """Train one (fold, unit) model; write ``models/<fold>_<unit>.keras`` and its held-out slice probabilities."""
     fold, unit, members, train_uids, held_uids = job
     tag = f"{fold}/{unit}"
@@ -182,7 +184,8 @@ def _fit_one(plan: RunPlan, job: tuple, samples: Callable, config: ModelConfig, 
     inner = td.Samples.concat([samples(v, inner_uids) for v in members])
     say(f"{tag}: {len(tr.kept())} training crops ({int(tr.kept().y.sum())} positive) from {len(fit_uids)} "
         f"studies; {len(held_uids)} held-out studies")
-    model = fit.train_unit(tag, tr, inner, config, options, work, strategy, progress, say)
+    model = fit.train_unit(tag, tr, inner, config, options, work=work, strategy=strategy, jit_compile=jit_compile,
+                           progress=progress, log=say)
     # A clean copy (no optimizer state, no augmentation layer) built by the same factory inference uses.
     clean = score_models.build_classifier(config.head, config.input_shape)
     clean.set_weights(fit.classifier_of(model).get_weights())
@@ -201,6 +204,8 @@ def fit_models(plan: RunPlan, metas: dict, cache_dir: Path, config: ModelConfig,
 
     strategy = score_models.distribution_strategy()
     replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
+    jit_compile = resolve_jit_compile(options.jit_compile, gpus=len(score_models.gpu_devices()), replicas=replicas)
+    say(fit.devices_line(strategy, score_models.precision_policy(config), jit_compile))
     if replicas > 1:
         say(f"{replicas} GPU replicas: global batch {options.batch_size * replicas}, peak learning rate "
             f"{learning_rate_at(options, 1, replicas):.2e}")
@@ -217,7 +222,15 @@ def fit_models(plan: RunPlan, metas: dict, cache_dir: Path, config: ModelConfig,
         if tag in state["done"] and (work.models / f"{fold}_{unit}.keras").is_file():
             say(f"{tag}: already trained, skipped")
             continue
-        _fit_one(plan, job, samples, config, options, work=work, strategy=strategy, progress=progress, say=say)
+        try:
+            _fit_one(plan, job, samples, config, options, work=work, strategy=strategy, jit_compile=jit_compile,
+                     progress=progress, say=say)
+        except Exception as exc:  # noqa: BLE001 - device errors get a message; everything else is re-raised
+            error = fit.device_error(exc, tag=tag, config=config, options=options, jit_compile=jit_compile,
+                                     replicas=replicas)
+            if error is None:
+                raise
+            raise error from exc
         state["done"] = sorted(set(state["done"]) | {tag})  # after the model and its predictions are on disk
         _save_state(work, state)
         for p in work.checkpoints.glob(f"{fold}_{unit}.*"):
@@ -418,6 +431,7 @@ def _training_report(plan: RunPlan, options: TrainOptions, metas: dict, failed: 
         "batch_per_replica": options.batch_size, "replicas": replicas,
         "peak_learning_rate": learning_rate_at(options, 1, replicas), "pos_weight": options.pos_weight,
         "balance": options.balance, "box_policy": options.box_policy, "shared": options.shared,
+        "jit_compile": options.jit_compile,
         "failed_studies": [{"uid": u, "error": e} for u, e in failed],
         "cache_bytes": td.cache_bytes(metas), "cache_studies": len(metas),
     }

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+from cspine_submit.config import VERTEBRAE, ModelConfig
 
 MANIFEST_NAME = "MANIFEST.json"
 
@@ -150,3 +153,71 @@ def verify_manifest(folder: str | Path, extra_ok: bool = True) -> list[str]:
             if not artefact and rel.as_posix() not in listed:
                 problems.append(f"{folder / rel}: present but not listed in {path}")
     return problems
+
+
+@dataclass(frozen=True)
+class WeightsSummary:
+    """What a weights folder holds, read from its ``model_config.json`` and file sizes (no TensorFlow).
+
+    Attributes
+    ----------
+    folder : Path
+    trained_on : str
+        ``model_config.json``'s ``trained_on`` (``untrained``, ``synthetic``, ``competition``, ...).
+    vertebrae_with_classifiers : tuple of str
+        Vertebrae whose every listed classifier file is present.
+    classifier_files : int
+        Distinct classifier files present (an ensemble shared by the vertebrae counts each file once).
+    classifier_bytes, total_bytes : int
+        Sizes of those files, and of every file a manifest would list (training artefacts left out).
+    """
+
+    folder: Path
+    trained_on: str
+    vertebrae_with_classifiers: tuple[str, ...]
+    classifier_files: int
+    classifier_bytes: int
+    total_bytes: int
+
+    @property
+    def n_vertebrae(self) -> int:
+        """How many of the seven vertebrae have their classifiers."""
+        return len(self.vertebrae_with_classifiers)
+
+    def describe(self) -> str:
+        """One line for a user: ``7/7 vertebrae with classifiers (5 files, 2.1 MB), trained_on synthetic``."""
+        return (f"{self.n_vertebrae}/7 vertebrae with classifiers ({self.classifier_files} file(s), "
+                f"{format_bytes(self.classifier_bytes)}), trained_on {self.trained_on!r}; "
+                f"{format_bytes(self.total_bytes)} in all")
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes as a short decimal size (``"95.3 MB"``)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def summarize_weights(folder: str | Path) -> WeightsSummary:
+    """Read what ``folder`` ships: classifiers per vertebra (from its ``model_config.json``), trained_on, sizes.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``folder/model_config.json`` is missing (naming it).
+    ValueError
+        It does not parse as a model config (naming the file and the problem).
+    """
+    folder = Path(folder)
+    config = ModelConfig.from_json(folder / "model_config.json")
+    present, files = [], set()
+    for v in VERTEBRAE:
+        paths = config.classifier_paths(v) if v in config.classifier_files else ()
+        if paths and all((folder / p).is_file() for p in paths):
+            present.append(v)
+            files.update(paths)
+    sizes = {rel: (folder / rel).stat().st_size for rel, artefact in _walk(folder) if not artefact}
+    return WeightsSummary(folder=folder, trained_on=str(config.trained_on), vertebrae_with_classifiers=tuple(present),
+                          classifier_files=len(files), classifier_bytes=sum((folder / f).stat().st_size for f in files),
+                          total_bytes=sum(sizes.values()))

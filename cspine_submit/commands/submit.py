@@ -80,6 +80,10 @@ EXIT_OK, EXIT_EXISTS, EXIT_USAGE, EXIT_WRONG = 0, 1, 2, 3
 first; ``--allow-priors`` turns this into 0)."""
 
 
+SHOWN_FALLBACKS = 10
+"""Fallback studies named one per line in the summary; the report lists them all."""
+
+
 def _loud(message: str) -> None:
     bar = "!" * 100
     print(f"{bar}\nWARNING: {message}\n{bar}", flush=True)
@@ -150,8 +154,11 @@ def _print_summary(result, demo_data) -> None:
     t = result.totals
     print(f"wrote {result.out} ({t['rows']} rows, {t['studies']} studies: {t['ok']} ok, {t['fallback']} fallback"
           f"{', ' + str(t['resumed']) + ' resumed' if t['resumed'] else ''})")
-    for uid, reason in t["fallback_reasons"].items():
+    reasons = list(t["fallback_reasons"].items())
+    for uid, reason in reasons[:SHOWN_FALLBACKS]:
         print(f"  fallback {uid}: {reason}")
+    if len(reasons) > SHOWN_FALLBACKS:
+        print(f"  ... and {len(reasons) - SHOWN_FALLBACKS} more fallbacks (totals.fallback_reasons in the report)")
     rate = t["studies_per_s"]
     print(f"wall {t['wall_seconds']:.2f} s (+ {t['load_seconds']:.2f} s loading classifiers, ranges and test.csv), "
           f"{'n/a' if rate is None else f'{rate:.3f}'} studies/s, slices read {t['slices_read']}")
@@ -212,9 +219,14 @@ def run(args) -> int:
 
 
 def resolve_paths(args) -> tuple[dict, Path]:
-    """Step 1: the test folder, test.csv, weights, output and budget (:func:`_resolve`); an existing --out stops."""
+    """Step 1: the test folder, test.csv, weights, output and budget (:func:`_resolve`), checked
+    (:func:`cspine_submit.submit.inputs.check_inputs`: exit 2 naming the path); an existing --out stops (exit 1)."""
+    from cspine_submit.submit.inputs import check_inputs
+
     try:
         where = _resolve(args)
+        # Before anything is written or loaded: a mistyped path exits 2 in a second, with no CSV.
+        check_inputs(where["test_dir"], where["test_csv"], where["weights"], test_csv_given=args.test_csv is not None)
     except ValueError as exc:
         raise _Stop(EXIT_USAGE, f"error: {exc}") from None
     out = Path(where["out"])
@@ -288,8 +300,20 @@ def announce(args, where: dict, setup, decoders, out: Path) -> None:
     for warning in setup.warnings:
         _loud(warning)
     if not setup.models and not args.allow_priors:
-        raise _Stop(EXIT_WRONG, f"error: no classifier could be loaded from {setup.weights_dir}; {out} holds the "
-                    "priors for every row (--allow-priors to run anyway)")
+        _stop_without_classifiers(args, where, setup, out)
+
+
+def _stop_without_classifiers(args, where: dict, setup, out: Path) -> None:
+    """No classifier loaded: the complete priors file and a report that says so for every study, then exit 3."""
+    from cspine_submit.submit.inputs import WEIGHTS_FIX
+    from cspine_submit.submit.run import priors_only_run
+
+    reason = f"not run: no classifier could be loaded from {setup.weights_dir}"
+    result = priors_only_run(setup, out, reason, resume=args.resume, report_path=args.report)
+    _print_summary(result, None)
+    raise _Stop(EXIT_WRONG, f"error: no classifier could be loaded from {setup.weights_dir}; {out} holds the priors "
+                f"for every row and {result.report_path} says so. To score: {WEIGHTS_FIX}. (--allow-priors runs "
+                "anyway and exits 0.)")
 
 
 def stream(args, where: dict, setup, out: Path):

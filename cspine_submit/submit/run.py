@@ -37,7 +37,13 @@ from cspine_submit.score import aggregate, encode_crops
 from cspine_submit.score import prediction  # prediction.score looked up at each call: tests replace it
 from cspine_submit.submit import submission
 from cspine_submit.submit.budget import BudgetController
-from cspine_submit.submit.run_report import fallback_entry, fell_back, report_totals, run_problems
+from cspine_submit.submit.run_report import (
+    all_priors_reason,
+    fallback_entry,
+    fell_back,
+    report_totals,
+    run_problems,
+)
 from cspine_submit.submit.setup import RunSetup, initial_priors, load_models, load_ranges_for, prepare_run
 from cspine_submit.submit.worker import (
     MIN_SLICES,
@@ -53,7 +59,7 @@ from cspine_submit.submit.worker import (
 # this module under its old name, :mod:`cspine_submit._moved`); kept importable from here for one release.
 __all__ = [
     "REFRESH_SECONDS", "RunResult", "RunState", "GuardedScorer", "ScoringTimeout", "start_run", "write_priors_file",
-    "warm_up", "score_study", "stream_studies", "finish_run", "run_submission",
+    "warm_up", "score_study", "stream_studies", "finish_run", "run_submission", "priors_only_run",
     # moved (import them from their rooms or the stage's face):
     "BudgetController", "RunSetup", "prepare_run", "initial_priors", "load_models", "load_ranges_for", "MIN_SLICES",
     "PreparedStudy", "StudyFailure", "StudyJob", "prepare_study", "fell_back", "run_problems",
@@ -282,6 +288,9 @@ def score_study(state: RunState, job: StudyJob, prepared: PreparedStudy, seconds
         return
     if from_prior:
         entry["priors_used"] = from_prior
+    if set(VERTEBRAE) <= set(from_prior):
+        # Not "ok": no classifier scored anything; its 8 rows are priors (the report and the totals say so).
+        entry.update(status="fallback", reason=all_priors_reason(prepared.plan, job.vertebrae))
     entry["plan"] = prepared.plan
     state.finish(job.uid, probs, entry)
 
@@ -345,6 +354,23 @@ def finish_run(state: RunState) -> RunResult:
     submission.write_report(state.report_path, state.studies, totals)
     return RunResult(out=state.out, report_path=state.report_path, probabilities=probabilities,
                      studies=state.studies, totals=totals)
+
+
+def priors_only_run(setup: RunSetup, out: str | Path, reason: str, *, resume: bool = False,
+                    report_path: str | Path | None = None) -> RunResult:
+    """A run that reads no study: every row gets its prior and every study's report entry says ``reason``.
+
+    For a run stopped before its studies (no classifier loaded): the submission is complete and the report
+    counts what really happened (nothing scored), instead of there being no report at all. Nothing is journaled,
+    so ``--resume`` with working weights does every study.
+    """
+    state = start_run(setup, out, resume=resume, report_path=report_path)
+    write_priors_file(state)
+    state.t_loop = time.perf_counter()
+    for uid in state.todo:
+        state.finish(uid, state.priors, fallback_entry(reason), journaled=False)
+    state.journal.close()
+    return finish_run(state)
 
 
 def run_submission(

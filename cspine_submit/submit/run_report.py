@@ -17,6 +17,31 @@ def fallback_entry(reason: str, seconds: dict | None = None, slices_read: int = 
     return {"status": "fallback", "reason": reason, "slices_read": int(slices_read), "seconds": dict(seconds or {})}
 
 
+def all_priors_reason(plan: dict, scored: tuple[str, ...]) -> str:
+    """Why a study that was read took its prior for every vertebra, from its plan summary.
+
+    Parameters
+    ----------
+    plan : dict
+        The study's plan summary (:func:`cspine_submit.submit.plan_report.plan_summary`): ``{vertebra: {"prior":
+        reason, ...}}`` for the vertebrae given their prior before scoring.
+    scored : tuple of str
+        The vertebrae a classifier was loaded for.
+
+    Returns
+    -------
+    str
+        E.g. ``"every vertebra took its prior (C1, C2: planned outside the scan; C3-C7: no classifier loaded)"``.
+    """
+    if not scored:
+        return "every vertebra took its prior: no classifier was loaded"
+    by_reason: dict[str, list[str]] = {}
+    for v in VERTEBRAE:
+        why = ((plan or {}).get(v) or {}).get("prior") or "nothing to score"
+        by_reason.setdefault(str(why), []).append(v)
+    return "every vertebra took its prior (" + "; ".join(f"{', '.join(vs)}: {why}" for why, vs in by_reason.items()) + ")"
+
+
 def fell_back(entry: dict) -> bool:
     """True when a study's 8 rows are all priors: it failed, or every vertebra took its prior."""
     return entry["status"] == "fallback" or set(VERTEBRAE) <= set(entry.get("priors_used", ()))

@@ -79,7 +79,10 @@ def read_test_csv(path: str | Path) -> list[tuple[str, str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (test.csv)")
-    df = pd.read_csv(path, dtype=str)
+    try:
+        df = pd.read_csv(path, dtype=str)
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' ParserError / EmptyDataError, a binary file
+        raise ValueError(f"{path}: not a readable CSV ({type(exc).__name__}: {exc})") from None
     need = {"row_id", "StudyInstanceUID", "prediction_type"}
     if not need <= set(df.columns):
         raise ValueError(f"{path}: expected columns {sorted(need)}, found {list(df.columns)}")

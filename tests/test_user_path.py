@@ -1,0 +1,141 @@
+"""The user's path through ``submit`` (issue 21): wrong paths fail fast and say what to do, a run that cannot score
+says so in its report, and an interrupted run ends cleanly and resumes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cspine_submit.cli import main as cli_main
+from cspine_submit.config import VERTEBRAE, ModelConfig
+from cspine_submit.submit.submission import companion_paths
+
+from _pipeline_helpers import UID_ROOT, write_study, write_weights
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return write_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    for i in range(2):
+        write_study(root / f"{UID_ROOT}.{700 + i}", f"{UID_ROOT}.{700 + i}", seed=i)
+    return root
+
+
+def _cli(*argv) -> int:
+    return cli_main(["submit", "--no-progress", "--workers", "0", *map(str, argv)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wrong paths: exit 2 before TensorFlow, the path and the fix in the message, no CSV
+
+
+_BAD_PATHS = r"""
+import contextlib, io, json, sys
+from cspine_submit.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        rc = main(["submit", "--no-progress", "--workers", "0", *argv])
+    results.append([rc, text.getvalue()])
+print(json.dumps({"results": results, "tensorflow": "tensorflow" in sys.modules}))
+"""
+
+
+def test_wrong_paths_exit_2_before_tensorflow_naming_the_path_and_the_fix(weights, images, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_study = images / f"{UID_ROOT}.700"  # a study's own folder given as the test folder
+    competition = tmp_path / "competition"
+    (competition / "test_images" / "x").mkdir(parents=True)
+    no_weights = tmp_path / "no_weights_here"
+    not_weights = tmp_path / "not_weights"
+    not_weights.mkdir()
+    (not_weights / "notes.txt").write_text("hello\n")
+    bad_config = tmp_path / "bad_config"
+    bad_config.mkdir()
+    (bad_config / "model_config.json").write_text("{not json")
+    bad_csv = tmp_path / "csv" / "test.csv"
+    bad_csv.parent.mkdir()
+    bad_csv.write_bytes(b"\x00\x01\xff\xfe binary \x00")
+    out = tmp_path / "out" / "submission.csv"
+    cases = [  # (argv, what the message must name, a word of the fix)
+        (["--test-dir", tmp_path / "no_such_dir", "--weights", weights], tmp_path / "no_such_dir", "test_images"),
+        (["--test-dir", empty, "--weights", weights], empty, "one sub-folder per study"),
+        (["--test-dir", one_study, "--weights", weights], one_study, "give its parent"),
+        (["--test-dir", competition, "--weights", weights], competition, str(competition / "test_images")),
+        (["--test-dir", images, "--weights", no_weights], no_weights, "--weights weights/demo"),
+        (["--test-dir", images, "--weights", not_weights], not_weights, "cspine-submit train"),
+        (["--test-dir", images, "--weights", bad_config], bad_config / "model_config.json", "train"),
+        (["--test-dir", images, "--test-csv", bad_csv, "--weights", weights], bad_csv, "--test-csv"),
+        (["--test-dir", images, "--test-csv", tmp_path / "missing.csv", "--weights", weights],
+         tmp_path / "missing.csv", "leave --test-csv out"),
+    ]
+    argvs = [[str(a) for a in argv] + ["--out", str(out)] for argv, _, _ in cases]
+    proc = subprocess.run([sys.executable, "-c", _BAD_PATHS, json.dumps(argvs)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    for (argv, path, fix), (rc, text) in zip(cases, report["results"]):
+        assert rc == 2, (argv, text)
+        assert str(path) in text and fix in text, (argv, text)
+    assert report["tensorflow"] is False  # every case stopped at the argument check
+    assert not out.parent.exists()  # no CSV, no report, no journal
+
+
+def test_a_test_csv_naming_missing_studies_still_runs_them_as_missing(weights, tmp_path):
+    """An empty test folder is fine when test.csv lists the studies: they are reported missing (priors), as today."""
+    empty = tmp_path / "test_images"
+    empty.mkdir()
+    uid = f"{UID_ROOT}.799"
+    (tmp_path / "test.csv").write_text("row_id,StudyInstanceUID,prediction_type\n"
+                                       + "".join(f"{uid}_{v},{uid},{v}\n" for v in VERTEBRAE))
+    out = tmp_path / "submission.csv"
+    assert _cli("--test-dir", empty, "--weights", weights, "--out", out) == 3  # every study missing: cannot be right
+    assert len(out.read_text().splitlines()) == 1 + 7
+    report = json.loads(companion_paths(out)[1].read_text())
+    assert "does not exist" in report["studies"][uid]["reason"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A run without classifiers: exit 3, a report that counts what happened, the fix named
+
+
+def test_no_classifier_run_writes_a_report_of_priors_and_points_to_train(weights, images, tmp_path, capsys):
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    config = ModelConfig.from_json(weights / "model_config.json").replace(trained_on="untrained")
+    config.to_json(untrained / "model_config.json")  # a config, but none of its classifier files
+    out = tmp_path / "a" / "submission.csv"
+    assert _cli("--test-dir", images, "--weights", untrained, "--out", out) == 3
+    text = capsys.readouterr().out
+    assert "no classifier could be loaded" in text and "cspine-submit train" in text and "--weights weights/demo" in text
+    assert len(out.read_text().splitlines()) == 1 + 16
+    report = json.loads(companion_paths(out)[1].read_text())
+    totals = report["totals"]
+    assert totals["ok"] == 0 and totals["fallback"] == 2 and totals["fell_back"] == 2, totals
+    assert all("no classifier" in e["reason"] for e in report["studies"].values())
+    assert "0 ok, 2 fallback" in text
+
+
+def test_a_priors_only_run_accepted_with_allow_priors_is_not_counted_ok(weights, images, tmp_path, capsys):
+    """It used to report ``"ok": 2, "fell_back": 2`` and "2 ok, 0 fallback" while every row was a prior."""
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    ModelConfig.from_json(weights / "model_config.json").to_json(untrained / "model_config.json")
+    out = tmp_path / "submission.csv"
+    assert _cli("--test-dir", images, "--weights", untrained, "--out", out, "--allow-priors") == 0
+    totals = json.loads(companion_paths(out)[1].read_text())["totals"]
+    assert totals["ok"] == 0 and totals["fallback"] == 2 and totals["fell_back"] == 2, totals
+    assert "0 ok, 2 fallback" in capsys.readouterr().out

@@ -41,6 +41,9 @@ One job a module, imports pointing down the list (no module imports one listed a
     Header + SliceRanges (+ the measured cue) -> ``{vertebra: CropPlan}``.
 ``evaluate``
     Plans vs truth -> coverage / purity / box coverage, leave-one-out.
+``extents``
+    A table of real masks' vertebra extents -> header-only truths, each vertebra's place along the column, and
+    ranges whose z-extents follow the competition's masks (whole bone, overlapping neighbours).
 
 Callers import from here (``from cspine_submit.localize import plan_crops``); the names below are the public face.
 """
@@ -107,6 +110,13 @@ from cspine_submit.localize.plan import (
     study_cue_indices,
 )
 from cspine_submit.localize.evaluate import evaluate_ranges, score_plans
+from cspine_submit.localize.extents import (
+    StudyExtents,
+    column_extents,
+    load_extents,
+    truths_from_extents,
+    with_real_extents,
+)
 
 __all__ = [
     # features
@@ -127,4 +137,6 @@ __all__ = [
     "study_cue_indices",
     # evaluate
     "evaluate_ranges", "score_plans",
+    # extents
+    "StudyExtents", "column_extents", "load_extents", "truths_from_extents", "with_real_extents",
 ]

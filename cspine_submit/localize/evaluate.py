@@ -9,6 +9,7 @@ import numpy as np
 
 from cspine_submit.config import VERTEBRAE, SliceRanges
 from cspine_submit.localize.align import alignment_check
+from cspine_submit.localize.extents import StudyExtents, with_real_extents
 from cspine_submit.localize.features import cue_indices
 from cspine_submit.localize.learn import ranges_from_truths
 from cspine_submit.localize.masks import StudyTruth
@@ -32,6 +33,10 @@ def score_plans(truth: StudyTruth, plans: Mapping[str, CropPlan]) -> dict[str, d
     offset_mm
         Centre of the planned slices minus centre of the vertebra's true slices, mm (positive: planned too far
         toward the feet).
+    start_error_mm, end_error_mm
+        The planner's expected start (end) of the vertebra (``CropPlan.z_range_mm``, before the z margin) minus
+        the position of its true first (last) slice, mm (positive: toward the feet); NaN when the plan has no
+        ``z_range_mm``.
     """
     out = {}
     for v in VERTEBRAE:
@@ -51,8 +56,11 @@ def score_plans(truth: StudyTruth, plans: Mapping[str, CropPlan]) -> dict[str, d
         inside = foot[iy0:iy1, ix0:ix1].sum() if iy1 > iy0 and ix1 > ix0 else 0
         z = truth.z_mm
         offset = 0.5 * (z[p_lo] + z[p_hi]) - 0.5 * (z[first] + z[last])
+        start_err = end_err = float("nan")
+        if plan.z_range_mm is not None:
+            start_err, end_err = plan.z_range_mm[0] - z[first], plan.z_range_mm[1] - z[last]
         out[v] = {"coverage": float(coverage), "purity": purity, "box_coverage": float(inside / foot.sum()),
-                  "offset_mm": float(offset)}
+                  "offset_mm": float(offset), "start_error_mm": float(start_err), "end_error_mm": float(end_err)}
     return out
 
 
@@ -67,6 +75,7 @@ def evaluate_ranges(
     box_quantiles: tuple[str, str] = ("q10", "q90"),
     ranges: SliceRanges | None = None,
     learn_from: Sequence[StudyTruth] | None = None,
+    extents: Sequence[StudyExtents] | None = None,
 ) -> dict[str, Any]:
     """Leave-one-out evaluation: learn from all studies but one, plan the one left out, score against its mask.
 
@@ -90,15 +99,19 @@ def evaluate_ranges(
         Learn from these instead of from ``truths``, leaving out every study with the held-out study's UID: the
         same patients written another way (e.g. whole volumes to learn from, competition-style cuts to test on)
         without the test patient ever teaching its own plan.
+    extents : list of StudyExtents, optional
+        With leave-one-out learning: each fold's ranges get their z-extents from this table of real masks'
+        extents (:func:`~cspine_submit.localize.extents.with_real_extents`; needs ``profile``), as
+        ``learn-ranges --extents`` learns them.
 
     Returns
     -------
     dict
         ``{"method", "n_studies", "per_vertebra": {v: {"coverage", "purity", "box_coverage", "abs_offset_mm"}},
         "mean": {...}, "mean_box_area" (planned box area as a share of the image, mean over vertebrae and studies),
-        "per_study": {uid: {v: {"coverage", "purity", "box_coverage", "offset_mm"}}}, "study_summary": {uid:
-        {"coverage", "purity", "box_coverage", "worst", "worst_offset_mm", "anchor_error_mm", "alignment_cost",
-        "alignment_plausible"}}, "anchor_error_mm": [...] and "alignment_reference": {"cost_reference",
+        "per_study": {uid: {v: {"coverage", "purity", "box_coverage", "offset_mm", "start_error_mm",
+        "end_error_mm"}}}, "study_summary": {uid: {"coverage", "purity", "box_coverage", "worst", "worst_offset_mm",
+        "anchor_error_mm", "c1_top_error_mm", "c7_bottom_error_mm", "alignment_cost", "alignment_plausible"}}, "anchor_error_mm": [...] and "alignment_reference": {"cost_reference",
         "threshold"} (profile only; None for leave-one-out, whose folds carry no reference)}``. ``alignment_cost``
         is the cue's best alignment cost (``Cue.cost``); ``alignment_plausible`` compares it with the fixed
         ranges' leave-one-out reference (:func:`~cspine_submit.localize.align.alignment_check`; None without one).
@@ -110,6 +123,8 @@ def evaluate_ranges(
     box_areas: list[float] = []
     for i, held in enumerate(truths):
         learned = _fold_ranges(truths, i, method, ranges=ranges, learn_from=learn_from, layout=layout)
+        if extents is not None and ranges is None:
+            learned = with_real_extents(learned, extents, table="evaluation")
         plans, cue = _plan_held(held, learned, method, k=k, z_margin_mm=z_margin_mm, box_mode=box_mode,
                                 box_quantiles=box_quantiles)
         if cue is not None:
@@ -227,7 +242,8 @@ def _summarise_studies(per_study: Mapping[str, Mapping[str, Mapping[str, float]]
         worst = max(VERTEBRAE, key=lambda v: abs(scores[v]["offset_mm"]))
         study_summary[uid] = {**{key: float(np.mean([scores[v][key] for v in VERTEBRAE])) for key in _SCORE_KEYS},
                               "worst": worst, "worst_offset_mm": scores[worst]["offset_mm"],
-                              "anchor_error_mm": error}
+                              "anchor_error_mm": error, "c1_top_error_mm": scores["C1"]["start_error_mm"],
+                              "c7_bottom_error_mm": scores["C7"]["end_error_mm"]}
         if alignment is not None:
             study_summary[uid].update(alignment_cost=alignment["cost"], alignment_plausible=alignment["plausible"])
     return study_summary

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 
-from cspine_submit.tools import bundle
-
-from cspine_submit.tools import reproduce
+from cspine_submit import quiet
 from cspine_submit.cli import main
-from cspine_submit.files import default_weights_dir
+from cspine_submit.files import default_weights_dir, repo_root
+from cspine_submit.tools import bundle, reproduce
 
 
 def test_tampered_weight_file_fails_check(tmp_path, capsys):
@@ -56,8 +58,14 @@ def test_golden_reproduces_and_a_changed_value_is_named(tmp_path, capsys, monkey
     assert GOLDEN.is_file(), f"{GOLDEN} missing: run `cspine-submit check --write-golden`"
     monkeypatch.setenv("CSPINE_SUBMIT_CACHE", str(tmp_path / "cache"))
     demo_weights = GOLDEN.parent
-    result = reproduce.run_check(demo_weights)
-    assert result.golden_problems == [], result.golden_problems
+    # A fresh interpreter, as a user runs it: OK, and none of TensorFlow's start-up lines without --verbose.
+    proc = subprocess.run([sys.executable, "-m", "cspine_submit", "check", "--weights", str(demo_weights)],
+                          capture_output=True, text=True, cwd=repo_root(), timeout=600)
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and f"golden {GOLDEN}: OK" in proc.stdout and "check: OK" in proc.stdout, printed
+    assert "7/7 vertebrae with classifiers" in proc.stdout and "warning" not in proc.stdout
+    noise = [line for line in printed.splitlines() if any(re.search(p, line) for p in quiet.START_UP_PATTERNS)]
+    assert noise == []
     stored = json.loads(GOLDEN.read_text())
     assert len(stored["studies"]) >= 3 and all(len(v) == 8 for v in stored["studies"].values())
     copy = tmp_path / "w"
@@ -85,3 +93,27 @@ def test_demo_runs_twice_and_writes_the_same_bytes(tmp_path, capsys, monkeypatch
     assert outputs[0] == outputs[1]
     rows = outputs[0].decode().splitlines()
     assert len(rows) == 1 + 8 * 4 and all(0 < float(r.split(",")[1]) < 1 for r in rows[1:])
+
+
+def _untrained_folder(folder):
+    folder.mkdir()
+    shutil.copy(default_weights_dir() / "model_config.json", folder / "model_config.json")
+    bundle.write_manifest(folder)
+    return folder
+
+
+def test_check_warns_about_a_folder_without_classifiers(tmp_path, capsys):
+    weights = _untrained_folder(tmp_path / "w")
+    assert main(["check", "--weights", str(weights), "--no-golden"]) == 0
+    out = capsys.readouterr().out
+    assert "0/7 vertebrae with classifiers" in out
+    assert "warning:" in out and "holds no classifiers" in out and "prior probabilities" in out and "weights/demo" in out
+
+
+def test_a_folder_without_golden_output_is_not_a_difference(tmp_path, capsys):
+    # A trained folder has no golden.json (only the demo carries one): check verifies its manifest and says so.
+    weights = _untrained_folder(tmp_path / "w")
+    assert main(["check", "--weights", str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert "golden None" not in out and "DIFFERS" not in out and "check: OK" in out
+    assert "nothing to reproduce" in out

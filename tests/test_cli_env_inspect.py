@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
-from cspine_submit import cli
+from cspine_submit import cli, quiet
+from cspine_submit.files import repo_root
 
 SERIES = Path(__file__).parent / "data" / "dicom" / "series_j2k_ct"
 J2K = "1.2.840.10008.1.2.4.90"
@@ -97,3 +101,40 @@ def test_env_reports_a_library_that_is_there_but_cannot_be_imported(tmp_path, mo
     version = env._version("no-such-distribution-here", "broken_decoder_mod")
     assert version.startswith("installed but cannot be imported (ImportError: libgdcmMSFF.so")
     assert env._version("no-such-distribution-here", "no_such_module_here") is None
+
+
+def test_env_and_check_show_the_same_decoder_routes(capsys, tmp_path):
+    from cspine_submit.read.dicom import decoder_table
+    from cspine_submit.tools import bundle, reproduce
+
+    _, env_out, _ = run_cli(capsys, "env", "--no-tensorflow")
+    (tmp_path / "model_config.json").write_text("{}")
+    bundle.write_manifest(tmp_path)
+    _, check_out, _ = run_cli(capsys, "check", "--weights", str(tmp_path), "--no-golden")
+    rows = decoder_table()
+    assert any(row["direct"] for row in rows)  # the direct routes are there to be shown
+    for row in rows:
+        route = reproduce.decoder_route(row)
+        env_line = next(l for l in env_out.splitlines() if l.strip().startswith(row["uid"] + " "))
+        check_line = next(l for l in check_out.splitlines() if f"({row['uid']})" in l)
+        assert route in env_line and route in check_line, (env_line, check_line)
+        if row["direct"]:
+            assert f"direct {row['direct'][0]}; " in check_line
+
+
+def _start_up_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if any(re.search(p, line) for p in quiet.START_UP_PATTERNS)]
+
+
+def test_env_hides_tensorflow_start_up_unless_verbose():
+    """In a fresh interpreter (TensorFlow not yet imported): no absl/oneDNN/cuInit line without --verbose; with it,
+    TensorFlow's own lines come through (so the patterns do match what it prints here)."""
+    def env(*extra):
+        proc = subprocess.run([sys.executable, "-m", "cspine_submit", "env", *extra], capture_output=True,
+                              text=True, cwd=repo_root(), timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+
+    quiet_out = env()
+    assert "tensorflow" in quiet_out and _start_up_lines(quiet_out) == []
+    assert _start_up_lines(env("--verbose"))

@@ -10,25 +10,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cspine_submit import manifest, quiet
+from cspine_submit.files import default_weights_dir
+from cspine_submit.tools import reproduce
+
 NAME = "check"
 HELP = "environment table, weights MANIFEST.json verification and golden-output reproduction"
 ORDER = 80
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--weights", type=Path, help="weights folder (default: weights/ beside the package)")
-    parser.add_argument("--no-golden", action="store_true", help="skip the golden reproduction")
+    parser.add_argument("--weights", type=Path, help="weights folder to verify (default: weights/ beside the "
+                        "package; its golden output is weights/demo's)")
+    parser.add_argument("--no-golden", action="store_true", help="skip the golden reproduction (the slow part: it "
+                        "generates and scores the demo studies)")
     parser.add_argument("--write-manifest", action="store_true", help="write MANIFEST.json for --weights and exit")
     parser.add_argument("--write-golden", action="store_true",
                         help="recompute golden.json with the demo weights (weights/demo) and exit")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's start-up messages (CUDA probing)")
 
 
 def run(args) -> int:
-    from cspine_submit import manifest
-    from cspine_submit.tools import reproduce
-    from cspine_submit.files import default_weights_dir
-
     weights = args.weights or default_weights_dir()
+    golden_run = not (args.no_golden or args.write_manifest) and reproduce.golden_location(weights) is not None
+    if args.write_golden or golden_run:
+        try:  # the golden run needs TensorFlow: start it now, with its start-up messages hidden unless --verbose
+            quiet.start_tensorflow(args.verbose)
+        except ImportError:
+            pass  # the golden reproduction reports it
     if args.write_golden:
         target = weights if (weights / "model_config.json").is_file() and args.weights else weights / "demo"
         print(f"wrote {reproduce.write_golden(target)}")
@@ -50,9 +59,13 @@ def run(args) -> int:
     print(f"manifest {result.manifest}: {'OK' if not result.manifest_problems else 'DIFFERS'}")
     for p in result.manifest_problems:
         print(f"  DIFFERS: {p}")
-    if not args.no_golden:
+    if result.weights is not None:
+        print(f"weights {weights}: {result.weights.describe()}")
+    if not args.no_golden and result.golden is not None:
         print(f"golden {result.golden}: {'OK' if not result.golden_problems else 'DIFFERS'}")
-        for p in result.golden_problems:
-            print(f"  DIFFERS: {p}")
+    for p in result.golden_problems:
+        print(f"  DIFFERS: {p}")
+    for note in result.notes:
+        print(f"warning: {note}")
     print("check: OK" if result.ok else "check: FAILED")
     return 0 if result.ok else 1

@@ -11,6 +11,9 @@ import json
 import platform
 import sys
 
+from cspine_submit import quiet
+from cspine_submit.tools.reproduce import decoder_route
+
 NAME = "env"
 HELP = "library versions, GPUs and the DICOM decoder table"
 ORDER = 90
@@ -38,6 +41,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--no-tensorflow", action="store_true",
                         help="skip importing TensorFlow (it takes a few seconds)")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's start-up messages (CUDA probing)")
 
 
 def _version(dist: str, module: str) -> str | None:
@@ -57,12 +61,9 @@ def _version(dist: str, module: str) -> str | None:
         return None
 
 
-def _tensorflow() -> dict:
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the report
+def _tensorflow(verbose: bool = False) -> dict:
     try:
-        import tensorflow as tf
+        tf = quiet.start_tensorflow(verbose)
     except ImportError as exc:
         return {"version": None, "error": f"not installed ({exc}); pip install tensorflow", "gpus": []}
     gpus = []
@@ -79,8 +80,9 @@ def _tensorflow() -> dict:
             "built_with_cuda": bool(tf.test.is_built_with_cuda())}
 
 
-def collect(tensorflow: bool = True) -> dict:
-    """Everything ``env`` reports, as a JSON-able dict (library function: no printing)."""
+def collect(tensorflow: bool = True, verbose: bool = False) -> dict:
+    """Everything ``env`` reports, as a JSON-able dict (library function: no printing); TensorFlow's start-up
+    messages are hidden unless ``verbose``."""
     from cspine_submit import __version__
     from cspine_submit.read.dicom import REQUIRED_TRANSFER_SYNTAXES, decoder_table, missing_decoders
 
@@ -92,7 +94,7 @@ def collect(tensorflow: bool = True) -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "libraries": libs,
-        "tensorflow": _tensorflow() if tensorflow else None,
+        "tensorflow": _tensorflow(verbose) if tensorflow else None,
         "decoders": table,
         "missing_required": missing_required,
         "ok": all(row["ok"] for row in table if row["uid"] in REQUIRED_TRANSFER_SYNTAXES),
@@ -122,9 +124,7 @@ def format_text(info: dict) -> str:
     lines += ["", "DICOM decoding (the direct route from the scan first, then pydicom's plugins in the order tried):"]
     lines.append(f"  {'transfer syntax':<24}{'name':<50}{'plugins':<34}missing")
     for row in info["decoders"]:
-        plugins = ", ".join(row["available"]) or "NONE"
-        if row.get("direct"):
-            plugins = f"direct {row['direct'][0]}; " + plugins
+        plugins = decoder_route(row)
         missing = "; ".join(f"{k}: {v}" for k, v in row["missing"].items())
         lines.append(f"  {row['uid']:<24}{row['name'][:48]:<50}{plugins:<34}{missing}")
     if info["missing_required"]:
@@ -134,6 +134,6 @@ def format_text(info: dict) -> str:
 
 
 def run(args) -> int:
-    info = collect(tensorflow=not args.no_tensorflow)
+    info = collect(tensorflow=not args.no_tensorflow, verbose=args.verbose)
     print(json.dumps(info, indent=2) if args.json else format_text(info))
     return 0 if info["ok"] else 1

@@ -40,15 +40,22 @@ def environment_table() -> list[tuple[str, str]]:
     return rows
 
 
+def decoder_route(row: dict) -> str:
+    """The decoders that serve one row of :func:`cspine_submit.read.dicom.decoder_table`, in the order tried: the
+    direct route from the header scan first (``direct dicomsdl; gdcm, pylibjpeg``), then pydicom's plugins;
+    ``NONE`` when nothing does. ``env`` and ``check`` print this same text."""
+    plugins = ", ".join(row["available"]) or "NONE"
+    return f"direct {row['direct'][0]}; {plugins}" if row.get("direct") else plugins
+
+
 def decoder_rows() -> list[tuple[str, str]]:
-    """``(transfer syntax, plugins or what is missing)`` from :func:`cspine_submit.read.dicom.decoder_table`."""
+    """``(transfer syntax, decoders or what is missing)`` from :func:`cspine_submit.read.dicom.decoder_table`."""
     from cspine_submit.read.dicom import decoder_table
 
     rows = []
     for row in decoder_table():
-        served = ", ".join(row["available"]) or "NONE"
         missing = "; ".join(f"{k}: {v}" for k, v in row["missing"].items())
-        rows.append((f"{row['name']} ({row['uid']})", served + (f"  [missing: {missing}]" if missing else "")))
+        rows.append((f"{row['name']} ({row['uid']})", decoder_route(row) + (f"  [missing: {missing}]" if missing else "")))
     return rows
 
 
@@ -139,6 +146,9 @@ class CheckResult:
     golden: Path | None = None
     golden_problems: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    """Warnings that do not fail the check (a weights folder without classifiers, no golden output to reproduce)."""
+    weights: object = None
+    """:class:`cspine_submit.manifest.WeightsSummary` of the folder checked (None without a model_config.json)."""
 
     @property
     def ok(self) -> bool:
@@ -161,10 +171,13 @@ def run_check(weights: Path, cache: Path | None = None, golden: bool = True) -> 
         result.decoders = [("decoders", f"ERROR: {exc}")]
     result.manifest = weights / MANIFEST_NAME
     result.manifest_problems = verify_manifest(weights)
+    result.weights, result.notes = weights_notes(weights)
     if golden:
         path = golden_location(weights)
         if path is None:
-            result.golden_problems = [f"no {GOLDEN_NAME} in {weights} or {weights / 'demo'}"]
+            # Only the demo weights carry a golden output; a trained folder has none, which is not a difference.
+            result.notes.append(f"no {GOLDEN_NAME} in {weights} or {weights / 'demo'}: golden outputs are stored "
+                                "with the demo weights only; nothing to reproduce (the manifest was verified)")
         else:
             result.golden = path
             stored = json.loads(path.read_text(encoding="utf-8"))
@@ -176,3 +189,22 @@ def run_check(weights: Path, cache: Path | None = None, golden: bool = True) -> 
                 result.golden_problems = compare_golden(actual, stored["studies"],
                                                         float(stored.get("tolerance", GOLDEN_TOLERANCE)))
     return result
+
+
+def weights_notes(weights: Path) -> tuple[object, list[str]]:
+    """The folder's :class:`~cspine_submit.manifest.WeightsSummary` (None when it cannot be read) and warnings:
+    no classifiers (a run with it writes priors only), some vertebrae without one, an unreadable config."""
+    from cspine_submit.config import VERTEBRAE
+    from cspine_submit.manifest import summarize_weights
+
+    try:
+        summary = summarize_weights(weights)
+    except (FileNotFoundError, ValueError) as exc:
+        return None, [f"{exc}: a run cannot use this folder"]
+    if summary.n_vertebrae == 0:
+        return summary, [f"{weights} holds no classifiers (trained_on {summary.trained_on!r}): a run with it writes "
+                         "prior probabilities only; train some (`cspine-submit train`) or use weights/demo"]
+    missing = [v for v in VERTEBRAE if v not in summary.vertebrae_with_classifiers]
+    if missing:
+        return summary, [f"{', '.join(missing)} have no classifier in {weights}: a run gives them their priors"]
+    return summary, []

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cspine_submit.config import VERTEBRAE
+from cspine_submit.tools import preview
 from cspine_submit.tools.preview import COLOURS_BGR, LANE_W, N_LANES, render_preview, subset_indices
 from cspine_submit.localize import CropPlan
 
@@ -30,9 +31,11 @@ def test_render_preview_size_and_bands():
     image, geo = render_preview(hu[idx], idx, z, (2.0, 0.8, 0.8), plans)
     # Physical scale: 120 mm of z, 32 x 40 mm in-plane -> 512 / 120 px per mm.
     assert geo.scale == pytest.approx(512 / 120)
-    assert image.shape == (geo.height, geo.width, 3) and image.dtype == np.uint8
+    assert image.shape == (geo.image_h, geo.width, 3) and image.dtype == np.uint8
     assert geo.height == 512 and geo.sag_w == round(40 * 0.8 * geo.scale) and geo.cor_w == round(50 * 0.8 * geo.scale)
-    assert geo.width == geo.sag_w + geo.cor_w + 2 * N_LANES * LANE_W + 6
+    # Ruler, the panels with their lane strips; the direction labels above, the key below.
+    assert geo.width == preview.RULER_W + geo.sag_w + geo.cor_w + 2 * N_LANES * LANE_W + preview.GAP
+    assert geo.top == preview.LABEL_H and geo.image_h > geo.top + geo.height + 20
     for v, plan in plans.items():
         first, last = plan.slice_indices[0], plan.slice_indices[-1]
         top, bottom = geo.row_of(z[first] - 1.0), geo.row_of(z[last] + 1.0) - 1
@@ -45,7 +48,7 @@ def test_render_preview_size_and_bands():
             if top >= 2:  # just above the band: not this vertebra's colour (lanes keep neighbours apart)
                 assert tuple(image[top - 2, x]) != COLOURS_BGR[v]
     # The bone window shows the column brighter than soft tissue at the panel's centre column.
-    mid_row = geo.height // 2
+    mid_row = geo.top + geo.height // 2
     col_px = geo.sagittal_x0 + int(22 * 0.8 * geo.scale)
     soft_px = geo.sagittal_x0 + int(8 * 0.8 * geo.scale)
     assert image[mid_row, col_px].mean() > image[mid_row, soft_px].mean() + 100
@@ -89,7 +92,7 @@ def test_coronal_panel_cuts_through_the_column_not_the_box_centre():
     plans = {v: CropPlan(v, p.slice_indices, (6, 12, 34, 38)) for v, p in plans.items()}
     idx = subset_indices(len(z), 20)
     image, geo = render_preview(hu[idx], idx, z, (2.0, 0.8, 0.8), plans, slab_mm=1.6)
-    mid_row = geo.height // 2
+    mid_row = geo.top + geo.height // 2
     bone_px = geo.coronal_x0 + int(25 * 0.8 * geo.scale)
     soft_px = geo.coronal_x0 + int(8 * 0.8 * geo.scale)
     assert image[mid_row, bone_px].mean() > image[mid_row, soft_px].mean() + 100
@@ -114,3 +117,61 @@ def test_preview_study_defaults_to_the_shipped_ranges(synthetic_info):
     assert image.ndim == 3 and image.shape[2] == 3
     assert set(plans) == set(VERTEBRAE)
     assert info["n_slices"] == synthetic_info.test[0].n_slices
+
+
+def test_preview_has_direction_labels_a_ruler_a_scale_bar_and_a_key():
+    hu, z, plans = _hand_made()
+    idx = subset_indices(len(z), 20)
+    image, geo = render_preview(hu[idx], idx, z, (2.0, 0.8, 0.8), plans)
+    # The direction labels follow the study's orientation: a flipped one gives other letters above the panels.
+    flipped, _ = render_preview(hu[idx], idx, z, (2.0, 0.8, 0.8), plans, axcodes=("I", "A", "R"))
+    labels = np.s_[: geo.top, geo.sagittal_x0 : geo.width]
+    assert image[labels].max() > 200 and not np.array_equal(image[labels], flipped[labels])
+    assert np.array_equal(image[geo.top :], flipped[geo.top :])  # only the labels change
+    # Ruler: a tick every 5 mm below the first slice (at 512/120 px per mm, 10 mm = 43 px: labels every 10 mm).
+    minor, major = preview.ruler_step_mm(geo.scale)
+    assert (minor, major) == (5, 10)
+    tick_x = geo.sagittal_x0 - 3
+    for mm in (0, 5, 50, 115):
+        assert image[geo.row_of(z[0] + mm), tick_x].max() > 150, mm
+    assert image[geo.row_of(z[0] + 2.5), tick_x].max() == 0
+    # Scale bar: `major` mm long under the sagittal panel, then the key's text.
+    bar_row = geo.top + geo.height + 12
+    bar = np.flatnonzero(image[bar_row, : geo.sagittal_x0 + int(major * geo.scale) + 6].max(axis=1) > 200)
+    assert bar[0] == geo.sagittal_x0 and bar[-1] - bar[0] == pytest.approx(major * geo.scale, abs=1.5)
+    assert image[bar_row + 8 :, :].max() > 150  # the key
+    assert "ticks" in preview.KEY_TEXT and "planned slices" in preview.KEY_TEXT
+
+
+def test_key_wraps_to_the_image_width():
+    lines = preview.key_lines(300)
+    assert len(lines) > 2 and " ".join(lines) == " ".join(preview.KEY_TEXT.split())
+    assert all(cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, 0.33, 1)[0][0] <= 292 for line in lines)
+
+
+def test_preview_with_weights_plans_as_the_run_does(synthetic_info, tmp_path, capsys):
+    """`preview --weights DIR` plans with DIR's ranges and config, as `submit --weights DIR` does: the same slices
+    (the run reports DICOM file numbers, preview 0-based indices and the files) and boxes as the run's worker."""
+    from cspine_submit.cli import main
+    from cspine_submit.config import ModelConfig
+    from cspine_submit.files import default_weights_dir
+    from cspine_submit.submit import load_ranges_for
+    from cspine_submit.submit.run import StudyJob, prepare_study
+    from cspine_submit.tools.preview import preview_study
+
+    demo = default_weights_dir() / "demo"
+    folder = synthetic_info.test[0].folder
+    assert main(["preview", str(folder), "--out", str(tmp_path / "p.png"), "--weights", str(demo),
+                 "--max-slices", "24"]) == 0
+    out = capsys.readouterr().out
+    assert f"ranges {demo / 'slice_ranges.json'}" in out and "0-based" in out and ".dcm" in out
+    ranges, _, _ = load_ranges_for(demo)
+    config = ModelConfig.from_json(demo / "model_config.json")
+    _, _, plans, info = preview_study(folder, ranges, config, max_slices=24)
+    run = prepare_study(StudyJob(folder.name, str(folder), ranges, config, VERTEBRAE))
+    for v, plan in plans.items():
+        files = [int(info["file_names"][i].split(".")[0]) for i in plan.slice_indices]
+        assert files == run.plan[v]["slices"], v
+        assert list(plan.box) == list(run.plan[v]["box"]), v
+        first, last = plan.slice_indices[0], plan.slice_indices[-1]
+        assert f"{v}: slices {first}-{last} (0-based; files {info['file_names'][first]}-" in out

@@ -1,26 +1,32 @@
 """A picture of a crop plan: sagittal and coronal reformats with each vertebra's planned range and box.
 
-Drawn with OpenCV only. Layout, left to right: the sagittal panel (vertical = z from head to feet, horizontal = rows
-y, anterior at the left for a standard axial study), the coronal panel (horizontal = columns x), each followed by a
-lane strip where every vertebra's planned range is a coloured band with its name. In the panels, each vertebra's
-crop box is a rectangle in its colour spanning its planned z-range (in the sagittal panel the box's y-extent, in
-the coronal panel its x-extent), and the planned slices are ticks on the panel's left edge. With a mask, the
-outline of every labelled vertebra on the reformat plane is drawn in the same colour.
+Drawn with OpenCV only. Layout, left to right: a z ruler (mm below the first slice; head at the top, feet at the
+bottom), the sagittal panel (vertical = z from head to feet, horizontal = rows y: anterior/posterior, labelled
+from the study's orientation), the coronal panel (horizontal = columns x: the patient's right/left), each followed
+by a lane strip where every vertebra's planned range is a coloured band with its name. In the panels, each
+vertebra's crop box is a rectangle in its colour spanning its planned z-range (in the sagittal panel the box's
+y-extent, in the coronal panel its x-extent), and the planned slices are ticks on the panel's left edge. With a
+mask, the outline of every labelled vertebra on the reformat plane is drawn in the same colour. Under the panels:
+a scale bar and a key saying what the marks are.
 
 The reformats are built from a subset of the slices (at most ``max_slices``, evenly spaced), so a preview costs a
 few dozen decoded slices; each panel is a thin maximum-intensity slab (``slab_mm`` thick), so the column shows even
 when it curves slightly out of the plane: the sagittal one through the centre column of the planned boxes, the
 coronal one through the row with the most bone inside the boxes (the boxes' centre row often misses the column).
+Slice numbers (the console's, :func:`preview_study`'s plans) are 0-based indices into the study's slices sorted
+head to feet; ``info["file_names"]`` maps them to the DICOM files.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from cspine_submit.config import VERTEBRAE
+from cspine_submit.read import axial_axcodes
 
 COLOURS_BGR: dict[str, tuple[int, int, int]] = {
     "C1": (60, 60, 255),
@@ -37,6 +43,22 @@ BONE_WINDOW = (400.0, 1800.0)
 LANE_W = 34
 N_LANES = 3  # neighbours overlap in z, so a vertebra and its neighbours never share a lane
 TARGET_PX = 512
+GAP = 6
+"""Pixels between the sagittal lane strip and the coronal panel."""
+TITLE_H = 22
+"""Height of the title line (when there is a title)."""
+LABEL_H = 16
+"""Height of the strip above the panels naming each panel and the patient direction at its two ends."""
+RULER_W = 40
+"""Width of the z ruler left of the sagittal panel."""
+KEY_TEXT = ("key: ticks at a panel's left edge = the planned slices (K per vertebra); rectangle = the crop box "
+            "over the planned range; band with its name = the planned range; outline (with a mask) = the labelled "
+            "vertebra; ruler = mm below the first slice.")
+"""What the marks mean, wrapped to the image's width under the scale bar."""
+KEY_LINE_H = 14
+OPPOSITE = {"A": "P", "P": "A", "R": "L", "L": "R", "S": "I", "I": "S"}
+DIRECTION_WORDS = {"A": "anterior", "P": "posterior", "R": "right", "L": "left", "S": "head", "I": "feet"}
+_FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX, without importing cv2 at module import
 
 
 @dataclass(frozen=True)
@@ -52,12 +74,16 @@ class PreviewGeometry:
     height : int
         Panel height in pixels.
     sagittal_x0, coronal_x0 : int
-        Left edge of each panel; the panel is ``sag_w`` / ``cor_w`` wide.
+        Left edge of each panel (image columns); the panel is ``sag_w`` / ``cor_w`` wide.
     sag_w, cor_w : int
     lanes_x0 : (int, int)
         Left edge of the lane strip after each panel (``N_LANES`` lanes of ``LANE_W`` px).
     width : int
         Total image width.
+    top : int
+        Image row of the panels' first row (under the title and the direction labels).
+    image_h : int
+        Total image height (the key strip under the panels included).
     """
 
     z_top_mm: float
@@ -69,10 +95,16 @@ class PreviewGeometry:
     cor_w: int
     lanes_x0: tuple[int, int]
     width: int
+    top: int = 0
+    image_h: int = 0
+
+    def panel_row(self, z_mm: float) -> int:
+        """Row of a z position (mm) within the panels (0 = their top edge)."""
+        return int(round((z_mm - self.z_top_mm) * self.scale))
 
     def row_of(self, z_mm: float) -> int:
-        """Pixel row of a z position (mm)."""
-        return int(round((z_mm - self.z_top_mm) * self.scale))
+        """Image row of a z position (mm)."""
+        return self.top + self.panel_row(z_mm)
 
     def lane_x(self, vertebra: str, strip: int = 0) -> tuple[int, int]:
         """Horizontal pixel span [x0, x1) of a vertebra's lane in lane strip 0 (sagittal) or 1 (coronal)."""
@@ -143,6 +175,7 @@ def render_preview(
     mask: np.ndarray | None = None,
     slab_mm: float = 6.0,
     title: str = "",
+    axcodes: tuple[str, str, str] = ("I", "P", "L"),
 ) -> tuple[np.ndarray, PreviewGeometry]:
     """Draw the preview from decoded slices (pure).
 
@@ -151,7 +184,7 @@ def render_preview(
     slices : (m, rows, cols) ndarray
         HU of the subset slices, head to feet.
     indices : (m,) ndarray of int
-        Their study indices.
+        Their study indices (0-based, head to feet).
     z_mm : (n,) ndarray
         Positions of all the study's slices, mm toward the feet.
     spacing : (dz, dy, dx)
@@ -163,6 +196,10 @@ def render_preview(
         Thickness of the maximum-intensity slab of each panel.
     title : str
         Text of a header line above the panels (none when empty).
+    axcodes : (str, str, str)
+        Patient direction each axis (z, y, x) grows toward, nibabel's letters
+        (:func:`cspine_submit.read.axial_axcodes`; ``("I", "P", "L")`` for a standard axial study): the panels'
+        direction labels.
 
     Returns
     -------
@@ -171,28 +208,29 @@ def render_preview(
     """
     slices = np.asarray(slices, dtype=np.float32)
     z_all = np.asarray(z_mm, dtype=float)
-    geo, dz, header_h = _layout(slices.shape, z_all, spacing, bool(title))
-    canvas = np.zeros((geo.height + header_h, geo.width, 3), dtype=np.uint8)
-    body = canvas[header_h:]  # a view: drawing on it draws on the canvas
+    geo, dz = _layout(slices.shape, z_all, spacing, bool(title))
+    canvas = np.zeros((geo.image_h, geo.width, 3), dtype=np.uint8)
+    body = canvas[geo.top : geo.top + geo.height]  # a view: drawing on it draws on the canvas
     reformat = _Reformat(geo, z_all[np.asarray(indices)])
     xc, yc = _cut_positions(slices, indices, plans, spacing, slab_mm)
     _draw_panels(body, slices, geo, reformat, spacing, (xc, yc), slab_mm)
     if mask is not None:
         _draw_mask_outlines(body, np.asarray(mask), geo, reformat, (xc, yc))
     _draw_plans(body, plans, z_all, dz, geo, spacing)
+    _draw_labels(canvas, geo, axcodes)
+    _draw_ruler(canvas, geo, z_all[0])
+    _draw_key(canvas, geo)
     if title:
         import cv2
 
-        cv2.putText(canvas, title[:120], (4, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(canvas, title[:120], (4, 15), _FONT, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
     return canvas, geo
 
 
 def _layout(shape: tuple[int, int, int], z_all: np.ndarray, spacing, has_title: bool
-            ) -> tuple[PreviewGeometry, float, int]:
-    """Where the panels and lane strips go: one scale (px per mm) for every axis, the longer side ~TARGET_PX.
-
-    Returns ``(geometry, dz, header_h)``: ``dz`` is the median slice step (mm), ``header_h`` the title's height.
-    """
+            ) -> tuple[PreviewGeometry, float]:
+    """Where the ruler, panels, lane strips and key go: one scale (px per mm) for every axis, the longer side
+    ~TARGET_PX. Returns ``(geometry, dz)``, ``dz`` the median slice step (mm)."""
     _, rows, cols = shape
     _, dy, dx = spacing
     dz = float(np.median(np.diff(z_all))) if len(z_all) > 1 else spacing[0]
@@ -202,12 +240,98 @@ def _layout(shape: tuple[int, int, int], z_all: np.ndarray, spacing, has_title: 
     height = max(1, int(round(extent * scale)))
     sag_w = max(1, int(round(rows * dy * scale)))
     cor_w = max(1, int(round(cols * dx * scale)))
-    lanes_w, gap = N_LANES * LANE_W, 6
-    sx0, cx0 = 0, sag_w + lanes_w + gap
+    lanes_w = N_LANES * LANE_W
+    sx0 = RULER_W
+    cx0 = sx0 + sag_w + lanes_w + GAP
+    top = (TITLE_H if has_title else 0) + LABEL_H
+    width = cx0 + cor_w + lanes_w
+    key_h = 24 + KEY_LINE_H * len(key_lines(width))
     geo = PreviewGeometry(z_top_mm=float(z_top), scale=float(scale), height=height, sagittal_x0=sx0, sag_w=sag_w,
                           coronal_x0=cx0, cor_w=cor_w, lanes_x0=(sx0 + sag_w, cx0 + cor_w),
-                          width=cx0 + cor_w + lanes_w)
-    return geo, dz, (22 if has_title else 0)
+                          width=width, top=top, image_h=top + height + key_h)
+    return geo, dz
+
+
+def key_lines(width: int, text: str = KEY_TEXT) -> list[str]:
+    """``text`` wrapped at spaces into lines that fit ``width`` pixels in the key's font."""
+    import cv2
+
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and cv2.getTextSize(candidate, _FONT, 0.33, 1)[0][0] > width - 8:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + ([line] if line else [])
+
+
+def _draw_labels(canvas: np.ndarray, geo: PreviewGeometry, axcodes) -> None:
+    """Above each panel: its name in the middle and the patient direction at each end (e.g. A ... P)."""
+    import cv2
+
+    _, y_code, x_code = axcodes
+    y = geo.top - 4
+    for name, x0, w, code in (("sagittal", geo.sagittal_x0, geo.sag_w, y_code),
+                              ("coronal", geo.coronal_x0, geo.cor_w, x_code)):
+        left, right = OPPOSITE.get(code, "?"), code
+        cv2.putText(canvas, f"{left} ({DIRECTION_WORDS.get(left, '?')})", (x0 + 2, y), _FONT, 0.35,
+                    (255, 255, 255), 1, cv2.LINE_AA)
+        text = f"({DIRECTION_WORDS.get(right, '?')}) {right}"
+        (tw, _), _ = cv2.getTextSize(text, _FONT, 0.35, 1)
+        cv2.putText(canvas, text, (x0 + w - tw - 2, y), _FONT, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+        (nw, _), _ = cv2.getTextSize(name, _FONT, 0.35, 1)
+        if nw + 140 < w:  # room between the two direction labels
+            cv2.putText(canvas, name, (x0 + (w - nw) // 2, y), _FONT, 0.35, (180, 180, 180), 1, cv2.LINE_AA)
+    for x0 in geo.lanes_x0:
+        cv2.putText(canvas, "range", (x0 + 4, y), _FONT, 0.35, (180, 180, 180), 1, cv2.LINE_AA)
+
+
+def ruler_step_mm(scale: float) -> tuple[int, int]:
+    """(minor, labelled) tick spacing in mm for a ruler at ``scale`` px per mm: labels at least ~40 px apart."""
+    for minor, major in ((5, 10), (5, 25), (10, 50), (25, 100), (50, 200)):
+        if major * scale >= 40:
+            return minor, major
+    return 100, 500
+
+
+def _draw_ruler(canvas: np.ndarray, geo: PreviewGeometry, z_first: float) -> None:
+    """Left of the sagittal panel: mm below the first slice's centre, "head" at the top, "feet" at the bottom."""
+    import cv2
+
+    minor, major = ruler_step_mm(geo.scale)
+    x1 = geo.sagittal_x0 - 2
+    grey = (200, 200, 200)
+    z_end = geo.z_top_mm + geo.height / geo.scale
+    for mm in range(0, int(z_end - z_first) + 1, minor):
+        r = geo.row_of(z_first + mm)
+        if not geo.top <= r < geo.top + geo.height:
+            continue
+        labelled = mm % major == 0
+        cv2.line(canvas, (x1 - (9 if labelled else 4), r), (x1, r), grey, 1)
+        if labelled and geo.top + 20 <= r <= geo.top + geo.height - 20:
+            cv2.putText(canvas, f"{mm}", (2, r + 4), _FONT, 0.3, grey, 1, cv2.LINE_AA)
+    cv2.putText(canvas, "head", (2, geo.top + 10), _FONT, 0.33, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.putText(canvas, "feet", (2, geo.top + geo.height - 4), _FONT, 0.33, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.putText(canvas, "mm", (2, geo.top + 22), _FONT, 0.3, grey, 1, cv2.LINE_AA)
+
+
+def _draw_key(canvas: np.ndarray, geo: PreviewGeometry) -> None:
+    """Under the panels: a scale bar (the ruler's labelled step) and what the marks mean."""
+    import cv2
+
+    _, major = ruler_step_mm(geo.scale)
+    y = geo.top + geo.height + 12
+    x0, length = geo.sagittal_x0, int(round(major * geo.scale))
+    white = (255, 255, 255)
+    cv2.rectangle(canvas, (x0, y - 1), (x0 + length, y), white, -1)  # exactly `major` mm: pixels x0 .. x0+length
+    for x in (x0, x0 + length):
+        cv2.line(canvas, (x, y - 4), (x, y + 4), white, 1)
+    cv2.putText(canvas, f"{major} mm (same scale on every axis)", (x0 + length + 8, y + 4), _FONT, 0.35, white, 1,
+                cv2.LINE_AA)
+    for k, line in enumerate(key_lines(geo.width)):
+        cv2.putText(canvas, line, (4, y + 20 + KEY_LINE_H * k), _FONT, 0.33, (220, 220, 220), 1, cv2.LINE_AA)
 
 
 @dataclass(frozen=True)
@@ -279,19 +403,19 @@ def _draw_plans(body: np.ndarray, plans: Mapping, z_all: np.ndarray, dz: float, 
 
     _, dy, dx = spacing
     sx0, cx0, scale, height = geo.sagittal_x0, geo.coronal_x0, geo.scale, geo.height
-    font = cv2.FONT_HERSHEY_SIMPLEX
+    font = _FONT
     for v, plan in plans.items():
         colour = COLOURS_BGR.get(v, (255, 255, 255))
         idx = np.asarray(plan.slice_indices)
-        top = geo.row_of(z_all[idx.min()] - dz / 2)
-        bottom = geo.row_of(z_all[idx.max()] + dz / 2) - 1
+        top = geo.panel_row(z_all[idx.min()] - dz / 2)
+        bottom = geo.panel_row(z_all[idx.max()] + dz / 2) - 1
         top, bottom = max(0, top), min(height - 1, max(top, bottom))
         y0, x0, y1, x1 = plan.box
         # Boxes in the panels: in-plane extent horizontally, planned range vertically.
         cv2.rectangle(body, (sx0 + int(y0 * dy * scale), top), (sx0 + int(y1 * dy * scale) - 1, bottom), colour, 1)
         cv2.rectangle(body, (cx0 + int(x0 * dx * scale), top), (cx0 + int(x1 * dx * scale) - 1, bottom), colour, 1)
         for i in idx:  # planned slices: ticks at the left edge of each panel
-            r = geo.row_of(z_all[i])
+            r = geo.panel_row(z_all[i])
             if 0 <= r < height:
                 cv2.line(body, (sx0, r), (sx0 + 5, r), colour, 1)
                 cv2.line(body, (cx0, r), (cx0 + 5, r), colour, 1)
@@ -320,8 +444,9 @@ def preview_study(
     geometry : PreviewGeometry
     plans : {vertebra: CropPlan}
     info : dict
-        ``slices_read`` (subset + any cue slices), ``n_slices``, ``method``; ``alignment`` (profile only: the
-        cue's alignment cost against the training studies' reference,
+        ``slices_read`` (subset + any cue slices), ``n_slices``, ``method``, ``title_h`` (image row of the panels'
+        top), ``file_names`` (the DICOM file name of each 0-based slice index, head to feet); ``alignment``
+        (profile only: the cue's alignment cost against the training studies' reference,
         :func:`~cspine_submit.localize.align.alignment_check`).
     """
     from cspine_submit.config import ModelConfig
@@ -361,9 +486,10 @@ def preview_study(
                              f"study {study_dir} is {tuple(header.shape)}")
         mask = np.asarray(vol[idx])
     title = f"{header.study_uid}  {header.n_slices} slices  method {ranges.method}"
-    image, geo = render_preview(slices, idx, header.z, header.spacing, plans, mask=mask, title=title)
+    image, geo = render_preview(slices, idx, header.z, header.spacing, plans, mask=mask, title=title,
+                                axcodes=axial_axcodes(getattr(header, "orientation", None)))
     info = {"slices_read": int(len(idx) + cue_read), "n_slices": header.n_slices, "method": ranges.method,
-            "title_h": 22}
+            "title_h": geo.top, "file_names": [Path(f).name for f in header.files]}
     if cue is not None and "profile_template" in ranges.extra:
         from cspine_submit.localize.align import alignment_check
 

@@ -289,11 +289,11 @@ for v in VERTEBRAE:
     single.set_weights(models[v].get_weights())
     want = np.asarray(single.predict_on_batch(x))[:, 0]
     np.testing.assert_allclose(got[v], want, rtol=0, atol=1e-5)
-# Vertebrae sharing one model: one group per device (C1-C2 on the first, C3-C7 on the second, not C3's place by
-# vertebra), scored as alone.
+# Vertebrae sharing one model: one group per device, balanced by the crops each scores (C3-C7's network, 5
+# vertebrae, on the first; C1-C2's two-member ensemble, 2 x 2, on the second, as one graph), scored as alone.
 config, shared = L.load_classifiers(sys.argv[2])
 device_of = plan.with_placement(shared).to_dict()["placement"]
-assert [device_of[v] for v in VERTEBRAE] == [plan.devices[0]] * 2 + [plan.devices[1]] * 5, device_of
+assert [device_of[v] for v in VERTEBRAE] == [plan.devices[1]] * 2 + [plan.devices[0]] * 5, device_of
 for v in VERTEBRAE:
     assert all(w.value.device.endswith(device_of[v].split("device:")[-1]) for w in shared[v].weights), v
 codes = {v: crop.encode_crops(rng.uniform(0, 1, (k, 32, 32, 1))) for v, k in zip(VERTEBRAE, (5, 0, 9, 3, 7, 4, 6))}

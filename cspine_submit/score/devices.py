@@ -16,7 +16,12 @@ from typing import Any, Mapping, Sequence
 from cspine_submit.config import VERTEBRAE, ModelConfig
 
 DEVICE_ATTR = "_cspine_device"
-"""Attribute under which a loaded model keeps the device it was placed on (None: TensorFlow's default)."""
+"""Attribute under which a loaded model keeps the device it was placed on (None: TensorFlow's default; a network
+spread over several devices: their names joined by ``+``)."""
+
+MEMORY_PLAN_ATTR = "_cspine_memory_plan"
+"""Attribute under which a loaded model keeps the memory plan (:class:`cspine_submit.score.memory.MemoryPlan`) that
+placed it, so that :meth:`DevicePlan.with_placement` can put it in the run report."""
 
 
 def gpu_devices() -> list:
@@ -90,6 +95,8 @@ class DevicePlan:
         Why this device kind and precision (e.g. no GPU visible to TensorFlow, and why not).
     placement : {vertebra: device}
         Where the loaded classifiers were placed (:meth:`with_placement`); empty: :meth:`device_for` of each.
+    memory : MemoryPlan or None
+        The memory plan that placed them (:mod:`cspine_submit.score.memory`), when known.
     """
 
     kind: str
@@ -99,6 +106,7 @@ class DevicePlan:
     strategy: str
     why: tuple[str, ...] = ()
     placement: Mapping[str, str] = field(default_factory=dict)
+    memory: Any = None
 
     def device_for(self, vertebra: str) -> str:
         """The device of one vertebra's classifier: round-robin in C1..C7 order (C1, C3, C5, C7 on the first of two)."""
@@ -118,12 +126,16 @@ class DevicePlan:
 
     def with_placement(self, models: Mapping[str, Any]) -> "DevicePlan":
         """This plan, recording where the loaded ``models`` (from :func:`load_classifiers`) were placed."""
-        return dataclasses.replace(self, placement={v: getattr(m, DEVICE_ATTR, None) for v, m in models.items()})
+        memory = next((getattr(m, MEMORY_PLAN_ATTR) for m in models.values() if getattr(m, MEMORY_PLAN_ATTR, None)),
+                      self.memory)
+        return dataclasses.replace(self, placement={v: getattr(m, DEVICE_ATTR, None) for v, m in models.items()},
+                                   memory=memory)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "devices": list(self.devices), "names": list(self.names),
                 "precision": self.precision, "strategy": self.strategy, "why": list(self.why),
-                "placement": dict(self.placement) if self.placement else {v: self.device_for(v) for v in VERTEBRAE}}
+                "placement": dict(self.placement) if self.placement else {v: self.device_for(v) for v in VERTEBRAE},
+                "memory": self.memory.to_dict() if self.memory is not None else None}
 
     def summary(self) -> str:
         """One line for the console."""

@@ -27,7 +27,9 @@ import numpy as np
 
 from cspine_submit.config import METRIC_PRIORS_SOURCE, VERTEBRAE, ModelConfig
 from cspine_submit.score.architectures import ARCHITECTURES, build_classifier
-from cspine_submit.score.devices import DEVICE_ATTR, dtype_policy, plan_devices
+from cspine_submit.score.devices import DEVICE_ATTR, MEMORY_PLAN_ATTR, dtype_policy, plan_devices
+from cspine_submit.score.memory import DeviceOutOfMemoryError, GroupPlacement, plan_for_devices, require_fit
+from cspine_submit.score.prediction import Spread
 
 NOTEBOOK_FILES: dict[str, str] = {v: f"spine_{v}.h5" for v in VERTEBRAE}
 """The seed notebook's classifier file names."""
@@ -354,25 +356,63 @@ def load_classifiers(weights_dir: str | Path, vertebrae=VERTEBRAE, *, failures: 
     missing = [v for v in vertebrae if v not in config.classifier_files]
     if missing:
         raise ValueError(f"{weights_dir / 'model_config.json'}: classifier_files lacks {missing}")
-    placement = plan_devices(config)
+    device_plan = plan_devices(config)
     groups = classifier_groups(weights_dir, config, vertebrae)
-    device_of = placement.place([vs for _files, vs in groups])
-    # resolved path -> model (or the exception it raised), within this call. A file in two different lists keeps
-    # its weights on the device of the first group that loaded it; TensorFlow copies them if the second's differs.
-    loaded: dict[Path, Any] = {}
+    memory = _memory_plan(config, device_plan, groups)
+    placements = _placements(memory, device_plan, groups)
+    if memory is not None and memory.batch_size < config.batch_size:
+        config = config.replace(batch_size=memory.batch_size)
+    # (resolved path, device) -> model (or the exception it raised), within this call: a file is read once per
+    # device it is placed on.
+    loaded: dict[tuple[Path, Any], Any] = {}
     models = {}
-    with dtype_policy(placement.precision):
-        for files, group in groups:
-            device = device_of[group[0]]
+    with dtype_policy(device_plan.precision):
+        for (files, group), where in zip(groups, placements):
             try:
-                model = _load_group(files, group, config, device=device, loaded=loaded)
+                model = _load_placed(files, group, config, where=where, loaded=loaded)
             except _LOAD_ERRORS as exc:
                 if failures is None:
                     raise
                 failures.update({v: exc for v in group})
                 continue
+            object.__setattr__(model, MEMORY_PLAN_ATTR, memory)
             models.update({v: model for v in group})
     return config, {v: models[v] for v in vertebrae if v in models}
+
+
+def _memory_plan(config: ModelConfig, device_plan, groups):
+    """Step 2 of :func:`load_classifiers`: the memory plan on ``device_plan``'s devices, refused
+    (:class:`~cspine_submit.score.memory.MemoryPlanError`) before anything loads when nothing fits; None for a head
+    the planner cannot count (loaded with Keras' own loader, placed whole round-robin)."""
+    try:
+        plan = plan_for_devices(config, device_plan, groups=[(tuple(map(str, f)), vs) for f, vs in groups])
+    except ValueError:
+        return None
+    return require_fit(plan)
+
+
+def _placements(memory, device_plan, groups) -> list[GroupPlacement]:
+    if memory is not None:
+        return list(memory.groups)
+    device_of = device_plan.place([vs for _files, vs in groups])
+    return [GroupPlacement(vs, tuple(map(str, files)), "whole", (device_of[vs[0]],)) for files, vs in groups]
+
+
+def _load_placed(files, group, config: ModelConfig, *, where: GroupPlacement, loaded: dict):
+    """Step 3 of :func:`load_classifiers`: one group's network as ``where`` places it: a Keras model on one device
+    (several files: one graph averaging them), or a :class:`~cspine_submit.score.prediction.Spread` of replicas or
+    members over several."""
+    if where.mode == "whole":
+        return _load_group(files, group, config, device=where.devices[0], loaded=loaded)
+    if where.mode == "replicas":
+        parts = [_load_group(files, group, config, device=d, loaded=loaded) for d in where.devices]
+    else:
+        # in turn: the variables live in host memory, each call copies them to its device (TensorFlow inserts the
+        # copy when a variable and the op reading it are on different devices).
+        host = "/device:CPU:0" if where.mode == "in turn" else None
+        parts = [_load_group((path,), group, config, device=d, loaded=loaded, weights_device=host)
+                 for path, d in zip(files, where.devices)]
+    return parts[0] if len(parts) == 1 and where.mode == "members" else Spread(parts, where.mode)
 
 
 _LOAD_ERRORS = (FileNotFoundError, ValueError, OSError)
@@ -405,27 +445,41 @@ def read_weights_config(weights_dir: str | Path, *, _stacklevel: int = 2) -> Mod
     )
 
 
-def _load_member(path: Path, config: ModelConfig, loaded: dict[Path, Any]):
-    """One classifier file, read at most once per :func:`load_classifiers` call (``loaded`` remembers the model or
-    the error it raised, so a bad file shared by several groups fails each of them the same way)."""
-    if path not in loaded:
+def _load_member(path: Path, config: ModelConfig, loaded: dict, device: Any):
+    """One classifier file, read at most once per device per :func:`load_classifiers` call (``loaded`` remembers
+    the model or the error it raised, so a bad file shared by several groups fails each of them the same way)."""
+    key = (path, device)
+    if key not in loaded:
         try:
-            loaded[path] = load_classifier(path, config)
+            loaded[key] = load_classifier(path, config)
         except _LOAD_ERRORS as exc:
-            loaded[path] = exc
-    if isinstance(loaded[path], BaseException):
-        raise loaded[path]
-    return loaded[path]
+            loaded[key] = exc
+    if isinstance(loaded[key], BaseException):
+        raise loaded[key]
+    return loaded[key]
 
 
-def _load_group(files, group, config: ModelConfig, *, device: str | None, loaded: dict[Path, Any]):
-    """Step 3 of :func:`load_classifiers`: the model of one group of vertebrae, its weights created on ``device``
-    (once), an ensemble of several files averaged in one graph, the device recorded on the model."""
+def _load_group(files, group, config: ModelConfig, *, device: str | None, loaded: dict,
+                weights_device: str | None = None):
+    """The model of one group of vertebrae, its weights created on ``weights_device`` (default ``device``) once,
+    an ensemble of several files averaged in one graph, the device it computes on recorded on the model.
+
+    Raises
+    ------
+    DeviceOutOfMemoryError
+        The device ran out of memory while the weights were created (a ``ValueError`` naming the device and files).
+    """
     import tensorflow as tf
 
-    with tf.device(device):
-        members = [_load_member(path, config, loaded) for path in files]
-        model = members[0] if len(members) == 1 else average_classifiers(members, config.input_shape, "_".join(group))
+    try:
+        with tf.device(weights_device or device):
+            members = [_load_member(path, config, loaded, device) for path in files]
+            model = members[0] if len(members) == 1 else average_classifiers(members, config.input_shape, "_".join(group))
+    except tf.errors.ResourceExhaustedError as exc:
+        raise DeviceOutOfMemoryError(
+            f"{weights_device or device}: out of memory loading {', '.join(Path(f).name for f in files)} for "
+            f"{', '.join(group)} ({str(exc).splitlines()[0][:200]}); the memory plan's estimate was too low: use a "
+            "smaller batch_size, fewer folds, --final refit or the gap head") from exc
     object.__setattr__(model, DEVICE_ATTR, device)
     return model
 

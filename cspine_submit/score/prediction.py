@@ -117,11 +117,20 @@ def _predict_arrays(model, arrays: Sequence[np.ndarray], batch_size: int) -> np.
         return np.zeros((0,), dtype=np.float32)
     fn = _predict_fn(model)
     out = np.empty((k,), dtype=np.float32)
-    start = 0
+    start, pending = 0, None
     for batch, n in _batches(arrays, max(int(batch_size), 1)):
-        out[start : start + n] = np.asarray(fn(batch), dtype=np.float32).reshape(-1)[:n]
-        start += n
+        # Dispatch this batch before reading the previous one back: on a GPU the call returns once its work is
+        # queued, so this batch's copy to the device overlaps the previous batch's compute and copy back.
+        result = fn(batch)
+        if pending is not None:
+            _store(out, *pending)
+        pending, start = (result, start, n), start + n
+    _store(out, *pending)
     return out
+
+
+def _store(out: np.ndarray, result, start: int, n: int) -> None:
+    out[start : start + n] = np.asarray(result, dtype=np.float32).reshape(-1)[:n]
 
 
 def predict(model, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -138,7 +147,123 @@ def predict(model, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
     -------
     (k,) ndarray of float32
     """
+    if isinstance(model, Spread):
+        return score({"crops": model}, {"crops": crops}, batch_size)["crops"]
     return _predict_arrays(model, [_as_model_input(crops)], batch_size)
+
+
+class Spread:
+    """A group's network on several devices (:func:`cspine_submit.score.loading.load_classifiers` makes it when the
+    memory plan spreads it; a network on one device stays a plain Keras model).
+
+    Attributes
+    ----------
+    parts : list of keras.Model
+        Each with the device it computes on (``DEVICE_ATTR``).
+    mode : {"replicas", "members", "in turn"}
+        ``replicas``: copies of one network, each study's crops split between them; ``members``: an ensemble's
+        members, every crop through each, probabilities averaged here (member order, float32: the same sum and
+        division as ``keras.layers.Average``); ``in turn``: members whose weights stay in host memory.
+    """
+
+    def __init__(self, parts, mode: str):
+        if mode not in ("replicas", "members", "in turn") or not parts:
+            raise ValueError(f"Spread: mode {mode!r} with {len(parts)} part(s)")
+        self.parts, self.mode = list(parts), mode
+        setattr(self, DEVICE_ATTR, "+".join(str(getattr(p, DEVICE_ATTR, None)) for p in self.parts))
+
+    @property
+    def devices(self) -> list:
+        return [getattr(p, DEVICE_ATTR, None) for p in self.parts]
+
+    def count_params(self) -> int:
+        """Parameters of one copy (replicas) or of every member."""
+        n = [p.count_params() for p in self.parts]
+        return n[0] if self.mode == "replicas" else sum(n)
+
+
+def _row_slices(arrays: Sequence[np.ndarray], start: int, stop: int) -> list[np.ndarray]:
+    """Rows ``start:stop`` of ``arrays`` laid end to end, as views of them."""
+    out, offset = [], 0
+    for a in arrays:
+        lo, hi = max(start - offset, 0), min(stop - offset, a.shape[0])
+        if lo < hi:
+            out.append(a[lo:hi])
+        offset += a.shape[0]
+    return out
+
+
+def _jobs(model, arrays: Sequence[np.ndarray], batch_size: int):
+    """The per-device work of one pass: ``[(device, model, arrays, (row start, stop), member index)]``.
+
+    Replicas split the rows into contiguous shares in whole batches (the last share takes the remainder), so each
+    device runs full batches; members each take every row.
+    """
+    k = sum(a.shape[0] for a in arrays)
+    if not isinstance(model, Spread):
+        return [(getattr(model, DEVICE_ATTR, None), model, arrays, (0, k), 0)]
+    if model.mode != "replicas":
+        return [(getattr(p, DEVICE_ATTR, None), p, arrays, (0, k), i) for i, p in enumerate(model.parts)]
+    n = len(model.parts)
+    share = -(-k // n)  # ceil
+    share = -(-share // batch_size) * batch_size if share > batch_size else share
+    jobs = []
+    for i, p in enumerate(model.parts):
+        lo, hi = min(i * share, k), min((i + 1) * share, k)
+        if lo < hi:
+            jobs.append((getattr(p, DEVICE_ATTR, None), p, _row_slices(arrays, lo, hi), (lo, hi), 0))
+    return jobs
+
+
+def _run_by_device(jobs, batch_size: int) -> list[np.ndarray]:
+    """Run ``jobs`` (from :func:`_jobs`), one thread per device when there are several; results in job order.
+
+    A call blocks until its device is done, so devices overlap only from separate threads. Daemon threads: one stuck
+    on a wedged device must not keep the process from exiting (pool workers are joined at exit).
+    """
+    results: list = [None] * len(jobs)
+    by_device: dict[Any, list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_device.setdefault(job[0], []).append(i)
+
+    def run(indices) -> None:
+        for i in indices:
+            _device, model, arrays, _rows, _member = jobs[i]
+            results[i] = _predict_arrays(model, arrays, batch_size)
+
+    if len(by_device) <= 1:
+        run(range(len(jobs)))
+        return results
+    errors: list[BaseException] = []
+
+    def work(indices) -> None:
+        try:
+            run(indices)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(ix,), name="score", daemon=True) for ix in by_device.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _combine(model, jobs, results, k: int) -> np.ndarray:
+    """One pass's ``(k,)`` probabilities from its jobs' results: replicas' shares in place, members averaged."""
+    if not isinstance(model, Spread) or model.mode == "replicas":
+        out = np.empty((k,), dtype=np.float32)
+        for (_d, _m, _a, (lo, hi), _i), r in zip(jobs, results):
+            out[lo:hi] = r
+        return out
+    by_member = sorted(zip((j[4] for j in jobs), results))
+    total = by_member[0][1].copy()
+    for _i, r in by_member[1:]:
+        total += r
+    return total / np.float32(len(by_member))
 
 
 def score(models: Mapping[str, Any], crops_by_vertebra: Mapping[str, np.ndarray], batch_size: int = 32) -> dict[str, np.ndarray]:
@@ -149,10 +274,12 @@ def score(models: Mapping[str, Any], crops_by_vertebra: Mapping[str, np.ndarray]
     split back per vertebra: the same numbers as scoring each vertebra alone (up to float rounding of the batch
     size), in a few full batches instead of one small batch per vertebra. Each crop's probability depends on that
     crop only (inference: BatchNormalization uses its stored statistics), so mixing vertebrae in a batch is exact.
+    A model spread over several devices (:class:`Spread`) gives each device its share of the pass, and every
+    device works concurrently with the others.
 
     Parameters
     ----------
-    models : {vertebra: keras.Model}
+    models : {vertebra: keras.Model or Spread}
         From :func:`load_classifiers`.
     crops_by_vertebra : {vertebra: (k, S, S, C) ndarray}
         From :func:`cspine_submit.score.crop.prepare_crops`, float32 or uint16 (:func:`cspine_submit.score.crop.encode_crops`);
@@ -168,45 +295,25 @@ def score(models: Mapping[str, Any], crops_by_vertebra: Mapping[str, np.ndarray]
     missing = [v for v in crops_by_vertebra if v not in models]
     if missing:
         raise ValueError(f"no classifier loaded for {missing}; loaded: {sorted(models)}")
+    batch_size = max(int(batch_size), 1)
     crops = {v: _as_model_input(c) for v, c in crops_by_vertebra.items()}
     # One pass per (model, crop encoding): uint16 codes and float32 values cannot share a batch.
     passes: dict[tuple[int, bool], list[str]] = {}
     for v, c in crops.items():
         if c.shape[0]:
             passes.setdefault((id(models[v]), c.dtype == np.uint16), []).append(v)
-    by_device: dict[Any, list[list[str]]] = {}
+    plans = []
     for vs in passes.values():
-        by_device.setdefault(getattr(models[vs[0]], DEVICE_ATTR, None), []).append(vs)
-
-    def run(groups) -> dict[str, np.ndarray]:
-        got = {}
-        for vs in groups:
-            probs = _predict_arrays(models[vs[0]], [crops[v] for v in vs], batch_size)
-            ends = np.cumsum([crops[v].shape[0] for v in vs])
-            got.update(zip(vs, np.split(probs, ends[:-1])))
-        return got
-
+        arrays = [crops[v] for v in vs]
+        plans.append((vs, _jobs(models[vs[0]], arrays, batch_size)))
+    results = _run_by_device([job for _vs, jobs in plans for job in jobs], batch_size)
     out: dict[str, np.ndarray] = {}
-    if len(by_device) <= 1:
-        out.update(run([vs for groups in by_device.values() for vs in groups]))
-    else:
-        # One thread per device: a call blocks until its device is done, so the devices only overlap this way.
-        # Daemon threads: one stuck on a wedged device must not keep the process from exiting (pool workers are
-        # joined at exit).
-        errors: list[BaseException] = []
-
-        def work(groups) -> None:
-            try:
-                out.update(run(groups))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                errors.append(exc)
-
-        threads = [threading.Thread(target=work, args=(gs,), name="score", daemon=True) for gs in by_device.values()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+    at = 0
+    for vs, jobs in plans:
+        k = sum(crops[v].shape[0] for v in vs)
+        probs = _combine(models[vs[0]], jobs, results[at : at + len(jobs)], k)
+        at += len(jobs)
+        ends = np.cumsum([crops[v].shape[0] for v in vs])
+        out.update(zip(vs, np.split(probs, ends[:-1])))
     empty = np.zeros((0,), dtype=np.float32)
     return {v: out[v] if v in out else empty.copy() for v in crops_by_vertebra}

@@ -20,6 +20,13 @@ against new way in one process, interleaved study by study so that both see the 
 
     cspine-submit write-study tests/data/real_neck /tmp/necks --size 512
     python benchmarks/bench_score.py --weights weights/demo --studies-dir /tmp/necks/images --rounds 5
+
+With ``--two-devices DIR`` the CPU is split into two logical devices (a stand-in for Kaggle's two T4s) and a
+study's scoring (7 vertebrae x K synthetic uint16 crops) is timed with the networks placed whole, round-robin (how
+they were placed before the memory plan: a shared network and all its members on the first device) against the
+memory plan's placement (members spread, a shared network replicated), interleaved round by round:
+
+    python benchmarks/bench_score.py --two-devices weights/demo --rounds 20
 """
 
 from __future__ import annotations
@@ -190,6 +197,38 @@ def bench_weights(weights: str, studies_dir: str, n_studies: int | None, rounds:
         print(f"  {k:<12} {_spread(v)}")
 
 
+def bench_two_devices(weights: str, rounds: int) -> None:
+    """Seconds per study on two logical devices, placed whole round-robin (before) and by the memory plan (after)."""
+    from unittest import mock
+
+    from cspine_submit.config import VERTEBRAE
+    from cspine_submit.score import loading, memory, score
+    from cspine_submit.score.crop import encode_crops
+
+    loaded = {}
+    with mock.patch.object(memory, "_strategies", lambda groups, n: ["whole"]):
+        loaded["whole round-robin (before)"] = loading.load_classifiers(weights)
+    loaded["memory plan (after)"] = loading.load_classifiers(weights)
+    config = loaded["memory plan (after)"][0]
+    k = config.slices_per_vertebra
+    rng = np.random.default_rng(0)
+    crops = {v: encode_crops(rng.uniform(0, 1, (k, *config.input_shape))) for v in VERTEBRAE}
+    for name, (_cfg, models) in loaded.items():
+        where = sorted({getattr(m, "_cspine_device", None) for m in models.values()})
+        print(f"{name}: {where}")
+        score(models, crops, config.batch_size)  # trace every bucket size outside the clock
+    times = {name: [] for name in loaded}
+    for _ in range(rounds):
+        for name, (_cfg, models) in loaded.items():
+            t0 = time.perf_counter()
+            score(models, crops, config.batch_size)
+            times[name].append(time.perf_counter() - t0)
+    print(f"one study, {len(VERTEBRAE)} x {k} crops {config.input_shape}, batch {config.batch_size}, {rounds} rounds "
+          "interleaved (wall s):")
+    for name, t in times.items():
+        print(f"  {name:<28} {_spread(t)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -198,8 +237,16 @@ def main() -> None:
     parser.add_argument("--studies", type=int, help="use only the first N folders of --studies-dir")
     parser.add_argument("--rounds", type=int, default=5, help="times every study is scored each way (default 5)")
     parser.add_argument("--load-repeat", type=int, default=2, help="loads each way (default 2)")
+    parser.add_argument("--two-devices", metavar="DIR", help="time a study's scoring with DIR's classifiers on two "
+                        "logical CPU devices, placed whole round-robin against the memory plan's placement")
     args = parser.parse_args()
     import tensorflow as tf
+
+    if args.two_devices:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        bench_two_devices(args.two_devices, args.rounds)
+        return
 
     devices = [d.device_type for d in tf.config.list_logical_devices()]
     print(f"devices: {devices}; CPU threads: {os.cpu_count()}")

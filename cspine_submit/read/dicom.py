@@ -21,6 +21,7 @@ that need it (0.2-0.4 s that the CLI's argument checks should not pay).
 
 from __future__ import annotations
 
+import math
 import os
 import warnings as _warnings
 from collections import Counter
@@ -30,7 +31,7 @@ from typing import Iterable
 
 import numpy as np
 
-from cspine_submit.read.pixels import NotDirect, PixelSpec, read_stored
+from cspine_submit.read.pixels import NotDirect, PixelSpec, direct_route, read_stored
 from cspine_submit.read.plugins import (  # noqa: F401 - re-exported: the module's names before the split
     COMPETITION_TRANSFER_SYNTAXES,
     DEFLATED,
@@ -222,7 +223,7 @@ def _unsupported_message(path: Path, tsyntax: str) -> str:
     )
 
 
-def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | None = None,
+def decode_slice(path: str | Path, tsyntax: str | None = None, *, plugin: str | None = None,
                  spec: PixelSpec | None = None, direct: bool = True) -> np.ndarray:
     """Decode one slice file to HU: straight from the scanned header when it can, else through pydicom's plugins.
 
@@ -303,13 +304,24 @@ def decode_slice(path: str | Path, tsyntax: str | None = None, plugin: str | Non
         ) from exc
     if arr.ndim != 2:
         raise DicomReadError(f"{path}: decoded pixel data has shape {arr.shape}, expected one grayscale slice")
-    slope = finite_float(ds.get("RescaleSlope", None))
-    intercept = finite_float(ds.get("RescaleIntercept", None))
-    return to_hu(arr, 1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
+    return to_hu(arr, _rescale(ds, path, "RescaleSlope", 1.0), _rescale(ds, path, "RescaleIntercept", 0.0))
+
+
+def _rescale(ds, path: Path, keyword: str, default: float) -> float:
+    """pydicom's RescaleSlope / RescaleIntercept: ``default`` when absent or empty; DicomReadError when pydicom cannot
+    convert it, or it is several values or not finite (HU from it would be no numbers at all, or guessed)."""
+    try:
+        value = ds.get(keyword, None)
+        value = default if value is None or value == "" else float(value)
+    except Exception as exc:  # noqa: BLE001 - pydicom's conversion error or a multi-value: unreadable either way
+        raise DicomReadError(f"{path}: cannot read {keyword} ({type(exc).__name__}: {exc})") from None
+    if not math.isfinite(value):
+        raise DicomReadError(f"{path}: {keyword} is {value}, not a finite number")
+    return value
 
 
 def read_slices(
-    header: StudyHeader, indices: Iterable[int] | None = None, plugin: str | None = None, progress: bool = False,
+    header: StudyHeader, indices: Iterable[int] | None = None, *, plugin: str | None = None, progress: bool = False,
     direct: bool = True, dtype=np.float32,
 ) -> np.ndarray:
     """Decode only the requested slices of a scanned study, to HU.
@@ -416,9 +428,12 @@ def _decode_whole_hu(path: Path, tsyntax: str, spec: PixelSpec, out: np.ndarray)
     return np.add(stored, int(spec.intercept), out=out, dtype=np.int32, casting="unsafe")
 
 
-def decode_into(header: StudyHeader, index: int, out: np.ndarray, plugin: str | None = None,
+def decode_into(header: StudyHeader, index: int, out: np.ndarray, *, plugin: str | None = None,
                 direct: bool = True) -> np.ndarray:
     """Decode slice ``index`` of a scanned study to HU, written into ``out`` (no temporary float slice).
+
+    The checked direct routes (:func:`cspine_submit.read.pixels.read_stored`) go first; a slice they refuse goes to
+    pydicom's plugins, whose values or error stand.
 
     Parameters
     ----------
@@ -426,7 +441,8 @@ def decode_into(header: StudyHeader, index: int, out: np.ndarray, plugin: str | 
     index : int
         Into ``header.files``.
     out : (rows, cols) ndarray of float32, or of int16 when :func:`hu_dtype` of the study is int16
-        E.g. one row of a preallocated stack; returned.
+        E.g. one row of a preallocated stack; returned, every element written (or an error raised: after an
+        error its contents are undefined).
     plugin, direct
         See :func:`decode_slice`.
 
@@ -434,12 +450,24 @@ def decode_into(header: StudyHeader, index: int, out: np.ndarray, plugin: str | 
     ------
     DicomReadError
         The slice cannot be decoded, or is not ``(header.rows, header.cols)`` (rejected, never resized: resizing
-        would silently change the pixel spacing).
+        would silently change the pixel spacing); any other exception on the way is turned into one naming the
+        file, so that a bad slice costs only that slice.
     """
+    path = header.files[index]
+    try:
+        return _decode_into(header, index, out, plugin, direct)
+    except DicomReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one file's failure, whatever its kind, is reported as that file's
+        raise DicomReadError(f"{path}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_into(header: StudyHeader, index: int, out: np.ndarray, plugin: str | None, direct: bool) -> np.ndarray:
     path = header.files[index]
     tsyntax = header.transfer_syntaxes[index] if index < len(header.transfer_syntaxes) else None
     spec = header.pixels[index] if index < len(header.pixels) else None
-    if direct and plugin is None and tsyntax is not None and spec is not None and \
+    # The route check comes before anything is built from the spec (a scratch buffer's dtype needs 8 or 16 bits).
+    if direct and plugin is None and tsyntax is not None and direct_route(tsyntax, spec) is not None and \
             (spec.rows, spec.cols) == (header.rows, header.cols):
         try:
             if out.dtype == np.int16:
@@ -449,7 +477,7 @@ def decode_into(header: StudyHeader, index: int, out: np.ndarray, plugin: str | 
             pass  # pydicom's plugins below
         else:
             return to_hu(stored, spec.slope, spec.intercept, out=out)
-    hu = decode_slice(path, tsyntax, plugin, direct=False)
+    hu = decode_slice(path, tsyntax, plugin=plugin, direct=False)
     if hu.shape != (header.rows, header.cols):
         raise DicomReadError(
             f"{path}: decoded slice is {hu.shape[0]}x{hu.shape[1]}, the study's slices are "

@@ -93,35 +93,83 @@ class HeaderScan:
         """The value :func:`cspine_submit.read.slice_header._header_value` gives for ``keyword`` from pydicom's dataset.
 
         ``default`` when the tag is absent; None (DS, IS, US) or "" (UI, CS) for an empty value, as pydicom converts
-        one; else :func:`decode_raw`.
+        one; else :func:`decode_raw` (ValueError where pydicom cannot convert the value).
         """
         tag, vr = WANTED[keyword]
         if tag not in self.raw:
             return default
         raw = self.raw[tag]
-        return _empty(vr) if raw is None else decode_raw(raw, vr)
+        return empty_value(vr) if raw is None else decode_raw(raw, vr)
 
 
-def _empty(vr: str):
+def empty_value(vr: str):
     """pydicom's value for an empty element (``Dataset.get`` converts it: None for numbers, "" for text)."""
     return None if vr in ("DS", "IS", "US") else ""
 
 
 def decode_raw(raw: bytes, vr: str):
-    """A scanned value from its bytes (little endian), as the header scan reads it.
+    """A scanned value from its bytes (little endian), converted exactly as pydicom converts it.
+
+    pydicom's own converters (``pydicom.values.converters``) parse the value, so that both header routes give
+    pydicom's values: a single-valued DS ``'123'`` is 123.0, IS ``'7.0'`` is 7, a DS with a leading NUL is an
+    error. Results are cached by value (a series repeats most of them from file to file).
 
     Returns
     -------
-    int, str or list of str
-        An int for ``US`` (two bytes); for text VRs (DS, IS, UI, CS) the text without its padding, split at
-        backslashes into a list of stripped texts for several DS or IS values.
+    int, float, str or tuple
+        An int for ``US``, a float for ``DS``, an int for ``IS``, a str for ``UI`` / ``CS``; a tuple of them for
+        several values (None for an empty one among several).
+
+    Raises
+    ------
+    ValueError
+        pydicom cannot convert the value (its message).
     """
-    if vr == "US":
+    if vr == "US" and len(raw) == 2:
         return _U16.unpack(raw)[0]
-    text = raw.decode("latin-1").strip(" \0")
-    if vr in ("DS", "IS") and "\\" in text:
-        return [t.strip() for t in text.split("\\")]
-    return text.strip()
+    key = (vr, raw)
+    got = _CONVERTED.get(key)
+    if got is None:
+        got = _convert(raw, vr)
+        if len(_CONVERTED) > 20000:  # a long run's unique positions: keep the cache small
+            _CONVERTED.clear()
+        _CONVERTED[key] = got
+    ok, value = got
+    if not ok:
+        raise ValueError(value)
+    return value
+
+
+_CONVERTED: dict = {}
+
+
+def _convert(raw: bytes, vr: str) -> tuple[bool, object]:
+    """``(True, value)`` with pydicom's value as plain Python types, or ``(False, message)``."""
+    import warnings
+
+    from pydicom import values
+
+    converter = values.converters[vr]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about non-conformant values it still converts
+            value = converter[0](raw, True, converter[1]) if isinstance(converter, tuple) else converter(raw, True)
+    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises, the value is unreadable for it too
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, plain_value(value, vr)
+
+
+def plain_value(value, vr: str):
+    """pydicom's converted value as plain Python types (float, int, str; a tuple of them for several values)."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return tuple(plain_value(v, vr) for v in value)
+    if value is None or value == "" and vr in ("DS", "IS"):
+        return None
+    if vr == "DS":
+        return float(value)
+    if vr in ("IS", "US"):
+        return int(value)
+    return str(value)
 
 
 _TABLES: dict = {}
@@ -218,6 +266,8 @@ def _file_meta(reader: _Reader, t: dict) -> tuple[str, int]:
         tag = group << 16 | elem
         if tag <= last or vr not in known:
             raise NotFast("unusual File Meta group")
+        if tag == 0x00020000 and (vr != b"UL" or length != 4):
+            raise NotFast("File Meta group length of another VR or size than UL, 4 bytes")  # pydicom refuses it
         last = tag
         if vr in long_vrs:
             length = _U32.unpack_from(buf, i + 8)[0]

@@ -37,12 +37,14 @@ _EXPLICIT_LONG_VRS = {b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN"}
 
 
 def _header_value(ds, keyword: str, default=None):
-    """``ds.get(keyword, default)`` for the scanned tags, read from pydicom's raw element bytes when it can.
+    """``ds.get(keyword, default)`` for the scanned tags as plain values, from pydicom's raw element bytes when it can.
 
     pydicom converts a value on first access through its full machinery (hooks, VR lookup, charset, validation),
-    which took half of the header scan's time; these tags need only bytes -> text, or two bytes -> int. Returns
-    text (``"a\\b"`` split into a list for several values) for strings and numbers-as-text (DS, IS, UI, CS), an
-    int for US; anything unusual (another VR in the file, an odd length, a converted element) goes to pydicom.
+    which took half of the header scan's time; these tags are converted by pydicom's own value converters straight
+    from the raw bytes (:func:`cspine_submit.read.dicom_header.decode_raw`, as the fast scan does), anything unusual
+    (another VR in the file, an odd length, a converted element) by ``ds.get``. Either way the value is pydicom's,
+    as plain Python types (:func:`cspine_submit.read.dicom_header.plain_value`); ValueError (or whatever pydicom
+    raises) when pydicom cannot convert it.
     """
     from pydicom.dataelem import RawDataElement
 
@@ -51,13 +53,13 @@ def _header_value(ds, keyword: str, default=None):
     if elem is None:
         return default
     if not isinstance(elem, RawDataElement) or elem.VR not in (None, vr) or elem.value is None:
-        return ds.get(keyword, default)
+        return dicom_header.plain_value(ds.get(keyword, default), vr)
     raw = elem.value
     if not raw:
-        return default if vr == "US" else ""
+        return dicom_header.empty_value(vr)
     if vr == "US":
         if len(raw) != 2:
-            return ds.get(keyword, default)
+            return dicom_header.plain_value(ds.get(keyword, default), vr)
         return struct.unpack("<H" if elem.is_little_endian else ">H", raw)[0]
     return dicom_header.decode_raw(raw, vr)  # the fast scan's decoding, so that both routes agree
 
@@ -199,14 +201,20 @@ def read_slice_header(path: str | Path, fast: bool | None = None) -> SliceInfo:
     ------
     DicomReadError
         Message ``"<path>: <reason>"`` when the file is not DICOM, unreadable, has no pixel data, is
-        truncated, is multi-frame or not grayscale.
+        truncated, is multi-frame or not grayscale, or holds a scanned value pydicom cannot convert; any other
+        exception on the way is turned into one too.
     """
     path = path if isinstance(path, Path) else Path(path)
-    if fast or (fast is None and dicom_header.fast_enabled()):
-        info = _read_slice_header_fast(path)
-        if info is not None:
-            return info
-    return _read_slice_header_pydicom(path)
+    try:
+        if fast or (fast is None and dicom_header.fast_enabled()):
+            info = _read_slice_header_fast(path)
+            if info is not None:
+                return info
+        return _read_slice_header_pydicom(path)
+    except DicomReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad file costs that file: the caller skips it with this reason
+        raise DicomReadError(f"{path}: unreadable header ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_slice_header_fast(path: Path) -> SliceInfo | None:
@@ -274,71 +282,74 @@ def _read_slice_header_pydicom(path: Path) -> SliceInfo:
 def _slice_info(path: Path, tsyntax: str, ranges: tuple[tuple[int, int], ...], encapsulated: bool,
                 value) -> SliceInfo:
     """The checks and the :class:`SliceInfo` of :func:`read_slice_header`, from the scanned header's values
-    (``value(keyword, default)``) and what :func:`_locate_pixel_data` found, whichever route read them."""
-    try:
-        rows, cols = value("Rows"), value("Columns")
-        rows, cols = (None if v in (None, "") else int(v) for v in (rows, cols))
-    except (TypeError, ValueError):
-        rows = cols = None
-    if rows is None or cols is None:
+    (``value(keyword, default)``, pydicom's values as plain types) and what :func:`_locate_pixel_data` found,
+    whichever route read them. A value pydicom cannot convert raises :class:`DicomReadError` naming it."""
+    def get(keyword, default=None):
+        try:
+            return value(keyword, default)
+        except Exception as exc:  # noqa: BLE001 - pydicom's conversion error, whichever kind: the file is unreadable
+            raise DicomReadError(f"{path}: cannot read {keyword} ({type(exc).__name__}: {exc})") from None
+
+    rows, cols = get("Rows"), get("Columns")
+    if not isinstance(rows, int) or not isinstance(cols, int):
         raise DicomReadError(f"{path}: no image (Rows/Columns missing)")
-    samples = value("SamplesPerPixel", 1)
-    if _int_or(samples, 1) != 1:
+    samples = get("SamplesPerPixel", 1)
+    if (1 if samples is None else samples) != 1:
         raise DicomReadError(f"{path}: not a grayscale slice (SamplesPerPixel={samples})")
-    frames = _int_or(value("NumberOfFrames", 1), 1)
-    if frames != 1:
+    frames = get("NumberOfFrames", 1)
+    if frames not in (None, 0, 1):  # pydicom reads None and 0 as one frame
         raise DicomReadError(f"{path}: multi-frame file ({frames} frames); expected one slice per file")
-    inst = value("InstanceNumber", None)
-    try:
-        inst = int(inst) if inst not in (None, "") else None
-    except (TypeError, ValueError):
-        inst = None
-    spacing = _floats(value("PixelSpacing", None) or (), 2)
+    inst = get("InstanceNumber", None)
+    spacing = _floats(get("PixelSpacing", None) or (), 2)
     return SliceInfo(
         path=path,
-        study_uid=str(value("StudyInstanceUID", "") or ""),
-        series_uid=str(value("SeriesInstanceUID", "") or ""),
-        position=_floats(value("ImagePositionPatient", None) or (), 3),
-        orientation=_floats(value("ImageOrientationPatient", None) or (), 6),
-        instance_number=inst,
+        study_uid=_text(get("StudyInstanceUID", "")),
+        series_uid=_text(get("SeriesInstanceUID", "")),
+        position=_floats(get("ImagePositionPatient", None) or (), 3),
+        orientation=_floats(get("ImageOrientationPatient", None) or (), 6),
+        instance_number=inst if isinstance(inst, int) else None,
         rows=rows,
         cols=cols,
         pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
         transfer_syntax=tsyntax,
-        slice_thickness=finite_float(value("SliceThickness", None)),
-        spacing_between=finite_float(value("SpacingBetweenSlices", None)),
-        pixels=_pixel_spec(value, rows, cols, ranges, encapsulated),
+        slice_thickness=finite_float(get("SliceThickness", None)),
+        spacing_between=finite_float(get("SpacingBetweenSlices", None)),
+        pixels=_pixel_spec(get, rows, cols, ranges, encapsulated),
     )
 
 
-def _int_or(value, default: int) -> int:
-    """``int(value or default)``, for counts stated as text or numbers (SamplesPerPixel, NumberOfFrames)."""
-    try:
-        return int(value or default)
-    except (TypeError, ValueError):
-        try:
-            return int(float(value))
-        except (TypeError, ValueError):
-            return default
+def _text(value) -> str:
+    """A UI value as text: "" when absent or empty, the values joined by backslashes when several (as stored)."""
+    if isinstance(value, tuple):
+        return "\\".join("" if v is None else str(v) for v in value)
+    return str(value or "")
+
+
+DIRECT_PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2"})
+"""PhotometricInterpretation values the direct pixel route decodes (grayscale: pydicom applies no colour step)."""
 
 
 def _pixel_spec(value, rows: int, cols: int, ranges: tuple[tuple[int, int], ...],
                 encapsulated: bool) -> PixelSpec | None:
     """What :func:`cspine_submit.read.pixels.read_stored` needs, from the scanned header (``value(keyword, default)``);
-    None when it is incomplete (the slice is then decoded through pydicom)."""
+    None unless every value is one pydicom decodes without complaint, so that the slice goes to pydicom, whose
+    values or error then stand: BitsAllocated 8 or 16, BitsStored in 1..BitsAllocated, PixelRepresentation 0 or 1,
+    SamplesPerPixel 1 (present), PhotometricInterpretation MONOCHROME1/2, RescaleSlope and RescaleIntercept absent,
+    empty or finite."""
     if not ranges:
         return None
-    try:
-        bits_allocated = int(value("BitsAllocated"))
-        bits_stored = int(value("BitsStored", None) or bits_allocated)
-        signed = int(value("PixelRepresentation")) == 1
-    except (TypeError, ValueError):
+    bits_allocated, bits_stored = value("BitsAllocated", None), value("BitsStored", None)
+    representation, samples = value("PixelRepresentation", None), value("SamplesPerPixel", None)
+    photometric = value("PhotometricInterpretation", None)
+    if bits_allocated not in (8, 16) or not isinstance(bits_stored, int) or not 1 <= bits_stored <= bits_allocated \
+            or representation not in (0, 1) or samples != 1 or photometric not in DIRECT_PHOTOMETRIC:
         return None
-    slope = finite_float(value("RescaleSlope", None))
-    intercept = finite_float(value("RescaleIntercept", None))
+    slope, intercept = value("RescaleSlope", None), value("RescaleIntercept", None)
+    if slope is not None and finite_float(slope) is None or intercept is not None and finite_float(intercept) is None:
+        return None  # non-finite or several values: pydicom's route reports it
     return PixelSpec(
         fragments=tuple(ranges), encapsulated=encapsulated, rows=rows, cols=cols,
-        bits_allocated=bits_allocated, bits_stored=bits_stored, signed=signed, samples=1,
-        photometric=str(value("PhotometricInterpretation", "") or ""),
-        slope=1.0 if slope is None else slope, intercept=0.0 if intercept is None else intercept,
+        bits_allocated=bits_allocated, bits_stored=bits_stored, signed=representation == 1, samples=1,
+        photometric=photometric,
+        slope=1.0 if slope is None else float(slope), intercept=0.0 if intercept is None else float(intercept),
     )

@@ -141,3 +141,52 @@ def test_learn_ranges_extents_needs_images(tmp_path, capsys):
     code = main(["learn-ranges", "--segmentations", str(DATA / "nifti" / "verse"), "--layout", "affine",
                  "--extents", str(EXTENTS), "--out", str(tmp_path / "r.json")])
     assert code == 2 and "--extents needs --images" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real distributions the generator and the cut draw from (cspine_submit.datasets.real_geometry)
+
+
+def _csv(name):
+    import csv
+
+    with open(DATA / "real_competition" / name, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_real_geometry_constants_are_the_tables():
+    from collections import Counter
+
+    from cspine_submit.datasets import real_geometry as R
+
+    rows = _csv("study_geometry.csv")
+    assert len(rows) == R.N_STUDIES == 2019
+    pairs = Counter((float(r["dz_median"]), float(r["thk"])) for r in rows)
+    assert {(a, b): n for a, b, n in R.SPACING_THICKNESS} == dict(pairs)
+    assert R.REVERSED_SHARE == pytest.approx(sum(r["head_first"] == "False" for r in rows) / 2019)
+    assert dict(R.SIZE_COUNTS) == {512: sum(r["H"] == "512" for r in rows), 768: sum(r["H"] == "768" for r in rows)}
+    ext = _csv("vertebra_extents.csv")
+    margins = [(float(r["C1_top_mm"]), float(r["zextent"]) - float(r["C7_bot_mm"])) for r in ext]
+    assert [(a, pytest.approx(b, abs=1e-3)) for a, b in R.MARGINS_MM] == margins
+
+
+def test_label_model_matches_the_real_label_counts():
+    """Exact under the model (enumerated), against FACTS.md's counts of the real train.csv."""
+    from cspine_submit.datasets import real_geometry as R
+
+    probs = R.label_set_probabilities()
+    assert sum(probs.values()) == pytest.approx(1.0)
+    n = 2019
+    counts = [n * sum(p for s, p in probs.items() if len(s) == m) for m in range(7)]
+    assert counts == pytest.approx([1058, 623, 239, 64, 26, 7, 2], abs=0.5)
+    prevalence = {"C1": 0.072, "C2": 0.141, "C3": 0.036, "C4": 0.053, "C5": 0.080, "C6": 0.137, "C7": 0.195}
+    for v, p in prevalence.items():
+        assert sum(q for s, q in probs.items() if v in s) == pytest.approx(p, abs=0.002), v
+    pair = {(a, b): n * sum(q for s, q in probs.items() if a in s and b in s) for a, b in zip(VERTEBRAE, VERTEBRAE[1:])}
+    assert pair[("C1", "C2")] == pytest.approx(56, abs=2)
+    assert pair[("C5", "C6")] == pytest.approx(90, abs=2)
+    assert pair[("C6", "C7")] == pytest.approx(130, abs=2)
+    # FACTS.md: P(C2 | C1) = 0.38, P(C6 | C5) = 0.56, P(C7 | C6) = 0.47.
+    assert pair[("C1", "C2")] / (n * prevalence["C1"]) == pytest.approx(0.38, abs=0.02)
+    assert pair[("C5", "C6")] / (n * prevalence["C5"]) == pytest.approx(0.56, abs=0.02)
+    assert pair[("C6", "C7")] / (n * prevalence["C6"]) == pytest.approx(0.47, abs=0.02)

@@ -375,8 +375,8 @@ def test_table_option_adds_a_dense_shell_and_changes_nothing_else():
 
     from cspine_submit.datasets.synthetic import plan_specs, render_study
 
-    plain = plan_specs(3, 9, size=64, spacing=(5.0, 6.0))
-    tabled = plan_specs(3, 9, size=64, spacing=(5.0, 6.0), table_fraction=1.0)
+    plain = plan_specs(3, 9, scheme="uniform", size=64, spacing=(5.0, 6.0))  # a wide field of view: the table shows
+    tabled = plan_specs(3, 9, scheme="uniform", size=64, spacing=(5.0, 6.0), table_fraction=1.0)
     assert [dataclasses.replace(s, table=False) for s in tabled] == plain
     assert not any(s.table for s in plain) and all(s.table for s in tabled)
     a, b = render_study(plain[0]), render_study(tabled[0])
@@ -413,3 +413,105 @@ def test_synth_command_names_a_bad_parameter_without_a_traceback(tmp_path, capsy
     assert "unknown vertebra 'C8'" in capsys.readouterr().out
     assert main(["synth", str(tmp_path / "c"), "--prevalence", "lots", "--quiet"]) == 2
     assert capsys.readouterr().out.startswith("error: ")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drawn like the competition's studies (scheme "real", the default; tables in tests/data/real_competition)
+
+REAL_TABLES = Path(__file__).parent / "data" / "real_competition"
+
+
+def _real_table(name):
+    with open(REAL_TABLES / name, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _spread(values):
+    a = np.asarray(values, dtype=float)
+    return np.percentile(a, 5), np.median(a), np.percentile(a, 95)
+
+
+@pytest.fixture(scope="module")
+def real_specs():
+    from cspine_submit.datasets.synthetic import plan_specs
+
+    return plan_specs(3000, 11)
+
+
+def test_real_scheme_geometry_matches_the_real_tables(real_specs):
+    from cspine_submit.datasets.synthetic import study_geometry
+
+    geo = [study_geometry(s) for s in real_specs[:800]]
+    rows = _real_table("study_geometry.csv")
+    real_dz = [float(r["dz_median"]) for r in rows]
+    real_ratio = [float(r["thk"]) / float(r["dz_median"]) for r in rows]
+    # Tolerances: medians within 0.05 mm (the spacing takes a few discrete values), 5-95 % within 0.1 mm; the share
+    # of studies whose thickness exceeds the spacing within 0.05 (43.5 % real).
+    for got, want in zip(_spread([g["slice_mm"] for g in geo]), _spread(real_dz)):
+        assert abs(got - want) <= 0.1
+    assert np.median([g["slice_mm"] for g in geo]) == pytest.approx(0.625, abs=0.05)
+    thicker = np.mean([g["thickness_mm"] > g["slice_mm"] * 1.01 for g in geo])
+    assert thicker == pytest.approx(np.mean([r > 1.01 for r in real_ratio]), abs=0.05)
+    # Pixel spacing: FACTS.md median 0.312, p25 0.2715, p75 0.3547, range 0.19-0.71 mm (the fov over 512 px).
+    px = np.array([g["fov_mm"] / 512 for g in geo])
+    assert np.median(px) == pytest.approx(0.312, abs=0.01)
+    assert np.percentile(px, 25) == pytest.approx(0.2715, abs=0.015)
+    assert np.percentile(px, 75) == pytest.approx(0.3547, abs=0.015)
+    assert px.min() >= 0.19 - 1e-9 and px.max() <= 0.713 + 1e-9
+    # Scan above C1 / below C7: the 58 masks' median 37.5 / 35 mm, p5-p95 16-65 / 8.5-87 mm; within 5 / 8 mm.
+    ext = _real_table("vertebra_extents.csv")
+    real_head = [float(r["C1_top_mm"]) for r in ext]
+    real_chest = [float(r["zextent"]) - float(r["C7_bot_mm"]) for r in ext]
+    for key, real in (("head_mm", real_head), ("chest_mm", real_chest)):
+        got, want = _spread([g[key] for g in geo]), _spread(real)
+        assert abs(got[1] - want[1]) <= 5 and abs(got[0] - want[0]) <= 8 and abs(got[2] - want[2]) <= 8, key
+    assert {s.size for s in real_specs} <= {512, 768} and np.mean([s.size == 512 for s in real_specs]) > 0.99
+
+
+def test_real_scheme_headers_direction_and_labels(real_specs):
+    n = len(real_specs)
+    assert sum(s.reversed for s in real_specs) == round(0.0976 * n)  # 197 of 2019 numbered feet to head
+    assert not any(s.modality or s.manufacturer for s in real_specs)  # minimal headers, as every real file
+    assert all(s.box_per_slice for s in real_specs)
+    counts = np.bincount([len(s.fractures) for s in real_specs], minlength=7) / n
+    real = np.array([1058, 623, 239, 64, 26, 7, 2]) / 2019
+    # Tolerance 0.025 per count share (3000 studies: sd about 0.009 at the largest share).
+    np.testing.assert_allclose(counts, real, atol=0.025)
+    overall = np.mean([s.labels["patient_overall"] for s in real_specs])
+    assert overall == pytest.approx(0.476, abs=0.025)
+    c6 = [s for s in real_specs if s.labels["C6"]]
+    assert np.mean([s.labels["C7"] for s in c6]) == pytest.approx(0.47, abs=0.08)  # P(C7 | C6), real 0.47
+    boxed = np.mean([s.boxed for s in real_specs])
+    assert boxed == pytest.approx(235 / 961, abs=0.01)
+
+
+def test_real_scheme_writes_one_box_per_slice_and_minimal_headers(tmp_path):
+    import pydicom
+
+    from cspine_submit.datasets.synthetic import generate_dataset
+
+    ds = generate_dataset(tmp_path / "d", 3, 0, seed=4, size=48, spacing=(3.0, 3.0), boxed_fraction=1.0,
+                          prevalence={"C5": 1.0, "C6": 1.0})
+    _, boxes = _read_csv(tmp_path / "d" / "train_bounding_boxes.csv")
+    keys = [(b["StudyInstanceUID"], b["slice_number"]) for b in boxes]
+    assert keys and len(keys) == len(set(keys))  # one box per slice, even where C5 and C6 share slices
+    f = next(iter(sorted(ds.train[0].folder.glob("*.dcm"))))
+    header = pydicom.dcmread(f)
+    assert "Modality" not in header and "Manufacturer" not in header
+    assert ds.params["scheme"] == "real" and ds.params["fov"] == "real"
+
+
+def test_uniform_scheme_is_the_first_generator():
+    """A params file naming the old scheme (weights/demo/synthetic_params.json does) gets the old specs."""
+    import json
+
+    from cspine_submit.datasets.synthetic import UNIFORM_DEFAULTS, plan_specs, resolve_params
+
+    demo = json.loads((Path(__file__).parents[1] / "weights" / "demo" / "synthetic_params.json").read_text())
+    assert demo["scheme"] == "uniform"
+    p = resolve_params(demo)
+    assert p["fov"] == UNIFORM_DEFAULTS["fov"] and p["head"] == UNIFORM_DEFAULTS["head"]
+    specs = plan_specs(5, 2022, **demo)
+    assert all(s.manufacturer and not s.box_per_slice and s.fov == (150.0, 250.0) for s in specs)
+    with pytest.raises(ValueError, match="scheme"):
+        plan_specs(1, 0, scheme="v2")

@@ -239,7 +239,7 @@ def test_plan_matches_what_a_run_writes(synthetic_dataset, fixture_ranges, tmp_p
     assert plan["input_crops_per_s"] > 0 and plan["epoch"]["T4_seconds"] is None  # no GPU figure for 'tiny'
 
 
-DEMO_LIKE = dict(size=128, spacing=(1.5, 2.5), seed=5, prevalence={v: 0.35 for v in VERTEBRAE})
+DEMO_LIKE = dict(scheme="uniform", size=128, spacing=(1.5, 2.5), seed=5, prevalence={v: 0.35 for v in VERTEBRAE})
 """The demo's generator parameters (weights/demo/synthetic_params.json) with thicker slices, fewer studies."""
 
 

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import REAL_NECK_PARAMS
 
 from cspine_submit.config import VERTEBRAE
 from cspine_submit.read.dicom import read_slices, scan_study
@@ -182,9 +183,10 @@ def test_a_native_grid_copies_the_source_exactly():
 def test_competition_cut_is_reproducible_and_holds_c1_to_c7(name):
     _, labels = _pair(name)
     dz = labels.spacing[0]
-    spec = competition_cut(labels.volume, labels.spacing, np.random.default_rng(7), size=512)
-    assert spec == competition_cut(labels.volume, labels.spacing, np.random.default_rng(7), size=512)
-    assert spec != competition_cut(labels.volume, labels.spacing, np.random.default_rng(8), size=512)
+    ranged = dict(size=512, slice_mm=1.25, head_mm=(5.0, 35.0), chest_mm=(15.0, 60.0), fov_mm=(160.0, 240.0))
+    spec = competition_cut(labels.volume, labels.spacing, np.random.default_rng(7), **ranged)
+    assert spec == competition_cut(labels.volume, labels.spacing, np.random.default_rng(7), **ranged)
+    assert spec != competition_cut(labels.volume, labels.spacing, np.random.default_rng(8), **ranged)
     ranges = _label_ranges(labels.volume)
     c1_top, c7_bottom = ranges["C1"][0] * dz, ranges["C7"][1] * dz
     last = (labels.volume.shape[0] - 1) * dz
@@ -195,6 +197,31 @@ def test_competition_cut_is_reproducible_and_holds_c1_to_c7(name):
     assert abs(spec.centre_yx_mm[0] - 0.5 * (ys[0] + ys[-1]) * labels.spacing[1]) <= 5.0 + 1e-6
     # Round trip through the record.
     assert CutSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_default_cut_draws_like_the_real_studies():
+    """The default cut: margins above C1 / below C7 from one real masked study, the field of view from a real
+    pixel spacing x 512, the slice spacing with its thickness from a real study (real_geometry's tables)."""
+    from cspine_submit.datasets import real_geometry as R
+
+    _, labels = _pair("pt_34")
+    dz = labels.spacing[0]
+    ranges = _label_ranges(labels.volume)
+    c1_top, c7_bottom = ranges["C1"][0] * dz, ranges["C7"][1] * dz
+    last = (labels.volume.shape[0] - 1) * dz
+    pairs = {(a, b) for a, b, _ in R.SPACING_THICKNESS}
+    margins = set(R.MARGINS_MM)
+    seen = set()
+    for seed in range(12):
+        spec = competition_cut(labels.volume, labels.spacing, np.random.default_rng(seed), size=512)
+        assert (spec.slice_mm, spec.thickness_mm) in pairs
+        assert R.PIXEL_SPACING_RANGE_MM[0] - 1e-6 <= spec.fov_mm / 512 <= R.PIXEL_SPACING_RANGE_MM[1] + 1e-6
+        head, chest = c1_top - spec.z_start_mm, spec.z_end_mm - c7_bottom
+        # Clipped only by the volume's own ends.
+        assert any(abs(head - min(h, c1_top)) < 1e-3 and abs(chest - min(c, last - c7_bottom)) < 1e-3
+                   for h, c in margins), (head, chest)
+        seen.add((spec.slice_mm, round(spec.fov_mm)))
+    assert len(seen) > 6  # the draws differ from seed to seed
 
 
 def test_competition_cut_native_slices_and_bad_labels():
@@ -313,7 +340,7 @@ def test_write_studies_layout_records_and_reproducibility(real_neck_dataset, tmp
     stored = json.loads((root / "studies.json").read_text())
     assert stored["studies"] == json.loads(json.dumps(records))
     # One volume alone gets the same cut as inside the whole folder (cuts are seeded per name).
-    one = write_studies(REAL / "pt_83_ct.nii.gz", tmp_path / "one", size=128, slice_mm=1.25, seed=0)
+    one = write_studies(REAL / "pt_83_ct.nii.gz", tmp_path / "one", **REAL_NECK_PARAMS)
     assert one[0]["cut"] == names["pt_83"]["cut"]
     with pytest.raises(FileExistsError, match="not empty"):
         write_studies(REAL / "pt_83_ct.nii.gz", tmp_path / "one", size=128)

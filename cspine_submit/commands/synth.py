@@ -7,6 +7,11 @@ truth of the test studies). The same seed and parameters give the same bytes.
 Parameters can also come from a JSON file (--params, e.g. weights/demo/synthetic_params.json: the keys of
 cspine_submit.datasets.synthetic.DEFAULTS plus n_train, n_test, n_segmented, seed); options given on the command line win.
 
+By default (--scheme real) each study is drawn like the competition's: slice spacing with its thickness, pixel
+spacing, the scan above C1 and below C7, numbering direction and image size from the real distributions, no
+Modality or Manufacturer tag, the real labels' joint distribution, boxes (one per slice) for about a quarter of the
+fractured studies; a range option (--spacing, --fov, --head, --chest, --size) replaces that draw.
+
 Examples:
   cspine-submit synth /tmp/synth --studies 40 --test 10 --seed 1 --size 160
   cspine-submit synth /tmp/bench --studies 2 --test 0 --size 512 --spacing 0.5 1.0
@@ -25,7 +30,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--test", type=int, default=None, help="test studies (default 3)")
     parser.add_argument("--segmented", type=int, default=None, help="training studies with a mask (default all)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    parser.add_argument("--size", type=int, default=None, help="rows = columns, pixels (default 256)")
+    parser.add_argument("--scheme", choices=("real", "uniform"), default=None,
+                        help="real (default): geometry, headers and labels drawn like the competition's studies; "
+                             "uniform: the first generator's ranges (the demo's classifiers were trained on it)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="rows = columns, pixels (default: real sizes, 512 almost always; uniform scheme 256)")
     parser.add_argument("--spacing", type=float, nargs=2, metavar=("LO", "HI"), help="slice spacing range, mm")
     parser.add_argument("--fov", type=float, nargs=2, metavar=("LO", "HI"), help="field of view range, mm")
     parser.add_argument("--head", type=float, nargs=2, metavar=("LO", "HI"), help="scan above the top of C1, mm")
@@ -80,8 +89,9 @@ def run(args) -> int:
         # Accept the parameters at the top level or nested as the demo's synthetic_params.json may hold them.
         params = dict(data.get("generate_dataset", data.get("params", data)))
         params = {k: v for k, v in params.items() if k not in ("out_dir", "force", "progress")}
-    for key in ("spacing", "fov", "head", "chest", "noise", "size", "compressed_fraction", "reversed_fraction",
-                "signed_fraction", "no_modality_fraction", "wedge_fraction", "table_fraction", "boxed_fraction"):
+    for key in ("scheme", "spacing", "fov", "head", "chest", "noise", "size", "compressed_fraction",
+                "reversed_fraction", "signed_fraction", "no_modality_fraction", "wedge_fraction", "table_fraction",
+                "boxed_fraction"):
         value = getattr(args, key)
         if value is not None:
             params[key] = value

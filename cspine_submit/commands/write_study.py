@@ -2,11 +2,13 @@
 
 SRC is a folder of <name>_ct.nii.gz CT volumes with <name>_vert.nii.gz vertebra labels (1-7 = C1-C7; e.g.
 tests/data/real_neck, the OpenKBP necks), or one such CT file. Each volume is brought to the axial frame from its
-affine (any axis-aligned orientation), cut the way competition scans are cut (a random 5-35 mm above the top of C1
-to 15-60 mm below the bottom of C7, a random 160-240 mm field of view centred near the vertebrae), resampled to
---size pixels and --slice-mm slices, and written as OUT/images/<uid>/<n>.dcm (files numbered by position: half the
-studies feet to head; half JPEG Lossless .4.70, half PixelRepresentation 1) with its mask in the competition's
-sagittal layout, OUT/segmentations/<uid>.nii. OUT/studies.csv and studies.json say, per study, its source, the cut
+affine (any axis-aligned orientation), cut the way competition scans are cut (by default each draw like the
+competition's studies: the scan above the top of C1 and below the bottom of C7 together from one of 58 real masked
+studies, the field of view from the real pixel spacings times 512, the slice spacing with its SliceThickness from
+the 2019 real studies; --head/--chest/--fov ranges and a --slice-mm value replace those draws), centred near the
+vertebrae, resampled to --size pixels, and written as OUT/images/<uid>/<n>.dcm (files numbered by position: 9.8 %
+feet to head as in the real set; half JPEG Lossless .4.70, half PixelRepresentation 1; no Modality or Manufacturer
+tag, like the real files) with its mask in the competition's sagittal layout, OUT/segmentations/<uid>.nii. OUT/studies.csv and studies.json say, per study, its source, the cut
 spec drawn, the flags and C1-C7's slices; OUT/test.csv lists 8 rows per study for `submit`. Same seed, same studies.
 
 Examples:
@@ -29,22 +31,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("src", type=Path, help="folder of <name>_ct.nii.gz + <name>_vert.nii.gz, or one CT file")
     parser.add_argument("out", type=Path, help="output folder (created; must be empty unless --force)")
     parser.add_argument("--size", type=int, default=512, help="rows = columns of a cut study, pixels (default 512)")
-    parser.add_argument("--slice-mm", default="1.25",
-                        help="slice spacing of a cut study, mm, or 'native' for the source's slices (default 1.25)")
+    parser.add_argument("--slice-mm", default="real",
+                        help="slice spacing of a cut study, mm, 'native' for the source's slices, or 'real' (default: "
+                             "drawn with its thickness from the real studies)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the cuts and flags (default 0)")
-    parser.add_argument("--fov", type=float, nargs=2, metavar=("LO", "HI"), default=(160.0, 240.0),
-                        help="field of view range, mm (default 160 240)")
-    parser.add_argument("--head", type=float, nargs=2, metavar=("LO", "HI"), default=(5.0, 35.0),
-                        help="scan above the top of C1, mm (default 5 35)")
-    parser.add_argument("--chest", type=float, nargs=2, metavar=("LO", "HI"), default=(15.0, 60.0),
-                        help="scan below the bottom of C7, mm (default 15 60)")
+    parser.add_argument("--fov", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                        help="field of view range, mm (default: the real studies' pixel spacing x 512)")
+    parser.add_argument("--head", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                        help="scan above the top of C1, mm (default: with --chest, from a real masked study)")
+    parser.add_argument("--chest", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                        help="scan below the bottom of C7, mm (default: with --head, from a real masked study)")
     parser.add_argument("--no-cut", action="store_true",
                         help="write each volume whole on its own grid (no cut, no resampling; labels optional)")
-    parser.add_argument("--reversed-fraction", type=float, default=0.5, help="share numbered feet to head (0.5)")
+    parser.add_argument("--reversed-fraction", type=float, default=0.098,
+                        help="share numbered feet to head (default 0.098, the real share)")
     parser.add_argument("--compressed-fraction", type=float, default=0.5, help="share in JPEG Lossless .4.70 (0.5)")
     parser.add_argument("--signed-fraction", type=float, default=0.5, help="share with PixelRepresentation 1 (0.5)")
     parser.add_argument("--force", action="store_true", help="replace studies already written in OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _range(value):
+    return "real" if value is None else tuple(value)
 
 
 def run(args) -> int:
@@ -54,17 +62,19 @@ def run(args) -> int:
 
     if str(args.slice_mm).lower() == "native":
         slice_mm = None
+    elif str(args.slice_mm).lower() == "real":
+        slice_mm = "real"
     else:
         try:
             slice_mm = float(args.slice_mm)
         except ValueError:
-            print(f"error: --slice-mm {args.slice_mm!r}: expected mm (e.g. 1.25) or 'native'")
+            print(f"error: --slice-mm {args.slice_mm!r}: expected mm (e.g. 1.25), 'native' or 'real'")
             return 2
     start = time.perf_counter()
     try:
         records = write_studies(
             args.src, args.out, size=args.size, slice_mm=slice_mm, seed=args.seed, cut=not args.no_cut,
-            fov_mm=tuple(args.fov), head_mm=tuple(args.head), chest_mm=tuple(args.chest),
+            fov_mm=_range(args.fov), head_mm=_range(args.head), chest_mm=_range(args.chest),
             reversed_fraction=args.reversed_fraction, compressed_fraction=args.compressed_fraction,
             signed_fraction=args.signed_fraction, force=args.force, progress=not args.quiet,
         )

@@ -115,6 +115,7 @@ def write_dicom_series(
     modality: bool,
     window: tuple[float, float] | None = None,
     thickness: float | None = None,
+    manufacturer: str | None = "cspine_submit synthetic",
 ) -> list[Path]:
     """Write an axial volume as ``<n>.dcm`` files.
 
@@ -142,6 +143,8 @@ def write_dicom_series(
         WindowCenter/WindowWidth to write.
     thickness : float, optional
         SliceThickness, mm (default: the slice spacing).
+    manufacturer : str or None
+        Manufacturer tag to write; None writes none (the real training files have none).
 
     Returns
     -------
@@ -152,7 +155,8 @@ def write_dicom_series(
     folder.mkdir(parents=True, exist_ok=True)
     nz, rows, cols = hu.shape
     ds = _series_dataset(study_uid, series_uid, shape=(rows, cols), spacing=spacing, signed=signed,
-                         modality=modality, window=window, thickness=thickness, compressed=compressed)
+                         modality=modality, window=window, thickness=thickness, compressed=compressed,
+                         manufacturer=manufacturer)
     numbers = file_numbers(nz, reversed_)
     paths = []
     for i in range(nz):
@@ -174,6 +178,7 @@ def _series_dataset(
     window: tuple[float, float] | None,
     thickness: float | None,
     compressed: bool,
+    manufacturer: str | None = "cspine_submit synthetic",
 ):
     """The header every slice of a series shares (a pydicom Dataset with its file meta); per-slice tags are
     filled in by :func:`_write_slice`. Parameters as for :func:`write_dicom_series`; ``shape`` is (rows, cols)."""
@@ -190,7 +195,8 @@ def _series_dataset(
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     if modality:
         ds.Modality = "CT"
-    ds.Manufacturer = "cspine_submit synthetic"
+    if manufacturer is not None:
+        ds.Manufacturer = manufacturer
     ds.PatientID = study_uid.rsplit(".", 1)[-1]
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cspine_submit.config import PREDICTION_TYPES, TRAIN_PREVALENCE, VERTEBRAE
+from cspine_submit.datasets import real_geometry
 from cspine_submit.datasets.folder import clear_outputs, exact_flags
 from cspine_submit.datasets.anatomy import Anatomy, build_anatomy, draw_background, draw_table, render_volume
 from cspine_submit.datasets.dicom_writer import file_numbers, write_dicom_series, write_mask
@@ -40,7 +41,8 @@ from cspine_submit.datasets.dicom_writer import file_numbers, write_dicom_series
 UID_PREFIX = "1.2.826.0.1.3680043."
 """The competition's StudyInstanceUID prefix; a study's UID is this plus a number."""
 
-DEFAULTS: dict = {
+UNIFORM_DEFAULTS: dict = {
+    "scheme": "uniform",
     "size": 256,
     "spacing": (0.5, 1.0),
     "fov": (150.0, 250.0),
@@ -57,7 +59,34 @@ DEFAULTS: dict = {
     "boxed_fraction": 1.0,
     "prevalence": {v: TRAIN_PREVALENCE[v] for v in VERTEBRAE},
 }
-"""Default generator parameters (the keyword arguments of :func:`generate_dataset`)."""
+"""The generator's first scheme (``scheme="uniform"``): every geometry drawn uniformly from a range, vertebrae
+fractured independently, one box per fractured vertebra and slice. The demo's classifiers were trained on it
+(``weights/demo/synthetic_params.json`` names it), so it stays, byte for byte."""
+
+REAL = "real"
+"""A geometry parameter (``size``, ``spacing``, ``fov``, ``head``, ``chest``) or ``prevalence`` given as this string
+is drawn per study from the competition's own distributions (:mod:`cspine_submit.datasets.real_geometry`)."""
+
+DEFAULTS: dict = {
+    **UNIFORM_DEFAULTS,
+    "scheme": "real",
+    "size": REAL,
+    "spacing": REAL,
+    "fov": REAL,
+    "head": REAL,
+    "chest": REAL,
+    "reversed_fraction": round(real_geometry.REVERSED_SHARE, 4),
+    "no_modality_fraction": 1.0,
+    "boxed_fraction": round(real_geometry.BOXED_SHARE, 4),
+    "prevalence": REAL,
+}
+"""Default generator parameters (the keyword arguments of :func:`generate_dataset`): ``scheme="real"``, studies
+drawn like the competition's (512 px, the real slice spacing and thickness pairs, pixel spacing, scan above C1 and
+below C7, 9.8 % numbered feet to head, no Modality and no Manufacturer, the real labels' joint distribution,
+boxes for about a quarter of the fractured studies, one box per slice). ``scheme="uniform"`` starts from
+:data:`UNIFORM_DEFAULTS` instead; any key given explicitly wins in both."""
+
+SCHEMES: dict[str, dict] = {"real": DEFAULTS, "uniform": UNIFORM_DEFAULTS}
 
 TRAIN_COLUMNS = ("StudyInstanceUID",) + PREDICTION_TYPES
 BOX_COLUMNS = ("StudyInstanceUID", "x", "y", "width", "height", "slice_number")
@@ -88,6 +117,15 @@ class StudySpec:
     boxed : bool
         For a fractured training study: its fracture boxes go into train_bounding_boxes.csv (the competition has
         boxes for only a quarter of its fractured studies).
+    manufacturer : bool
+        Write a Manufacturer tag (the real training files have none).
+    box_per_slice : bool
+        One fracture box per slice (the union over its fractured vertebrae), as the real boxes are; else one per
+        fractured vertebra and slice.
+
+    ``spacing``, ``fov``, ``head`` and ``chest`` may each be :data:`REAL` instead of a range: drawn per study from
+    the real distributions (the spacing with its SliceThickness, the field of view as the real pixel spacing
+    times 512, the scan above C1 and below C7 together).
     """
 
     uid: str
@@ -106,6 +144,8 @@ class StudySpec:
     thoracic_labels: bool = True
     table: bool = False
     boxed: bool = True
+    manufacturer: bool = True
+    box_per_slice: bool = False
 
     @property
     def labels(self) -> dict[str, int]:
@@ -162,12 +202,13 @@ class SyntheticStudy:
 
     def boxes(self) -> list[dict]:
         """Fracture boxes per axial slice in train_bounding_boxes.csv's columns (one per fractured vertebra and
-        slice it crosses; x/y/width/height in pixels, slice_number = the file number)."""
+        slice it crosses, or one per slice with ``spec.box_per_slice``; x/y/width/height in pixels, slice_number =
+        the file number)."""
         rows = []
         for i in np.flatnonzero(self.fracture.any(axis=(1, 2))):
             sl = self.fracture[i]
-            for lab in np.unique(sl[sl > 0]):
-                ys, xs = np.nonzero(sl == lab)
+            for lab in ([None] if self.spec.box_per_slice else np.unique(sl[sl > 0])):
+                ys, xs = np.nonzero(sl > 0 if lab is None else sl == lab)
                 rows.append(
                     {
                         "StudyInstanceUID": self.spec.uid,
@@ -227,6 +268,47 @@ def _uniform(rng: np.random.Generator, lo_hi: tuple[float, float]) -> float:
     return float(lo if hi <= lo else rng.uniform(lo, hi))
 
 
+def _draw_geometry(spec: StudySpec, rng: np.random.Generator) -> dict[str, float | None]:
+    """A study's field of view, pixel and slice spacing, thickness and the scan above C1 / below C7.
+
+    Ranges draw from ``rng`` (the study's generator, in the order they always did: field of view, spacing, head,
+    chest); :data:`REAL` parameters draw from their own generator seeded by the study, so they shift nothing.
+    ``thickness_mm`` is None unless the spacing is real (then it comes with it).
+    """
+    real_rng = np.random.default_rng([spec.seed, 3])
+    if spec.fov == REAL:
+        # The real field of view (pixel spacing x 512, the real matrix), whatever this study's size: a smaller
+        # matrix gets coarser pixels, not a smaller neck.
+        fov = real_geometry.draw_pixel_spacing(real_rng) * real_geometry.REAL_MATRIX
+    else:
+        fov = _uniform(rng, spec.fov)
+    thickness = None
+    if spec.spacing == REAL:
+        dz, thickness = real_geometry.draw_spacing(real_rng)
+    else:
+        dz = round(max(0.1, _uniform(rng, spec.spacing)), 3)
+    real_head = real_chest = None
+    if spec.head == REAL or spec.chest == REAL:
+        real_head, real_chest = real_geometry.draw_margins(real_rng)
+    head = real_head if spec.head == REAL else _uniform(rng, spec.head)
+    chest = real_chest if spec.chest == REAL else _uniform(rng, spec.chest)
+    return {"fov_mm": fov, "pixel_mm": round(fov / int(spec.size), 6), "slice_mm": dz, "thickness_mm": thickness,
+            "head_mm": head, "chest_mm": chest}
+
+
+def study_geometry(spec: StudySpec) -> dict[str, float | None]:
+    """What :func:`render_study` draws for a spec's geometry, without rendering (cheap: for statistics).
+
+    Returns
+    -------
+    dict
+        ``fov_mm``, ``pixel_mm``, ``slice_mm``, ``thickness_mm`` (the SliceThickness written when the spacing is
+        :data:`REAL`; None for a range, whose thickness render_study draws later), ``head_mm`` (scan above the top
+        of C1), ``chest_mm`` (below the bottom of C7).
+    """
+    return _draw_geometry(spec, np.random.default_rng(spec.seed))
+
+
 def render_study(spec: StudySpec) -> SyntheticStudy:
     """Render a study from its spec (deterministic).
 
@@ -239,17 +321,18 @@ def render_study(spec: StudySpec) -> SyntheticStudy:
 
     rng = np.random.default_rng(spec.seed)
     size = int(spec.size)
-    fov = _uniform(rng, spec.fov)
-    px = round(fov / size, 6)
-    dz = round(max(0.1, _uniform(rng, spec.spacing)), 3)
-    head_mm = _uniform(rng, spec.head)
-    chest_mm = _uniform(rng, spec.chest)
+    geometry = _draw_geometry(spec, rng)
+    fov, px, dz = geometry["fov_mm"], geometry["pixel_mm"], geometry["slice_mm"]
+    head_mm, chest_mm, real_thickness = geometry["head_mm"], geometry["chest_mm"], geometry["thickness_mm"]
     noise = _uniform(rng, spec.noise)
     z_head = round(float(rng.uniform(-250.0, 150.0)), 2)
     origin_xy = (round(-fov / 2 + float(rng.uniform(-20, 20)), 2), round(-fov / 2 + float(rng.uniform(-20, 20)), 2))
     window = (400.0, 1800.0) if rng.random() < 0.5 else None
     # Some series are reconstructed with overlap (thickness > spacing): readers must take spacing from positions.
-    thickness = dz if rng.random() < 0.7 else round(dz * float(rng.uniform(1.2, 2.0)), 3)
+    if real_thickness is None:
+        thickness = dz if rng.random() < 0.7 else round(dz * float(rng.uniform(1.2, 2.0)), 3)
+    else:
+        thickness = real_thickness
     padded = spec.signed and rng.random() < 0.5
     anatomy = build_anatomy(rng, fov, px, head_mm, dict(spec.fractures))
     nz = int(np.floor((anatomy.z_c7 + chest_mm) / dz)) + 1
@@ -317,6 +400,7 @@ def write_study(study: SyntheticStudy, folder: Path) -> list[Path]:
         modality=spec.modality,
         window=study.window,
         thickness=study.thickness,
+        manufacturer="cspine_submit synthetic" if spec.manufacturer else None,
     )
 
 
@@ -327,29 +411,73 @@ def write_study_mask(study: SyntheticStudy, path: Path) -> Path:
 
 def _check_params(p: dict) -> None:
     """Raise ValueError naming the first parameter that is out of range."""
-    if int(p["size"]) < 16:
-        raise ValueError(f"size={p['size']}: at least 16 pixels")
+    if p["scheme"] not in SCHEMES:
+        raise ValueError(f"scheme={p['scheme']!r}: expected one of {sorted(SCHEMES)}")
+    if p["size"] != REAL and int(p["size"]) < 16:
+        raise ValueError(f"size={p['size']}: at least 16 pixels (or {REAL!r})")
     for key, low in (("spacing", 0.1), ("fov", 40.0), ("head", 0.0), ("chest", 0.0), ("noise", 0.0)):
         value = p[key]
+        if key != "noise" and value == REAL:
+            continue
         if len(value) != 2 or float(value[0]) > float(value[1]) or float(value[0]) < low:
-            raise ValueError(f"{key}={value}: expected a (low, high) range with {low} <= low <= high")
+            raise ValueError(f"{key}={value}: expected a (low, high) range with {low} <= low <= high"
+                             + ("" if key == "noise" else f", or {REAL!r}"))
     for key in ("compressed_fraction", "reversed_fraction", "signed_fraction", "no_modality_fraction",
                 "wedge_fraction", "thoracic_label_fraction", "table_fraction", "boxed_fraction"):
         if not 0.0 <= float(p[key]) <= 1.0:
             raise ValueError(f"{key}={p[key]}: expected a fraction in [0, 1]")
 
 
-def plan_specs(n: int, seed: int, **params) -> list[StudySpec]:
-    """The specs of ``n`` studies drawn with :func:`generate_dataset`'s parameters (no rendering, no IO)."""
-    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+def resolve_params(params: dict) -> dict:
+    """The generator parameters a call uses: its scheme's defaults (:data:`SCHEMES`) with the given keys on top,
+    checked (ValueError naming the first bad one)."""
+    given = {k: v for k, v in params.items() if v is not None}
+    scheme = given.get("scheme", DEFAULTS["scheme"])
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme={scheme!r}: expected one of {sorted(SCHEMES)}")
+    p = {**SCHEMES[scheme], **given}
     unknown = sorted(set(p) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown generator parameter(s) {unknown}; known: {sorted(DEFAULTS)}")
-    prevalence = {**DEFAULTS["prevalence"], **dict(p["prevalence"])}
-    bad = [v for v in prevalence if v not in VERTEBRAE or not 0.0 <= float(prevalence[v]) <= 1.0]
-    if bad:
-        raise ValueError(f"prevalence: expected probabilities for {list(VERTEBRAE)}, got bad entries {bad}")
+    if p["prevalence"] != REAL:
+        prevalence = {**UNIFORM_DEFAULTS["prevalence"], **dict(p["prevalence"])}
+        bad = [v for v in prevalence if v not in VERTEBRAE or not 0.0 <= float(prevalence[v]) <= 1.0]
+        if bad:
+            raise ValueError(f"prevalence: expected probabilities for {list(VERTEBRAE)} or {REAL!r}, got bad "
+                             f"entries {bad}")
+        p["prevalence"] = prevalence
     _check_params(p)
+    return p
+
+
+def _range_or_real(value) -> tuple[float, float] | str:
+    return REAL if value == REAL else tuple(float(x) for x in value)
+
+
+def _fracture_kinds(rng: np.random.Generator, p: dict) -> tuple[tuple[str, str], ...]:
+    """One study's fractured vertebrae (head to feet) and their kinds, ``line`` or ``wedge`` (C3-C7 only).
+
+    With a prevalence per vertebra each vertebra is drawn on its own and its kind right after it (the order of
+    draws of the ``uniform`` scheme); with ``prevalence="real"`` the set comes from the real labels' joint model
+    (:func:`~cspine_submit.datasets.real_geometry.draw_fractured`), then each kind.
+    """
+    wedge_fraction = float(p["wedge_fraction"])
+    fractures = []
+    if p["prevalence"] == REAL:
+        for v in real_geometry.draw_fractured(rng):
+            wedge = v not in ("C1", "C2") and rng.random() < wedge_fraction
+            fractures.append((v, "wedge" if wedge else "line"))
+        return tuple(fractures)
+    for v in VERTEBRAE:
+        if rng.random() < float(p["prevalence"][v]):
+            wedge = v not in ("C1", "C2") and rng.random() < wedge_fraction
+            fractures.append((v, "wedge" if wedge else "line"))
+    return tuple(fractures)
+
+
+def plan_specs(n: int, seed: int, **params) -> list[StudySpec]:
+    """The specs of ``n`` studies drawn with :func:`generate_dataset`'s parameters (no rendering, no IO)."""
+    p = resolve_params(params)
     rng = np.random.default_rng(seed)
     numbers = rng.choice(np.arange(10000, 33000), size=n, replace=False)
     compressed = exact_flags(rng, n, p["compressed_fraction"])
@@ -357,29 +485,29 @@ def plan_specs(n: int, seed: int, **params) -> list[StudySpec]:
     signed = exact_flags(rng, n, p["signed_fraction"])
     no_modality = exact_flags(rng, n, p["no_modality_fraction"])
     thoracic = exact_flags(rng, n, p["thoracic_label_fraction"])
+    # Real sizes from their own generator: a fixed size draws nothing, as before.
+    size_rng = np.random.default_rng([seed, 7])
     specs = []
     for i in range(n):
-        fractures = []
-        for v in VERTEBRAE:
-            if rng.random() < float(prevalence[v]):
-                wedge = v not in ("C1", "C2") and rng.random() < float(p["wedge_fraction"])
-                fractures.append((v, "wedge" if wedge else "line"))
+        fractures = _fracture_kinds(rng, p)
         specs.append(
             StudySpec(
                 uid=f"{UID_PREFIX}{int(numbers[i])}",
                 seed=int(rng.integers(0, 2**31 - 1)),
-                fractures=tuple(fractures),
-                size=int(p["size"]),
-                spacing=tuple(float(x) for x in p["spacing"]),
-                fov=tuple(float(x) for x in p["fov"]),
-                head=tuple(float(x) for x in p["head"]),
-                chest=tuple(float(x) for x in p["chest"]),
+                fractures=fractures,
+                size=real_geometry.draw_size(size_rng) if p["size"] == REAL else int(p["size"]),
+                spacing=_range_or_real(p["spacing"]),
+                fov=_range_or_real(p["fov"]),
+                head=_range_or_real(p["head"]),
+                chest=_range_or_real(p["chest"]),
                 noise=tuple(float(x) for x in p["noise"]),
                 compressed=bool(compressed[i]),
                 reversed=bool(reversed_[i]),
                 signed=bool(signed[i]),
                 modality=not bool(no_modality[i]),
                 thoracic_labels=bool(thoracic[i]),
+                manufacturer=p["scheme"] != "real",
+                box_per_slice=p["scheme"] == "real",
             )
         )
     # Drawn after everything else so that adding these options left the other draws of a seed unchanged.
@@ -487,7 +615,7 @@ def generate_dataset(
                [{"row_id": r["row_id"], "fractured": 0.5} for r in test_rows])
     _write_csv(root / "test_labels.csv", TRAIN_COLUMNS, [{"StudyInstanceUID": r.uid, **r.labels} for r in test])
 
-    used = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    used = resolve_params(params)
     used = {k: (list(v) if isinstance(v, tuple) else v) for k, v in used.items()}
     used.update(n_train=n_train, n_test=n_test, seed=seed, n_segmented=n_seg)
     return SyntheticDataset(root, tuple(train), tuple(test), used)

@@ -18,6 +18,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from cspine_submit.datasets import real_geometry
+
+REAL = "real"
+"""A cut parameter given as this string is drawn from the competition's own distributions
+(:mod:`cspine_submit.datasets.real_geometry`)."""
+
 AIR_HU = -1024.0
 """HU given to output voxels outside the source volume."""
 
@@ -40,6 +46,8 @@ class CutSpec:
         Centre of the field of view in source mm (y toward posterior, x toward the patient's left).
     size : int
         Output rows = columns; the output pixel spacing is ``fov_mm / size``.
+    thickness_mm : float or None
+        SliceThickness to write, mm (None: the slice spacing).
     """
 
     z_start_mm: float
@@ -48,6 +56,7 @@ class CutSpec:
     fov_mm: float
     centre_yx_mm: tuple[float, float]
     size: int
+    thickness_mm: float | None = None
 
     def __post_init__(self):
         if not self.slice_mm > 0 or not self.fov_mm > 0 or int(self.size) < 1:
@@ -83,6 +92,8 @@ class CutSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["centre_yx_mm"] = [float(v) for v in self.centre_yx_mm]
+        if d["thickness_mm"] is None:
+            del d["thickness_mm"]  # the spacing: the record reads as it did before the field existed
         return d
 
     @classmethod
@@ -241,17 +252,21 @@ def competition_cut(
     rng: np.random.Generator,
     *,
     size: int = 512,
-    slice_mm: float | None = 1.25,
-    head_mm: tuple[float, float] = (5.0, 35.0),
-    chest_mm: tuple[float, float] = (15.0, 60.0),
-    fov_mm: tuple[float, float] = (160.0, 240.0),
+    slice_mm: float | str | None = REAL,
+    head_mm: tuple[float, float] | str = REAL,
+    chest_mm: tuple[float, float] | str = REAL,
+    fov_mm: tuple[float, float] | str = REAL,
     jitter_mm: float = 5.0,
 ) -> CutSpec:
     """Draw a cut the way competition scans are cut: skull base to upper thorax, a neck-sized field of view.
 
-    The first slice lies a random ``head_mm`` above the top of C1 and the last a random ``chest_mm`` below the
-    bottom of C7 (both clipped to the volume); the square field of view (a random ``fov_mm`` wide) is centred on the
-    in-plane centre of the C1-C7 labels' bounding box, moved by up to ``jitter_mm`` along each axis.
+    The first slice lies ``head_mm`` above the top of C1 and the last ``chest_mm`` below the bottom of C7 (both
+    clipped to the volume); the square field of view (``fov_mm`` wide) is centred on the in-plane centre of the
+    C1-C7 labels' bounding box, moved by up to ``jitter_mm`` along each axis. Each of ``slice_mm``, ``head_mm`` /
+    ``chest_mm`` and ``fov_mm`` is :data:`REAL` (the default: drawn like the competition's studies, see
+    :mod:`~cspine_submit.datasets.real_geometry`: the spacing with its SliceThickness, the scan above C1 and below C7
+    together from one real masked study, the field of view as a real pixel spacing times 512) or fixed: a range
+    to draw uniformly from (the margins, the field of view), a spacing in mm, or None to keep the source slices.
 
     Parameters
     ----------
@@ -260,10 +275,11 @@ def competition_cut(
     spacing : (dz, dy, dx)
         Source spacing, mm.
     rng : numpy.random.Generator
-        The draws, always in the same order (head, chest, field of view, y jitter, x jitter): same seed, same cut.
+        The draws, always in the same order (head, chest, field of view, y jitter, x jitter, then the real draws:
+        margins, pixel spacing, spacing): same seed, same cut; ranges draw what they drew before real draws existed.
     size : int
         Output matrix (rows = columns).
-    slice_mm : float or None
+    slice_mm : float, "real" or None
         Output slice spacing, mm; None keeps the source slices (the cut's ends snap outward onto them).
 
     Raises
@@ -272,17 +288,20 @@ def competition_cut(
         C1 or C7 missing, or C1 not above C7 (labels not head to feet).
     """
     dz, dy, dx = (float(s) for s in spacing)
-    per_slice = {k: np.flatnonzero((labels == k).any(axis=(1, 2))) for k in (1, 7)}
-    if per_slice[1].size == 0 or per_slice[7].size == 0:
-        raise ValueError("a competition cut needs C1 (label 1) and C7 (label 7) in the label volume")
-    c1_top, c7_bottom = per_slice[1][0] * dz, per_slice[7][-1] * dz
-    if not c1_top < c7_bottom:
-        raise ValueError(f"C1 (top {c1_top:.1f} mm) is not above C7 (bottom {c7_bottom:.1f} mm): labels are not "
-                         "head to feet")
-    head = _uniform(rng, head_mm)
-    chest = _uniform(rng, chest_mm)
-    fov = _uniform(rng, fov_mm)
+    c1_top, c7_bottom = _column_mm(labels, dz)
+    head = None if head_mm == REAL else _uniform(rng, head_mm)
+    chest = None if chest_mm == REAL else _uniform(rng, chest_mm)
+    fov = None if fov_mm == REAL else _uniform(rng, fov_mm)
     jy, jx = (float(rng.uniform(-jitter_mm, jitter_mm)) if jitter_mm > 0 else 0.0 for _ in range(2))
+    if head is None or chest is None:
+        real_head, real_chest = real_geometry.draw_margins(rng)
+        head = real_head if head is None else head
+        chest = real_chest if chest is None else chest
+    if fov is None:
+        fov = real_geometry.draw_pixel_spacing(rng) * real_geometry.REAL_MATRIX
+    thickness = None
+    if slice_mm == REAL:
+        slice_mm, thickness = real_geometry.draw_spacing(rng)
     last_mm = (labels.shape[0] - 1) * dz
     z_start, z_end = max(0.0, c1_top - head), min(last_mm, c7_bottom + chest)
     if slice_mm is None:
@@ -299,4 +318,17 @@ def competition_cut(
         fov_mm=round(float(fov), 4),
         centre_yx_mm=(round(float(centre[0]), 4), round(float(centre[1]), 4)),
         size=int(size),
+        thickness_mm=None if thickness is None else float(thickness),
     )
+
+
+def _column_mm(labels: np.ndarray, dz: float) -> tuple[float, float]:
+    """(top of C1, bottom of C7), mm from the first slice; ValueError when either is missing or C1 is not above."""
+    per_slice = {k: np.flatnonzero((labels == k).any(axis=(1, 2))) for k in (1, 7)}
+    if per_slice[1].size == 0 or per_slice[7].size == 0:
+        raise ValueError("a competition cut needs C1 (label 1) and C7 (label 7) in the label volume")
+    c1_top, c7_bottom = per_slice[1][0] * dz, per_slice[7][-1] * dz
+    if not c1_top < c7_bottom:
+        raise ValueError(f"C1 (top {c1_top:.1f} mm) is not above C7 (bottom {c7_bottom:.1f} mm): labels are not "
+                         "head to feet")
+    return float(c1_top), float(c7_bottom)

@@ -34,7 +34,8 @@ import numpy as np
 from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE
 from cspine_submit.datasets.folder import clear_outputs, exact_flags
 from cspine_submit.datasets.dicom_writer import EXPLICIT_VR_LITTLE_ENDIAN, JPEG_LOSSLESS_SV1, write_dicom_series, write_mask
-from cspine_submit.datasets.volume_cut import AIR_HU, CutSpec, competition_cut, resample_volume
+from cspine_submit.datasets import real_geometry
+from cspine_submit.datasets.volume_cut import AIR_HU, REAL, CutSpec, competition_cut, resample_volume
 from cspine_submit.files import atomic_write_text
 
 CT_SUFFIX = "_ct.nii.gz"
@@ -275,6 +276,7 @@ def write_volume_study(
     reversed_: bool = False,
     compressed: bool = False,
     signed: bool = True,
+    minimal_headers: bool = True,
 ) -> WrittenStudy:
     """Write a CT volume (cut and resampled by ``cut``, or as it is) as a DICOM study, and its mask.
 
@@ -296,6 +298,8 @@ def write_volume_study(
         JPEG Lossless .4.70 (lossless: the files decode to the same values).
     signed : bool
         PixelRepresentation 1, intercept 0; else 12-bit unsigned with intercept -1024 (HU clipped to [-1024, 3071]).
+    minimal_headers : bool
+        No Modality and no Manufacturer tag, as in every real training file; False writes both.
 
     Returns
     -------
@@ -317,7 +321,9 @@ def write_volume_study(
     origin_xy = (round(float(ct.origin_lps[0] + first_mm[2]), 4), round(float(ct.origin_lps[1] + first_mm[1]), 4))
     write_dicom_series(
         Path(folder), hu, study_uid=uid, series_uid=f"{uid}.1", spacing=spacing, z_head=z_head, origin_xy=origin_xy,
-        reversed_=reversed_, compressed=compressed, signed=signed, modality=True,
+        reversed_=reversed_, compressed=compressed, signed=signed, modality=not minimal_headers,
+        thickness=None if cut is None else cut.thickness_mm,
+        manufacturer=None if minimal_headers else "cspine_submit synthetic",
     )
     if out_labels is not None:
         out_labels = out_labels.astype(np.uint8, copy=False)
@@ -396,13 +402,13 @@ def write_studies(
     out: str | Path,
     *,
     size: int = 512,
-    slice_mm: float | None = 1.25,
+    slice_mm: float | str | None = REAL,
     seed: int = 0,
     cut: bool = True,
-    fov_mm: tuple[float, float] = (160.0, 240.0),
-    head_mm: tuple[float, float] = (5.0, 35.0),
-    chest_mm: tuple[float, float] = (15.0, 60.0),
-    reversed_fraction: float = 0.5,
+    fov_mm: tuple[float, float] | str = REAL,
+    head_mm: tuple[float, float] | str = REAL,
+    chest_mm: tuple[float, float] | str = REAL,
+    reversed_fraction: float = round(real_geometry.REVERSED_SHARE, 4),
     compressed_fraction: float = 0.5,
     signed_fraction: float = 0.5,
     force: bool = False,
@@ -419,18 +425,21 @@ def write_studies(
         ``test.csv``; must be empty or absent unless ``force`` (then those are replaced).
     size : int
         Output matrix (rows = columns) of a cut study.
-    slice_mm : float or None
-        Output slice spacing of a cut study, mm; None keeps the source slices.
+    slice_mm : float, "real" or None
+        Output slice spacing of a cut study, mm; ``"real"`` (the default) draws it with its SliceThickness from
+        the competition's studies; None keeps the source slices.
     seed : int
         Same seed, same studies: the set's flags (reversed, compressed, signed) come from ``seed``, each cut from
         ``(seed, crc32(name))`` so that one volume's cut does not depend on the others in the folder.
     cut : bool
         Cut and resample by :func:`~cspine_submit.datasets.volume_cut.competition_cut` (needs labels); False writes each
         volume whole, on its own grid.
-    fov_mm, head_mm, chest_mm : (float, float)
-        Ranges the cuts draw from (see :func:`~cspine_submit.datasets.volume_cut.competition_cut`).
+    fov_mm, head_mm, chest_mm : (float, float) or "real"
+        Ranges the cuts draw from, or ``"real"`` (the default): drawn like the competition's studies (see
+        :func:`~cspine_submit.datasets.volume_cut.competition_cut`).
     reversed_fraction, compressed_fraction, signed_fraction : float
-        Exact shares of studies numbered feet to head, written as JPEG Lossless .4.70, written signed.
+        Exact shares of studies numbered feet to head (default the real 9.8 %), written as JPEG Lossless .4.70,
+        written signed. Every file has the real studies' minimal header (no Modality, no Manufacturer).
     force : bool
         Replace an earlier output in ``out``.
     progress : bool
@@ -443,13 +452,9 @@ def write_studies(
 
     Raises
     ------
-    FileExistsError
-        ``out`` not empty and not ``force``.
-    FileNotFoundError
-        No CT volumes in ``src``.
-    ValueError
-        A volume cannot be read, its labels do not match it, or a cut was asked for a volume without labels
-        (the message names the file).
+    FileExistsError, FileNotFoundError, ValueError
+        ``out`` not empty and not ``force``; no CT volumes in ``src``; a volume cannot be read, its labels do not
+        match it, or a cut was asked for a volume without labels (the message names the file).
     """
     from tqdm import tqdm
 
@@ -484,22 +489,26 @@ def write_studies(
         records.append({"name": name, **written.record()})
         del written
 
-    params = {"src": str(src), "size": int(size), "slice_mm": slice_mm, "seed": int(seed), "cut": bool(cut),
-              "fov_mm": list(fov_mm), "head_mm": list(head_mm), "chest_mm": list(chest_mm),
-              "reversed_fraction": reversed_fraction, "compressed_fraction": compressed_fraction,
-              "signed_fraction": signed_fraction, "air_hu": AIR_HU}
-    write_study_tables(root, params, records)
+    write_study_tables(root, {
+        "src": str(src), "size": int(size), "slice_mm": slice_mm, "seed": int(seed), "cut": bool(cut),
+        "fov_mm": _listed(fov_mm), "head_mm": _listed(head_mm), "chest_mm": _listed(chest_mm),
+        "reversed_fraction": reversed_fraction, "compressed_fraction": compressed_fraction,
+        "signed_fraction": signed_fraction, "air_hu": AIR_HU}, records)
     return records
 
 
-def _check_write_args(*, size: int, slice_mm: float | None, fractions: dict[str, float]) -> None:
+def _listed(value):
+    return value if value == REAL else list(value)
+
+
+def _check_write_args(*, size: int, slice_mm: float | str | None, fractions: dict[str, float]) -> None:
     """Raise ValueError naming the first argument of :func:`write_studies` out of its range."""
     for key, value in fractions.items():
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{key}={value}: expected a fraction in [0, 1]")
     if int(size) < 16:
         raise ValueError(f"size={size}: at least 16 pixels")
-    if slice_mm is not None and not float(slice_mm) > 0:
+    if slice_mm is not None and slice_mm != REAL and not float(slice_mm) > 0:
         raise ValueError(f"slice_mm={slice_mm}: must be > 0")
 
 
@@ -511,8 +520,9 @@ def _check_labelled(volumes: list[tuple[str, Path, Path | None]]) -> None:
                          f"{unlabelled} (write them whole with cut=False / --no-cut)")
 
 
-def _draw_cut(labels: AxialVolume, name: str, *, seed: int, size: int, slice_mm: float | None,
-              fov_mm: tuple[float, float], head_mm: tuple[float, float], chest_mm: tuple[float, float]) -> CutSpec:
+def _draw_cut(labels: AxialVolume, name: str, *, seed: int, size: int, slice_mm: float | str | None,
+              fov_mm: tuple[float, float] | str, head_mm: tuple[float, float] | str,
+              chest_mm: tuple[float, float] | str) -> CutSpec:
     """One volume's cut, drawn from ``(seed, crc32(name))`` so that it does not depend on the other volumes."""
     study_rng = np.random.default_rng([int(seed), zlib.crc32(name.encode("utf-8"))])
     return competition_cut(labels.volume, labels.spacing, study_rng, size=size, slice_mm=slice_mm,

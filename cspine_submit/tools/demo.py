@@ -26,7 +26,7 @@ DEMO_N_STUDIES = 4
 DEMO_SEED = 20221013
 """Seed of the demo test studies; differs from the training set's seed so the demo is scored on unseen studies."""
 
-FALLBACK_PARAMS = {"size": 128}
+FALLBACK_PARAMS = {"scheme": "uniform", "size": 128}
 """Generator parameters used when ``weights/demo/synthetic_params.json`` is missing."""
 
 # Keys of synthetic_params.json that describe the training set's composition, not how a study looks.
@@ -101,7 +101,8 @@ def prepare_demo(cache: Path | None = None, n_studies: int = DEMO_N_STUDIES, see
     params, _ = generator_params(weights)
     params.update(overrides or {})
     # The generator's own source is part of the key: a changed generator must not reuse studies made by the old one.
-    sources = [Path(synthetic.__file__).with_name(name) for name in ("anatomy.py", "dicom_writer.py", "synthetic.py")]
+    sources = [Path(synthetic.__file__).with_name(name) for name in ("anatomy.py", "dicom_writer.py", "real_geometry.py",
+                                                                   "synthetic.py")]
     code = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
     key = hashlib.sha256(
         json.dumps({"params": params, "n": n_studies, "seed": seed, "v": __version__, "code": code},

@@ -8,16 +8,41 @@ from cspine_submit.config import VERTEBRAE, ModelConfig
 
 
 def test_projection_matches_hand_computation():
-    # 0.8 s of CPU stages over 2 workers = 0.4 s; 105 crops at 448 px on 2 T4s:
-    # 990 * (224/448)^2 = 247.5 img/s per T4, 495 img/s for two -> 105 / 495 = 0.2121 s. CPU is slower: 0.4 + 0.01.
-    p = bench.kaggle_projection(0.8, 105, 448, 0.01)
+    # 0.8 s of CPU stages over 2 workers = 0.4 s. One classifier per vertebra, K = 15, 448 px, mixed precision:
+    # 990 * (224/448)^2 = 247.5 img/s per T4; round-robin C1,C3,C5,C7 on GPU 0 (60 passes), C2,C4,C6 on GPU 1 (45).
+    config = ModelConfig(input_size=448, slices_per_vertebra=15)
+    w = bench.gpu_workload(config)
+    assert w.passes == (60, 45) and w.precision == "mixed_float16" and not w.xla
+    assert "C1,C3,C5,C7 on GPU:0" in w.placement and "C2,C4,C6 on GPU:1" in w.placement
+    p = bench.kaggle_projection(0.8, 0.01, w)
     assert p["cpu_seconds_per_study"] == pytest.approx(0.4)
-    assert p["gpu_seconds_per_study"] == pytest.approx(105 / 495, abs=1e-4)
+    assert p["gpu_seconds_per_study"] == pytest.approx(60 / 247.5, abs=1e-4)  # the busier GPU, not 105 / 495
     assert p["seconds_per_study"] == pytest.approx(0.41)
     assert p["total_hours"] == pytest.approx(0.41 * 1500 / 3600, abs=1e-3)
-    # When the GPU is the bottleneck it sets the pace instead.
-    p = bench.kaggle_projection(0.01, 10000, 512, 0.0)
-    assert p["seconds_per_study"] == pytest.approx(10000 / (2 * 990 * (224 / 512) ** 2), rel=1e-3)
+    assert any("XLA off" in a and "mixed_float16" in a for a in p["assumptions"])
+    assert any("105 classifier passes" in a for a in p["assumptions"])
+    # Five folds per vertebra (train's default): five passes per crop; the GPU now sets the pace.
+    w5 = bench.gpu_workload(config, members=5)
+    assert w5.passes == (300, 225)
+    p = bench.kaggle_projection(0.8, 0.0, w5)
+    assert p["seconds_per_study"] == pytest.approx(300 / 247.5, rel=1e-3)
+    # XLA on: 1150 img/s; float32 (mixed precision off): 430, with or without XLA.
+    assert bench.kaggle_projection(0.0, 0.0, bench.gpu_workload(config, members=5, xla=True))[
+        "gpu_seconds_per_study"] == pytest.approx(300 / (1150 / 4), abs=1e-4)
+    f32 = bench.gpu_workload(config.replace(mixed_precision=False), members=5)
+    assert bench.kaggle_projection(0.0, 0.0, f32)["gpu_seconds_per_study"] == pytest.approx(300 / (430 / 4), abs=1e-4)
+
+
+def test_projection_of_a_shared_network_uses_one_gpu(tmp_path):
+    # The demo's layout: one network (five fold files) for all seven vertebrae: one group, on the first GPU only.
+    from cspine_submit.files import default_weights_dir
+
+    demo = default_weights_dir() / "demo"
+    config = ModelConfig.from_json(demo / "model_config.json")
+    w = bench.gpu_workload(config, demo)
+    k = config.slices_per_vertebra
+    assert w.passes == (5 * 7 * k, 0) and set(w.members.values()) == {5}
+    assert "nothing on GPU:1" in w.placement
 
 
 def test_naive_baseline_scores_every_slice_and_ours_only_the_planned(synthetic_dataset, tmp_path):

@@ -14,7 +14,8 @@ one run:
 - the decode stage against its own limit: the planned slices decoded with the fastest decoder called directly;
 - CPU throughput of the classifier heads (crops/s);
 - peak memory;
-- a projection for the hidden test set on Kaggle (1500 studies, 2 CPU cores, 2x T4) with its assumptions.
+- a projection for the hidden test set on Kaggle (1500 studies, 2 CPU cores, 2x T4) with its assumptions: every
+  ensemble member of every vertebra, on the GPU the score stage places it on, at the precision it picks there.
 
 On the CPU both sides score with the ``tiny`` head (random weights), so the ratio measures the pipeline, not the
 backbone; the heads' own throughput is reported separately.
@@ -41,8 +42,13 @@ KAGGLE_STUDIES = 1500
 KAGGLE_CPU_WORKERS = 2
 KAGGLE_GPUS = 2
 KAGGLE_HOURS = 9.0
-T4_RESNET50_224_MIXED = 990.0
-"""ResNet50 images/s on one T4 at 224x224 with mixed precision (NVIDIA's TensorFlow figures, FACTS.md)."""
+T4_RESNET50_224 = {("mixed_float16", False): 990.0, ("mixed_float16", True): 1150.0,
+                   ("float32", False): 430.0, ("float32", True): 430.0}
+"""ResNet50 images/s on one T4 at 224x224 by (precision, XLA) (NVIDIA's TensorFlow figures: 430 FP32, 990 mixed
+precision, 1100-1200 mixed with XLA; no XLA figure for FP32 is published, so none is assumed)."""
+TRAIN_DEFAULT_FOLDS = 5
+"""`train`'s default --folds: the ensemble members per vertebra a trained weights folder holds. The projection of
+the benchmark's random classifiers (one per vertebra) counts this many, as a real run would score."""
 
 ASSUMED_EXTENT_MM = 210.0
 """Typical z-extent of a synthetic study (C1-C7 plus the head and chest margins), used to pick the slice spacing
@@ -389,40 +395,105 @@ def worker_peak_mb(folder: Path, ranges, config: ModelConfig) -> float:
         return pool.submit(_prepare_and_measure, job).result()
 
 
-def kaggle_projection(cpu_stage_seconds: float, crops_per_study: float, input_size: int,
-                      main_seconds: float) -> dict:
+@dataclass(frozen=True)
+class GpuWorkload:
+    """Classifier passes per study on each GPU, placed as the score stage places them.
+
+    Attributes
+    ----------
+    passes : tuple of int
+        Image passes (crop x ensemble member) per study on each GPU.
+    members : {vertebra: int}
+        Ensemble members scoring each vertebra's crops.
+    placement : str
+        Which vertebrae run on which GPU, for the assumptions.
+    input_size : int
+        Side of the model input, pixels.
+    precision : str
+        ``mixed_float16`` or ``float32`` (a T4 runs float16 fast: what the score stage picks there).
+    xla : bool
+        Whether scoring is XLA-compiled (the score stage does not compile it today).
+    members_from : str
+        Where the ensemble size comes from (the weights folder, or a stand-in count).
+    """
+
+    passes: tuple[int, ...]
+    members: dict
+    placement: str
+    input_size: int
+    precision: str
+    xla: bool = False
+    members_from: str = "the weights folder's model_config.json"
+
+
+def gpu_workload(config: ModelConfig, weights_dir: Path | None = None, *, n_gpus: int = KAGGLE_GPUS,
+                 members: int | None = None, xla: bool = False) -> GpuWorkload:
+    """What one study costs the GPUs: every ensemble member of every vertebra, on the device it is placed on.
+
+    Vertebrae sharing one network (``train --shared``) are one group on one device
+    (:meth:`cspine_submit.score.DevicePlan.place`: with two GPUs the second idles); otherwise the seven classifiers
+    go round-robin, four on the first GPU and three on the second. ``members`` replaces the folder's ensemble
+    size (the benchmark's random classifiers stand for a :data:`TRAIN_DEFAULT_FOLDS`-fold ensemble).
+    """
+    from cspine_submit.score import DevicePlan
+    from cspine_submit.score.loading import classifier_groups
+
+    devices = tuple(f"GPU:{k}" for k in range(max(int(n_gpus), 1)))
+    groups = classifier_groups(weights_dir or Path("."), config)
+    plan = DevicePlan(kind="GPU", devices=devices, names=("T4",) * len(devices),
+                      precision="mixed_float16" if config.mixed_precision else "float32", strategy="")
+    where = plan.place([vs for _, vs in groups])
+    n_members = {v: int(members or len(files)) for files, vs in groups for v in vs}
+    passes = [0] * len(devices)
+    for files, vs in groups:
+        passes[devices.index(where[vs[0]])] += n_members[vs[0]] * config.slices_per_vertebra * len(vs)
+    placement = "; ".join(f"{','.join(v for v in VERTEBRAE if where.get(v) == d) or 'nothing'} on {d}"
+                          for d in devices)
+    source = (f"train's default --folds {TRAIN_DEFAULT_FOLDS}, counted for the stand-in classifiers measured here"
+              if members else "the weights folder's model_config.json")
+    return GpuWorkload(passes=tuple(passes), members=n_members, placement=placement, input_size=config.input_size,
+                       precision=plan.precision, xla=xla, members_from=source)
+
+
+def kaggle_projection(cpu_stage_seconds: float, main_seconds: float, workload: GpuWorkload) -> dict:
     """Projected wall time of the hidden test set on Kaggle.
 
     Parameters
     ----------
     cpu_stage_seconds : float
         Worker-side seconds per study measured here (scan + plan + decode + crop).
-    crops_per_study : float
-        Classifier inputs per study (7 vertebrae x slices per vertebra).
-    input_size : int
-        Side of the model input, pixels.
     main_seconds : float
         Main-process CPU seconds per study besides the GPU (aggregation, writing), measured here.
+    workload : GpuWorkload
+        Classifier passes per study on each GPU (:func:`gpu_workload`).
     """
-    gpu_rate = T4_RESNET50_224_MIXED * (224.0 / input_size) ** 2 * KAGGLE_GPUS
+    per_gpu = T4_RESNET50_224[(workload.precision, workload.xla)] * (224.0 / workload.input_size) ** 2
     cpu = cpu_stage_seconds / KAGGLE_CPU_WORKERS
-    gpu = crops_per_study / gpu_rate
+    # The GPUs score their classifiers concurrently: the busiest one sets the GPU time of a study.
+    gpu = max(workload.passes) / per_gpu
     # Workers prepare study i+1 while the GPUs score study i: the slower side sets the pace.
     per_study = max(cpu, gpu) + main_seconds
     total_h = per_study * KAGGLE_STUDIES / 3600.0
+    members = sorted(set(workload.members.values()))
+    crops = sum(workload.passes)
     return {
         "seconds_per_study": round(per_study, 3),
         "cpu_seconds_per_study": round(cpu, 3),
         "gpu_seconds_per_study": round(gpu, 4),
+        "gpu_passes_per_study": list(workload.passes),
         "total_hours": round(total_h, 3),
         "limit_hours": KAGGLE_HOURS,
         "assumptions": [
             f"{KAGGLE_STUDIES} studies like the benchmark's (size, slices, share of .4.70)",
             f"CPU stages measured here, split over {KAGGLE_CPU_WORKERS} worker processes (Kaggle's 2 cores are "
             "assumed as fast as this machine's)",
-            f"ResNet50 at {T4_RESNET50_224_MIXED:g} img/s per T4 at 224x224 mixed precision (NVIDIA), scaled by "
-            f"pixels to {input_size}x{input_size}: {gpu_rate / KAGGLE_GPUS:.0f} img/s per T4, {KAGGLE_GPUS} T4s",
-            f"{crops_per_study:g} crops per study; decoding overlaps scoring, so the slower of the two sets the pace",
+            f"ResNet50 at {T4_RESNET50_224[(workload.precision, workload.xla)]:g} img/s per T4 at 224x224 "
+            f"({workload.precision}, XLA {'on' if workload.xla else 'off'}; NVIDIA), scaled by pixels to "
+            f"{workload.input_size}x{workload.input_size}: {per_gpu:.0f} img/s per T4, whatever the head measured here",
+            f"{crops} classifier passes per study: {'/'.join(map(str, members))} ensemble member(s) per vertebra "
+            f"({workload.members_from}) x the crops; placed {workload.placement} (passes {list(workload.passes)}); the busiest GPU sets the "
+            "pace",
+            "decoding overlaps scoring, so the slower of the two sets the pace",
         ],
     }
 
@@ -462,6 +533,8 @@ class BenchOptions:
         Studies of the short run the marginal cost is taken against (default: a fifth, at least 1).
     repeat : int
         End-to-end measurements per worker count (medians and spread are reported).
+    xla : bool
+        Project the Kaggle run with XLA-compiled scoring (the score stage does not compile it today).
     """
 
     n_studies: int | None = None
@@ -476,6 +549,7 @@ class BenchOptions:
     workers: tuple[int, ...] = (1, 2)
     n_few: int | None = None
     repeat: int = 1
+    xla: bool = False
 
 
 @dataclass
@@ -629,8 +703,10 @@ def benchmark_report(opts: BenchOptions, inputs: _Inputs, *, ours: dict, naive: 
     config = inputs.config
     ratio = {k: (round(naive[k] / ours[k], 2) if ours.get(k) else None) for k in STAGES} if naive else None
     cpu = sum(ours[k] for k in ("scan", "plan", "decode", "crop"))
-    crops_per_study = len(VERTEBRAE) * config.slices_per_vertebra
-    projection = kaggle_projection(cpu, crops_per_study, config.input_size, ours["aggregate"] + ours["write"])
+    # Random classifiers stand for a trained folder: TRAIN_DEFAULT_FOLDS members each; given weights count theirs.
+    workload = gpu_workload(config, inputs.weights_dir, members=None if opts.weights else TRAIN_DEFAULT_FOLDS,
+                            xla=opts.xla)
+    projection = kaggle_projection(cpu, ours["aggregate"] + ours["write"], workload)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "ours": {k: round(ours[k], 4) for k in STAGES},

@@ -97,6 +97,8 @@ class DevicePlan:
         Where the loaded classifiers were placed (:meth:`with_placement`); empty: :meth:`device_for` of each.
     memory : MemoryPlan or None
         The memory plan that placed them (:mod:`cspine_submit.score.memory`), when known.
+    backend : BackendChoice or None
+        The Keras backend scoring them and why (:mod:`cspine_submit.score.backends`).
     """
 
     kind: str
@@ -107,6 +109,7 @@ class DevicePlan:
     why: tuple[str, ...] = ()
     placement: Mapping[str, str] = field(default_factory=dict)
     memory: Any = None
+    backend: Any = None
 
     def device_for(self, vertebra: str) -> str:
         """The device of one vertebra's classifier: round-robin in C1..C7 order (C1, C3, C5, C7 on the first of two)."""
@@ -135,11 +138,13 @@ class DevicePlan:
         return {"kind": self.kind, "devices": list(self.devices), "names": list(self.names),
                 "precision": self.precision, "strategy": self.strategy, "why": list(self.why),
                 "placement": dict(self.placement) if self.placement else {v: self.device_for(v) for v in VERTEBRAE},
-                "memory": self.memory.to_dict() if self.memory is not None else None}
+                "memory": self.memory.to_dict() if self.memory is not None else None,
+                "backend": self.backend.to_dict() if self.backend is not None else None}
 
     def summary(self) -> str:
         """One line for the console."""
-        return (f"{self.kind} ({', '.join(self.names)}), precision {self.precision}, {self.strategy}"
+        on = "" if self.backend is None or self.backend.name == "tensorflow" else f" with Keras's {self.backend.name} backend"
+        return (f"{self.kind} ({', '.join(self.names)}){on}, precision {self.precision}, {self.strategy}"
                 + (f"; {'; '.join(self.why)}" if self.why else ""))
 
 
@@ -168,8 +173,32 @@ def plan_devices(config: ModelConfig | None = None) -> DevicePlan:
     in turn (no MirroredStrategy: each batch goes to one device only, each model's weights live once).
 
     Several CPU devices appear only when a program splits the CPU into logical devices (tests do, to stand in for
-    two GPUs).
+    two GPUs). On Keras's torch or jax backend (:func:`cspine_submit.score.backends.choose_backend`): that
+    backend's default device only.
     """
+    from cspine_submit.score import backends
+
+    choice = backends.current()
+    if choice.name != "tensorflow":
+        return _plan_other_backend(config, choice)
+    return dataclasses.replace(_plan_tensorflow(config), backend=choice)
+
+
+def _plan_other_backend(config: ModelConfig | None, choice) -> DevicePlan:
+    from cspine_submit.score import backends
+
+    kind, devices, names, fast16 = backends.other_backend_devices(choice.name)
+    why = [choice.why]
+    policy = "mixed_float16" if config is not None and config.mixed_precision and fast16 else "float32"
+    if config is not None and config.mixed_precision and policy == "float32":
+        why.append("float32: float16 is slow on a CPU" if kind == "CPU" else
+                   "float32: a GPU below compute capability 7.0 (e.g. P100) gains nothing from float16")
+    return DevicePlan(kind=kind, devices=tuple(devices), names=tuple(names), precision=policy,
+                      strategy=f"one device ({choice.name} backend: multi-device placement is TensorFlow's only)",
+                      why=tuple(why), backend=choice)
+
+
+def _plan_tensorflow(config: ModelConfig | None) -> DevicePlan:
     import tensorflow as tf
 
     gpus = gpu_devices()

@@ -18,8 +18,10 @@ TensorFlow / Keras / h5py are imported inside functions: importing this module i
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -415,6 +417,28 @@ def _load_placed(files, group, config: ModelConfig, *, where: GroupPlacement, lo
     return parts[0] if len(parts) == 1 and where.mode == "members" else Spread(parts, where.mode)
 
 
+def _device_scope(device: str | None):
+    """``tf.device(device)`` on the TensorFlow backend; torch and jax create the variables on their default device."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow" or device is None:
+        return nullcontext()
+    import tensorflow as tf
+
+    return tf.device(device)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device running out of memory, on any backend (TensorFlow's ResourceExhaustedError,
+    torch's OutOfMemoryError, XLA's RESOURCE_EXHAUSTED)."""
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        if isinstance(exc, tf.errors.ResourceExhaustedError):
+            return True
+    return type(exc).__name__ == "OutOfMemoryError" or "RESOURCE_EXHAUSTED" in str(exc)[:500]
+
+
 _LOAD_ERRORS = (FileNotFoundError, ValueError, OSError)
 """What a bad classifier file raises (a missing, corrupt or mismatched file); anything else is a bug and propagates."""
 
@@ -469,13 +493,13 @@ def _load_group(files, group, config: ModelConfig, *, device: str | None, loaded
     DeviceOutOfMemoryError
         The device ran out of memory while the weights were created (a ``ValueError`` naming the device and files).
     """
-    import tensorflow as tf
-
     try:
-        with tf.device(weights_device or device):
+        with _device_scope(weights_device or device):
             members = [_load_member(path, config, loaded, device) for path in files]
             model = members[0] if len(members) == 1 else average_classifiers(members, config.input_shape, "_".join(group))
-    except tf.errors.ResourceExhaustedError as exc:
+    except Exception as exc:  # noqa: BLE001 - only a device's out-of-memory error is turned into ours
+        if not _out_of_memory(exc):
+            raise
         raise DeviceOutOfMemoryError(
             f"{weights_device or device}: out of memory loading {', '.join(Path(f).name for f in files)} for "
             f"{', '.join(group)} ({str(exc).splitlines()[0][:200]}); the memory plan's estimate was too low: use a "

@@ -590,6 +590,24 @@ def kaggle_plans(config: ModelConfig, *, batch_size: int | None = None) -> dict[
 def plan_for_devices(config: ModelConfig, device_plan, *, groups=None, batch_size: int | None = None) -> MemoryPlan:
     """The memory plan of ``config`` on the devices of ``device_plan`` (a ``DevicePlan``), their memory asked of
     TensorFlow (:func:`device_memory`), the host's available memory for an in-turn placement."""
-    devices = device_memory(device_plan.devices, device_plan.names if device_plan.kind == "GPU" else ())
+    backend = getattr(device_plan, "backend", None)
+    if backend is not None and backend.name != "tensorflow":
+        devices = _other_backend_memory(device_plan, backend.name)
+    else:
+        devices = device_memory(device_plan.devices, device_plan.names if device_plan.kind == "GPU" else ())
     return plan_memory(config, devices, precision=device_plan.precision, groups=groups,
                        host_usable=host_available_bytes(), batch_size=batch_size)
+
+
+def _other_backend_memory(device_plan, backend: str) -> list[DeviceMemory]:
+    """The one device of a torch or jax backend: what the backend reports for its GPU, else the documented default
+    of the GPU's name; the host's available memory for its CPU."""
+    from cspine_submit.score.backends import other_backend_gpu_memory
+
+    if device_plan.kind != "GPU":
+        host = host_available_bytes()
+        return [DeviceMemory(device_plan.devices[0], host, "CPU", f"host memory available ({host / GiB:.1f} GiB)")]
+    usable, why = other_backend_gpu_memory(backend)
+    if usable is None:
+        usable, why = known_gpu_memory(device_plan.names[0])
+    return [DeviceMemory(device_plan.devices[0], usable, "GPU", why)]

@@ -56,6 +56,12 @@ def _predict_fn(model):
     fn = getattr(model, _PREDICT_FN_ATTR, None)
     if fn is not None:
         return fn
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        fn = _other_backend_fn(model)
+        object.__setattr__(model, _PREDICT_FN_ATTR, fn)
+        return fn
     import tensorflow as tf
 
     if not _FILTER_INSTALLED:
@@ -73,6 +79,20 @@ def _predict_fn(model):
 
     # object.__setattr__: Keras layers track attributes they are given; a plain function must stay untracked.
     object.__setattr__(model, _PREDICT_FN_ATTR, fn)
+    return fn
+
+
+def _other_backend_fn(model):
+    """Inference on Keras's torch or jax backend: Keras's own compiled ``predict_on_batch`` (jax: XLA-jitted per
+    input shape, which :func:`_bucket` keeps few); uint16 codes are decoded on the host, the same float32 product
+    as on TensorFlow (``cast(x, float32) * float32(1 / CROP_CODE_SCALE)``)."""
+    scale = np.float32(1.0 / CROP_CODE_SCALE)
+
+    def fn(x):
+        if x.dtype == np.uint16:
+            x = x.astype(np.float32) * scale
+        return model.predict_on_batch(x)
+
     return fn
 
 

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 BACKENDS = ("tensorflow", "torch", "jax")
 """Keras backends that can score the classifiers."""
@@ -131,7 +132,9 @@ def _auto(have: list[str]) -> BackendChoice:
         raise ValueError(f"no Keras backend installed: install one of {list(BACKENDS)}")
     if "tensorflow" in have and sees_gpu("tensorflow"):
         return BackendChoice("tensorflow", "auto", "TensorFlow sees a GPU", True)
-    for other in ("torch", "jax"):
+    # Without an NVIDIA device node no backend can see a GPU: skip importing torch and jax just to hear "no".
+    nvidia = Path("/proc/driver/nvidia").exists() or Path("/dev/nvidia0").exists()
+    for other in ("torch", "jax") if nvidia else ():
         if other in have and sees_gpu(other):
             why = (f"TensorFlow sees no GPU, {other} does" if "tensorflow" in have
                    else f"TensorFlow is not installed, {other} sees a GPU")

@@ -65,6 +65,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--allow-priors", action="store_true",
                         help="exit 0 even when the run cannot be right (no classifier loaded, JPEG Lossless not "
                         "decodable, more than half of the studies fell back to the priors); default: exit 3")
+    parser.add_argument("--backend", choices=("auto", "tensorflow", "torch", "jax"), default="auto",
+                        help="Keras backend that scores the classifiers (default auto: TensorFlow when it sees a GPU, "
+                        "else torch or jax if one does, else TensorFlow on the CPU); the log and the report say which")
     parser.add_argument("--require-gpu", action="store_true",
                         help="stop (exit 3) when TensorFlow sees no GPU instead of scoring on the CPU")
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's start-up messages (CUDA probing)")
@@ -207,7 +210,15 @@ def run(args) -> int:
         where, out = resolve_paths(args)
         plan = plan_and_write_priors(args, where, out)
         problems, decoders = check_decoders_first(args, plan, out)
-        start_tensorflow(args.verbose)
+        from cspine_submit.score.backends import choose_backend  # before Keras loads: it reads KERAS_BACKEND then
+
+        try:
+            backend = choose_backend(args.backend)
+        except (ValueError, RuntimeError) as exc:
+            raise _Stop(EXIT_USAGE, f"error: {exc}") from None
+        print(backend.line(), flush=True)
+        if backend.name == "tensorflow":
+            start_tensorflow(args.verbose)
         setup = set_up_run(args, where, plan)
         announce(args, where, setup, decoders, out)
         result = stream(args, where, setup, out)

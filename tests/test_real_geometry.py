@@ -190,3 +190,180 @@ def test_label_model_matches_the_real_label_counts():
     assert pair[("C1", "C2")] / (n * prevalence["C1"]) == pytest.approx(0.38, abs=0.02)
     assert pair[("C5", "C6")] / (n * prevalence["C5"]) == pytest.approx(0.56, abs=0.02)
     assert pair[("C6", "C7")] / (n * prevalence["C6"]) == pytest.approx(0.47, abs=0.02)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Odd real geometries (study_geometry.csv), written small and read back (issue 19 item 4)
+
+
+def _geometry_row(uid_suffix: str) -> dict:
+    return next(r for r in _csv("study_geometry.csv") if r["StudyInstanceUID"].endswith(uid_suffix))
+
+
+def _write_positions(folder: Path, slices, *, size: int = 8, thickness: float = 1.0) -> Path:
+    """One tiny uncompressed file per ``(file number, x, y, z, series uid)``, minimal competition headers."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, x, y, z, series in slices:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = f"{series}.{number}"
+        meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.99.1", series
+        ds.InstanceNumber = number
+        ds.ImagePositionPatient = [f"{x:.4f}", f"{y:.4f}", f"{z:.4f}"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.SliceThickness = thickness
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = np.full((size, size), number % 1000, np.int16).tobytes()  # the file's number, to check order
+        ds.save_as(folder / f"{number}.dcm", enforce_file_format=True)
+    return folder
+
+
+def _plans_follow_the_real_z(header):
+    """Header-only planning with the shipped fallback: every planned slice lies in its vertebra's expected range
+    (plus the margin) by the header's own z, which is each slice's real position."""
+    import dataclasses
+
+    from cspine_submit.config import ModelConfig
+
+    ranges = load_ranges(WEIGHTS / "slice_ranges.json")
+    config = ModelConfig()
+    plans = plan_crops(header, dataclasses.replace(ranges, method="fraction"), config)
+    for v, plan in plans.items():
+        idx = np.asarray(plan.slice_indices)
+        assert (np.diff(idx) > 0).all() and 0 <= idx.min() and idx.max() < header.n_slices
+        lo, hi = plan.z_range_mm
+        inside = (header.z[idx] >= lo - config.z_margin_mm - 1e-6) & (header.z[idx] <= hi + config.z_margin_mm + 1e-6)
+        assert inside.all() or len(idx) == 1, (v, header.z[idx], plan.z_range_mm)
+    return plans
+
+
+def test_repeated_positions_keep_one_slice_per_position(tmp_path):
+    """1.2.826.0.1.3680043.20756: files 542-1082 repeat the z of files 1-541 (0.4 mm)."""
+    from cspine_submit.read.dicom import scan_study
+
+    row = _geometry_row(".20756")
+    assert int(row["n"]) == 1082 and int(row["n_dup_z"]) == 541
+    n, dz, top = 60, float(row["dz_median"]), float(row["zmax"])
+    slices = [(i + 1, 0.0, 0.0, top - i * dz, "1.2.3.1") for i in range(n)]
+    slices += [(n + i + 1, 0.0, 0.0, top - i * dz, "1.2.3.1") for i in range(n)]
+    header = scan_study(_write_positions(tmp_path / "dup", slices))
+    assert header.n_slices == n and [p.name for p in header.files] == [f"{i + 1}.dcm" for i in range(n)]
+    np.testing.assert_allclose(np.diff(header.z), dz, atol=1e-3)
+    dups = [r for _, r in header.skipped if r.startswith("duplicate position")]
+    assert len(dups) == n
+    # Two series at the same positions: the first file's series is kept, the other named.
+    slices2 = [(i + 1, 0.0, 0.0, top - i * dz, "1.2.3.1") for i in range(n)]
+    slices2 += [(n + i + 1, 0.0, 0.0, top - i * dz, "1.2.3.2") for i in range(n)]
+    header2 = scan_study(_write_positions(tmp_path / "two", slices2))
+    assert header2.n_slices == n and header2.series_uid == "1.2.3.1"
+    assert all("other series 1.2.3.2 (study series is 1.2.3.1)" in r for _, r in header2.skipped)
+    _plans_follow_the_real_z(header)
+
+
+@pytest.mark.parametrize("uid", [".24673", ".29630"])
+def test_drifting_in_plane_position_and_irregular_spacing_plan_with_the_real_z(tmp_path, uid):
+    """Gantry tilt: x and y drift per slice, steps 0.76-1.26 mm (and one repeated z in .24673)."""
+    from cspine_submit.read.dicom import scan_study
+
+    row = _geometry_row(uid)
+    n = int(row["n"])
+    rng = np.random.default_rng(0)
+    steps = rng.uniform(float(row["dz_min"]) or 0.76, float(row["dz_max"]), size=n - 1)
+    if int(row["n_dup_z"]):
+        steps[n // 2] = 0.0
+    z = float(row["zmax"]) - np.concatenate([[0.0], np.cumsum(steps)])
+    start = int(row["slice_min"])
+    slices = [(start + i, -80.0 + 0.11 * i, -120.0 + 0.37 * i, z[i], "1.2.3.1") for i in range(n)]
+    header = scan_study(_write_positions(tmp_path / uid.strip("."), slices))
+    expected = n - int(row["n_dup_z"])
+    assert header.n_slices == expected
+    order = sorted(range(n), key=lambda i: -z[i])  # head first: largest z
+    kept = [f"{start + i}.dcm" for i in order if not (int(row["n_dup_z"]) and i == n // 2 + 1)]
+    assert [p.name for p in header.files] == kept
+    # z is each slice's own position (toward the feet), not index x median step.
+    np.testing.assert_allclose(header.z - header.z[0], z.max() - z[[int(f[:-4]) - start for f in kept]], atol=1e-3)
+    assert any("uneven slice spacing" in w for w in header.warnings)
+    assert np.ptp(header.positions[:, 0]) > 1.0 and np.ptp(header.positions[:, 1]) > 1.0
+    _plans_follow_the_real_z(header)
+
+
+@pytest.mark.parametrize("uid,first", [(".29872", 2), (".8362", 2)])
+def test_any_first_file_number(tmp_path, uid, first):
+    from cspine_submit.read.dicom import scan_study
+
+    row = _geometry_row(uid)
+    assert int(row["slice_min"]) == first
+    n = int(row["n"])
+    dz = float(row["z_extent_mm"]) / (n - 1)  # regular: the table's median step is rounded
+    head_first = row["head_first"] == "True"
+    top = float(row["zmax"])
+    slices = [(first + i, 0.0, 0.0, (top - i * dz) if head_first else (top - (n - 1 - i) * dz), "1.2.3.1")
+              for i in range(n)]
+    header = scan_study(_write_positions(tmp_path / uid.strip("."), slices))
+    assert header.n_slices == n and header.reversed == (not head_first)
+    names = [f"{first + i}.dcm" for i in range(n)]
+    assert [p.name for p in header.files] == (names if head_first else names[::-1])
+    assert header.z[-1] - header.z[0] == pytest.approx(float(row["z_extent_mm"]), abs=0.01)
+    _plans_follow_the_real_z(header)
+
+
+def test_a_file_numbered_from_59(tmp_path):
+    from cspine_submit.read.dicom import scan_study
+
+    slices = [(59 + i, 0.0, 0.0, 100.0 - 0.625 * i, "1.2.3.1") for i in range(40)]
+    header = scan_study(_write_positions(tmp_path / "s59", slices))
+    assert header.files[0].name == "59.dcm" and header.files[-1].name == "98.dcm" and not header.reversed
+
+
+@pytest.mark.parametrize("uid", [".20574", ".8693", ".20925"])
+def test_very_short_and_very_long_studies_are_planned(tmp_path, uid):
+    """.20574: 48.5 mm (98 slices, feet first); .8693: 69 slices 2.63 mm apart with drift; .20925: 825 slices."""
+    from cspine_submit.config import ModelConfig
+    from cspine_submit.read.dicom import scan_study
+
+    row = _geometry_row(uid)
+    n = int(row["n"])
+    dz = float(row["z_extent_mm"]) / (n - 1)  # regular steps (.20925 alternates 0.312 / 0.313 mm)
+    head_first = row["head_first"] == "True"
+    drift = int(row["x_nuniq"]) > 1
+    slices = [(i + 1, 0.3 * i * drift, 0.2 * i * drift,
+               (float(row["zmax"]) - i * dz) if head_first else (float(row["zmin"]) + i * dz), "1.2.3.1")
+              for i in range(n)]
+    header = scan_study(_write_positions(tmp_path / uid.strip("."), slices, size=4))
+    assert header.n_slices == n and header.spacing[0] == pytest.approx(float(row["dz_median"]), abs=2e-3)
+    assert header.z[-1] - header.z[0] == pytest.approx(float(row["z_extent_mm"]), abs=0.01)
+    _plans_follow_the_real_z(header)
+    # With the image cue (the shipped method) these random images cannot be aligned: the plan falls back to the
+    # header-only ranges and says so.
+    from cspine_submit.localize import measure_cue
+
+    ranges = load_ranges(WEIGHTS / "slice_ranges.json")
+    cue = measure_cue(header, ranges)
+    plans = plan_crops(header, ranges, ModelConfig(), cue=cue)
+    assert all(len(p.slice_indices) >= 1 for p in plans.values())
+    if cue.anchor_mm is None:
+        assert "fraction" in cue.fallback
+
+
+def test_inspect_says_what_it_found(tmp_path, capsys):
+    from cspine_submit.cli import main
+
+    n = 30
+    slices = [(2 + i, -80.0 + 0.2 * i, -100.0 + 0.3 * i, 50.0 - 0.625 * i, "1.2.3.1") for i in range(n)]
+    slices += [(2 + n + i, -80.0 + 0.2 * i, -100.0 + 0.3 * i, 50.0 - 0.625 * i, "1.2.3.1") for i in range(n)]
+    folder = _write_positions(tmp_path / "odd", slices)
+    assert main(["inspect", str(folder), "--no-pixels"]) == 0
+    out = capsys.readouterr().out
+    assert "30 file(s) repeat another file's position" in out and "files numbered 2-31" in out
+    assert "in-plane position drifts by 5.8 mm in x and 8.7 mm in y" in out
+    assert "short: 18.1 mm" in out and "every ImagePositionPatient repeats 2 times" in out

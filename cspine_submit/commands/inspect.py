@@ -1,5 +1,7 @@
 """Summarise one study folder: slice order (head to feet), z positions and spacing, shape, transfer
-syntaxes, whether file-name order ran feet to head, files left out and why, and the HU range.
+syntaxes, whether file-name order ran feet to head, files left out and why, and the HU range; the text also lists
+what is odd about the geometry (series kept, repeated positions, first file number, drifting in-plane position,
+irregular steps, a short study).
 
 With --json the output has exactly the keys study_uid, n_slices, files, z, spacing, shape,
 transfer_syntaxes, reversed, skipped, hu (hu is null with --no-pixels).
@@ -59,6 +61,39 @@ def summary(header, hu: dict | None) -> dict:
     }
 
 
+def geometry_findings(header) -> list[str]:
+    """What is unusual about a study's geometry, one line each (empty for a plain study): the series kept over
+    others, files left out as repeated positions, the file numbers, the in-plane position drifting from slice to
+    slice (gantry tilt), irregular steps, and how long the study is. Headers only."""
+    import numpy as np
+
+    out = []
+    other = [r for _, r in header.skipped if r.startswith("other series")]
+    if other:
+        out.append(f"series {header.series_uid or '(empty)'} kept; {len(other)} file(s) of other series left out")
+    dups = sum(r.startswith("duplicate position") for _, r in header.skipped)
+    if dups:
+        out.append(f"{dups} file(s) repeat another file's position: one slice kept per position")
+    numbers = [int(p.stem) for p in header.files if p.stem.isdigit()]
+    if numbers and min(numbers) != 1:
+        out.append(f"files numbered {min(numbers)}-{max(numbers)} (not from 1)")
+    pos = np.asarray(header.positions, dtype=float)
+    if pos.ndim == 2 and len(pos) > 1 and np.isfinite(pos).all():
+        drift = np.ptp(pos[:, :2], axis=0)
+        if (drift > 0.01).any():
+            out.append(f"in-plane position drifts by {drift[0]:.1f} mm in x and {drift[1]:.1f} mm in y over the "
+                       "study (gantry tilt): planned with each slice's own z")
+    if header.n_slices > 1:
+        steps = np.diff(header.z)
+        if np.ptp(steps) > 0.1 * header.spacing[0] + 0.01:
+            out.append(f"irregular steps {steps.min():.3f}-{steps.max():.3f} mm (median {header.spacing[0]:.3f}): "
+                       "planned with each slice's own z")
+        extent = float(header.z[-1] - header.z[0])
+        if extent < 120.0:
+            out.append(f"short: {extent:.1f} mm head to feet (a cervical column is 97-151 mm in the real masks)")
+    return out
+
+
 def format_text(header, doc: dict) -> str:
     z = doc["z"]
     lines = [
@@ -75,6 +110,10 @@ def format_text(header, doc: dict) -> str:
     if doc["hu"] is not None:
         hu = doc["hu"]
         lines.append(f"HU         min {hu['min']:.0f}, max {hu['max']:.0f}, mean {hu['mean']:.1f}")
+    findings = geometry_findings(header)
+    if findings:
+        lines.append("geometry")
+        lines += [f"  {f}" for f in findings]
     lines.append(f"skipped    {len(doc['skipped'])}")
     lines += [f"  {s['file']}: {s['reason']}" for s in doc["skipped"]]
     if header.warnings:

@@ -156,8 +156,15 @@ def z_from_positions(group: Sequence[SliceInfo], normal: np.ndarray, sign: float
     warns: list[str] = []
     if len(with_pos) >= 3:
         z_pos = np.round(np.array([s.position @ normal for s in with_pos]), 3)
-        if 2 * len(np.unique(z_pos)) <= len(with_pos):
-            warns.append(f"ImagePositionPatient gives only {len(np.unique(z_pos))} distinct position(s) for "
+        distinct, copies = np.unique(z_pos, return_counts=True)
+        # Every position repeated the same number of times: the series written twice (a real training study's
+        # files 542-1082 repeat files 1-541), not a broken header; drop_duplicates keeps one slice per position.
+        repeated = len(distinct) >= 3 and copies.min() == copies.max() >= 2
+        if repeated:
+            warns.append(f"every ImagePositionPatient repeats {int(copies[0])} times ({len(with_pos)} files, "
+                         f"{len(distinct)} positions): kept one slice per position, the first in file-name order")
+        elif 2 * len(distinct) <= len(with_pos):
+            warns.append(f"ImagePositionPatient gives only {len(distinct)} distinct position(s) for "
                          f"{len(with_pos)} slices: ignored")
             return [dataclasses.replace(s, position=None) for s in group], None, [], warns
     if not with_pos:

@@ -4,7 +4,8 @@
 
 Prints, per method and z margin, the mean coverage / purity / box coverage over C1-C7, the column-centre error of
 the profile method, and the cost of the profile method's image cue (slices decoded, seconds per study) next to the
-cost of scanning headers and of reading the planned slices.
+cost of scanning headers and of reading the planned slices; last, the header-only fallback on the 58 competition
+masks' geometry (tests/data/real_competition), leave-one-out and the shipped file's.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from cspine_submit.read.dicom import read_slices, scan_study
 from cspine_submit.localize import (
     METHODS,
     evaluate_ranges,
+    load_extents,
+    load_ranges,
     load_truths,
     measure_cue,
     plan_crops,
     ranges_from_truths,
+    truths_from_extents,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +123,31 @@ def main() -> None:
     vt, _ = load_truths(verse, None, layout="affine")
     print(f"\n## VerSe masks (mask only, affine layout), leave-one-out over {len(vt)}")
     table(vt, ("fraction", "mm_top"), args.margins, k)
+    header_only_on_real_masks(k)
     if tmp is not None:
         tmp.cleanup()
+
+
+def header_only_on_real_masks(k: int, margins=(0.0, 3.0, 5.0)) -> None:
+    """The header-only fallback on the 58 competition masks' geometry (tests/data/real_competition): learned
+    leave-one-out, and the shipped file's; mean over studies with the min / p5 / p95 over studies."""
+    truths = truths_from_extents(load_extents(ROOT / "tests" / "data" / "real_competition" / "vertebra_extents.csv"))
+    shipped = load_ranges(ROOT / "weights" / "slice_ranges.json")
+    print(f"\n## header-only fallback on the {len(truths)} real masks' geometry (K={k}; mean (min / p5 / p95) "
+          "over studies)")
+    print(f"{'method':<30}{'margin':>7}  {'coverage':<28}{'purity':<28}")
+    for zm in margins:
+        runs = {"fraction, leave-one-out": evaluate_ranges(truths, method="fraction", k=k, z_margin_mm=zm),
+                "mm_top, leave-one-out": evaluate_ranges(truths, method="mm_top", k=k, z_margin_mm=zm),
+                "shipped fraction": evaluate_ranges(truths, ranges=shipped, method="fraction", k=k, z_margin_mm=zm)}
+        for name, r in runs.items():
+            cells = []
+            for key in ("coverage", "purity"):
+                a = np.array([d[key] for d in r["study_summary"].values()])
+                cells.append(f"{a.mean():.3f} ({a.min():.2f} / {np.percentile(a, 5):.2f} / {np.percentile(a, 95):.2f})")
+            print(f"{name:<30}{zm:>7.0f}  {cells[0]:<28}{cells[1]:<28}")
+        lo = r["per_vertebra"]
+        print(f"{'  shipped per vertebra cov':<30}{'':>7}  " + " ".join(f"{v} {lo[v]['coverage']:.2f}" for v in lo))
 
 
 if __name__ == "__main__":

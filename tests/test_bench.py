@@ -21,28 +21,30 @@ def test_projection_matches_hand_computation():
     assert p["total_hours"] == pytest.approx(0.41 * 1500 / 3600, abs=1e-3)
     assert any("XLA off" in a and "mixed_float16" in a for a in p["assumptions"])
     assert any("105 classifier passes" in a for a in p["assumptions"])
-    # Five folds per vertebra (train's default): five passes per crop; the GPU now sets the pace.
+    # Five folds per vertebra (train's default): five passes per crop, the 35 members spread 18:17 by the memory
+    # plan; the GPU now sets the pace.
     w5 = bench.gpu_workload(config, members=5)
-    assert w5.passes == (300, 225)
+    assert w5.passes == (270, 255)
     p = bench.kaggle_projection(0.8, 0.0, w5)
-    assert p["seconds_per_study"] == pytest.approx(300 / 247.5, rel=1e-3)
+    assert p["seconds_per_study"] == pytest.approx(270 / 247.5, rel=1e-3)
     # XLA on: 1150 img/s; float32 (mixed precision off): 430, with or without XLA.
     assert bench.kaggle_projection(0.0, 0.0, bench.gpu_workload(config, members=5, xla=True))[
-        "gpu_seconds_per_study"] == pytest.approx(300 / (1150 / 4), abs=1e-4)
+        "gpu_seconds_per_study"] == pytest.approx(270 / (1150 / 4), abs=1e-4)
     f32 = bench.gpu_workload(config.replace(mixed_precision=False), members=5)
-    assert bench.kaggle_projection(0.0, 0.0, f32)["gpu_seconds_per_study"] == pytest.approx(300 / (430 / 4), abs=1e-4)
+    assert bench.kaggle_projection(0.0, 0.0, f32)["gpu_seconds_per_study"] == pytest.approx(270 / (430 / 4), abs=1e-4)
 
 
-def test_projection_of_a_shared_network_uses_one_gpu(tmp_path):
-    # The demo's layout: one network (five fold files) for all seven vertebrae: one group, on the first GPU only.
+def test_projection_of_a_shared_network_uses_both_gpus(tmp_path):
+    # The demo's layout: one network (five fold files) for all seven vertebrae: its members split 3:2 over the GPUs
+    # by the memory plan (score.memory), each scoring every crop.
     from cspine_submit.files import default_weights_dir
 
     demo = default_weights_dir() / "demo"
     config = ModelConfig.from_json(demo / "model_config.json")
     w = bench.gpu_workload(config, demo)
     k = config.slices_per_vertebra
-    assert w.passes == (5 * 7 * k, 0) and set(w.members.values()) == {5}
-    assert "nothing on GPU:1" in w.placement
+    assert w.passes == (3 * 7 * k, 2 * 7 * k) and set(w.members.values()) == {5}
+    assert "(3 of 5 members) on GPU:0" in w.placement and "(2 of 5 members) on GPU:1" in w.placement
 
 
 def test_naive_baseline_scores_every_slice_and_ours_only_the_planned(synthetic_dataset, tmp_path):

@@ -379,6 +379,23 @@ class MemoryPlan:
             "assumptions": list(self.assumptions), "device_memory": list(self.device_sources),
         }
 
+    def work_per_device(self, crops_per_vertebra: int) -> dict[str, int]:
+        """Image passes (crop x member) one study costs each device under this placement, with
+        ``crops_per_vertebra`` crops for every vertebra (replicas share a pass evenly, the first take the rest)."""
+        work = {ld.device: 0 for ld in self.loads}
+        for g in self.groups:
+            crops = crops_per_vertebra * len(g.vertebrae)
+            if g.mode == "whole":
+                work[g.devices[0]] += crops * len(g.files)
+            elif g.mode == "replicas":
+                share, rest = divmod(crops * len(g.files), len(g.devices))
+                for i, d in enumerate(g.devices):
+                    work[d] += share + (1 if i < rest else 0)
+            else:
+                for d in g.devices:
+                    work[d] += crops
+        return work
+
     def summary(self) -> str:
         """One line for the console."""
         state = "fits" if self.fits else "DOES NOT FIT"

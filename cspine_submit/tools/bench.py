@@ -430,29 +430,41 @@ def gpu_workload(config: ModelConfig, weights_dir: Path | None = None, *, n_gpus
                  members: int | None = None, xla: bool = False) -> GpuWorkload:
     """What one study costs the GPUs: every ensemble member of every vertebra, on the device it is placed on.
 
-    Vertebrae sharing one network (``train --shared``) are one group on one device
-    (:meth:`cspine_submit.score.DevicePlan.place`: with two GPUs the second idles); otherwise the seven classifiers
-    go round-robin, four on the first GPU and three on the second. ``members`` replaces the folder's ensemble
-    size (the benchmark's random classifiers stand for a :data:`TRAIN_DEFAULT_FOLDS`-fold ensemble).
+    Placed as the score stage places them on two T4s: by the memory plan (:func:`cspine_submit.score.memory.
+    plan_memory`, T4 memory): an ensemble's members spread over the GPUs by the crops they score, a network shared
+    by every vertebra replicated with each study's crops split, seven single classifiers round-robin (4:3).
+    ``members`` replaces the folder's ensemble size (the benchmark's random classifiers stand for a
+    :data:`TRAIN_DEFAULT_FOLDS`-fold ensemble).
     """
-    from cspine_submit.score import DevicePlan
-    from cspine_submit.score.loading import classifier_groups
+    from cspine_submit.score.memory import GiB, DeviceMemory, file_groups, known_gpu_memory, plan_memory
 
     devices = tuple(f"GPU:{k}" for k in range(max(int(n_gpus), 1)))
-    groups = classifier_groups(weights_dir or Path("."), config)
-    plan = DevicePlan(kind="GPU", devices=devices, names=("T4",) * len(devices),
-                      precision="mixed_float16" if config.mixed_precision else "float32", strategy="")
-    where = plan.place([vs for _, vs in groups])
-    n_members = {v: int(members or len(files)) for files, vs in groups for v in vs}
-    passes = [0] * len(devices)
-    for files, vs in groups:
-        passes[devices.index(where[vs[0]])] += n_members[vs[0]] * config.slices_per_vertebra * len(vs)
-    placement = "; ".join(f"{','.join(v for v in VERTEBRAE if where.get(v) == d) or 'nothing'} on {d}"
-                          for d in devices)
+    if members:
+        config = config.replace(classifier_files={
+            v: tuple(f"{'+'.join(files)}#{i}" for i in range(int(members))) for files, vs in file_groups(config)
+            for v in vs})
+    precision = "mixed_float16" if config.mixed_precision else "float32"
+    t4 = known_gpu_memory("T4")[0]
+    plan = plan_memory(config, [DeviceMemory(d, t4, "GPU", "T4") for d in devices], precision=precision,
+                       host_usable=13 * GiB)
+    work = plan.work_per_device(config.slices_per_vertebra)
+    passes = [work[d] for d in devices]
+    n_members = {v: len(g.files) for g in plan.groups for v in g.vertebrae}
+    placement = f"{plan.placement} (memory plan{'' if plan.fits else ': DOES NOT FIT'}): " + "; ".join(
+        f"{','.join(_on_device(g, d) for g in plan.groups if d in g.devices) or 'nothing'} on {d}" for d in devices)
     source = (f"train's default --folds {TRAIN_DEFAULT_FOLDS}, counted for the stand-in classifiers measured here"
               if members else "the weights folder's model_config.json")
     return GpuWorkload(passes=tuple(passes), members=n_members, placement=placement, input_size=config.input_size,
-                       precision=plan.precision, xla=xla, members_from=source)
+                       precision=precision, xla=xla, members_from=source)
+
+
+def _on_device(group, device: str) -> str:
+    """``C1,C3`` (a whole network), ``C1,...,C7 (3 of 5 members)``, ``C1,...,C7 (a share of the crops)``."""
+    names = ",".join(group.vertebrae)
+    if group.mode == "replicas":
+        return f"{names} (a share of the crops)"
+    n = group.devices.count(device) if group.mode != "whole" else len(group.files)
+    return names if n == len(group.files) == 1 else f"{names} ({n} of {len(group.files)} members)"
 
 
 def kaggle_projection(cpu_stage_seconds: float, main_seconds: float, workload: GpuWorkload) -> dict:

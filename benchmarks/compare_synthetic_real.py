@@ -4,6 +4,12 @@ Usage::
 
     python benchmarks/compare_synthetic_real.py [--synthetic 24] [--seed 7] [--size 256]
                                                 [--figure docs/synthetic_vs_real.png] [--json out.json]
+                                                [--geometry-only]
+
+First, geometry and labels against the competition's own tables (tests/data/real_competition): slice spacing,
+thickness above spacing, pixel spacing, the scan above C1 and below C7, numbering direction and headers of ``synth``
+(both schemes) and of ``write-study``'s default cut, then the labels' joint statistics (overall, neighbour
+co-occurrence, boxed share, fractured vertebrae per study).
 
 Real: the 11 OpenKBP necks of ``tests/data/real_neck`` cut as ``cspine-submit write-study`` cuts them (same seed,
 same field of view and centre), but kept from 60 mm above C1 to 100 mm below C7 so that what lies around the column
@@ -53,13 +59,14 @@ from cspine_submit.localize.features import (
     column_centre,
     cue_indices,
 )
-from cspine_submit.datasets.synthetic import plan_specs, render_study
+from cspine_submit.datasets.synthetic import plan_specs, render_study, study_geometry
 from cspine_submit.datasets.anatomy import draw_background
 from cspine_submit.datasets.volume_cut import competition_cut, resample_volume
 from cspine_submit.datasets.volume_study import find_volumes, load_labels_axial, load_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "tests" / "data" / "real_neck"
+TABLES = ROOT / "tests" / "data" / "real_competition"
 VERSE = sorted((ROOT / "tests" / "data" / "nifti" / "verse").glob("*msk*.nii.gz"))
 VERTEBRAE = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 
@@ -541,6 +548,97 @@ def draw_figure(real, synth, path: Path, title: str) -> Path:
     return path
 
 
+def _csv_rows(name: str) -> list[dict]:
+    import csv
+
+    with open(TABLES / name, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _q(values) -> str:
+    a = np.asarray(values, dtype=float)
+    return f"{np.percentile(a, 5):7.3f} {np.median(a):7.3f} {np.percentile(a, 95):7.3f}"
+
+
+def _geometry_rows(geo: list[dict], reversed_share: float, no_modality: float) -> dict[str, str]:
+    return {
+        "slice spacing, mm": _q([g["slice_mm"] for g in geo]),
+        "thickness > spacing, share": f"{np.mean([g['thickness_mm'] > 1.01 * g['slice_mm'] for g in geo]):23.3f}",
+        "pixel spacing, mm": _q([g["pixel_mm"] for g in geo]),
+        "scan above C1, mm": _q([g["head_mm"] for g in geo]),
+        "scan below C7, mm": _q([g["chest_mm"] for g in geo]),
+        "numbered feet to head, share": f"{reversed_share:23.3f}",
+        "no Modality tag, share": f"{no_modality:23.3f}",
+    }
+
+
+def geometry_and_labels(n: int = 2000, seed: int = 7) -> None:
+    """Print geometry and label statistics (p5 / median / p95, shares) of the real tables, of ``synth`` (the
+    default ``real`` scheme and the first ``uniform`` one, ``n`` specs each, no rendering) and of ``write-study``'s
+    cut (the default cut drawn 20 times for each real neck)."""
+    rows = _csv_rows("study_geometry.csv")
+    ext = _csv_rows("vertebra_extents.csv")
+    real = {
+        "slice spacing, mm": _q([float(r["dz_median"]) for r in rows]),
+        "thickness > spacing, share":
+            f"{np.mean([float(r['thk']) > 1.01 * float(r['dz_median']) for r in rows]):23.3f}",
+        "pixel spacing, mm": "p25 0.272, med 0.312, p75 0.355",  # only a public summary (FACTS.md)
+        "scan above C1, mm": _q([float(r["C1_top_mm"]) for r in ext]),
+        "scan below C7, mm": _q([float(r["zextent"]) - float(r["C7_bot_mm"]) for r in ext]),
+        "numbered feet to head, share": f"{np.mean([r['head_first'] == 'False' for r in rows]):23.3f}",
+        "no Modality tag, share": f"{1.0:23.3f}",
+    }
+    columns = {"real tables": real}
+    for scheme in ("real", "uniform"):
+        specs = plan_specs(n, seed, scheme=scheme)
+        geo = [study_geometry(sp) for sp in specs]
+        ranged = any(g["thickness_mm"] is None for g in geo)
+        for g in geo:
+            if g["thickness_mm"] is None:  # a range: render_study draws it later (30 % overlapping, 1.2-2x)
+                g["thickness_mm"] = g["slice_mm"]
+        columns[f"synth {scheme}"] = _geometry_rows(geo, np.mean([sp.reversed for sp in specs]),
+                                                    np.mean([not sp.modality for sp in specs]))
+        if ranged:
+            columns[f"synth {scheme}"]["thickness > spacing, share"] = f"{'0.300 (at render)':>23}"
+        columns[f"synth {scheme}"]["_specs"] = specs
+    cut_geo = []
+    for name, _, lab_path in find_volumes(REAL):
+        labels = load_labels_axial(lab_path)
+        lab_dz = labels.spacing[0]
+        c1 = np.flatnonzero((labels.volume == 1).any(axis=(1, 2)))[0] * lab_dz
+        c7 = np.flatnonzero((labels.volume == 7).any(axis=(1, 2)))[-1] * lab_dz
+        for k in range(20):
+            spec = competition_cut(labels.volume, labels.spacing, np.random.default_rng([k, zlib.crc32(name.encode())]))
+            cut_geo.append({"slice_mm": spec.slice_mm, "thickness_mm": spec.thickness_mm or spec.slice_mm,
+                            "pixel_mm": spec.pixel_mm, "head_mm": c1 - spec.z_start_mm,
+                            "chest_mm": spec.z_end_mm - c7})
+    columns["write-study cut"] = _geometry_rows(cut_geo, 0.098, 1.0)
+    print(f"\n## geometry: p5 / median / p95 (or share); synth: {n} specs per scheme; write-study: 20 default cuts "
+          "of each real neck (its margins are clipped by the neck volume's own ends)")
+    names = list(columns)
+    print(f"{'':<30}" + "".join(f"{c:<26}" for c in names))
+    for key in real:
+        print(f"{key:<30}" + "".join(f"{str(columns[c][key]):<26}" for c in names))
+    print("\n## labels (real: train.csv's counts, FACTS.md)")
+    real_counts = np.array([1058, 623, 239, 64, 26, 7, 2]) / 2019
+    print(f"{'':<30}{'overall':>8}{'P(C7|C6)':>10}{'P(C6|C5)':>10}{'boxed':>7}   fractured vertebrae 0..6, share")
+    print(f"{'real':<30}{0.476:>8.3f}{0.47:>10.2f}{0.56:>10.2f}{0.245:>7.3f}   "
+          + " ".join(f"{x:.3f}" for x in real_counts))
+    for scheme in ("real", "uniform"):
+        specs = columns[f"synth {scheme}"]["_specs"]
+        lab = [sp.labels for sp in specs]
+        counts = np.bincount([len(sp.fractures) for sp in specs], minlength=7)[:7] / len(specs)
+
+        def cond(a, b):
+            have = [x for x in lab if x[a]]
+            return np.mean([x[b] for x in have]) if have else float("nan")
+
+        fractured = [sp for sp in specs if sp.fractures]
+        print(f"{'synth ' + scheme:<30}{np.mean([x['patient_overall'] for x in lab]):>8.3f}{cond('C6', 'C7'):>10.2f}"
+              f"{cond('C5', 'C6'):>10.2f}{np.mean([sp.boxed for sp in fractured]):>7.3f}   "
+              + " ".join(f"{x:.3f}" for x in counts))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--synthetic", type=int, default=24, help="synthetic studies (default 24)")
@@ -550,7 +648,12 @@ def main(argv=None) -> int:
     parser.add_argument("--real-resolution", action="store_true",
                         help="blur the synthetic studies to the real necks' voxel size (4.6 mm, 2.75 mm) first")
     parser.add_argument("--json", type=Path, default=None, help="write the per-study extents here")
+    parser.add_argument("--geometry-only", action="store_true",
+                        help="only the geometry and label tables (seconds; no rendering, no figure)")
     args = parser.parse_args(argv)
+    geometry_and_labels(seed=args.seed)
+    if args.geometry_only:
+        return 0
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # NaN medians where a set has no slice at that u
 
     t0 = time.perf_counter()

@@ -579,6 +579,11 @@ def _train_augment_class():
             if not training:
                 return x
             seed = tf.cast(self.generator.next(), tf.int64)
+            # Under MirroredStrategy every replica holds the same generator state: fold the replica's index in,
+            # so each replica draws its own augmentation (replica 0, and one device, keep the plain seed).
+            replica = tf.distribute.get_replica_context()
+            rid = tf.cast(replica.replica_id_in_sync_group, tf.int64) if replica is not None else tf.constant(0, tf.int64)
+            seed = seed + tf.stack([tf.constant(0, tf.int64), rid * 1_000_003])
             return augment_batch(x, tf.tile(seed[None], [tf.shape(x)[0], 1]))
 
         def get_config(self):
@@ -593,20 +598,22 @@ def TrainAugment(seed: int = 0, **kwargs):  # noqa: N802 - a layer factory: the 
 
 
 def make_dataset(samples: Samples, config: ModelConfig, batch_size: int, *, shuffle: bool, augment_data: bool,
-                 seed: int = 0, sample_weight: np.ndarray | None = None, workers: int = 2):
+                 seed: int = 0, sample_weight: np.ndarray | None = None, workers: int = 2, first_epoch: int = 0):
     """A ``tf.data.Dataset`` of ``(x, y, w)`` batches streamed from the cache (one epoch per iteration).
 
     A Python generator yields only indices and augmentation seeds; reading, decompressing, enlarging and
     windowing run in ``workers`` parallel map calls (zlib and OpenCV release the GIL), then each batch is
     augmented in one vectorised call (:func:`augment_batch`).
-    Shuffling and augmentation are seeded from ``seed`` and the epoch number, so a run is reproducible.
+    Shuffling and augmentation are seeded from ``seed`` and the epoch number, so a run is reproducible. Each
+    iteration is one epoch, counted from ``first_epoch`` (0-based): a resumed run passes the epochs it already has,
+    so its next epoch draws that epoch's order, not the first one's again.
     """
     import tensorflow as tf
 
     w_all = samples.w if sample_weight is None else np.asarray(sample_weight, np.float32)
     y_all = samples.y.astype(np.float32)
     n = len(samples)
-    epoch = {"n": 0}
+    epoch = {"n": int(first_epoch)}
     shape = tuple(config.input_shape)
 
     def gen():

@@ -171,6 +171,29 @@ def _open_model(past: list, last_path: Path, config: ModelConfig, options: Train
     return _make_model(config, options, strategy, seed, jit_compile=jit_compile), []
 
 
+EPOCH_STRIDE = 1_000_003
+"""Counter values of a random stream per epoch (steps per epoch stay far below it, so epochs never overlap)."""
+
+
+def reseed_generators(model, seed: int, epoch: int) -> int:
+    """Set every Keras ``SeedGenerator`` in ``model`` (the augmentation's, each Dropout's) to a state that is a
+    function of ``seed``, its position and the 1-based ``epoch`` only; returns how many were set.
+
+    A ``.keras`` file does not store these states: a run reopened from its checkpoint would otherwise draw other
+    augmentations and dropout masks than the run that never stopped. Reseeded at the start of every epoch, a resumed
+    epoch draws exactly what the uninterrupted one drew.
+    """
+    import keras
+
+    found = []
+    for layer in model._flatten_layers():  # a fixed order: the model's layers, depth first
+        found += [g for g in vars(layer).values() if isinstance(g, keras.random.SeedGenerator) and g not in found]
+    for i, g in enumerate(found):
+        dtype = keras.backend.standardize_dtype(g.state.dtype)
+        g.state.assign(np.array([(seed * 1009 + i) % 2**31, (epoch * EPOCH_STRIDE) % 2**31], dtype=dtype))
+    return len(found)
+
+
 def _best_so_far(past: list, options: TrainOptions, use_val: bool) -> tuple[float, int]:
     """``(best signed score, its epoch)`` among the logged epochs (lower is better; ``inf, 0`` when none)."""
     sign = -1.0 if options.monitor.endswith("auc") else 1.0
@@ -187,11 +210,12 @@ def _fit_epoch(model, ds_train, ds_val, epoch: int, *, tag: str, steps: int, lr:
     fold, unit = tag.split("/")
     model.optimizer.learning_rate.assign(lr)
     t0 = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"{tag} epoch {epoch}/{options.epochs}", unit="batch", disable=not progress,
-               leave=False)
+    # The bar's callback reads the loss after every batch, a device-to-host sync: only when a bar is shown.
+    bar = tqdm(total=steps, desc=f"{tag} epoch {epoch}/{options.epochs}", unit="batch", leave=False) if progress else None
     fit = model.fit(ds_train, validation_data=ds_val, epochs=epoch, initial_epoch=epoch - 1, verbose=0,
-                    shuffle=False, callbacks=[_tqdm_callback_class()(bar)])
-    bar.close()
+                    shuffle=False, callbacks=[_tqdm_callback_class()(bar)] if bar is not None else [])
+    if bar is not None:
+        bar.close()
     logs = {k: v[-1] for k, v in fit.history.items()}
     return {"fold": fold, "vertebra": unit, "epoch": epoch, "loss": float(logs.get("loss", np.nan)),
             "auc": float(logs.get("auc", np.nan)), "lr": lr,
@@ -248,7 +272,8 @@ def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOpti
     best, best_epoch = _best_so_far(past, options, use_val)
 
     ds_train = make_dataset(train_s, config, global_batch, shuffle=True, augment_data=False,
-                            seed=options.seed * 100 + offset, sample_weight=w, workers=options.workers)
+                            seed=options.seed * 100 + offset, sample_weight=w, workers=options.workers,
+                            first_epoch=len(past))  # a resumed run continues the shuffle where it stopped
     ds_val = (make_dataset(val_s, config, global_batch, shuffle=False, augment_data=False, workers=options.workers)
               if use_val else None)
     steps = int(np.ceil(len(train_s) / global_batch))
@@ -256,6 +281,7 @@ def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOpti
         if use_val and epoch - best_epoch > options.patience and np.isfinite(best):
             break
         lr = learning_rate_at(options, epoch, replicas)
+        reseed_generators(model, options.seed * 100 + offset, epoch)
         row = _fit_epoch(model, ds_train, ds_val, epoch, tag=tag, steps=steps, lr=lr, options=options,
                          progress=progress)
         if use_val and np.isfinite(row.get(key, np.nan)) and sign * row[key] < best:

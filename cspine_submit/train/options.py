@@ -69,6 +69,10 @@ class TrainOptions:
         choice there, and XLA's fusions speed up ResNet-50 training), and not under ``MirroredStrategy`` (2 x T4:
         Keras leaves XLA off with ``tf.distribute``) nor on a CPU (the compile costs more than it saves in a smoke
         run); ``on`` / ``off`` force it. The augmentation is written in ops XLA compiles, so every choice runs.
+    threads : int
+        TensorFlow's intra-op threads while training (2, the Kaggle notebook's cores), fixed whatever the machine:
+        CPU kernels split their sums by the size of that pool, so the weights would otherwise depend on the core
+        count (at 1 thread every tensor differed from 2). 0 keeps TensorFlow's default (the machine's cores).
     backbone_weights : str or None
         Local ImageNet weights file for ResNet50 heads (3-channel inputs only).
     workers : int
@@ -102,6 +106,7 @@ class TrainOptions:
     other_weight: float = 0.2
     calibrate: bool = True
     jit_compile: str = "auto"
+    threads: int = 2
     backbone_weights: str | None = None
     workers: int = 2
     limit: int | None = None

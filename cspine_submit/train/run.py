@@ -68,6 +68,7 @@ from cspine_submit.score.aggregate import effective_top_k, pool_slices
 from cspine_submit.train import calibration as cal
 from cspine_submit.train import data as td
 from cspine_submit.train import fit
+from cspine_submit.train.determinism import normalise_keras_file, pin_threads
 from cspine_submit.train.history import draw_history_png, read_history
 from cspine_submit.train.metric import competition_score, evaluate_arrays, roc_auc
 from cspine_submit.train.options import (
@@ -114,6 +115,8 @@ def _check_inputs(out_dir: Path, ranges_path: Path, config: ModelConfig, options
         raise ValueError(f"lr_schedule {options.lr_schedule!r}: expected 'cosine' or 'constant'")
     if options.folds < 1:
         raise ValueError(f"folds={options.folds}: need 1 (one split) or more")
+    if options.threads < 0:
+        raise ValueError(f"threads={options.threads}: need 0 (TensorFlow's default) or more")
     if options.jit_compile not in JIT_CHOICES:
         raise ValueError(f"jit_compile {options.jit_compile!r}: expected one of {list(JIT_CHOICES)}")
     if options.final == "refit" and options.patience > 0:
@@ -189,7 +192,7 @@ def _fit_one(plan: RunPlan, job: tuple, samples: Callable, config: ModelConfig, 
     # A clean copy (no optimizer state, no augmentation layer) built by the same factory inference uses.
     clean = score_models.build_classifier(config.head, config.input_shape)
     clean.set_weights(fit.classifier_of(model).get_weights())
-    score_models.save_classifier(clean, work.models / f"{fold}_{unit}.keras")
+    normalise_keras_file(score_models.save_classifier(clean, work.models / f"{fold}_{unit}.keras"))
     for v in members:
         held = samples(v, held_uids)
         probs = fit.predict_samples(clean, held, config) if len(held) else np.zeros(0, np.float32)
@@ -463,6 +466,9 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
     data_dir, out_dir, ranges_path = Path(data_dir), Path(out_dir), Path(ranges_path)
     say = log or (lambda s: None)
     _check_inputs(out_dir, ranges_path, config, options, resume)
+    threads, warning = pin_threads(options.threads)  # before TensorFlow's runtime starts (reproducible weights)
+    if warning:
+        say(f"warning: {warning}")
 
     plan = plan_run(data_dir, options)                                                  # 1. plan
     work, state = _open_work(out_dir, plan, config, options, resume=resume, say=say)
@@ -474,7 +480,7 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
     slice_probs, groups = out_of_fold_slices(plan, work)                                # 4. probabilities
     final, report, oof = fit_probabilities(plan, slice_probs, groups, config, options)
     report["per_vertebra"] = _per_vertebra_report(plan, slice_probs, config)
-    report["training"] = _training_report(plan, options, metas, failed)
+    report["training"] = dict(_training_report(plan, options, metas, failed), intra_op_threads=threads)
     say(f"out-of-fold metric {report['oof_score']:.4f} (uncalibrated {report['oof_score_uncalibrated']:.4f}, "
         f"prior only {report['baselines']['prior_only']:.4f}, constant 0.5 {report['baselines']['constant_0.5']:.4f})")
     written = write_outputs(out_dir, ranges_path, plan, final, report, oof_uids=sorted(groups), oof=oof,  # 5. write

@@ -213,10 +213,10 @@ def render_preview(
     body = canvas[geo.top : geo.top + geo.height]  # a view: drawing on it draws on the canvas
     reformat = _Reformat(geo, z_all[np.asarray(indices)])
     xc, yc = _cut_positions(slices, indices, plans, spacing, slab_mm)
-    _draw_panels(body, slices, geo, reformat, spacing, (xc, yc), slab_mm)
+    _draw_panels(body, slices, geo, reformat, spacing=spacing, cuts=(xc, yc), slab_mm=slab_mm)
     if mask is not None:
         _draw_mask_outlines(body, np.asarray(mask), geo, reformat, (xc, yc))
-    _draw_plans(body, plans, z_all, dz, geo, spacing)
+    _draw_plans(body, plans, geo, z_all=z_all, dz=dz, spacing=spacing)
     _draw_labels(canvas, geo, axcodes)
     _draw_ruler(canvas, geo, z_all[0])
     _draw_key(canvas, geo)
@@ -362,7 +362,7 @@ def _cut_positions(slices: np.ndarray, indices: np.ndarray, plans: Mapping, spac
     return xc, _coronal_row(slices, indices, plans, rows, hy)
 
 
-def _draw_panels(body: np.ndarray, slices: np.ndarray, geo: PreviewGeometry, reformat: _Reformat, spacing,
+def _draw_panels(body: np.ndarray, slices: np.ndarray, geo: PreviewGeometry, reformat: _Reformat, *, spacing,
                  cuts: tuple[int, int], slab_mm: float) -> None:
     """The two grey maximum-intensity slabs, bone window, into ``body`` (in place)."""
     import cv2
@@ -396,7 +396,7 @@ def _draw_mask_outlines(body: np.ndarray, mask: np.ndarray, geo: PreviewGeometry
             cv2.drawContours(body[:, x0 : x0 + w], contours, -1, COLOURS_BGR[v], 1)
 
 
-def _draw_plans(body: np.ndarray, plans: Mapping, z_all: np.ndarray, dz: float, geo: PreviewGeometry,
+def _draw_plans(body: np.ndarray, plans: Mapping, geo: PreviewGeometry, *, z_all: np.ndarray, dz: float,
                 spacing) -> None:
     """Each vertebra's box in both panels, its planned slices as ticks, its range as a named lane band."""
     import cv2

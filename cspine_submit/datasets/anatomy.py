@@ -96,7 +96,8 @@ class Fracture:
     ``kind`` is ``line`` (a planar low-density gap of width ``width`` mm through the solids of ``part``, the
     fragment on the positive side of the plane displaced by ``shift`` mm) or ``wedge`` (the body's upper endplate
     compressed anteriorly by ``compression`` of its height, with a dense band of impacted bone under it).
-    ``point`` and ``normal`` are in the vertebra's local frame (mm).
+    ``point`` and ``normal`` are in the vertebra's local frame (mm). ``z_window`` (local z, mm), when set, keeps a
+    line's gap and displacement to those heights: an incomplete fracture, seen on fewer axial slices.
     """
 
     kind: str
@@ -106,6 +107,7 @@ class Fracture:
     width: float = 1.5
     shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
     compression: float = 0.0
+    z_window: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,12 @@ def render_vertebra(v: Vertebra, Z, Y, X):
         frag_outer = np.where(pos, o1 & (dist1 > half), o0 & (dist < -half))
         frag_inner = np.where(pos, i1 & (dist1 > half + c * 0.5), i0 & (dist < -half - c * 0.5))
         gap = o0 & (np.abs(dist) <= half) & ~frag_outer
+        if f.z_window is not None:
+            # Outside the window the bone is whole: no gap, no displaced fragment.
+            inside = (zl >= f.z_window[0]) & (zl <= f.z_window[1])
+            frag_outer = np.where(inside, frag_outer, o0)
+            frag_inner = np.where(inside, frag_inner, i0)
+            gap &= inside
         outer = rest_outer | frag_outer | gap
         inner = (rest_inner | frag_inner) & ~gap
         return outer, inner, gap & ~rest_outer, np.zeros_like(gap)

@@ -9,7 +9,7 @@ peaks, XLA's ``peak_bytes_in_use``, the process's peak RSS on a CPU) next to the
 the first backend's float32 probabilities (the weights are the same numbers on every backend: drawn with numpy).
 
 Training (TensorFlow only, skipped without it): ``cspine-submit synth`` writes a few synthetic studies and
-``cspine-submit train --epochs 1 --folds 1`` trains on them with ``--jit-compile on`` and ``off``; wall seconds and
+``cspine-submit train --epochs 1 --folds 2 --shared`` trains on them with ``--jit-compile on`` and ``off``; wall seconds and
 whether it ran.
 
 The scoring part needs only numpy, keras, one backend (TensorFlow, PyTorch or JAX) and this package's files (no
@@ -201,12 +201,14 @@ def train_check(quick: bool, timeout: float) -> list[dict]:
             out = Path(tmp) / f"weights_{jit}"
             cmd = cli + ["train", "--data", str(data), "--ranges", str(REPO / "weights" / "slice_ranges.json"),
                          "--out", str(out), "--work-dir", str(Path(tmp) / f"work_{jit}"), "--head", head,
-                         "--input-size", input_size, "--epochs", "1", "--folds", "1", "--final", "refit",
-                         "--shared", "--trained-on", "synthetic", "--jit-compile", jit, "--quiet"]
+                         "--input-size", input_size, "--epochs", "1", "--folds", "2", "--shared",
+                         "--trained-on", "synthetic", "--jit-compile", jit, "--quiet"]
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-                rc, tail = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+                lines = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+                         if ln.strip() and not ln.startswith(("I0000", "W0000", "E0000", "WARNING: All log"))]
+                rc, tail = proc.returncode, lines[-3:]
             except subprocess.TimeoutExpired:
                 rc, tail = None, [f"timed out after {timeout:.0f} s"]
             rows.append({"train": f"XLA {jit}", "head": head, "input": input_size, "studies": int(n), "rc": rc,

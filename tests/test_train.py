@@ -223,7 +223,7 @@ def test_plan_matches_what_a_run_writes(synthetic_dataset, fixture_ranges, tmp_p
 
     argv = ["train", "--data", str(synthetic_dataset), "--ranges", str(fixture_ranges), "--out", str(tmp_path / "w"),
             "--head", "tiny", "--input-size", "32", "--channels", "single", "--windows", "400/1800",
-            "--slices-per-vertebra", "3", "--workers", "0", "--plan", "--json"]
+            "--slices-per-vertebra", "3", "--workers", "0", "--shared", "--plan", "--json"]  # 6 studies: C2 needs --shared
     assert main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["studies"] == plan["studies_read"] == 6

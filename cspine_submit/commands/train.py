@@ -12,8 +12,11 @@ ensemble per vertebra (--final refit: one model refit on every study instead).
 
 Writes into --out only: the classifiers, model_config.json, slice_ranges.json (a copy of --ranges), oof.csv
 (out-of-fold, cross-fitted predictions), validation.json (oof_score, before/after calibration, baselines, per-label
-log loss and AUC) and MANIFEST.json. --resume continues an interrupted run. --plan only reads headers and prints
-the studies, crops, projected cache bytes and time per epoch on a T4 and a P100 (--json: machine-readable).
+log loss and AUC) and MANIFEST.json. --resume continues an interrupted run. --plan trains nothing: it counts
+fractured and intact studies per vertebra and fold (and refuses, exit 2, a run in which a model would see one
+class only), reads headers and prints the studies, crops, projected cache and disk, and the time per epoch on this
+machine, a T4 and a P100 (--json: machine-readable). Exit codes: 0 done, 2 bad arguments or data, 3 a device
+error (out of memory, XLA; the message says what to change; --resume continues after the fix).
 
 Example:
   cspine-submit train --data /kaggle/input/rsna-2022-cervical-spine-fracture-detection \\
@@ -46,10 +49,14 @@ def add_arguments(parser) -> None:
                         help="start from this model_config.json (default: the package defaults); flags below override")
     parser.add_argument("--head", default=None, help="classifier head: seed, gap (default) or tiny")
     parser.add_argument("--input-size", type=int, default=None, help="model input side, pixels")
-    parser.add_argument("--channels", default=None, choices=("single", "replicate", "windows", "neighbours"))
+    parser.add_argument("--channels", default=None, choices=("single", "replicate", "windows", "neighbours"),
+                        help="what the model's input channels hold: single (one window, 1 channel), replicate (it "
+                             "three times, for ImageNet weights), windows (one HU window per channel), neighbours "
+                             "(the slice and its two neighbours, 2.5D)")
     parser.add_argument("--windows", type=_windows, default=None, help='HU windows "level/width;level/width;..."')
     parser.add_argument("--slices-per-vertebra", type=int, default=None, help="K crops per vertebra")
-    parser.add_argument("--crop-margin", type=float, default=None)
+    parser.add_argument("--crop-margin", type=float, default=None,
+                        help="extra border around each vertebra's planned box, as a fraction of its side")
     parser.add_argument("--vertebrae", default=",".join(("C1", "C2", "C3", "C4", "C5", "C6", "C7")),
                         help="comma-separated subset to train (default all)")
     parser.add_argument("--folds", type=int, default=5, help="patient-level folds (default 5); 1: one split "
@@ -60,7 +67,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="crops per step per GPU (default 16)")
     parser.add_argument("--lr", type=float, default=5e-4,
                         help="peak Adam rate at a global batch of 16; scaled linearly with the global batch")
-    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                        help="learning rate over the epochs: cosine decay to 0 (default) or constant")
     parser.add_argument("--patience", type=int, default=0,
                         help="0 (default): fixed schedule, last epoch kept; N: early stopping on an inner split of "
                              "each fold's training studies (never on the held-out fold)")
@@ -68,7 +76,9 @@ def add_arguments(parser) -> None:
                         help="early stopping criterion on the inner split (with --patience)")
     parser.add_argument("--val-fraction", type=float, default=1.0 / 3.0,
                         help="held-out share with --folds 1, and the inner split's share with --patience")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the folds, shuffling, augmentation and initial weights: the same seed, data and "
+                             "config give the same files, byte for byte (default 0)")
     parser.add_argument("--no-augment", action="store_true", help="the seed recipe: no augmentation")
     parser.add_argument("--pos-weight", type=float, default=2.0,
                         help="loss weight of a positive crop, negatives 1 (default 2, as the metric)")
@@ -79,7 +89,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shared", action="store_true",
                         help="train one network per fold on all selected vertebrae's crops, used for each vertebra "
                              "(small data sets, e.g. the synthetic demo)")
-    parser.add_argument("--box-policy", choices=("exclude", "downweight", "study"), default="exclude")
+    parser.add_argument("--box-policy", choices=("exclude", "downweight", "study"), default="exclude",
+                        help="labels of a fractured vertebra's crops when train_bounding_boxes.csv marks its fracture "
+                             "slices: exclude (default: boxed crops positive, its other crops left out), downweight "
+                             "(the others negative with --other-weight), study (every crop positive, the seed's)")
     parser.add_argument("--other-weight", type=float, default=0.2, help="weight of box-less crops with downweight")
     parser.add_argument("--jit-compile", choices=("auto", "on", "off"), default="auto",
                         help="XLA for the training step: auto (default) compiles on exactly one GPU (P100, one T4) and "
@@ -92,14 +105,21 @@ def add_arguments(parser) -> None:
                         help="cache, checkpoints, fold models, state and logs (default: OUT.work beside --out)")
     parser.add_argument("--cache", type=Path, default=None, help="crop cache folder (default WORK_DIR/cache)")
     parser.add_argument("--workers", type=int, default=2, help="processes reading and cropping studies")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="TensorFlow intra-op threads while training (default 2), fixed so the weights do not "
+                             "depend on the machine's cores; 0: TensorFlow's default")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's start-up messages")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N studies (smoke runs)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--force", action="store_true",
                         help="replace the training outputs already in --out (other files there are kept)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--plan", action="store_true",
-                        help="train nothing: read the headers, print studies, crops, projected cache bytes and time "
-                             "per epoch on a T4 and a P100")
+                        help="train nothing: count fractured/intact studies per vertebra and fold, read the "
+                             "headers, print studies, crops, projected cache and disk, and time per epoch here, on a "
+                             "T4 and on a P100")
+    parser.add_argument("--plan-steps", type=int, default=2,
+                        help="with --plan: training steps of the network timed on this machine (0: none)")
     parser.add_argument("--plan-sample", type=int, default=64,
                         help="studies whose headers --plan reads (the rest are extrapolated; default 64)")
     parser.add_argument("--plan-studies", type=int, default=None,
@@ -119,8 +139,10 @@ def run(args) -> int:
     import shutil
 
     from cspine_submit.config import ModelConfig
+    from cspine_submit import quiet
     from cspine_submit.train import TrainOptions, existing_outputs, train_classifiers
     from cspine_submit.train.fit import TrainingDeviceError
+    from cspine_submit.train.run import check_trainable, plan_run
 
     try:
         config = ModelConfig.from_json(args.config) if args.config else ModelConfig()
@@ -151,11 +173,17 @@ def run(args) -> int:
         lr_schedule=args.schedule, patience=args.patience, monitor=args.monitor, val_fraction=args.val_fraction,
         seed=args.seed, augment=not args.no_augment, pos_weight=args.pos_weight, balance=args.balance,
         calibrate=not args.no_calibrate, shared=args.shared, box_policy=args.box_policy,
-        other_weight=args.other_weight, jit_compile=args.jit_compile,
+        other_weight=args.other_weight, jit_compile=args.jit_compile, threads=args.threads,
         backbone_weights=str(args.imagenet_weights) if args.imagenet_weights else None,
         workers=args.workers, limit=args.limit, work_dir=str(args.work_dir) if args.work_dir else None,
         cache_dir=str(args.cache) if args.cache else None, trained_on=args.trained_on, source=_command_line(),
     )
+    try:  # from train.csv alone, before TensorFlow: a model that would see one class only is refused here
+        check_trainable(plan_run(args.data, options), options)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    quiet.start_tensorflow(args.verbose)
     print(f"training {config.head} classifiers, input {config.input_shape}, channels {config.channels}, "
           f"K={config.slices_per_vertebra}, box policy {options.box_policy}")
     try:
@@ -183,13 +211,18 @@ def run(args) -> int:
 def _run_plan(args, config) -> int:
     import json
 
-    from cspine_submit.train.plan import format_plan, plan_training
+    from cspine_submit import quiet
+    from cspine_submit.train.plan import count_labels, format_plan, plan_training
 
+    vertebrae = tuple(v.strip() for v in args.vertebrae.split(",") if v.strip())
+    common = dict(folds=args.folds, seed=args.seed, vertebrae=vertebrae, shared=args.shared, final=args.final,
+                  limit=args.limit)
     try:
-        plan = plan_training(args.data, args.ranges, config, folds=args.folds, epochs=args.epochs,
-                             final=args.final, sample=args.plan_sample, limit=args.limit, workers=args.workers,
-                             shared=args.shared, vertebrae=len([v for v in args.vertebrae.split(",") if v.strip()]),
-                             studies=args.plan_studies)
+        count_labels(args.data, **common)  # train.csv only: refused here, before TensorFlow loads
+        quiet.start_tensorflow(args.verbose)
+        plan = plan_training(args.data, args.ranges, config, epochs=args.epochs, sample=args.plan_sample,
+                             workers=args.workers, studies=args.plan_studies, batch_size=args.batch_size,
+                             patience=args.patience, timed_steps=args.plan_steps, **common)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}")
         return 2

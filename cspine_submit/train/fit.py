@@ -194,6 +194,32 @@ def reseed_generators(model, seed: int, epoch: int) -> int:
     return len(found)
 
 
+class EtaClock:
+    """The whole run's remaining training time from the epochs timed so far (their mean times those left)."""
+
+    def __init__(self, epochs_left: int, say: Callable[[str], None], first: int = 2):
+        self.left, self.say, self.first = int(epochs_left), say, int(first)
+        self.seconds: list[float] = []
+
+    def epoch_done(self, row: dict) -> None:
+        self.seconds.append(float(row.get("seconds", 0.0)))
+        self.left = max(self.left - 1, 0)
+        if len(self.seconds) <= self.first:
+            self.report()
+
+    def report(self) -> None:
+        if not self.seconds or not self.left:
+            return
+        mean = float(np.mean(self.seconds))
+        self.say(f"ETA: about {_duration(mean * self.left)} for the {self.left} training epoch(s) left "
+                 f"({mean:.0f} s per epoch so far; held-out predictions and calibration come on top)")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else \
+        f"{seconds:.0f} s"
+
+
 def _best_so_far(past: list, options: TrainOptions, use_val: bool) -> tuple[float, int]:
     """``(best signed score, its epoch)`` among the logged epochs (lower is better; ``inf, 0`` when none)."""
     sign = -1.0 if options.monitor.endswith("auc") else 1.0
@@ -224,7 +250,8 @@ def _fit_epoch(model, ds_train, ds_val, epoch: int, *, tag: str, steps: int, lr:
 
 
 def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOptions, *, work: WorkPaths, strategy,
-               jit_compile: bool = False, progress: bool = True, log: Callable[[str], None] | None = None):
+               jit_compile: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
+               on_epoch: Callable[[dict], None] | None = None):
     """Train one classifier (resuming from its checkpoint when one exists); returns the model to keep.
 
     Parameters
@@ -244,6 +271,8 @@ def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOpti
         A tqdm bar per epoch.
     log : callable, optional
         Receives one line per epoch.
+    on_epoch : callable, optional
+        Receives each epoch's history row once it is on disk (the run's ETA clock).
     """
     from cspine_submit.train.data import make_dataset
 
@@ -293,6 +322,8 @@ def train_unit(tag: str, train_s, val_s, config: ModelConfig, options: TrainOpti
             log(f"{tag} epoch {epoch}: loss {row['loss']:.4f} auc {row['auc']:.3f} lr {lr:.2e}"
                 + (f" inner val_loss {row['val_loss']:.4f} val_auc {row['val_auc']:.3f}" if use_val else "")
                 + f" ({row['seconds']:.0f} s)")
+        if on_epoch:
+            on_epoch(row)
     if use_val and best_path.is_file():
         model.load_weights(best_path)
     return model

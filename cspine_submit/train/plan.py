@@ -4,8 +4,11 @@ Reads the headers of up to ``sample`` studies (no pixels), plans their crops exa
 and extrapolates to every study of train.csv: studies, crops, raw and projected cache bytes. Then it caches a few
 studies for real (decoding their slices) to measure the compression ratio and the seconds per study of building
 the cache, streams their crops through the training input pipeline to measure crops per second on this machine,
-and projects the time per epoch on a T4 and a P100 from the published GPU figures below. Every assumption is in
-the returned dict (``assumptions``).
+times a few training steps of the configured network on this machine, and projects the time per epoch here and on
+a T4 and a P100 (published GPU figures below), and the disk the run takes (cache, models, checkpoints) against a
+Kaggle notebook's 20 GB. Before any of that, from train.csv alone, it counts the fractured and intact studies per
+vertebra and fold and refuses a run in which some model would see only one class. Every assumption is in the
+returned dict (``assumptions``).
 """
 
 from __future__ import annotations
@@ -18,19 +21,23 @@ from pathlib import Path
 
 import numpy as np
 
-from cspine_submit.config import ModelConfig
+from cspine_submit.config import VERTEBRAE, ModelConfig
 from cspine_submit.read.reader import iter_studies
 from cspine_submit.train import data as td
 
 GPU_TRAIN_224: dict[str, dict] = {
     "T4": {"img_s": 1270.0 / 3.0, "precision": "mixed float16",
-           "source": "FACTS.md: V100 trains ResNet-50 at about 1270 img/s (mixed precision + XLA, 224 px, NVIDIA "
-                     "DeepLearningExamples); a T4 about a third of a V100"},
+           "source": "NVIDIA DeepLearningExamples: a V100 trains ResNet-50 at about 1270 img/s (mixed precision + "
+                     "XLA, 224 px); a T4 about a third of a V100. Measured with XLA: two T4s train under "
+                     "MirroredStrategy with XLA off (--jit-compile auto), so expect less than twice this there"},
     "P100": {"img_s": 219.0, "precision": "float32",
              "source": "TensorFlow's published tf_cnn_benchmarks: ResNet-50 training on a P100, float32, 224 px, "
-                       "219 img/s (a P100 gains nothing from mixed precision, FACTS.md); not in FACTS.md"},
+                       "219 img/s (a P100 has no fast float16, so it trains in float32)"},
 }
 """ResNet-50 training throughput at 224 x 224 px; scaled by pixel count to other input sizes."""
+
+KAGGLE_DISK_BYTES = 20e9
+"""A Kaggle notebook's writable ``/kaggle/working`` (20 GB): cache, work folder and weights must fit in it."""
 
 
 def _header_plan(job) -> dict:
@@ -171,10 +178,68 @@ def _assumptions(config: ModelConfig, train_share: float) -> dict:
     }
 
 
+def count_labels(data_dir: Path, *, folds: int, seed: int, vertebrae, shared: bool, final: str,
+                 limit: int | None) -> dict:
+    """Step 0, from train.csv alone: fractured and intact studies per vertebra and fold (as ``train`` will split
+    them); raises ValueError naming ``--shared`` / ``--vertebrae`` when some model could not train."""
+    from cspine_submit.train.options import TrainOptions
+    from cspine_submit.train.run import check_trainable, label_counts, plan_run
+
+    unknown = [v for v in vertebrae if v not in VERTEBRAE]
+    if unknown:
+        raise ValueError(f"unknown vertebrae {unknown}; expected a subset of {list(VERTEBRAE)}")
+    options = TrainOptions(vertebrae=tuple(vertebrae), folds=folds, seed=seed, shared=shared, final=final,
+                           limit=limit)
+    plan = plan_run(data_dir, options)
+    check_trainable(plan, options)
+    return label_counts(plan)
+
+
+def time_training_step(config: ModelConfig, *, batch_size: int, steps: int) -> dict:
+    """Step 5: ``steps`` timed training steps of the configured network on this machine (after one untimed step
+    that builds it), on random crops; the model's size on disk (float32 weights)."""
+    import keras
+    import tensorflow as tf
+
+    from cspine_submit.score.devices import distribution_strategy, gpu_devices
+    from cspine_submit.train import fit
+    from cspine_submit.train.options import TrainOptions, resolve_jit_compile
+
+    strategy = distribution_strategy()
+    replicas = int(getattr(strategy, "num_replicas_in_sync", 1))
+    jit = resolve_jit_compile("auto", gpus=len(gpu_devices()), replicas=replicas)
+    fit._set_seeds(0)
+    model = fit._make_model(config, TrainOptions(), strategy, 0, jit_compile=jit)
+    params = int(fit.classifier_of(model).count_params())
+    batch = batch_size * replicas
+    x = np.random.default_rng(0).uniform(0, 1, (batch * (steps + 1),) + tuple(config.input_shape)).astype(np.float32)
+    y = (np.arange(len(x)) % 2).astype(np.float32)[:, None]
+    model.fit(x[:batch], y[:batch], batch_size=batch, epochs=1, verbose=0)  # build and trace
+    t0 = time.perf_counter()
+    model.fit(x[batch:], y[batch:], batch_size=batch, epochs=1, verbose=0, shuffle=False)
+    seconds = (time.perf_counter() - t0) / max(steps, 1)
+    keras.backend.clear_session()
+    where = "GPU" if gpu_devices() else "CPU"
+    return {"device": where, "replicas": replicas, "xla": jit, "batch": batch, "steps": steps,
+            "seconds_per_step": seconds, "crops_per_s": batch / seconds, "params": params,
+            "model_bytes": params * 4, "tensorflow": tf.__version__}
+
+
+def project_disk(cache_bytes: float, model_bytes: float, *, models: int, patience: int) -> dict:
+    """Step 6: bytes the run leaves on disk: the cache, every model once (the weights folder hard-links the work
+    folder's), and the largest checkpoint set at a time (weights + Adam's two moments, + best weights with
+    ``patience``); against :data:`KAGGLE_DISK_BYTES`."""
+    checkpoints = model_bytes * (3 + (1 if patience > 0 else 0))
+    total = cache_bytes + models * model_bytes + checkpoints
+    return {"cache": round(cache_bytes), "models": round(models * model_bytes), "checkpoints": round(checkpoints),
+            "total": round(total), "kaggle_limit": KAGGLE_DISK_BYTES, "fits_kaggle": bool(total < KAGGLE_DISK_BYTES)}
+
+
 def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5, epochs: int = 10,
                   final: str = "ensemble", sample: int = 64, measure: int = 3, limit: int | None = None,
-                  workers: int = 2, shared: bool = False, vertebrae: int = 7, seed: int = 0,
-                  studies: int | None = None) -> dict:
+                  workers: int = 2, shared: bool = False, vertebrae=7, seed: int = 0,
+                  studies: int | None = None, batch_size: int = 16, patience: int = 0,
+                  timed_steps: int = 2) -> dict:
     """The projected cost of ``train`` on ``data_dir`` (see the module docstring).
 
     Steps: :func:`read_header_sample`, :func:`measure_cache`, :func:`project_epoch`, :func:`project_run`.
@@ -188,6 +253,8 @@ def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5,
         per GPU), ``assumptions``.
     """
     data_dir, ranges_path = Path(data_dir), Path(ranges_path)
+    names = VERTEBRAE[: int(vertebrae)] if isinstance(vertebrae, int) else tuple(vertebrae)
+    labels = count_labels(data_dir, folds=folds, seed=seed, vertebrae=names, shared=shared, final=final, limit=limit)
     headers = read_header_sample(data_dir, ranges_path, config, sample=sample, limit=limit, workers=workers,
                                  seed=seed)
     read = headers.read
@@ -199,7 +266,14 @@ def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5,
     ratio, build_s = cache["ratio"], cache["build_seconds_per_study"]
     epoch, train_share = project_epoch(n_ok, crops_per_study, config, cache["input_crops_per_s"], folds=folds,
                                        shared=shared)
-    run = project_run(epoch, folds=folds, epochs=epochs, final=final, units=1 if shared else vertebrae)
+    run = project_run(epoch, folds=folds, epochs=epochs, final=final, units=1 if shared else len(names))
+    machine = time_training_step(config, batch_size=batch_size, steps=timed_steps) if timed_steps > 0 else None
+    if machine:
+        sec = max(epoch["crops_per_model"] / machine["crops_per_s"], epoch["cpu_input_seconds"])
+        epoch["this_machine_seconds"] = sec
+        run["this_machine_hours"] = run["models"] * epochs * sec / 3600.0 * (1 + 1 / (3 * epochs))
+    model_bytes = machine["model_bytes"] if machine else 0
+    disk = project_disk(raw_per_study * ratio * n_ok, model_bytes, models=run["models"], patience=patience)
     return {
         "data": str(data_dir), "config": {"head": config.head, "input_shape": list(config.input_shape),
                                           "channels": config.channels, "slices_per_vertebra": config.slices_per_vertebra},
@@ -212,8 +286,11 @@ def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5,
         "compression": {"ratio": ratio, "studies_measured": cache["studies_measured"]},
         "cache_build_seconds": {"per_study_one_core": build_s, "total": build_s * n_ok / max(workers, 1)},
         "input_crops_per_s": cache["input_crops_per_s"],
+        "labels": labels,
         "epoch": epoch,
         "run": run,
+        "this_machine": machine,
+        "disk_bytes": disk,
         "assumptions": _assumptions(config, train_share),
     }
 
@@ -234,13 +311,39 @@ def format_plan(plan: dict) -> str:
         f"input pipeline on this machine: {plan['input_crops_per_s']:.0f} crops/s",
         f"one epoch of one model: {e['crops_per_model']} crops; input {e['cpu_input_seconds']:.0f} s",
     ]
+    m = plan.get("this_machine")
+    if m:
+        lines.append(f"  this machine ({m['device']}, {m['replicas']} replica(s), XLA {'on' if m['xla'] else 'off'}): "
+                     f"{m['seconds_per_step']:.2f} s per step of {m['batch']} crops ({m['crops_per_s']:.1f} crops/s, "
+                     f"{m['steps']} steps timed): {e['this_machine_seconds']:.0f} s per epoch; whole run "
+                     f"{r['this_machine_hours']:.1f} h")
     for g in GPU_TRAIN_224:
         if e.get(f"{g}_seconds") is None:
             lines.append(f"  {g}: no published figure for head {plan['config']['head']!r}")
             continue
         lines.append(f"  {g}: {e[f'{g}_seconds']:.0f} s per epoch{' (input-bound)' if e[f'{g}_input_bound'] else ''}; "
                      f"whole run ({r['models']} models x {r['epochs']} epochs) {r[f'{g}_hours']:.1f} GPU hours")
+    d = plan["disk_bytes"]
+    lines.append(f"disk: {d['total'] / gb:.1f} GB (cache {d['cache'] / gb:.1f}, {r['models']} models "
+                 f"{d['models'] / gb:.1f}, checkpoints {d['checkpoints'] / gb:.1f}) of a Kaggle notebook's "
+                 f"{d['kaggle_limit'] / gb:.0f} GB" + ("" if d["fits_kaggle"] else ": DOES NOT FIT (fewer folds, "
+                                                          "--final refit, a smaller --input-size)"))
+    lines += format_label_counts(plan["labels"])
     lines += ["assumptions:"] + [f"  - {n}" for n in plan["assumptions"]["notes"]]
     lines += [f"  - {g}: {d['img_s']:.0f} img/s at 224 px ({d['precision']}): {d['source']}"
               for g, d in plan["assumptions"]["gpu"].items()]
     return "\n".join(lines)
+
+
+def format_label_counts(labels: dict) -> list[str]:
+    """Fractured / intact studies per vertebra and fold, as table lines (train side, then held out)."""
+    if not labels:
+        return []
+    folds = list(next(iter(labels.values())))
+    lines = ["fractured/intact studies per vertebra and fold (training studies; held out in brackets):",
+             "  " + " " * 6 + "".join(f"{f:>18}" for f in folds)]
+    for v, per in labels.items():
+        cells = [f"{c['train_positive']}/{c['train_negative']} ({c['held_positive']}/{c['held_negative']})"
+                 for c in per.values()]
+        lines.append(f"  {v:<6}" + "".join(f"{c:>18}" for c in cells))
+    return lines

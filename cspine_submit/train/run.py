@@ -26,7 +26,7 @@ runs at K = 5), averaging K models lowers the variance that a single model's log
 calibration is fitted on the very models that ship. Measured on the demo (72 synthetic studies, tiny shared
 network, 12 unseen test studies): ensemble 0.169, refit 0.167 weighted log loss, a tie at that size; the refit
 cost 538 s more training. Its price is K forward passes per crop at inference: at
-K = 5, 7 x 15 crops per study, 256 px on a T4 (about 760 img/s mixed precision, FACTS.md), about 0.7 s per study,
+K = 5, 7 x 15 crops per study, 256 px on a T4 (about 760 img/s mixed precision), about 0.7 s per study,
 17 min for 1500 studies. With the seed's 157.8 M-parameter head, 35 models do not fit a 16 GB GPU: use
 ``final="refit"`` (or the GAP head) there.
 
@@ -51,6 +51,7 @@ and into ``work_dir`` (default ``<out_dir>.work``, beside it, tagged with a CACH
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -77,7 +78,7 @@ from cspine_submit.train.options import (
 
 __all__ = ["OUTPUT_FILES", "REFERENCE_BATCH", "RunPlan", "TrainOptions", "TrainResult", "WorkPaths",
            "default_work_dir", "existing_outputs", "fit_models", "fit_probabilities", "learning_rate_at",
-           "out_of_fold_slices", "plan_run", "train_classifiers", "write_outputs"]
+           "out_of_fold_slices", "plan_run", "label_counts", "check_trainable", "train_classifiers", "write_outputs"]
 
 OUTPUT_FILES = ("model_config.json", "oof.csv", "validation.json", "slice_ranges.json", "MANIFEST.json")
 
@@ -151,6 +152,42 @@ def plan_run(data_dir: Path, options: TrainOptions) -> RunPlan:
     return RunPlan(labels, uids, folds, names, units, td.read_box_slices(data_dir))
 
 
+def label_counts(plan: RunPlan) -> dict:
+    """Studies with and without a fracture of each vertebra, per fold: ``{vertebra: {fold: {"train_positive",
+    "train_negative", "held_positive", "held_negative"}}}`` ("train": the studies the fold's models train on)."""
+    out: dict = {}
+    for _, members in plan.units:
+        for v in members:
+            per = out.setdefault(v, {})
+            for i, fold in enumerate(plan.fold_names):
+                counts = {"train_positive": 0, "train_negative": 0, "held_positive": 0, "held_negative": 0}
+                for u in plan.uids:
+                    side = "held" if plan.folds[u] == i else "train"
+                    counts[f"{side}_{'positive' if plan.labels[u][v] else 'negative'}"] += 1
+                per[fold] = counts
+    return out
+
+
+def check_trainable(plan: RunPlan, options: TrainOptions) -> None:
+    """Raise ValueError, naming the options that help, when a model to train would see no fractured or no intact
+    study (its crops could not have both classes); at the label level, from train.csv alone (before TensorFlow)."""
+    for fold, unit, members, train_uids, _ in _fit_jobs(plan, options):
+        pos = sum(any(plan.labels[u][v] for v in members) for u in train_uids)
+        neg = sum(any(not plan.labels[u][v] for v in members) for u in train_uids)
+        if pos and neg:
+            continue
+        what = "a fractured" if not pos else "an intact"
+        others = [v for v in options.vertebrae if v not in members]
+        hints = ([] if options.shared else ["--shared (one network per fold on every selected vertebra's crops)"])
+        if unit != "all":
+            hints.append(f"--vertebrae {','.join(others)} (leave {unit} out)" if others else
+                         f"--vertebrae naming vertebrae with fractures (leave {unit} out)")
+        hints += ["fewer --folds, or more studies (--limit)"]
+        raise ValueError(f"cannot train {unit} in {fold}: none of its {len(train_uids)} training studies has "
+                         f"{what} {'vertebra among ' + ','.join(members) if unit == 'all' else unit} "
+                         f"({pos} fractured, {neg} intact); use " + "; or ".join(hints))
+
+
 def _load_state(work: WorkPaths) -> dict:
     return json.loads(work.state.read_text()) if work.state.is_file() else {}
 
@@ -178,7 +215,8 @@ def _inner_split(uids: list, labels: dict, options: TrainOptions) -> tuple[list,
 
 
 def _fit_one(plan: RunPlan, job: tuple, samples: Callable, config: ModelConfig, options: TrainOptions, *,
-             work: WorkPaths, strategy, jit_compile: bool, progress: bool, say: Callable[[str], None]) -> None:
+             work: WorkPaths, strategy, jit_compile: bool, progress: bool, say: Callable[[str], None],
+             clock: "fit.EtaClock | None" = None) -> None:
     """Train one (fold, unit) model; write ``models/<fold>_<unit>.keras`` and its held-out slice probabilities."""
     fold, unit, members, train_uids, held_uids = job
     tag = f"{fold}/{unit}"
@@ -188,7 +226,7 @@ def _fit_one(plan: RunPlan, job: tuple, samples: Callable, config: ModelConfig, 
     say(f"{tag}: {len(tr.kept())} training crops ({int(tr.kept().y.sum())} positive) from {len(fit_uids)} "
         f"studies; {len(held_uids)} held-out studies")
     model = fit.train_unit(tag, tr, inner, config, options, work=work, strategy=strategy, jit_compile=jit_compile,
-                           progress=progress, log=say)
+                           progress=progress, log=say, on_epoch=clock.epoch_done if clock else None)
     # A clean copy (no optimizer state, no augmentation layer) built by the same factory inference uses.
     clean = score_models.build_classifier(config.head, config.input_shape)
     clean.set_weights(fit.classifier_of(model).get_weights())
@@ -219,7 +257,12 @@ def fit_models(plan: RunPlan, metas: dict, cache_dir: Path, config: ModelConfig,
 
     work.models.mkdir(parents=True, exist_ok=True)
     work.oof.mkdir(parents=True, exist_ok=True)
-    for job in _fit_jobs(plan, options):
+    jobs = _fit_jobs(plan, options)
+    logged = read_history(work.history)
+    todo = [j for j in jobs if not (f"{j[0]}/{j[1]}" in state["done"] and (work.models / f"{j[0]}_{j[1]}.keras").is_file())]
+    clock = fit.EtaClock(sum(options.epochs - sum(r["fold"] == j[0] and r["vertebra"] == j[1] for r in logged)
+                             for j in todo), say)
+    for job in jobs:
         fold, unit = job[0], job[1]
         tag = f"{fold}/{unit}"
         if tag in state["done"] and (work.models / f"{fold}_{unit}.keras").is_file():
@@ -227,7 +270,7 @@ def fit_models(plan: RunPlan, metas: dict, cache_dir: Path, config: ModelConfig,
             continue
         try:
             _fit_one(plan, job, samples, config, options, work=work, strategy=strategy, jit_compile=jit_compile,
-                     progress=progress, say=say)
+                     progress=progress, say=say, clock=clock)
         except Exception as exc:  # noqa: BLE001 - device errors get a message; everything else is re-raised
             error = fit.device_error(exc, tag=tag, config=config, options=options, jit_compile=jit_compile,
                                      replicas=replicas)
@@ -239,6 +282,8 @@ def fit_models(plan: RunPlan, metas: dict, cache_dir: Path, config: ModelConfig,
         for p in work.checkpoints.glob(f"{fold}_{unit}.*"):
             p.unlink()
         keras.backend.clear_session()
+        if len(clock.seconds) > clock.first:
+            clock.report()
 
 
 def out_of_fold_slices(plan: RunPlan, work: WorkPaths) -> tuple[dict, dict]:
@@ -350,6 +395,18 @@ def _per_vertebra_report(plan: RunPlan, slice_probs: dict, config: ModelConfig) 
     return out
 
 
+def _place_once(src: Path, dst: Path) -> None:
+    """Put the fold model ``src`` at ``dst`` without a second copy on disk: a hard link (both names, one file; a
+    resumed run still finds its models), or a move where the two folders lie on different file systems."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.move(str(src), str(tmp))
+    tmp.replace(dst)
+
+
 def write_outputs(out_dir: Path, ranges_path: Path, plan: RunPlan, final: ModelConfig, report: dict, *,
                   oof_uids: list, oof: np.ndarray, options: TrainOptions, work: WorkPaths,
                   data_dir: Path) -> list[str]:
@@ -364,9 +421,7 @@ def write_outputs(out_dir: Path, ranges_path: Path, plan: RunPlan, final: ModelC
     files: dict[str, list[str]] = {}
     for unit, members in plan.units:
         for fold, name in ship[unit]:
-            tmp = out_dir / f".{name}.tmp"
-            shutil.copyfile(work.models / f"{fold}_{unit}.keras", tmp)
-            tmp.replace(out_dir / name)
+            _place_once(work.models / f"{fold}_{unit}.keras", out_dir / name)
         for v in members:
             files[v] = [name for _, name in ship[unit]]
     classifier_files = {v: (f[0] if len(f) == 1 else f) for v, f in files.items()}
@@ -466,11 +521,11 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
     data_dir, out_dir, ranges_path = Path(data_dir), Path(out_dir), Path(ranges_path)
     say = log or (lambda s: None)
     _check_inputs(out_dir, ranges_path, config, options, resume)
+    plan = plan_run(data_dir, options)                                                  # 1. plan
+    check_trainable(plan, options)
     threads, warning = pin_threads(options.threads)  # before TensorFlow's runtime starts (reproducible weights)
     if warning:
         say(f"warning: {warning}")
-
-    plan = plan_run(data_dir, options)                                                  # 1. plan
     work, state = _open_work(out_dir, plan, config, options, resume=resume, say=say)
     cache_dir = work.cache_root / td.cache_key(config, ranges_path)                     # 2. cache
     metas, failed = _cache_crops(data_dir, plan, cache_dir, ranges_path, config, options=options,
@@ -483,11 +538,17 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
     report["training"] = dict(_training_report(plan, options, metas, failed), intra_op_threads=threads)
     say(f"out-of-fold metric {report['oof_score']:.4f} (uncalibrated {report['oof_score_uncalibrated']:.4f}, "
         f"prior only {report['baselines']['prior_only']:.4f}, constant 0.5 {report['baselines']['constant_0.5']:.4f})")
+    if report["oof_score"] >= report["baselines"]["prior_only"]:
+        report["warning"] = (f"the out-of-fold metric {report['oof_score']:.4f} is no better than predicting the "
+                             f"priors for every study ({report['baselines']['prior_only']:.4f}): these classifiers "
+                             "add nothing yet (more studies or epochs, --shared on small sets, another --box-policy)")
+        say(f"warning: {report['warning']}")
     written = write_outputs(out_dir, ranges_path, plan, final, report, oof_uids=sorted(groups), oof=oof,  # 5. write
                             options=options, work=work, data_dir=data_dir)
     history = read_history(work.history)
     if history:
         draw_history_png([dict(r, vertebra=f"{r['fold']}/{r['vertebra']}") for r in history], work.curves)
+        say(f"training curves: {work.curves}")
     shutil.rmtree(work.checkpoints, ignore_errors=True)
     files = {n: out_dir / n for n in written}
     return TrainResult(out_dir, work.root, ModelConfig.from_json(out_dir / "model_config.json"), files, report,

@@ -1,5 +1,8 @@
 """Score a submission against labels with the competition metric.
 
+Predictions may be a submission (row_id, fractured) or wide (StudyInstanceUID plus patient_overall, C1..C7, as a
+training run's oof.csv writes them).
+
 Labels may be train.csv-style (StudyInstanceUID plus patient_overall, C1..C7) or long (row_id, fractured, like the
 synthetic test_labels.csv). Prints the score (weighted multi-label log loss, lower is better), then per label the
 unweighted log loss and the ROC AUC. With --report DIR, also writes one ROC curve PNG per label and metrics.json.
@@ -20,7 +23,9 @@ ORDER = 60
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--submission", required=True, type=Path, help="submission CSV (row_id,fractured)")
+    parser.add_argument("--submission", required=True, type=Path,
+                        help="predictions: a submission CSV (row_id,fractured) or a wide table with "
+                             "StudyInstanceUID,patient_overall,C1..C7 (a training run's oof.csv)")
     parser.add_argument("--labels", required=True, type=Path, help="labels CSV: train.csv-style or row_id,fractured")
     parser.add_argument("--report", type=Path, default=None, help="folder for ROC curve PNGs and metrics.json")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

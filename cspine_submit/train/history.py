@@ -53,60 +53,84 @@ def append_history(path: str | Path, row: dict) -> None:
 
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
             (227, 119, 194)]
+LEGEND_ENTRY_PX = 90
+"""Width of one legend entry (colour swatch + unit name such as ``f4/all``)."""
+
+
+def legend_note(history: Sequence[dict]) -> str:
+    """The line style key, saying only what is drawn: validation lines exist only with an inner split."""
+    has_val = any(np.isfinite(r.get(k, np.nan)) for r in history for k in ("val_loss", "val_auc"))
+    if has_val:
+        return "dashed: training crops   solid: inner validation split (--patience)"
+    return "solid: training crops (no validation line: --patience 0 holds no study of a fold's training out)"
+
+
+def _dashed(img, a, b, bgr) -> None:
+    import cv2
+
+    n = max(int(np.hypot(b[0] - a[0], b[1] - a[1]) // 6), 1)
+    for s in range(0, n, 2):
+        pa = (int(a[0] + (b[0] - a[0]) * s / n), int(a[1] + (b[1] - a[1]) * s / n))
+        pb = (int(a[0] + (b[0] - a[0]) * (s + 1) / n), int(a[1] + (b[1] - a[1]) * (s + 1) / n))
+        cv2.line(img, pa, pb, bgr, 1, cv2.LINE_AA)
+
+
+def _panel(img, box, history, by_unit, *, keys, title, max_epoch, has_val) -> None:
+    """One panel (loss or AUC): frame, ticks, and a line per unit and key."""
+    import cv2
+
+    x0, y0, x1, y1 = box
+    vals = [r[k] for r in history for k in keys if np.isfinite(r.get(k, np.nan))]
+    lo, hi = (0.0, 1.0) if title == "AUC" else (0.0, max(vals + [1e-3]) * 1.05)
+    font, grey = cv2.FONT_HERSHEY_SIMPLEX, (80, 80, 80)
+    cv2.rectangle(img, (x0, y0), (x1, y1), (0, 0, 0), 1)
+    cv2.putText(img, title, (x0 + 5, y0 - 10), font, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    for t in range(5):
+        y = int(y1 - (y1 - y0) * t / 4)
+        cv2.putText(img, f"{lo + (hi - lo) * t / 4:.2f}", (x0 - 45, y + 4), font, 0.4, grey, 1, cv2.LINE_AA)
+        cv2.line(img, (x0, y), (x0 + 4, y), (0, 0, 0), 1)
+    cv2.putText(img, f"epoch 1..{max_epoch}", (x0 + (x1 - x0) // 2 - 40, y1 + 18), font, 0.4, grey, 1, cv2.LINE_AA)
+
+    def pt(e, v):
+        fx = (e - 1) / max(max_epoch - 1, 1)
+        fy = (v - lo) / (hi - lo) if hi > lo else 0.0
+        return int(x0 + fx * (x1 - x0)), int(y1 - min(max(fy, 0.0), 1.0) * (y1 - y0))
+
+    for i, rows in enumerate(by_unit.values()):
+        bgr = _COLOURS[i % len(_COLOURS)][::-1]
+        for key, dashed in ((keys[0], has_val), (keys[1], False)):
+            pts = [pt(r["epoch"], r[key]) for r in rows if np.isfinite(r.get(key, np.nan))]
+            for a, b in zip(pts, pts[1:]):
+                _dashed(img, a, b, bgr) if dashed else cv2.line(img, a, b, bgr, 2, cv2.LINE_AA)
+            for q in pts:
+                cv2.circle(img, q, 2, bgr, -1)
 
 
 def draw_history_png(history: Sequence[dict], path: str | Path, width: int = 900, height: int = 380) -> Path:
-    """Loss and AUC per epoch, one colour per vertebra (train dashed, validation solid), drawn with cv2."""
+    """Loss and AUC per epoch, one colour per unit (e.g. ``f2/C5``), drawn with cv2; the legend wraps into as many
+    rows as the units need (the picture grows) and its line key names only the lines drawn (:func:`legend_note`).
+    """
     import cv2
 
-    img = np.full((height, width, 3), 255, np.uint8)
-    panels = [("loss", "val_loss", "loss"), ("auc", "val_auc", "AUC")]
-    pw = width // 2
-    by_v: dict[str, list[dict]] = {}
+    by_unit: dict[str, list[dict]] = {}
     for r in history:
-        by_v.setdefault(r["vertebra"], []).append(r)
+        by_unit.setdefault(r["vertebra"], []).append(r)
+    per_row = max((width - 60) // LEGEND_ENTRY_PX, 1)
+    rows = max(-(-len(by_unit) // per_row), 1)
+    img = np.full((height + 22 * (rows - 1), width, 3), 255, np.uint8)  # one legend row fits the default height
     max_epoch = max([r["epoch"] for r in history] + [1])
-    for p, (tk, vk, title) in enumerate(panels):
-        x0, y0, x1, y1 = p * pw + 50, 30, p * pw + pw - 15, height - 60
-        vals = [r[k] for r in history for k in (tk, vk) if np.isfinite(r.get(k, np.nan))]
-        lo, hi = (0.0, 1.0) if title == "AUC" else (0.0, max(vals + [1e-3]) * 1.05)
-        cv2.rectangle(img, (x0, y0), (x1, y1), (0, 0, 0), 1)
-        cv2.putText(img, title, (x0 + 5, y0 - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-        for t in range(5):
-            v = lo + (hi - lo) * t / 4
-            y = int(y1 - (y1 - y0) * t / 4)
-            cv2.putText(img, f"{v:.2f}", (x0 - 45, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
-            cv2.line(img, (x0, y), (x0 + 4, y), (0, 0, 0), 1)
-        cv2.putText(img, f"epoch 1..{max_epoch}", (x0 + (x1 - x0) // 2 - 40, y1 + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
-                    (80, 80, 80), 1, cv2.LINE_AA)
-
-        def pt(e, v):
-            fx = (e - 1) / max(max_epoch - 1, 1)
-            fy = (v - lo) / (hi - lo) if hi > lo else 0.0
-            return int(x0 + fx * (x1 - x0)), int(y1 - min(max(fy, 0.0), 1.0) * (y1 - y0))
-
-        for i, v in enumerate(by_v):
-            rows = by_v[v]
-            bgr = _COLOURS[i % len(_COLOURS)][::-1]
-            for key, dashed in ((tk, True), (vk, False)):
-                pts = [pt(r["epoch"], r[key]) for r in rows if np.isfinite(r.get(key, np.nan))]
-                for a, b in zip(pts, pts[1:]):
-                    if dashed:
-                        n = max(int(np.hypot(b[0] - a[0], b[1] - a[1]) // 6), 1)
-                        for s in range(0, n, 2):
-                            pa = (int(a[0] + (b[0] - a[0]) * s / n), int(a[1] + (b[1] - a[1]) * s / n))
-                            pb = (int(a[0] + (b[0] - a[0]) * (s + 1) / n), int(a[1] + (b[1] - a[1]) * (s + 1) / n))
-                            cv2.line(img, pa, pb, bgr, 1, cv2.LINE_AA)
-                    else:
-                        cv2.line(img, a, b, bgr, 2, cv2.LINE_AA)
-                for q in pts:
-                    cv2.circle(img, q, 2, bgr, -1)
-    for i, v in enumerate(by_v):
-        x = 50 + i * 80
-        cv2.line(img, (x, height - 22), (x + 20, height - 22), _COLOURS[i % len(_COLOURS)][::-1], 2)
-        cv2.putText(img, v, (x + 24, height - 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, "dashed: train  solid: validation", (50 + len(by_v) * 80, height - 18), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
-                (80, 80, 80), 1, cv2.LINE_AA)
+    has_val = "validation" in legend_note(history)
+    pw = width // 2
+    for p, (keys, title) in enumerate(((("loss", "val_loss"), "loss"), (("auc", "val_auc"), "AUC"))):
+        _panel(img, (p * pw + 50, 30, p * pw + pw - 15, height - 60), history, by_unit, keys=keys, title=title,
+               max_epoch=max_epoch, has_val=has_val)
+    top = height - 27  # below the panels' "epoch" labels
+    for i, unit in enumerate(by_unit):
+        x, y = 50 + (i % per_row) * LEGEND_ENTRY_PX, top + 22 * (i // per_row)
+        cv2.line(img, (x, y - 4), (x + 20, y - 4), _COLOURS[i % len(_COLOURS)][::-1], 2)
+        cv2.putText(img, unit, (x + 24, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, legend_note(history), (50, top + 22 * rows - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (80, 80, 80), 1,
+                cv2.LINE_AA)
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.png")
     if not cv2.imwrite(str(tmp), img):

@@ -246,8 +246,17 @@ def evaluate_files(submission: str | Path, labels: str | Path) -> Evaluation:
     return evaluate_arrays(y, p, uids)
 
 
+def roc_empty_reason(positives: int, negatives: int) -> str:
+    """Why a label has no ROC curve (two lines for the picture): it needs at least one of each class."""
+    if positives == 0 and negatives == 0:
+        return "no curve: no studies\nwith this label"
+    missing = "positive (fractured)" if positives == 0 else "negative (intact)"
+    return f"no curve: no {missing} study\n({positives} positive, {negatives} negative)"
+
+
 def draw_roc_png(y: np.ndarray, p: np.ndarray, path: str | Path, title: str, size: int = 400) -> Path:
-    """Draw one ROC curve as a PNG with cv2 (white background, diagonal, curve, title with AUC)."""
+    """Draw one ROC curve as a PNG with cv2 (white background, diagonal, curve, title with AUC); a label without
+    positives or without negatives gets the reason written on its empty axes instead of a curve."""
     import cv2
 
     path = Path(path)
@@ -268,6 +277,11 @@ def draw_roc_png(y: np.ndarray, p: np.ndarray, path: str | Path, title: str, siz
         cv2.polylines(img, [pts], False, (200, 80, 0), 2, cv2.LINE_AA)
     text = f"{title}  AUC={'n/a' if np.isnan(auc) else f'{auc:.3f}'}"
     cv2.putText(img, text, (m, m - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    if np.isnan(auc):  # say why the axes are empty: an ROC curve needs both classes
+        yb = np.asarray(y) > 0.5
+        for i, line in enumerate(roc_empty_reason(int(yb.sum()), int((~yb).sum())).split("\n")):
+            cv2.putText(img, line, (m + 10, m + 40 + 22 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 200), 1,
+                        cv2.LINE_AA)
     for label, (x, y) in (("0", px(0, 0)), ("1", px(1, 0)), ("1", px(0, 1))):
         dx, dy = (-14, 4) if (x, y) == px(0, 1) else (-4, 16)
         cv2.putText(img, label, (x + dx, y + dy), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)

@@ -12,6 +12,7 @@ checks should not pay.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import struct
@@ -86,7 +87,7 @@ class SliceInfo:
         mm, as stated (informative, or the last resort for dz when positions are missing).
     pixels : PixelSpec or None
         Where the Pixel Data lies and how its values read, for decoding without a second header parse (None when
-        the header lacks what that needs: such a file is decoded through pydicom).
+        the header lacks what that needs, or was read by pydicom's route: such a file is decoded through pydicom).
     """
 
     path: Path
@@ -276,7 +277,10 @@ def _read_slice_header_pydicom(path: Path) -> SliceInfo:
     def value(keyword, default=None):
         return _header_value(ds, keyword, default)
 
-    return _slice_info(path, tsyntax, ranges, encapsulated, value)
+    # No PixelSpec from this route (the pixels go to pydicom): pydicom's own pixel reader (pixel_array) walks a file
+    # the fast scan refused otherwise than dcmread in places (an unusual File Meta group), so where dcmread found
+    # Pixel Data is no proof of where pydicom's decode reads it.
+    return dataclasses.replace(_slice_info(path, tsyntax, ranges, encapsulated, value), pixels=None)
 
 
 def _slice_info(path: Path, tsyntax: str, ranges: tuple[tuple[int, int], ...], encapsulated: bool,

@@ -191,3 +191,48 @@ def test_two_devices_both_busy_with_the_one_device_scores(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OK")]
     assert lines[0].startswith("OK members /device:CPU:0+/device:CPU:1+/device:CPU:0+/device:CPU:1+/device:CPU:0")
     assert lines[1].startswith("OK replicas /device:CPU:0+/device:CPU:1")
+
+
+def _submit(tmp_path, monkeypatch, capsys, break_loading):
+    """``submit`` on two small studies with the loading broken by ``break_loading(monkeypatch)``; (exit, rows, log)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _pipeline_helpers import UID_ROOT, write_study, write_weights
+
+    from cspine_submit.cli import main as cli_main
+    from cspine_submit.score import aggregate
+
+    weights = write_weights(tmp_path / "weights")
+    images = tmp_path / "images"
+    for i in range(2):
+        write_study(images / f"{UID_ROOT}.{500 + i}", f"{UID_ROOT}.{500 + i}", seed=i)
+    break_loading(monkeypatch)
+    out = tmp_path / "submission.csv"
+    code = cli_main(["submit", "--no-progress", "--workers", "0", "--test-dir", str(images), "--weights",
+                     str(weights), "--out", str(out)])
+    rows = [r.split(",") for r in out.read_text().splitlines()[1:]]
+    priors = aggregate.prior_probabilities(ModelConfig.from_json(weights / "model_config.json"))
+    assert len(rows) == 16 and all(float(p) == pytest.approx(priors[rid.split("_", 1)[1]]) for rid, p in rows)
+    return code, capsys.readouterr().out
+
+
+def test_out_of_memory_at_load_ends_submit_with_exit_3_and_the_complete_priors_file(tmp_path, monkeypatch, capsys):
+    def oom(monkeypatch):
+        import tensorflow as tf
+
+        from cspine_submit.score import loading
+
+        def load(path, config):
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[32768,256]")
+
+        monkeypatch.setattr(loading, "load_classifier", load)
+
+    code, log = _submit(tmp_path, monkeypatch, capsys, oom)
+    assert code == 3 and "out of memory loading" in log and "Traceback" not in log
+
+
+def test_a_refused_memory_plan_ends_submit_with_exit_3_the_reason_and_the_priors(tmp_path, monkeypatch, capsys):
+    def tiny_host(monkeypatch):
+        monkeypatch.setattr(MEM, "host_available_bytes", lambda: 1024**2)
+
+    code, log = _submit(tmp_path, monkeypatch, capsys, tiny_host)
+    assert code == 3 and "do not fit the devices' memory" in log and "--final refit" in log

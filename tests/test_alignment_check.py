@@ -135,8 +135,8 @@ def _write_blanked_study(folder: Path, uid: str, name: str = "pt_122") -> None:
 
 def test_submit_warns_on_an_implausible_alignment_and_still_scores(real_neck_dataset, tmp_path, capsys):
     """Two real neck cuts and one blanked below C4, run with the shipped real-neck ranges: the blanked study is
-    scored (``ok``) with a warning in its plan entry, counted in the totals and named on the console; the real
-    cuts are plausible."""
+    scored (``ok``) with the header-only fallback plan and a warning in its plan entry, counted in the totals and
+    named on the console; the real cuts are plausible."""
     from cspine_submit.cli import main
     from cspine_submit.config import PREDICTION_TYPES
 
@@ -166,7 +166,9 @@ def test_submit_warns_on_an_implausible_alignment_and_still_scores(real_neck_dat
         assert alignment["cost"] < reference["max"]  # the real cuts cost 0.46-1.9 against a max of 2.83
     entry = studies[bad]
     alignment = entry["plan"]["alignment"]
-    assert entry["status"] == "ok" and entry["plan"]["method"] == "profile"  # still scored with its best guess
+    # Still scored, but planned with the header-only fallback (learned from real masks' geometry), and it says why.
+    assert entry["status"] == "ok" and entry["plan"]["method"] == "fraction"
+    assert "aligned implausibly" in entry["plan"]["fallback_reason"]
     assert alignment["plausible"] is False and alignment["cost"] > alignment["threshold"]
     assert alignment["cost_reference"]["max"] == reference["max"]
     assert any("implausible profile alignment" in w for w in entry["warnings"])

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cspine_submit.config import VERTEBRAE, SliceRanges
-from cspine_submit.localize.align import match_profile
+from cspine_submit.localize.align import alignment_check, match_profile
 from cspine_submit.localize.features import bone_centroids, column_centre, column_point, cue_indices, measure_features
 
 DEFAULT_Z_MARGIN_MM: float = 3.0
@@ -289,8 +289,20 @@ def cue_from_measurements(
     *,
     indices: Sequence[int] = (),
 ) -> Cue:
-    """Align measured cue features (pure): column centre, then column point from the centroids in its range."""
+    """Align measured cue features (pure): column centre, then column point from the centroids in its range.
+
+    An alignment whose cost is implausible next to the training studies' (:func:`alignment_check`: above the
+    threshold stored with the template) is not used: the plan falls back to the header-only ``fraction`` ranges
+    (learned from real masks' geometry in the shipped file), and ``Cue.fallback`` says why; ``Cue.cost`` keeps
+    the cost for the report.
+    """
     anchor, scale, cost = match_profile(z_cue, features, ranges, study_z)
+    if anchor is not None:
+        judged = alignment_check(cost, ranges)
+        if judged["plausible"] is False:
+            return Cue(indices=tuple(int(i) for i in indices), anchor_mm=None, scale=1.0, point=None, cost=cost,
+                       fallback=f"fraction ranges (the z profile aligned implausibly: cost {cost:.2f} above "
+                                f"{judged['threshold']:.2f})")
     point = None
     if anchor is not None and centroids is not None:
         pv = ranges.per_vertebra

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from cspine_submit.read.dicom import read_slices, scan_study
-from cspine_submit.read.reader import WORKER_DIED, Outcome, iter_studies
+from cspine_submit.read import pixels
+from cspine_submit.read.reader import RETRIED, WORKER_DIED, Outcome, iter_studies
 
 SERIES = Path(__file__).parent / "data" / "dicom" / "series_j2k_ct"
 
@@ -112,6 +113,24 @@ def test_dying_worker_costs_only_its_item():
     assert [o.value for o in out] == [0, -1, None, -3, None, -5, -6]
     assert out[2].error.startswith(WORKER_DIED) and out[4].error.startswith(WORKER_DIED)
     assert [o.error is None for o in out] == [True, True, False, True, False, True, True]
+
+
+def crash_on_direct_decode(x: int) -> int:
+    from cspine_submit.read import pixels
+
+    if x == 1 and pixels.direct_enabled():
+        os.kill(os.getpid(), signal.SIGSEGV)  # a direct decoder crashing on this study's file
+    return x + 10
+
+
+def test_dead_worker_item_is_retried_once_on_pydicoms_route():
+    out = list(iter_studies(range(4), crash_on_direct_decode, workers=2, prefetch=3))
+    assert [o.value for o in out] == [10, 11, 12, 13]
+    assert out[1].retried and out[1].retried.startswith(RETRIED) and out[1].error is None
+    assert [o.retried is None for o in out] == [True, False, True, True]
+    assert os.environ.get(pixels.DISABLE_ENV, "") in ("", "0")  # only the retry's worker turned the direct route off
+    died = list(iter_studies(range(3), die_on_two, workers=1, prefetch=2))
+    assert died[2].error.startswith(WORKER_DIED) and "died again" in died[2].error
 
 
 def test_prefetch_bounds_items_taken_ahead():

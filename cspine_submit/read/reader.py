@@ -8,7 +8,10 @@ work succeeded, raised, or killed its worker process (a decoder segfault costs t
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import multiprocessing
+import signal
 import time
 import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -16,6 +19,8 @@ from concurrent.futures import TimeoutError as _FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
+
+from cspine_submit.read import pixels
 
 # Before Python 3.11, Future.result(timeout=...) raises concurrent.futures.TimeoutError, a class of its own rather
 # than the built-in TimeoutError: catch both, or on 3.10 an item still queued would be failed as "TimeoutError".
@@ -41,12 +46,16 @@ class Outcome:
         process died, ``"timed out after <t> s"``; None on success.
     seconds : float
         Wall time of ``work_fn(item)`` inside the worker (0.0 when the worker died).
+    retried : str or None
+        Set when the item's first worker died and a fresh one, decoding through pydicom only, gave this outcome
+        (:data:`RETRIED` and the first death's cause); None otherwise.
     """
 
     item: Any
     value: Any = None
     error: str | None = None
     seconds: float = 0.0
+    retried: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -62,6 +71,9 @@ _STARTS = None
 def _init_worker(starts) -> None:
     global _STARTS
     _STARTS = starts
+    # Ctrl-C in a terminal reaches the whole process group: the parent stops the pool; a worker's own
+    # KeyboardInterrupt would only print a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _call(work_fn: Callable[[Any], Any], item: Any, slot: int | None = None) -> tuple[Any, str | None, float]:
@@ -100,7 +112,9 @@ def iter_studies(
     work_fn : callable
         A top-level (picklable) function of one item. Its exceptions are caught and reported per item.
     workers : int
-        Worker processes; 0 runs everything in this process, one item at a time (tests, debugging).
+        Worker processes; 0 runs everything in this process, one item at a time (tests, debugging): there a
+        decoder crash would end the process, which the checked direct routes (:mod:`cspine_submit.read.pixels`:
+        the frame checked against the header before any write) are there to prevent.
     prefetch : int
         At most this many items are submitted but not yet yielded; bounds memory to about ``prefetch``
         results (plus the one the caller holds), whatever the number of items. Values below ``workers``
@@ -120,7 +134,8 @@ def iter_studies(
     Outcome
         One per item, in input order. A worker that dies (``os._exit``, segfault) costs only the item it
         was working on: the pool is rebuilt and the other in-flight items are rerun one at a time, so the
-        culprit is found for certain.
+        culprit is found for certain; the culprit is then retried once in a fresh worker that decodes every
+        slice through pydicom (:attr:`Outcome.retried`), and fails only when that one dies too.
     """
     if workers < 0 or prefetch < 1:
         raise ValueError(f"workers must be >= 0 and prefetch >= 1 (got workers={workers}, prefetch={prefetch})")
@@ -237,8 +252,41 @@ def _iter_pool(
                     state = Outcome(item=item, error=f"{type(exc).__name__}: {exc}")
             pending.popleft()
             yield state
+    except (KeyboardInterrupt, GeneratorExit):
+        # Interrupted (Ctrl-C, SIGTERM) or closed before the end: the in-flight items are not wanted. Killed, not
+        # shut down politely: the interpreter's exit would wait for the workers, and after an interrupt that
+        # wait was seen to hang for good.
+        pool.kill()
+        raise
     finally:
         pool.shutdown()
+
+
+RETRIED = "retried on pydicom's decoding route after its worker died"
+
+
+def _without_direct(work_fn: Callable[[Any], Any], item: Any) -> Any:
+    """``work_fn(item)`` with the direct pixel routes off in this (fresh, single-use) worker: pydicom decodes."""
+    pixels.disable_direct()
+    return work_fn(item)
+
+
+def _retry_on_pydicom(solo: _Pool, work_fn: Callable, item: Any, slot: int, timeout: float | None,
+                      died: BaseException) -> Outcome:
+    """An item whose worker died, once more in a fresh worker with every slice decoded by pydicom (the direct
+    decoders are C code that a corrupt file might still crash): its outcome says so in ``retried``; when that
+    worker dies too (or times out), the item's error says both."""
+    try:
+        outcome = _outcome(item, solo.wait(solo.submit(functools.partial(_without_direct, work_fn), item, slot), slot,
+                                           timeout))
+    except _TIMEOUTS:
+        solo.kill()
+        return Outcome(item=item, error=f"{WORKER_DIED}: {died}; {RETRIED}: {TIMED_OUT} after {timeout} s")
+    except BrokenProcessPool:
+        return Outcome(item=item, error=f"{WORKER_DIED}: {died}; {RETRIED}: died again")
+    except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result: reported for this item only
+        return Outcome(item=item, error=f"{WORKER_DIED}: {died}; {RETRIED}: {type(exc).__name__}: {exc}")
+    return dataclasses.replace(outcome, retried=f"{RETRIED} ({died})")
 
 
 def _recover(pool: _Pool, pending: collections.deque, new_pool: Callable, work_fn: Callable,
@@ -263,7 +311,9 @@ def _recover(pool: _Pool, pending: collections.deque, new_pool: Callable, work_f
             solo.kill()
             solo = new_pool(1)
         except BrokenProcessPool as exc:
-            entry[1] = Outcome(item=item, error=f"{WORKER_DIED}: {exc}")
+            solo.shutdown()
+            solo = new_pool(1)
+            entry[1] = _retry_on_pydicom(solo, work_fn, item, slot, timeout, exc)
             solo.shutdown()
             solo = new_pool(1)
         except Exception as exc:  # e.g. an item or a result that cannot be pickled

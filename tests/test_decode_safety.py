@@ -263,3 +263,41 @@ def test_a_bad_slice_costs_that_slice_and_is_listed(tmp_path):
     assert [p.name for p in header.files] == ["1.dcm", "2.dcm", "4.dcm"]
     (name, reason), = header.skipped
     assert name == "3.dcm" and "Rows" in reason
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_runs_over_studies_with_broken_slices_finish_and_name_them(tmp_path, workers):
+    """A study with one unreadable header and one with a frame larger than its header: a complete submission, and
+    a report that names both files (the header one skipped, the study scored; the pixel one as the reason)."""
+    import json
+
+    from cspine_submit import submit as stage
+    from cspine_submit.config import PREDICTION_TYPES
+    from cspine_submit.submit.submission import companion_paths
+
+    from _pipeline_helpers import UID_ROOT, write_study, write_weights
+
+    images = tmp_path / "test_images"
+    uids = [f"{UID_ROOT}.81", f"{UID_ROOT}.82", f"{UID_ROOT}.83"]
+    for i, uid in enumerate(uids):
+        write_study(images / uid, uid, seed=i)
+    patch(images / uids[1] / "7.dcm", b"\x28\x00\x10\x00US\x02\x00\x30\x00", b"\x28\x00\x10\x00US\x03\x00\x30\x00\x00",
+          resize=True)  # a 3-byte Rows: pydicom cannot convert it
+    ds = pydicom.dcmread(images / uids[2] / "9.dcm")
+    ds.file_meta.TransferSyntaxUID = JPEG_SV1
+    ds.PixelData = encapsulate([encode(np.zeros((48, 96), np.int16), 16, 16)])  # a 48 x 96 frame under 48 x 48
+    ds["PixelData"].VR = "OB"
+    ds.save_as(images / uids[2] / "9.dcm", enforce_file_format=True)
+    lines = ["row_id,StudyInstanceUID,prediction_type"] + [f"{u}_{t},{u},{t}" for u in uids for t in PREDICTION_TYPES]
+    (tmp_path / "test.csv").write_text("\n".join(lines) + "\n")
+    setup = stage.prepare_run(images, tmp_path / "test.csv", write_weights(tmp_path / "weights"))
+    out = tmp_path / "submission.csv"
+    stage.run_submission(setup, out, workers=workers, progress=False)
+    rows = out.read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == [f"{u}_{t}" for u in uids for t in PREDICTION_TYPES]
+    studies = json.loads(companion_paths(out)[1].read_text())["studies"]
+    assert studies[uids[0]]["status"] == "ok"
+    assert studies[uids[1]]["status"] == "ok" and any("7.dcm" in w and "Rows" in w
+                                                       for w in studies[uids[1]]["warnings"]), studies[uids[1]]
+    said = json.dumps(studies[uids[2]])
+    assert "9.dcm" in said, studies[uids[2]]  # decoded by pydicom (refused there too) or reported: named either way

@@ -8,7 +8,8 @@ input pipeline (``train_data.make_dataset``: read, decompress, enlarge, window, 
 For each config (the default 256x256x3 windows, the seed's 512x512x1) it prints: stored bytes per crop and per
 study (7 x 15 crops), the projection for 2019 studies, the old cache (float16 windowed crops, 7 x 15 x S x S x C x 2
 bytes) for comparison, crops/s of the pipeline with 1 and 2 parallel loaders (with augmentation) and of loading
-alone, and the T4 training rate it has to feed (FACTS.md figures, scaled by pixels).
+alone, and the training rate of one and of two T4s it has to feed (ResNet-50 training figures, scaled by pixels:
+cspine_submit.train.plan.GPU_TRAIN_224).
 
     python benchmarks/bench_train_input.py            # both configs
     python benchmarks/bench_train_input.py --quick    # fewer crops per timing
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     n = 320 if args.quick else 1200
     print(f"real CT: {SERIES.name}, {slices.shape}; {os.cpu_count()} CPUs (shared: timings are noisy)")
     print(f"{'config':<28}{'kB/crop':>8}{'MB/study':>9}{'GB/2019':>8}{'old GB':>8}"
-          f"{'w=1 aug':>9}{'w=2 aug':>9}{'w=2 load':>9}{'T4 needs':>9}")
+          f"{'w=1 aug':>9}{'w=2 aug':>9}{'w=2 load':>9}{'1 T4':>7}{'2 T4':>7}")
     for name, cfg in configs.items():
         with tempfile.TemporaryDirectory() as tmp:
             s = make_store(Path(tmp), slices, cfg)
@@ -105,11 +106,11 @@ def main(argv=None) -> int:
             r2_load = pipeline_rate(s, cfg, 2, False, n)
         t4 = GPU_TRAIN_224["T4"]["img_s"] * (224 / cfg.input_size) ** 2
         print(f"{name:<28}{per_crop / 1e3:>8.1f}{per_study / 1e6:>9.2f}{per_study * STUDIES / 1e9:>8.1f}"
-              f"{old * STUDIES / 1e9:>8.1f}{r1:>9.0f}{r2:>9.0f}{r2_load:>9.0f}{t4:>9.0f}")
+              f"{old * STUDIES / 1e9:>8.1f}{r1:>9.0f}{r2:>9.0f}{r2_load:>9.0f}{t4:>7.0f}{2 * t4:>7.0f}")
     print("crops/s: the training input pipeline (read, decompress, enlarge, window: 'load') with 1 or 2 parallel "
           "loaders; 'aug' adds the augmentation on the CPU, which training does not do (it augments on the GPU, "
-          "inside the model: train_data.augmenting_model); 'T4 needs': ResNet-50 training img/s on a T4 at that "
-          "input (FACTS.md, mixed precision, scaled by pixels)")
+          "inside the model: train.data.augmenting_model); '1 T4' / '2 T4': ResNet-50 training img/s of one and two "
+          "T4s at that input (mixed precision, scaled by pixels; two T4s at most twice one)")
     return 0
 
 

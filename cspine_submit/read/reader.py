@@ -97,6 +97,7 @@ def _outcome(item: Any, result: tuple[Any, str | None, float]) -> Outcome:
 def iter_studies(
     items: Iterable[Any],
     work_fn: Callable[[Any], Any],
+    *,
     workers: int = 2,
     prefetch: int = 4,
     start_method: str = "spawn",
@@ -152,7 +153,7 @@ def iter_studies(
                 if bar is not None:
                     bar.update(1)
             return
-        for outcome in _iter_pool(iter(items), work_fn, workers, prefetch, start_method, timeout):
+        for outcome in _iter_pool(iter(items), work_fn, workers, prefetch, start_method=start_method, timeout=timeout):
             yield outcome
             if bar is not None:
                 bar.update(1)
@@ -211,7 +212,7 @@ class _Pool:
 
 
 def _iter_pool(
-    items: Iterator[Any], work_fn: Callable, workers: int, prefetch: int, start_method: str, timeout: float | None
+    items: Iterator[Any], work_fn: Callable, workers: int, prefetch: int, *, start_method: str, timeout: float | None
 ) -> Iterator[Outcome]:
     context = multiprocessing.get_context(start_method)
     # In-flight items never exceed ``prefetch`` and leave in order, so ``seq % prefetch`` slots never collide.
@@ -271,7 +272,7 @@ def _without_direct(work_fn: Callable[[Any], Any], item: Any) -> Any:
     return work_fn(item)
 
 
-def _retry_on_pydicom(solo: _Pool, work_fn: Callable, item: Any, slot: int, timeout: float | None,
+def _retry_on_pydicom(solo: _Pool, work_fn: Callable, item: Any, slot: int, *, timeout: float | None,
                       died: BaseException) -> Outcome:
     """An item whose worker died, once more in a fresh worker with every slice decoded by pydicom (the direct
     decoders are C code that a corrupt file might still crash): its outcome says so in ``retried``; when that
@@ -313,7 +314,7 @@ def _recover(pool: _Pool, pending: collections.deque, new_pool: Callable, work_f
         except BrokenProcessPool as exc:
             solo.shutdown()
             solo = new_pool(1)
-            entry[1] = _retry_on_pydicom(solo, work_fn, item, slot, timeout, exc)
+            entry[1] = _retry_on_pydicom(solo, work_fn, item, slot, timeout=timeout, died=exc)
             solo.shutdown()
             solo = new_pool(1)
         except Exception as exc:  # e.g. an item or a result that cannot be pickled

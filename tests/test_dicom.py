@@ -515,3 +515,41 @@ def test_jpeg_lossless_sv1_sign_and_bit_depth_match_native(tmp_path, bits_stored
     np.testing.assert_array_equal(decode_slice(native), expected)
     for plugin in available_plugins("1.2.840.10008.1.2.4.70"):
         np.testing.assert_array_equal(decode_slice(jpeg, plugin=plugin), expected)
+
+
+def _info(name: str, z: float | None, *, series: str = "s", size: int = 4, inst: int | None = None,
+          orientation=(1.0, 0, 0, 0, 1.0, 0)):
+    from cspine_submit.read.slice_header import SliceInfo
+
+    return SliceInfo(path=Path(name), study_uid="u", series_uid=series,
+                     position=None if z is None else np.array([0.0, 0.0, z]),
+                     orientation=None if orientation is None else np.array(orientation, dtype=np.float64),
+                     instance_number=inst, rows=size, cols=size, pixel_spacing=(1.0, 1.0),
+                     transfer_syntax="1.2.840.10008.1.2")
+
+
+def test_slice_order_steps_one_by_one():
+    from cspine_submit.read import slice_order as so
+
+    infos = [_info("1.dcm", 10.0), _info("2.dcm", 8.0), _info("3.dcm", 6.0, series="x"), _info("4.dcm", 4.0, size=8)]
+    group, skipped = so.main_group(infos)
+    assert [s.path.name for s in group] == ["1.dcm", "2.dcm"]
+    assert [n for n, _ in skipped] == ["3.dcm", "4.dcm"] and "other series" in skipped[0][1]
+    orientation, normal, warns = so.series_normal(group)
+    np.testing.assert_array_equal(normal, [0, 0, 1])
+    assert not warns
+    tilted = _info("5.dcm", 2.0, orientation=(1.0, 0, 0, 0, 0.9, 0.4359))
+    kept, off = so.drop_off_plane(group + [tilted], normal)
+    assert [s.path.name for s in kept] == ["1.dcm", "2.dcm"] and off[0][0] == "5.dcm"
+    same = [_info(f"{k}.dcm", 5.0, inst=k) for k in (3, 1, 2)]
+    cleared, z, _, warns = so.z_from_positions(same, normal, -1.0)
+    assert z is None and all(s.position is None for s in cleared) and "distinct position" in warns[0]
+    z, by_name, warns = so.z_from_names(cleared, 2.5)
+    np.testing.assert_array_equal(z, [5.0, 0.0, 2.5])
+    assert not by_name and "InstanceNumber" in warns[0]
+    kept_idx, dups = so.drop_duplicates(group + [_info("9.dcm", 8.0)], np.array([-10.0, -8.0, -8.0]))
+    assert kept_idx == [0, 1] and dups == [("9.dcm", "duplicate position of 2.dcm")]
+    dz, warns = so.slice_spacing(np.array([0.0, 1.0, 2.0, 4.0]), None)
+    assert dz == 1.0 and "uneven slice spacing: 1 step" in warns[0]
+    assert so.name_order_reversed(np.array([0.0, 1.0, 2.0]), [2, 1, 0])
+    assert not so.name_order_reversed(np.array([0.0, 1.0, 2.0]), [0, 1, 2])

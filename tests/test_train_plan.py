@@ -60,6 +60,23 @@ def test_plan_json_counts_labels_per_vertebra_and_fold_times_a_step_and_counts_d
     assert disk["total"] == pytest.approx(disk["cache"] + disk["models"] + disk["checkpoints"], abs=2)
     assert disk["fits_kaggle"] is True and disk["kaggle_limit"] == 20e9
     assert "FACTS.md" not in text
+    assert set(plan["inference_memory"]) == {"P100", "2xT4"} and all(m["fits"] for m in plan["inference_memory"].values())
+    assert plan["inference_memory"]["P100"]["files"] == 2  # --shared, 2 folds: the two fold models ship
+
+
+def test_classifiers_that_fit_no_kaggle_machine_are_refused_with_the_numbers_and_options():
+    from cspine_submit.config import ModelConfig
+    from cspine_submit.score.memory import MemoryPlanError
+    from cspine_submit.train.options import TrainOptions
+    from cspine_submit.train.run import RunPlan, check_inference_memory
+
+    seed_head = ModelConfig(head="seed", input_size=512, channels="single")
+    units = [(v, [v]) for v in VERTEBRAE]
+    ten_folds = RunPlan({}, [], {}, [f"f{i}" for i in range(10)], units, {})
+    with pytest.raises(MemoryPlanError, match="--final refit"):  # 70 models of 0.59 GiB
+        check_inference_memory(seed_head, ten_folds, TrainOptions(folds=10))
+    plans = check_inference_memory(seed_head, ten_folds, TrainOptions(folds=10, final="refit"))  # 7 models
+    assert all(p.files == 7 for p in plans.values()) and any(p.fits for p in plans.values())
 
 
 def test_a_vertebra_without_fractures_is_refused_before_tensorflow_naming_the_options(synthetic_dataset, ranges,

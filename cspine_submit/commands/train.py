@@ -142,7 +142,7 @@ def run(args) -> int:
     from cspine_submit import quiet
     from cspine_submit.train import TrainOptions, existing_outputs, train_classifiers
     from cspine_submit.train.fit import TrainingDeviceError
-    from cspine_submit.train.run import check_trainable, plan_run
+    from cspine_submit.train.run import check_inference_memory, check_trainable, plan_run
 
     try:
         config = ModelConfig.from_json(args.config) if args.config else ModelConfig()
@@ -179,7 +179,9 @@ def run(args) -> int:
         cache_dir=str(args.cache) if args.cache else None, trained_on=args.trained_on, source=_command_line(),
     )
     try:  # from train.csv alone, before TensorFlow: a model that would see one class only is refused here
-        check_trainable(plan_run(args.data, options), options)
+        plan = plan_run(args.data, options)
+        check_trainable(plan, options)
+        check_inference_memory(config, plan, options)  # the classifiers must fit a Kaggle GPU machine to score
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
@@ -212,13 +214,14 @@ def _run_plan(args, config) -> int:
     import json
 
     from cspine_submit import quiet
-    from cspine_submit.train.plan import count_labels, format_plan, plan_training
+    from cspine_submit.train.plan import count_labels, format_plan, inference_memory, plan_training
 
     vertebrae = tuple(v.strip() for v in args.vertebrae.split(",") if v.strip())
     common = dict(folds=args.folds, seed=args.seed, vertebrae=vertebrae, shared=args.shared, final=args.final,
                   limit=args.limit)
     try:
         count_labels(args.data, **common)  # train.csv only: refused here, before TensorFlow loads
+        inference_memory(args.data, config, **common)
         quiet.start_tensorflow(args.verbose)
         plan = plan_training(args.data, args.ranges, config, epochs=args.epochs, sample=args.plan_sample,
                              workers=args.workers, studies=args.plan_studies, batch_size=args.batch_size,

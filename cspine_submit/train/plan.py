@@ -178,21 +178,40 @@ def _assumptions(config: ModelConfig, train_share: float) -> dict:
     }
 
 
-def count_labels(data_dir: Path, *, folds: int, seed: int, vertebrae, shared: bool, final: str,
-                 limit: int | None) -> dict:
-    """Step 0, from train.csv alone: fractured and intact studies per vertebra and fold (as ``train`` will split
-    them); raises ValueError naming ``--shared`` / ``--vertebrae`` when some model could not train."""
+def _run_plan(data_dir: Path, *, folds: int, seed: int, vertebrae, shared: bool, final: str, limit: int | None):
+    """``(RunPlan, TrainOptions)`` as ``train`` will split the studies (train.csv only)."""
     from cspine_submit.train.options import TrainOptions
-    from cspine_submit.train.run import check_trainable, label_counts, plan_run
+    from cspine_submit.train.run import plan_run
 
     unknown = [v for v in vertebrae if v not in VERTEBRAE]
     if unknown:
         raise ValueError(f"unknown vertebrae {unknown}; expected a subset of {list(VERTEBRAE)}")
     options = TrainOptions(vertebrae=tuple(vertebrae), folds=folds, seed=seed, shared=shared, final=final,
                            limit=limit)
-    plan = plan_run(data_dir, options)
+    return plan_run(Path(data_dir), options), options
+
+
+def count_labels(data_dir: Path, *, folds: int, seed: int, vertebrae, shared: bool, final: str,
+                 limit: int | None) -> dict:
+    """Step 0, from train.csv alone: fractured and intact studies per vertebra and fold (as ``train`` will split
+    them); raises ValueError naming ``--shared`` / ``--vertebrae`` when some model could not train."""
+    from cspine_submit.train.run import check_trainable, label_counts
+
+    plan, options = _run_plan(data_dir, folds=folds, seed=seed, vertebrae=vertebrae, shared=shared, final=final,
+                              limit=limit)
     check_trainable(plan, options)
     return label_counts(plan)
+
+
+def inference_memory(data_dir: Path, config: ModelConfig, *, folds: int, seed: int, vertebrae, shared: bool,
+                     final: str, limit: int | None) -> dict:
+    """The memory plan of the classifiers the run will ship on each Kaggle GPU machine (no TensorFlow):
+    ``{machine: MemoryPlan}``; raises MemoryPlanError when they fit on none."""
+    from cspine_submit.train.run import check_inference_memory
+
+    plan, options = _run_plan(data_dir, folds=folds, seed=seed, vertebrae=vertebrae, shared=shared, final=final,
+                              limit=limit)
+    return check_inference_memory(config, plan, options)
 
 
 def time_training_step(config: ModelConfig, *, batch_size: int, steps: int) -> dict:
@@ -254,7 +273,9 @@ def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5,
     """
     data_dir, ranges_path = Path(data_dir), Path(ranges_path)
     names = VERTEBRAE[: int(vertebrae)] if isinstance(vertebrae, int) else tuple(vertebrae)
-    labels = count_labels(data_dir, folds=folds, seed=seed, vertebrae=names, shared=shared, final=final, limit=limit)
+    common = dict(folds=folds, seed=seed, vertebrae=names, shared=shared, final=final, limit=limit)
+    labels = count_labels(data_dir, **common)
+    memory = inference_memory(data_dir, config, **common)
     headers = read_header_sample(data_dir, ranges_path, config, sample=sample, limit=limit, workers=workers,
                                  seed=seed)
     read = headers.read
@@ -287,6 +308,8 @@ def plan_training(data_dir, ranges_path, config: ModelConfig, *, folds: int = 5,
         "cache_build_seconds": {"per_study_one_core": build_s, "total": build_s * n_ok / max(workers, 1)},
         "input_crops_per_s": cache["input_crops_per_s"],
         "labels": labels,
+        "inference_memory": {m: p.to_dict() for m, p in memory.items()},
+        "inference_memory_summary": {m: p.summary() for m, p in memory.items()},
         "epoch": epoch,
         "run": run,
         "this_machine": machine,
@@ -328,6 +351,8 @@ def format_plan(plan: dict) -> str:
                  f"{d['models'] / gb:.1f}, checkpoints {d['checkpoints'] / gb:.1f}) of a Kaggle notebook's "
                  f"{d['kaggle_limit'] / gb:.0f} GB" + ("" if d["fits_kaggle"] else ": DOES NOT FIT (fewer folds, "
                                                           "--final refit, a smaller --input-size)"))
+    lines += ["the shipped classifiers at inference on Kaggle:"]
+    lines += [f"  {m}: {line}" for m, line in plan.get("inference_memory_summary", {}).items()]
     lines += format_label_counts(plan["labels"])
     lines += ["assumptions:"] + [f"  - {n}" for n in plan["assumptions"]["notes"]]
     lines += [f"  - {g}: {d['img_s']:.0f} img/s at 224 px ({d['precision']}): {d['source']}"

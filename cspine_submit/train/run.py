@@ -78,7 +78,7 @@ from cspine_submit.train.options import (
 
 __all__ = ["OUTPUT_FILES", "REFERENCE_BATCH", "RunPlan", "TrainOptions", "TrainResult", "WorkPaths",
            "default_work_dir", "existing_outputs", "fit_models", "fit_probabilities", "learning_rate_at",
-           "out_of_fold_slices", "plan_run", "label_counts", "check_trainable", "train_classifiers", "write_outputs"]
+           "out_of_fold_slices", "plan_run", "label_counts", "check_trainable", "check_inference_memory", "train_classifiers", "write_outputs"]
 
 OUTPUT_FILES = ("model_config.json", "oof.csv", "validation.json", "slice_ranges.json", "MANIFEST.json")
 
@@ -395,6 +395,37 @@ def _per_vertebra_report(plan: RunPlan, slice_probs: dict, config: ModelConfig) 
     return out
 
 
+def shipped_models(plan: RunPlan, options: TrainOptions) -> dict[str, list[tuple[str, str]]]:
+    """``{unit: [(fold, file name in the weights folder), ...]}``: the K fold models of an ensemble, or one model."""
+    if options.final == "refit" and options.folds >= 2:
+        return {unit: [("refit", f"{unit}.keras")] for unit, _ in plan.units}
+    if options.folds == 1:
+        return {unit: [("split", f"{unit}.keras")] for unit, _ in plan.units}
+    return {unit: [(f, f"{unit}.{f}.keras") for f in plan.fold_names] for unit, _ in plan.units}
+
+
+def shipped_config(config: ModelConfig, plan: RunPlan, options: TrainOptions) -> ModelConfig:
+    """``config`` with the ``classifier_files`` the run will write (vertebrae not trained share the first unit's
+    files: they add no network to a memory plan)."""
+    ship = shipped_models(plan, options)
+    files = {v: [name for _, name in ship[unit]] for unit, members in plan.units for v in members}
+    first = next(iter(files.values()))
+    files = {v: files.get(v, first) for v in VERTEBRAE}
+    return config.replace(classifier_files={v: (f[0] if len(f) == 1 else f) for v, f in files.items()})
+
+
+def check_inference_memory(config: ModelConfig, plan: RunPlan, options: TrainOptions) -> dict:
+    """The memory plans (:func:`cspine_submit.score.memory.kaggle_plans`) of the classifiers this run will ship, on
+    each Kaggle GPU machine; raises :class:`~cspine_submit.score.memory.MemoryPlanError` (a ValueError, with the
+    numbers and the options) when they fit on none of them. Needs no TensorFlow."""
+    from cspine_submit.score.memory import MemoryPlanError, kaggle_plans
+
+    plans = kaggle_plans(shipped_config(config, plan, options))
+    if not any(p.fits for p in plans.values()):
+        raise MemoryPlanError(next(iter(plans.values())))
+    return plans
+
+
 def _place_once(src: Path, dst: Path) -> None:
     """Put the fold model ``src`` at ``dst`` without a second copy on disk: a hard link (both names, one file; a
     resumed run still finds its models), or a move where the two folders lie on different file systems."""
@@ -412,12 +443,7 @@ def write_outputs(out_dir: Path, ranges_path: Path, plan: RunPlan, final: ModelC
                   data_dir: Path) -> list[str]:
     """Step 5: classifiers, model_config.json, slice_ranges.json, oof.csv, validation.json, MANIFEST.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if options.final == "refit" and options.folds >= 2:
-        ship = {unit: [("refit", f"{unit}.keras")] for unit, _ in plan.units}
-    elif options.folds == 1:
-        ship = {unit: [("split", f"{unit}.keras")] for unit, _ in plan.units}
-    else:
-        ship = {unit: [(f, f"{unit}.{f}.keras") for f in plan.fold_names] for unit, _ in plan.units}
+    ship = shipped_models(plan, options)
     files: dict[str, list[str]] = {}
     for unit, members in plan.units:
         for fold, name in ship[unit]:
@@ -523,6 +549,7 @@ def train_classifiers(data_dir: str | Path, ranges_path: str | Path, out_dir: st
     _check_inputs(out_dir, ranges_path, config, options, resume)
     plan = plan_run(data_dir, options)                                                  # 1. plan
     check_trainable(plan, options)
+    check_inference_memory(config, plan, options)
     threads, warning = pin_threads(options.threads)  # before TensorFlow's runtime starts (reproducible weights)
     if warning:
         say(f"warning: {warning}")

@@ -107,6 +107,7 @@ def test_train_command_ends_a_device_error_with_exit_3_and_the_message(tmp_path,
     monkeypatch.setattr(train_face, "train_classifiers", out_of_memory)
     monkeypatch.setattr(run_mod, "plan_run", lambda data, options: None)  # no data here: the label check passes
     monkeypatch.setattr(run_mod, "check_trainable", lambda plan, options: None)
+    monkeypatch.setattr(run_mod, "check_inference_memory", lambda config, plan, options: {})
     ranges = tmp_path / "ranges.json"
     argv = ["train", "--data", str(tmp_path), "--ranges", str(ranges), "--out", str(tmp_path / "w"), "--quiet"]
     assert main(argv) == 3

@@ -4,8 +4,11 @@ says so in its report, and an interrupted run ends cleanly and resumes."""
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,60 @@ def test_a_priors_only_run_accepted_with_allow_priors_is_not_counted_ok(weights,
     totals = json.loads(companion_paths(out)[1].read_text())["totals"]
     assert totals["ok"] == 0 and totals["fallback"] == 2 and totals["fell_back"] == 2, totals
     assert "0 ok, 2 fallback" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: one line, the report, no traceback, a complete file; --resume finishes it
+
+
+def _start_and_interrupt(cmd, journal: Path, sig: int, tmp_path: Path, after: int = 2):
+    """Start ``cmd``, send ``sig`` once ``after`` studies are journaled; returns (returncode, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        while proc.poll() is None and not (journal.is_file() and len(journal.read_text().splitlines()) > after):
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_ends_cleanly_and_resumes_to_the_same_bytes(synthetic_info, tmp_path, sig, code):
+    demo = REPO / "weights" / "demo"
+    images = tmp_path / "test_images"
+    sources = [r.folder for r in synthetic_info.test]
+    uids = [f"{UID_ROOT}.{900 + i}" for i in range(12)]
+    for i, uid in enumerate(uids):
+        shutil.copytree(sources[i % len(sources)], images / uid)
+    out = tmp_path / "run" / "submission.csv"
+    cmd = [sys.executable, str(REPO / "make_submission.py"), "--test-dir", str(images), "--weights", str(demo),
+           "--out", str(out), "--workers", "2", "--no-progress", "--refresh-every", "0"]
+    journal, report_path = companion_paths(out)
+    rc, stdout, stderr = _start_and_interrupt(cmd, journal, sig, tmp_path)
+    assert rc == code, (rc, stdout[-2000:], stderr[-2000:])
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    lines = [line for line in stdout.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1, stdout[-2000:]
+    done = int(lines[0].split()[1])
+    assert lines[0].startswith(f"interrupted: {done} of {len(uids)} studies done; the submission holds their scores "
+                               "and priors for the rest; rerun with --resume")
+    assert 2 <= done < len(uids), "the run finished before it could be interrupted"
+    report = json.loads(report_path.read_text())
+    assert report["totals"]["interrupted"] == {"signal": signal.Signals(sig).name, "exit_code": code, "done": done,
+                                               "of": len(uids)}
+    assert sum("interrupted" in (e["reason"] or "") for e in report["studies"].values()) == len(uids) - done
+    interrupted = out.read_text().splitlines()
+    assert interrupted[0] == "row_id,fractured" and len(interrupted) == 1 + 8 * len(uids)
+    assert all(0.0 < float(line.split(",")[1]) < 1.0 for line in interrupted[1:])
+
+    from cspine_submit import submit as stage
+
+    setup = stage.prepare_run(images, None, demo)
+    reference = stage.run_submission(setup, tmp_path / "reference.csv", workers=0, progress=False).out
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"{done} resumed" in resumed.stdout
+    assert out.read_bytes() == reference.read_bytes()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -205,7 +206,10 @@ class _Stop(Exception):
 
 
 def run(args) -> int:
-    """The command's steps in order; each may stop it with its exit code (:class:`_Stop`)."""
+    """The command's steps in order; each may stop it with its exit code (:class:`_Stop`). Ctrl-C and SIGTERM end
+    it cleanly at any step: one line, the report when the studies had started, exit 128 + the signal's number."""
+    previous = _route_sigterm()
+    out = None
     try:
         where, out = resolve_paths(args)
         plan = plan_and_write_priors(args, where, out)
@@ -225,8 +229,33 @@ def run(args) -> int:
         return verdict(args, result, problems, out)
     except _Stop as stop:
         if stop.message:
-            print(stop.message)
+            print(stop.message, flush=True)
         return stop.code
+    except KeyboardInterrupt as exc:  # before the studies started (stream_studies handles its own)
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        where_now = (f"{out} holds the priors for every row" if out is not None and out.exists()
+                     else "nothing was written")
+        print(f"\ninterrupted before the studies started ({signal.Signals(signum).name}): {where_now}; rerun the "
+              "command", flush=True)
+        return 128 + signum
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _route_sigterm():
+    """SIGTERM (``kill``, a notebook's stop, a container's shutdown) raises
+    :class:`cspine_submit.submit.run.Interrupted`, so that it ends the run as Ctrl-C does; returns the handler it
+    replaced (None when this is not the main thread, where no handler can be set)."""
+    def handler(signum, frame):
+        from cspine_submit.submit.run import Interrupted
+
+        raise Interrupted(signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
 
 
 def resolve_paths(args) -> tuple[dict, Path]:
@@ -328,13 +357,19 @@ def _stop_without_classifiers(args, where: dict, setup, out: Path) -> None:
 
 
 def stream(args, where: dict, setup, out: Path):
-    """Step 6: the run itself (:func:`cspine_submit.submit.run_submission`), then its summary."""
+    """Step 6: the run itself (:func:`cspine_submit.submit.run_submission`), then its summary; an interrupted run
+    stops here with its one line (exit 128 + the signal's number)."""
     from cspine_submit.submit import run_submission
 
     timeout = args.study_timeout if args.study_timeout > 0 else None
     result = run_submission(setup, out, workers=args.workers, time_budget=where["budget"], resume=args.resume,
                             report_path=args.report, progress=not args.no_progress, study_timeout=timeout,
                             refresh_seconds=args.refresh_every)
+    stopped = result.totals.get("interrupted")
+    if stopped:
+        print(f"\ninterrupted: {stopped['done']} of {stopped['of']} studies done; the submission holds their scores "
+              f"and priors for the rest; rerun with --resume (run report: {result.report_path})", flush=True)
+        raise _Stop(stopped["exit_code"])
     for warning in result.totals["warnings"][len(setup.warnings):]:  # raised during the run (e.g. the warm-up)
         _loud(warning)
     _print_summary(result, where["demo"])

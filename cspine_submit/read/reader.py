@@ -205,6 +205,11 @@ class _Pool:
                 process.kill()
             except Exception:  # already gone
                 pass
+        # The call queue's feeder thread may be blocked writing an item (a job bigger than the pipe's 64 kB) to
+        # workers that are now dead; joining it at exit would then hang the interpreter for good.
+        queue = getattr(self.executor, "_call_queue", None)
+        if queue is not None:
+            queue.cancel_join_thread()
         self.shutdown()
 
     def shutdown(self) -> None:

@@ -22,6 +22,7 @@ This module is importable without TensorFlow (the CLI checks its arguments first
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,7 +60,8 @@ from cspine_submit.submit.worker import (
 # this module under its old name, :mod:`cspine_submit._moved`); kept importable from here for one release.
 __all__ = [
     "REFRESH_SECONDS", "RunResult", "RunState", "GuardedScorer", "ScoringTimeout", "start_run", "write_priors_file",
-    "warm_up", "score_study", "stream_studies", "finish_run", "run_submission", "priors_only_run",
+    "warm_up", "score_study", "stream_studies", "finish_run", "run_submission", "priors_only_run", "Interrupted",
+    "note_interrupt",
     # moved (import them from their rooms or the stage's face):
     "BudgetController", "RunSetup", "prepare_run", "initial_priors", "load_models", "load_ranges_for", "MIN_SLICES",
     "PreparedStudy", "StudyFailure", "StudyJob", "prepare_study", "fell_back", "run_problems",
@@ -67,6 +69,10 @@ __all__ = [
 
 REFRESH_SECONDS = 30.0
 """Default seconds between two refreshes of submission.csv during a run (measured cost: see the issue 11 note)."""
+
+
+CLOSE_WAIT_S = 30.0
+"""Seconds an interrupted run waits for the scoring call in flight before it exits (one study's scoring)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,6 +88,18 @@ class RunResult:
     probabilities: dict  # {row_id: p}
     studies: dict  # the report's per-study entries
     totals: dict
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal other than SIGINT (the CLI routes SIGTERM here) ending a run the way Ctrl-C does.
+
+    A KeyboardInterrupt, so that every step that lets Ctrl-C through lets it through too; ``signum`` gives the
+    exit code (128 + signum, as a shell reports a process the signal killed).
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
 
 
 class ScoringTimeout(RuntimeError):
@@ -111,6 +129,7 @@ class GuardedScorer:
         self.max_timeouts = int(max_timeouts)
         self.timeouts = 0
         self._in_a_row = 0
+        self._current: tuple[threading.Thread, threading.Event] | None = None  # the call in flight, if any
 
     def __call__(self, crops: dict) -> dict:
         if self.timeout is None:
@@ -128,18 +147,30 @@ class GuardedScorer:
             finally:
                 done.set()
 
-        threading.Thread(target=work, name="scorer", daemon=True).start()
+        thread = threading.Thread(target=work, name="scorer", daemon=True)
+        self._current = (thread, done)
+        thread.start()
         if not done.wait(self.timeout):
             self.timeouts += 1
             self._in_a_row += 1
+            self._current = None  # abandoned: it hangs, waiting for it would hang the exit too
             raise ScoringTimeout(f"scoring did not finish within {self.timeout:.0f} s")
         self._in_a_row = 0
+        self._current = None
         if "error" in box:
             raise box["error"]
         return box["value"]
 
-    def close(self) -> None:
-        """Nothing to release: an abandoned thread is a daemon (kept for symmetry with the other run resources)."""
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Let a call still in flight (the run was interrupted while it scored) finish, for at most ``wait_s``.
+
+        A daemon thread still inside TensorFlow's C++ code when the interpreter exits is ended there, which aborts
+        the process ("terminate called ... exception not rethrown") instead of exiting with the run's code. A
+        call abandoned for a timeout is not waited for: it hangs.
+        """
+        current, self._current = self._current, None
+        if current is not None:
+            current[1].wait(wait_s)
 
 
 @dataclass
@@ -170,6 +201,7 @@ class RunState:
     warmup_seconds: float = 0.0
     configs: dict = field(default_factory=dict)  # {K: ModelConfig}
     scorer: Any = None
+    interrupted: dict | None = None  # {"signal", "exit_code", "done", "of"} after Ctrl-C or SIGTERM
 
     def finish(self, uid: str, probs: dict, entry: dict, journaled: bool = True) -> None:
         """Record one study: report entry, journal (unless it must be redone by --resume), live submission."""
@@ -317,8 +349,9 @@ def stream_studies(state: RunState, workers: int = 2, study_timeout: float | Non
     bar = tqdm(total=len(state.todo), unit="study", desc="studies", disable=not progress, dynamic_ncols=True)
     state.t_loop = time.perf_counter()
     t_prev, done = state.t_loop, 0
+    outcomes = _iter_outcomes(state.jobs(), prepare_or_skip, workers, study_timeout)
     try:
-        for outcome in _iter_outcomes(state.jobs(), prepare_or_skip, workers, study_timeout):
+        for outcome in outcomes:
             t_got = time.perf_counter()
             wait = t_got - t_prev
             _handle_outcome(state, outcome, t_prev)
@@ -338,10 +371,30 @@ def stream_studies(state: RunState, workers: int = 2, study_timeout: float | Non
         for uid in state.todo:
             if uid not in state.studies:
                 state.finish(uid, state.priors, fallback_entry(reason), journaled=False)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI's handler (Interrupted)
+        note_interrupt(state, exc)
     finally:
         bar.close()
+        close = getattr(outcomes, "close", None)
+        if close is not None:
+            close()  # stops the workers now (queued studies cancelled), not when the generator is collected
         state.journal.close()
         state.scorer.close()
+
+
+def note_interrupt(state: RunState, exc: BaseException) -> None:
+    """The run was interrupted: the studies not done keep the priors the live file already holds for them, and
+    their report entries say so. Not journaled, so ``--resume`` does exactly them."""
+    signum = int(getattr(exc, "signum", signal.SIGINT))
+    name = signal.Signals(signum).name
+    reason = f"run interrupted ({name}) before this study finished; --resume does it"
+    left = [u for u in state.todo if u not in state.studies]
+    for uid in left:
+        # Straight into the report (no journal, no per-study refresh): the live file holds their priors already.
+        state.study_probs[uid] = state.priors
+        state.studies[uid] = fallback_entry(reason)
+    n = len(state.setup.plan.studies)
+    state.interrupted = {"signal": name, "exit_code": 128 + signum, "done": n - len(left), "of": n}
 
 
 def finish_run(state: RunState) -> RunResult:
@@ -407,6 +460,11 @@ def run_submission(
     state = start_run(setup, out, resume=resume, report_path=report_path, time_budget=time_budget,
                       refresh_seconds=refresh_seconds, on_study=on_study, study_timeout=study_timeout)
     write_priors_file(state)
-    warm_up(state)
-    stream_studies(state, workers, study_timeout, progress)
+    try:
+        warm_up(state)
+    except KeyboardInterrupt as exc:  # before the first study: nothing scored, the report still written
+        note_interrupt(state, exc)
+        state.journal.close()
+    else:
+        stream_studies(state, workers, study_timeout, progress)
     return finish_run(state)

@@ -122,4 +122,5 @@ def report_totals(state, wall: float) -> dict:
         "demo": setup.demo,
         "notes": list(setup.notes) + list(state.journal_notes),
         "warnings": list(setup.warnings) + list(state.warnings),
+        "interrupted": state.interrupted,
     }

@@ -104,3 +104,13 @@ def test_plan_table_lists_every_vertebra_and_fold():
                   for f in ("f0", "f1", "f2")} for v in ("C1", "C2")}
     lines = format_label_counts(counts)
     assert "f2" in lines[1] and lines[2].split()[0] == "C1" and lines[2].count("2/5 (1/2)") == 3
+
+
+def test_one_split_with_a_single_held_out_study_is_refused_before_training():
+    from cspine_submit.train.options import TrainOptions
+    from cspine_submit.train.run import RunPlan, check_trainable
+
+    labels = {f"s{i}": {"C1": i % 2} for i in range(3)}
+    plan = RunPlan(labels, sorted(labels), {"s0": -1, "s1": -1, "s2": 0}, ["split"], [("C1", ["C1"])], {})
+    with pytest.raises(ValueError, match="holds out 1 of 3 studies.*--folds 2"):
+        check_trainable(plan, TrainOptions(folds=1, vertebrae=("C1",)))

@@ -171,6 +171,11 @@ def label_counts(plan: RunPlan) -> dict:
 def check_trainable(plan: RunPlan, options: TrainOptions) -> None:
     """Raise ValueError, naming the options that help, when a model to train would see no fractured or no intact
     study (its crops could not have both classes); at the label level, from train.csv alone (before TensorFlow)."""
+    held = sum(1 for u in plan.uids if plan.folds[u] == 0)
+    if options.folds == 1 and held < 2:  # the calibration is cross-fitted over parts of the held-out studies
+        raise ValueError(f"--folds 1 holds out {held} of {len(plan.uids)} studies (--val-fraction "
+                         f"{options.val_fraction:.2f}); the out-of-fold calibration needs at least 2: use more "
+                         "studies, a larger --val-fraction, or --folds 2")
     for fold, unit, members, train_uids, _ in _fit_jobs(plan, options):
         pos = sum(any(plan.labels[u][v] for v in members) for u in train_uids)
         neg = sum(any(not plan.labels[u][v] for v in members) for u in train_uids)

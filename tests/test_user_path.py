@@ -15,7 +15,7 @@ import pytest
 
 from cspine_submit.cli import main as cli_main
 from cspine_submit.config import VERTEBRAE, ModelConfig
-from cspine_submit.submit.submission import companion_paths
+from cspine_submit.submit.submission import companion_paths, split_row_id
 
 from _pipeline_helpers import UID_ROOT, write_study, write_weights
 
@@ -199,3 +199,39 @@ def test_an_interrupted_run_ends_cleanly_and_resumes_to_the_same_bytes(synthetic
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"{done} resumed" in resumed.stdout
     assert out.read_bytes() == reference.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Out of memory while the classifiers load: exit 3, a complete priors file, the reason, no traceback
+
+
+def _out_of_memory_errors():
+    import tensorflow as tf
+
+    return [MemoryError("simulated: host out of memory"),
+            tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor (simulated)")]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["MemoryError", "ResourceExhaustedError"])
+def test_out_of_memory_at_model_load_exits_3_with_priors_and_the_reason(weights, images, tmp_path, capsys,
+                                                                         monkeypatch, which):
+    from cspine_submit.score import aggregate, loading
+
+    error = _out_of_memory_errors()[which]
+
+    def out_of_memory(path, config):
+        raise error
+
+    monkeypatch.setattr(loading, "load_classifier", out_of_memory)
+    out = tmp_path / "submission.csv"
+    assert _cli("--test-dir", images, "--weights", weights, "--out", out) == 3  # returned, not raised
+    text = capsys.readouterr().out
+    assert "out of" in text and "memory" in text and "no classifier could be loaded" in text, text[-3000:]
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 + 16
+    priors = aggregate.prior_probabilities(ModelConfig.from_json(weights / "model_config.json"))
+    rows = {split_row_id(line.split(",")[0])[1]: float(line.split(",")[1]) for line in lines[1:]}
+    assert rows == pytest.approx(priors)  # the weights' own priors, not the package defaults
+    report = json.loads(companion_paths(out)[1].read_text())
+    assert report["totals"]["classifiers_loaded"] == 0 and report["totals"]["fell_back"] == 2
+    assert any("memory" in w for w in report["totals"]["warnings"]), report["totals"]["warnings"]

@@ -93,12 +93,28 @@ def load_models(weights_dir: Path) -> tuple[ModelConfig, dict, list[str]]:
             if config is None:
                 raise  # neither model_config.json nor the seed notebook's files: nothing to run
             loaded_config, models = config, {}
+        except MemoryError as exc:
+            # The host ran out of memory (a device's out-of-memory error is the score stage's
+            # DeviceOutOfMemoryError, a ValueError, costing only the vertebrae whose files it hit): no classifier.
+            raise ValueError(f"{weights_dir}: out of host memory while loading the classifiers ({exc or 'MemoryError'})"
+                             "; use a machine with more memory, or lighter weights (the gap head, fewer folds, "
+                             "--final refit)") from None
     for w in caught:
         if "DefaultConfig" in type(w.message).__name__ and str(w.message) not in messages:
             messages.append(str(w.message))
     messages += [f"classifier for {v} could not be loaded ({exc}); {v} gets its prior"
                  for v, exc in failures.items() if not isinstance(exc, FileNotFoundError)]
     return loaded_config, models, messages
+
+
+def _config_or_defaults(weights_dir: Path) -> ModelConfig:
+    """The folder's model_config.json when it reads (its priors are those of the file written first), else the
+    defaults, marked untrained: the config of a run whose classifiers could not be loaded."""
+    try:
+        config = ModelConfig.from_json(weights_dir / "model_config.json")
+        return config.replace(source=f"{weights_dir / 'model_config.json'} (its classifiers could not be loaded)")
+    except (FileNotFoundError, ValueError):
+        return ModelConfig(trained_on="untrained", source="defaults: the weights could not be loaded")
 
 
 def initial_priors(weights_dir: str | Path) -> dict[str, float]:
@@ -141,8 +157,8 @@ def prepare_run(test_dir, test_csv, weights_dir, *, demo: bool = False, batch_si
     except (FileNotFoundError, ValueError) as exc:
         if weights_error != "priors":
             raise
-        config, models = ModelConfig(trained_on="untrained", source="defaults: the weights could not be loaded"), {}
-        warnings = [f"the weights could not be loaded ({exc}); EVERY study gets the default priors"]
+        config, models = _config_or_defaults(weights_dir), {}
+        warnings = [f"the weights could not be loaded ({exc}); EVERY study gets the priors of {config.source}"]
     if batch_size:
         config = config.replace(batch_size=int(batch_size))
     missing = [v for v in VERTEBRAE if v not in models]

@@ -362,7 +362,7 @@ def test_plan_summary_matches_the_slices_actually_read(synthetic_info, monkeypat
     plans = plan_crops(header, ranges, config, cue=cue)
     assert summary["method"] == ("profile" if cue.fallback is None else "fraction")
     for v in VERTEBRAE:
-        assert summary[v]["box"] == list(plans[v].box)
+        assert summary[v]["box"] == dict(zip(("y0", "x0", "y1", "x1"), plans[v].box))
         assert summary[v]["z_mm"] == pytest.approx(list(plans[v].z_range_mm), abs=0.01)
         want = crop.slices_needed({v: plans[v]}, config, header.n_slices)  # centres and their 2.5D neighbours
         assert summary[v]["slices"] == [int(header.files[i].stem) for i in want]

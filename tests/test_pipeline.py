@@ -225,7 +225,7 @@ def test_submit_cli_public_quirk_and_no_overwrite(testset, weights, tmp_path, ca
     assert "--force" in capsys.readouterr().out
     assert main(argv + ["--force", "--report", str(tmp_path / "elsewhere" / "r.json")]) == 0
     report = json.loads((tmp_path / "elsewhere" / "r.json").read_text())
-    assert set(report) == {"studies", "totals"} and set(report["studies"]) == set(GOOD)
+    assert set(report) == {"legend", "studies", "totals"} and set(report["studies"]) == set(GOOD)
     for entry in report["studies"].values():
         assert {"status", "reason", "slices_read", "seconds"} <= set(entry)
     assert "quirk" in report["totals"]["notes"][0]

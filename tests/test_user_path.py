@@ -235,3 +235,38 @@ def test_out_of_memory_at_model_load_exits_3_with_priors_and_the_reason(weights,
     report = json.loads(companion_paths(out)[1].read_text())
     assert report["totals"]["classifiers_loaded"] == 0 and report["totals"]["fell_back"] == 2
     assert any("memory" in w for w in report["totals"]["warnings"]), report["totals"]["warnings"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Previews of the worst-aligned studies; the report's boxes and slices say what they are
+
+
+def test_previews_of_the_worst_aligned_studies_beside_the_report(synthetic_info, tmp_path, capsys):
+    import cv2
+
+    from cspine_submit.submit.previews import worst_aligned
+
+    images = tmp_path / "test_images"
+    for record in synthetic_info.test:
+        shutil.copytree(record.folder, images / record.folder.name)
+    out = tmp_path / "run" / "submission.csv"
+    assert _cli("--test-dir", images, "--weights", REPO / "weights" / "demo", "--out", out, "--previews", "2") == 0
+    report_path = companion_paths(out)[1]
+    report = json.loads(report_path.read_text())
+    worst = worst_aligned(report["studies"], 2)
+    assert len(worst) == 2
+    costs = {u: e["plan"]["alignment"]["cost"] / e["plan"]["alignment"]["threshold"] for u, e in report["studies"].items()}
+    assert min(costs[u] for u in worst) >= max(c for u, c in costs.items() if u not in worst)
+    text = capsys.readouterr().out
+    for uid in worst:
+        path = report_path.parent / f"submission.preview_{uid}.png"
+        assert f"preview: {path}" in text
+        image = cv2.imread(str(path))
+        assert image is not None and image.ndim == 3 and image.shape[0] > 100
+    assert len(list(report_path.parent.glob("*.png"))) == 2
+    # What the plan fields mean is in the report itself; boxes are named, slices are DICOM file numbers.
+    assert "DICOM file numbers" in report["legend"]["slices"]
+    entry = report["studies"][worst[0]]["plan"]["C3"]
+    assert set(entry["box"]) == {"y0", "x0", "y1", "x1"} and entry["box"]["y0"] < entry["box"]["y1"]
+    numbers = {int(p.stem) for p in (images / worst[0]).glob("*.dcm")}
+    assert entry["slices"] and set(entry["slices"]) <= numbers

@@ -77,6 +77,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--report", type=Path, help="run report JSON (default: <out stem>.report.json beside --out)")
     parser.add_argument("--demo", action="store_true", help="run the built-in demo even on Kaggle")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--previews", type=int, default=0, metavar="N",
+                        help="after the run, write crop previews of the N studies whose profile alignment looked "
+                        "worst beside the report (<out stem>.preview_<uid>.png), planned with the run's own slice "
+                        "ranges and config (default 0: none)")
 
 
 EXIT_OK, EXIT_EXISTS, EXIT_USAGE, EXIT_WRONG = 0, 1, 2, 3
@@ -188,9 +192,21 @@ def _print_implausible(totals: dict, folders) -> None:
     print(f"WARNING: {len(uids)} of {totals['studies']} studies had an implausible profile alignment (the cue slices "
           "match the learned neck far worse than any training study did): their planned vertebra ranges may be far "
           "off; they were scored anyway. Each one's report entry says why (plan.alignment).")
-    print(f"  look at one: cspine-submit preview {folders.get(uids[0], uids[0])} --out preview_{uids[0]}.png")
+    print(f"  look at one: cspine-submit preview {folders.get(uids[0], uids[0])} --out preview_{uids[0]}.png, or "
+          "rerun with --previews N to draw the worst N with this run's slice ranges")
     if len(uids) > 1:
         print(f"  the others: {', '.join(uids[1:6])}{' ...' if len(uids) > 6 else ''} (totals.implausible_alignment_studies)")
+
+
+def _write_previews(setup, result, n: int) -> None:
+    """--previews N: the worst-aligned studies' crop previews beside the report (never fails the run)."""
+    from cspine_submit.submit.previews import write_previews
+
+    written, problems = write_previews(setup, result.studies, result.report_path, n)
+    for path in written:
+        print(f"preview: {path}")
+    for problem in problems:
+        print(f"note: {problem}")
 
 
 def _first_study(plan) -> Path | None:
@@ -374,6 +390,8 @@ def stream(args, where: dict, setup, out: Path):
         _loud(warning)
     _print_summary(result, where["demo"])
     _print_implausible(result.totals, setup.plan.folders)
+    if args.previews > 0:
+        _write_previews(setup, result, args.previews)
     return result
 
 

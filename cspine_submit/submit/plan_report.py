@@ -15,15 +15,18 @@ report's summary, so that a user can check the cropper on their own studies::
                    "warning": null},         # what is wrong when it is not plausible (the study is still scored)
      "C1": {"z_mm": [12.3, 40.1],            # planned range, before the z margin (null if the planner gives none)
             "slices": [9, 11, ...],          # DICOM file numbers decoded for this vertebra's crops
-            "box": [y0, x0, y1, x1],         # in-plane box, pixels, half-open
+            "box": {"y0": 96, "x0": 160,     # in-plane box, pixels of the slice, half-open:
+                    "y1": 288, "x1": 352},   #   rows y0..y1-1, columns x0..x1-1
             "prior": null},                  # why this vertebra took its prior instead, or null
      ...}
 
-File numbers are the numeric file names (``123.dcm`` -> 123, the competition's slice numbers), else file names.
+"slices" are always DICOM file numbers: the numeric file names (``123.dcm`` -> 123, the competition's slice numbers),
+else file names; never 0-based indices. The report's ``legend`` (:data:`REPORT_LEGEND`) says so for its readers.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -31,6 +34,24 @@ import numpy as np
 from cspine_submit.config import VERTEBRAE, ModelConfig
 from cspine_submit.score.crop import slices_needed
 from cspine_submit.localize.align import alignment_check
+
+REPORT_LEGEND: dict[str, str] = {
+    "slices": "DICOM file numbers (123.dcm -> 123, the competition's slice numbers; a non-numeric file keeps its "
+              "name), never 0-based indices",
+    "cue_slices": "DICOM file numbers of the slices decoded for the profile planner's image cue",
+    "box": "in-plane crop box in pixels of the slice, half-open: rows y0..y1-1, columns x0..x1-1",
+    "z_mm": "planned range along the scan, mm toward the feet, before the z margin",
+    "scan_z_mm": "positions of the first and last slice, mm toward the feet",
+}
+"""What the report's plan fields mean, written into the report itself (``legend``)."""
+
+BOX_KEYS = ("y0", "x0", "y1", "x1")
+
+
+def box_dict(box) -> dict[str, int]:
+    """A crop plan's ``(y0, x0, y1, x1)`` box as the report writes it: ``{"y0", "x0", "y1", "x1"}``, ints."""
+    return dict(zip(BOX_KEYS, (int(b) for b in box)))
+
 
 PROFILE_FALLBACK_METHOD = "fraction"
 """What the planner uses when the profile cue could not be aligned (see ``localize.planned_ranges_mm``)."""
@@ -52,8 +73,6 @@ def method_used(ranges, cue) -> str:
 
 def file_number(path) -> int | str:
     """``.../123.dcm`` -> 123; a non-numeric file name is returned as is."""
-    from pathlib import Path
-
     stem = Path(path).stem
     return int(stem) if stem.isdigit() else Path(path).name
 
@@ -123,7 +142,7 @@ def plan_summary(header, ranges, cue, plans: Mapping[str, Any], config: ModelCon
         summary[v] = {
             "z_mm": None if z_range is None else [round(float(z_range[0]), 2), round(float(z_range[1]), 2)],
             "slices": [file_number(files[i]) for i in read],
-            "box": [int(b) for b in plan.box],
+            "box": box_dict(plan.box),
             "prior": reason,
         }
     return summary

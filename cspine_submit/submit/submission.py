@@ -356,8 +356,12 @@ class Journal:
 
 
 def write_report(path: str | Path, studies: Mapping[str, Mapping], totals: Mapping) -> Path:
-    """Write the run report ``{"studies": {uid: {...}}, "totals": {...}}`` as JSON (atomically)."""
-    text = json.dumps({"studies": dict(studies), "totals": dict(totals)}, indent=2, default=_json_default) + "\n"
+    """Write the run report ``{"legend": {...}, "studies": {uid: {...}}, "totals": {...}}`` as JSON (atomically);
+    the legend says what the plan fields mean (:data:`cspine_submit.submit.plan_report.REPORT_LEGEND`)."""
+    from cspine_submit.submit.plan_report import REPORT_LEGEND  # plan_report imports the score stage; this stays light
+
+    report = {"legend": REPORT_LEGEND, "studies": dict(studies), "totals": dict(totals)}
+    text = json.dumps(report, indent=2, default=_json_default) + "\n"
     return atomic_write_text(path, text)
 
 

@@ -498,3 +498,87 @@ def test_bone_centroids_are_the_median_bone_pixel_of_each_slice():
                 assert np.isnan(c).all()
             else:
                 assert tuple(c) == (np.median(ys) * FEATURE_STRIDE, np.median(xs) * FEATURE_STRIDE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The header-only column model (localize.header_column): what the fraction fallback plans with when learned
+
+
+def _column_studies(n: int = 12):
+    """Studies whose C1 top and C7 bottom are exact linear functions of extent and spacing, vertebrae at fixed
+    column fractions: the fit must recover them."""
+    rng = np.random.default_rng(3)
+    z_list, ranges = [], []
+    for _ in range(n):
+        dz = float(rng.choice([0.5, 0.625, 1.0]))
+        count = int(rng.integers(200, 400))
+        extent = (count - 1) * dz
+        top, bottom = 10.0 + 0.1 * extent + 20.0 * dz, 60.0 + 0.4 * extent + 10.0 * dz
+        z = np.arange(count) * dz
+        r = {}
+        for j, v in enumerate(VERTEBRAE):
+            lo, hi = top + (bottom - top) * j / 7, top + (bottom - top) * (j + 1.5) / 7
+            r[v] = (int(np.argmin(np.abs(z - lo))), int(np.argmin(np.abs(z - min(hi, bottom)))))
+        z_list.append(z)
+        ranges.append(r)
+    return z_list, ranges
+
+
+def test_header_column_fit_recovers_a_linear_column_and_clips_new_studies():
+    from cspine_submit.localize import column_mm, fit_header_column
+    from cspine_submit.localize.header_column import MIN_STUDIES
+
+    z_list, ranges = _column_studies()
+    model = fit_header_column(z_list, ranges)
+    assert model["features"] == ["intercept", "extent_mm", "spacing_mm"] and model["n_studies"] == 12
+    # Slice indices quantise the edges by up to half a slice (0.5 mm), which the spacing term (spread 0.5 mm)
+    # amplifies most: the coefficients come back close, each within its own tolerance.
+    tol = np.array([1.5, 0.02, 3.0])
+    assert (np.abs(np.subtract(model["c1_top_mm"], [10.0, 0.1, 20.0])) <= tol).all(), model["c1_top_mm"]
+    assert (np.abs(np.subtract(model["c7_bottom_mm"], [60.0, 0.4, 10.0])) <= tol).all(), model["c7_bottom_mm"]
+    assert model["fractions"]["C1"]["top"] == 0.0 and model["fractions"]["C7"]["bottom"] == 1.0
+    assert model["residual_sd_mm"]["c1_top"] < 0.5
+    # A study in the learned range: predicted in its own frame (the first slice's z added).
+    z = 100.0 + np.arange(300) * 0.625
+    top, bottom = column_mm(z, model)
+    assert top - 100.0 == pytest.approx(10.0 + 0.1 * 299 * 0.625 + 20.0 * 0.625, abs=1.0)
+    assert bottom - 100.0 == pytest.approx(60.0 + 0.4 * 299 * 0.625 + 10.0 * 0.625, abs=1.0)
+    # Spacing outside the learned range (a 2.6 mm study) is clipped to it, not extrapolated.
+    wide = np.arange(80) * 2.63
+    clipped = np.concatenate([np.arange(0, wide[-1], 1.0), [wide[-1]]])
+    assert column_mm(wide, model) == pytest.approx(column_mm(clipped, model), abs=1e-6)
+    # Too few studies learn no model.
+    assert fit_header_column(z_list[:MIN_STUDIES - 1], ranges[:MIN_STUDIES - 1]) is None
+
+
+def test_fraction_plans_with_the_column_model_and_old_files_as_before():
+    """Ranges with ``extra["header_column"]`` place each vertebra on the predicted column; the same ranges
+    without it (a file written before the model) plan with the per-edge fractions of the extent, unchanged."""
+    import dataclasses
+
+    from cspine_submit.localize import planned_ranges_mm
+
+    z_list, z_ranges = _column_studies()
+    truths = [StudyTruth(uid=f"s{i}", z_mm=z, rows=16, cols=16, spacing=(float(z[1] - z[0]), 1.0, 1.0),
+                         z_ranges=r, boxes={v: (0, 0, 16, 16) for v in VERTEBRAE},
+                         footprints={v: np.ones((16, 16), np.int32) for v in VERTEBRAE})
+              for i, (z, r) in enumerate(zip(z_list, z_ranges))]
+    ranges = ranges_from_truths(truths, method="fraction")
+    model = ranges.extra["header_column"]
+    z = np.arange(320) * 0.625
+    planned = planned_ranges_mm(z, ranges)
+    top, bottom = 10.0 + 0.1 * 319 * 0.625 + 12.5, 60.0 + 0.4 * 319 * 0.625 + 6.25
+    assert planned["C1"][0] == pytest.approx(top, abs=1.0) and planned["C7"][1] == pytest.approx(bottom, abs=1.0)
+    f = model["fractions"]["C4"]
+    assert planned["C4"][0] == pytest.approx(planned["C1"][0] + f["top"] * (planned["C7"][1] - planned["C1"][0]))
+    old = dataclasses.replace(ranges, extra={k: v for k, v in ranges.extra.items() if k != "header_column"})
+    extent = z[-1] - z[0]
+    expected = {v: (ranges.per_vertebra[v]["fraction"]["start"]["q50"] * extent,
+                    ranges.per_vertebra[v]["fraction"]["end"]["q50"] * extent) for v in VERTEBRAE}
+    got = planned_ranges_mm(z, old)
+    for v in VERTEBRAE:
+        assert got[v] == pytest.approx(expected[v]), v
+        assert got[v] != pytest.approx(planned[v], abs=0.5), v  # the model did plan differently
+    # Leave-one-out on studies the model describes exactly: each held-out study is covered.
+    result = evaluate_ranges(truths, method="fraction", z_margin_mm=1.0)
+    assert min(s["coverage"] for s in result["study_summary"].values()) > 0.9

@@ -31,6 +31,9 @@ One job a module, imports pointing down the list (no module imports one listed a
     slices to decode.
 ``masks``
     Mask file + study headers -> :class:`StudyTruth` (both layouts, the orientation checks, the mask-on-bone check).
+``header_column``
+    Header facts (z extent, slice spacing) -> the top of C1 and bottom of C7 by a least-squares fit, and each
+    vertebra along that column: what the header-only ``fraction`` fallback plans with when the ranges carry it.
 ``align``
     Measured cue features + the learned template -> column centre, length scale and the alignment's cost; whether
     that cost is plausible next to the training studies' leave-one-out costs stored with the template.
@@ -110,6 +113,7 @@ from cspine_submit.localize.plan import (
     study_cue_indices,
 )
 from cspine_submit.localize.evaluate import evaluate_ranges, score_plans
+from cspine_submit.localize.header_column import HEADER_FEATURES, column_mm, fit_header_column
 from cspine_submit.localize.extents import (
     StudyExtents,
     column_extents,
@@ -137,6 +141,8 @@ __all__ = [
     "study_cue_indices",
     # evaluate
     "evaluate_ranges", "score_plans",
+    # header_column
+    "HEADER_FEATURES", "column_mm", "fit_header_column",
     # extents
     "StudyExtents", "column_extents", "load_extents", "truths_from_extents", "with_real_extents",
 ]

@@ -160,7 +160,8 @@ def with_real_extents(ranges: SliceRanges, extents: Sequence[StudyExtents], *, t
     - ``profile``: each vertebra's start and end along the column (:func:`column_extents`) in the template's
       reference frame, so the template learned from ``ranges``' studies finds the column and the table says where
       each vertebra sits in it (C1's top and C7's bottom stay where the template puts them).
-    - ``fraction`` and ``mm_top`` (the header-only fallback), ``length_mm``: learned from the table's geometry by
+    - ``fraction`` and ``mm_top`` (the header-only fallback), ``length_mm`` and ``extra["header_column"]`` (the
+      column model the fallback plans with): learned from the table's geometry by
       :func:`~cspine_submit.localize.learn.ranges_from_truths` on :func:`truths_from_extents`.
     - ``extra["z_extents"]``: the table, its study count and the column fractions; ``source`` says what came from
       where.
@@ -188,8 +189,15 @@ def with_real_extents(ranges: SliceRanges, extents: Sequence[StudyExtents], *, t
         per_vertebra[v] = entry
     extra = {**ranges.extra, "z_extents": {"table": table, "n_studies": len(extents), "column_fractions": column,
                                            "reference_length_mm": ref_length}}
+    # The header-only column model is the table's too: one learned from the image studies (whole volumes, not
+    # cut like the competition's) would not say where a competition study's neck sits.
+    extra.pop("header_column", None)
+    if "header_column" in header.extra:
+        extra["header_column"] = header.extra["header_column"]
     source = (f"z-extents of each vertebra (whole bone, as the competition's masks label it) along the column, and "
-              f"the header-only fallback (fraction, mm_top) and lengths: {len(extents)} competition masks' extents "
+              f"the header-only fallback (fraction, mm_top, and the column model: C1 top and C7 bottom from the "
+              f"study's z extent and slice spacing by least squares) and lengths: {len(extents)} competition "
+              f"masks' extents "
               f"({table}); the image template that finds the column (profile) and the in-plane boxes: "
               f"{ranges.n_masks} studies with images ({ranges.source})")
     return dataclasses.replace(ranges, per_vertebra=per_vertebra, extra=extra, source=source)

@@ -26,6 +26,7 @@ from cspine_submit.localize.features import (
     cue_indices,
 )
 from cspine_submit.localize.align import cost_reference, match_profile
+from cspine_submit.localize.header_column import fit_header_column
 from cspine_submit.localize.masks import StudyTruth, load_truths
 
 METHODS: tuple[str, ...] = ("fraction", "mm_top", "profile")
@@ -187,7 +188,9 @@ def ranges_from_truths(
     ``per_vertebra[v]`` holds, for every method in :data:`METHODS` that can be learned here, the quantiles of the
     vertebra's start (first slice) and end (last slice) coordinate (``{"fraction": {"start": {...}, "end":
     {...}}, ...}``), the in-plane box quantiles as fractions of rows/columns (``"box": {"y0": {...}, ...}``) and
-    its length in mm. ``extra`` holds the profile template (when images were read) and the cue settings.
+    its length in mm. ``extra`` holds the profile template (when images were read), the cue settings and, from
+    :data:`~cspine_submit.localize.header_column.MIN_STUDIES` studies on, the header-only column model the
+    ``fraction`` fallback plans with (``"header_column"``: :func:`~cspine_submit.localize.header_column.fit_header_column`).
 
     With ``method="profile"`` and ``with_cost_reference`` the template also gets ``"loo_cost"``: the alignment
     costs of the training studies, each aligned to the template learned without it (:func:`loo_alignment_costs`,
@@ -230,6 +233,9 @@ def ranges_from_truths(
     extra: dict[str, Any] = {"methods": methods, "cue": {**DEFAULT_CUE, **(cue or {})},
                              "column_length_mm": _quantiles([t.column_length_mm for t in truths]),
                              "scales": list(DEFAULT_SCALES)}
+    header_column = fit_header_column([t.z_mm for t in truths], [t.z_ranges for t in truths])
+    if header_column is not None:
+        extra["header_column"] = header_column
     if template is not None:
         extra["profile_template"] = template
         extra["n_with_images"] = sum(t.profile is not None for t in truths)

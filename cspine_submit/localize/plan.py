@@ -16,6 +16,7 @@ import numpy as np
 from cspine_submit.config import VERTEBRAE, SliceRanges
 from cspine_submit.localize.align import alignment_check, match_profile
 from cspine_submit.localize.features import bone_centroids, column_centre, column_point, cue_indices, measure_features
+from cspine_submit.localize.header_column import column_mm, vertebra_range_mm
 
 DEFAULT_Z_MARGIN_MM: float = 3.0
 """The default of ``ModelConfig.z_margin_mm`` (see there why 3 mm)."""
@@ -66,12 +67,22 @@ def planned_ranges_mm(
     """Expected (start, end) in mm of every vertebra in a study with slice positions ``z_mm`` (pure).
 
     ``anchor_mm`` (column centre) and ``scale`` (column length over the reference) are used by ``profile``; when
-    the anchor is None the learned ``fraction`` ranges are used instead (the fallback).
+    the anchor is None the learned ``fraction`` ranges are used instead (the fallback). ``fraction`` plans with
+    the ranges' header-only column model when they carry one (``extra["header_column"]``: C1 top and C7 bottom
+    from the study's extent and spacing, each vertebra at its column fractions;
+    :mod:`~cspine_submit.localize.header_column`), else with the per-edge fractions of the extent.
     """
     method = method or ranges.method
     z = np.asarray(z_mm, dtype=float)
     if method == "profile" and anchor_mm is None:
         method = "fraction"
+    model = ranges.extra.get("header_column")
+    if method == "fraction" and model is not None:
+        # The header-only column model (localize.header_column); files learned before it have none and keep the
+        # per-edge fractions, as does a study whose prediction is no column.
+        column = column_mm(z, model)
+        if column is not None:
+            return {v: vertebra_range_mm(column, model, v) for v in VERTEBRAE}
     return {v: _range_mm(ranges, v, method, z, anchor_mm, scale=scale) for v in VERTEBRAE}
 
 

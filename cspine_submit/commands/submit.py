@@ -230,13 +230,7 @@ def run(args) -> int:
         where, out = resolve_paths(args)
         plan = plan_and_write_priors(args, where, out)
         problems, decoders = check_decoders_first(args, plan, out)
-        from cspine_submit.score.backends import choose_backend  # before Keras loads: it reads KERAS_BACKEND then
-
-        try:
-            backend = choose_backend(args.backend)
-        except (ValueError, RuntimeError) as exc:
-            raise _Stop(EXIT_USAGE, f"error: {exc}") from None
-        print(backend.line(), flush=True)
+        backend = choose_keras_backend(args)
         if backend.name == "tensorflow":
             start_tensorflow(args.verbose)
         setup = set_up_run(args, where, plan)
@@ -257,6 +251,23 @@ def run(args) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def choose_keras_backend(args):
+    """Step 4: the Keras backend that scores (``--backend``), chosen before Keras loads (it reads KERAS_BACKEND
+    then). ``auto`` imports TensorFlow to ask whether it sees a GPU: quietly unless ``--verbose``, as
+    :func:`start_tensorflow` (its CUDA probing writes to the native stderr before any log level applies)."""
+    from cspine_submit.score.backends import choose_backend
+
+    if not args.verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        with _native_stderr_hidden(not args.verbose):
+            backend = choose_backend(args.backend)
+    except (ValueError, RuntimeError) as exc:
+        raise _Stop(EXIT_USAGE, f"error: {exc}") from None
+    print(backend.line(), flush=True)
+    return backend
 
 
 def _route_sigterm():

@@ -94,7 +94,7 @@ def outside_scan(z_range_mm, z_mm: np.ndarray, spacing_z: float) -> str | None:
     return None
 
 
-def plan_summary(header, ranges, cue, plans: Mapping[str, Any], config: ModelConfig,
+def plan_summary(header, ranges, cue, plans: Mapping[str, Any], config: ModelConfig, *,
                  not_scored: Mapping[str, str] | None = None) -> dict:
     """The report's ``plan`` entry of one study.
 

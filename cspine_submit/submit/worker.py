@@ -92,7 +92,7 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
         hu_dtype = dicom.hu_dtype(header)
         cue_indices, cue_slices, cue, planned = _plan(job, header, hu_dtype, warnings)
         not_scored = {v: "no classifier loaded" for v in VERTEBRAE if v not in job.vertebrae}
-        summary = plan_report.plan_summary(header, job.ranges, cue, planned, job.config, not_scored)
+        summary = plan_report.plan_summary(header, job.ranges, cue, planned, job.config, not_scored=not_scored)
         if alignment_warning := plan_report.implausible_alignment(summary):
             warnings.append(f"planner: {alignment_warning}")
         skip = plan_report.priors_from_summary(summary)  # e.g. a vertebra planned outside the scan

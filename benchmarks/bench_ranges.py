@@ -1,11 +1,13 @@
 """Slice-range methods compared, leave-one-out, on synthetic studies with varying scan extents and on VerSe.
 
     python benchmarks/bench_ranges.py [--studies 24] [--size 128] [--data DIR] [--head 5 60] [--chest 5 80]
+    python benchmarks/bench_ranges.py --real-only
 
 Prints, per method and z margin, the mean coverage / purity / box coverage over C1-C7, the column-centre error of
 the profile method, and the cost of the profile method's image cue (slices decoded, seconds per study) next to the
 cost of scanning headers and of reading the planned slices; last, the header-only fallback on the 58 competition
-masks' geometry (tests/data/real_competition), leave-one-out and the shipped file's.
+masks' geometry (tests/data/real_competition), leave-one-out and the shipped file's (``--real-only``: that table
+alone, in seconds).
 """
 
 from __future__ import annotations
@@ -57,7 +59,12 @@ def main() -> None:
                     help="share of .4.70 studies (irrelevant to localization; 0 keeps generation fast)")
     ap.add_argument("--data", type=Path, default=None, help="existing dataset (skip generation)")
     ap.add_argument("--margins", type=float, nargs="+", default=[0.0, 2.0, 4.0])
+    ap.add_argument("--real-only", action="store_true",
+                    help="only the header-only fallback on the 58 real masks' geometry (seconds; no synthetic set)")
     args = ap.parse_args()
+    if args.real_only:
+        header_only_on_real_masks(ModelConfig().slices_per_vertebra)
+        return
 
     tmp = None
     if args.data is None:
@@ -128,16 +135,32 @@ def main() -> None:
         tmp.cleanup()
 
 
+def _per_edge_fraction_loo(truths, k: int, zm: float) -> dict:
+    """Leave-one-out with the per-edge fractions of the extent only (no column model): what a file learned
+    before the column model plans with."""
+    import cspine_submit.localize.learn as learn
+
+    fit = learn.fit_header_column
+    learn.fit_header_column = lambda *a, **kw: None
+    try:
+        return evaluate_ranges(truths, method="fraction", k=k, z_margin_mm=zm)
+    finally:
+        learn.fit_header_column = fit
+
+
 def header_only_on_real_masks(k: int, margins=(0.0, 3.0, 5.0)) -> None:
     """The header-only fallback on the 58 competition masks' geometry (tests/data/real_competition): learned
-    leave-one-out, and the shipped file's; mean over studies with the min / p5 / p95 over studies."""
+    leave-one-out (with the column model: C1 top / C7 bottom from extent and spacing; and with the per-edge
+    fractions alone, as files learned before it plan), and the shipped file's; mean over studies with the
+    min / p5 / p95 over studies, and per vertebra."""
     truths = truths_from_extents(load_extents(ROOT / "tests" / "data" / "real_competition" / "vertebra_extents.csv"))
     shipped = load_ranges(ROOT / "weights" / "slice_ranges.json")
     print(f"\n## header-only fallback on the {len(truths)} real masks' geometry (K={k}; mean (min / p5 / p95) "
           "over studies)")
-    print(f"{'method':<30}{'margin':>7}  {'coverage':<28}{'purity':<28}")
+    print(f"{'method':<34}{'margin':>7}  {'coverage':<28}{'purity':<28}{'C1-top / C7-bottom |err| med/p95 mm':<36}")
     for zm in margins:
         runs = {"fraction, leave-one-out": evaluate_ranges(truths, method="fraction", k=k, z_margin_mm=zm),
+                "fraction per edge, leave-one-out": _per_edge_fraction_loo(truths, k, zm),
                 "mm_top, leave-one-out": evaluate_ranges(truths, method="mm_top", k=k, z_margin_mm=zm),
                 "shipped fraction": evaluate_ranges(truths, ranges=shipped, method="fraction", k=k, z_margin_mm=zm)}
         for name, r in runs.items():
@@ -145,9 +168,14 @@ def header_only_on_real_masks(k: int, margins=(0.0, 3.0, 5.0)) -> None:
             for key in ("coverage", "purity"):
                 a = np.array([d[key] for d in r["study_summary"].values()])
                 cells.append(f"{a.mean():.3f} ({a.min():.2f} / {np.percentile(a, 5):.2f} / {np.percentile(a, 95):.2f})")
-            print(f"{name:<30}{zm:>7.0f}  {cells[0]:<28}{cells[1]:<28}")
-        lo = r["per_vertebra"]
-        print(f"{'  shipped per vertebra cov':<30}{'':>7}  " + " ".join(f"{v} {lo[v]['coverage']:.2f}" for v in lo))
+            err = np.abs([(d["c1_top_error_mm"], d["c7_bottom_error_mm"]) for d in r["study_summary"].values()])
+            med, p95 = np.median(err, axis=0), np.percentile(err, 95, axis=0)
+            cells.append(f"{med[0]:.1f} / {p95[0]:.1f}, {med[1]:.1f} / {p95[1]:.1f}")
+            print(f"{name:<34}{zm:>7.0f}  {cells[0]:<28}{cells[1]:<28}{cells[2]:<36}")
+        for name in ("fraction, leave-one-out", "shipped fraction"):
+            pv = runs[name]["per_vertebra"]
+            print(f"{'  ' + name.split(',')[0] + ' per vertebra cov/pur':<34}{'':>7}  "
+                  + " ".join(f"{v} {pv[v]['coverage']:.2f}/{pv[v]['purity']:.2f}" for v in pv))
 
 
 if __name__ == "__main__":

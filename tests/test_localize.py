@@ -543,10 +543,11 @@ def test_header_column_fit_recovers_a_linear_column_and_clips_new_studies():
     top, bottom = column_mm(z, model)
     assert top - 100.0 == pytest.approx(10.0 + 0.1 * 299 * 0.625 + 20.0 * 0.625, abs=1.0)
     assert bottom - 100.0 == pytest.approx(60.0 + 0.4 * 299 * 0.625 + 10.0 * 0.625, abs=1.0)
-    # Spacing outside the learned range (a 2.6 mm study) is clipped to it, not extrapolated.
-    wide = np.arange(80) * 2.63
-    clipped = np.concatenate([np.arange(0, wide[-1], 1.0), [wide[-1]]])
-    assert column_mm(wide, model) == pytest.approx(column_mm(clipped, model), abs=1e-6)
+    # A spacing outside the learned range (0.5-1.0 mm here: a 2.6 mm or 0.3 mm study) is a protocol the fit has
+    # not seen: no prediction (the planner uses the per-edge fractions); the learned edges themselves are inside.
+    assert model["feature_range"]["spacing_mm"] == [0.5, 1.0]
+    assert column_mm(np.arange(80) * 2.63, model) is None and column_mm(np.arange(600) * 0.3, model) is None
+    assert column_mm(np.arange(300) * 1.0, model) is not None and column_mm(np.arange(300) * 0.5, model) is not None
     # Too few studies learn no model.
     assert fit_header_column(z_list[:MIN_STUDIES - 1], ranges[:MIN_STUDIES - 1]) is None
 
@@ -579,6 +580,9 @@ def test_fraction_plans_with_the_column_model_and_old_files_as_before():
     for v in VERTEBRAE:
         assert got[v] == pytest.approx(expected[v]), v
         assert got[v] != pytest.approx(planned[v], abs=0.5), v  # the model did plan differently
+    # A study at a spacing the model has not seen plans with the per-edge fractions, as a file without it.
+    wide = np.arange(80) * 2.63
+    assert planned_ranges_mm(wide, ranges) == planned_ranges_mm(wide, old)
     # Leave-one-out on studies the model describes exactly: each held-out study is covered.
     result = evaluate_ranges(truths, method="fraction", z_margin_mm=1.0)
     assert min(s["coverage"] for s in result["study_summary"].values()) > 0.9

@@ -65,7 +65,7 @@ def fit_header_column(z_list: Sequence[np.ndarray], z_ranges: Sequence[Mapping[s
     -------
     dict or None
         ``{"features", "c1_top_mm", "c7_bottom_mm" (coefficients), "feature_range" ({feature: [min, max]} of the
-        studies learned from; a new study's spacing is clipped to its range), "fractions" ({vertebra: {"top", "bottom"}}:
+        studies learned from; a study whose spacing lies outside is planned with the per-edge fractions), "fractions" ({vertebra: {"top", "bottom"}}:
         mean place of each edge along the column, 0 = top of C1, 1 = bottom of C7), "residual_sd_mm" ({"c1_top",
         "c7_bottom"}, in-sample), "n_studies"}``; None with fewer than :data:`MIN_STUDIES` studies.
     """
@@ -97,16 +97,23 @@ def fit_header_column(z_list: Sequence[np.ndarray], z_ranges: Sequence[Mapping[s
     }
 
 
+SPACING_TOLERANCE_MM: float = 0.01
+"""A study's slice spacing within this of the learned range counts as inside it (headers round 0.3125 to 0.312)."""
+
+
 def column_mm(z_mm: np.ndarray, model: Mapping[str, Any]) -> tuple[float, float] | None:
     """Predicted (top of C1, bottom of C7) of a study, mm in its ``z_mm`` frame (pure).
 
-    The study's spacing is clipped to the range the model was learned on (a 2.6 mm study is planned as the
-    widest learned spacing, not extrapolated: spacing stands for a protocol, and none was seen there); the extent
-    is used as it is (the column grows with it, as the per-edge fractions of the extent assume). None when the
-    prediction is not a column (bottom not below top): the caller falls back to the per-edge fractions.
+    None, and the caller plans with the per-edge fractions of the extent, when the study's slice spacing lies
+    outside the range the model was learned on (the spacing stands for a scanning protocol, and the fit knows
+    nothing of one it has not seen: a 1.25 mm study planned as the 1 mm ones misses its neck by 20 mm), or when
+    the prediction is not a column (bottom not below top). The extent is used as it is: the column grows with it,
+    as the per-edge fractions of the extent assume.
     """
     extent, spacing = header_facts(z_mm)
-    spacing = float(np.clip(spacing, *model["feature_range"]["spacing_mm"]))
+    lo, hi = model["feature_range"]["spacing_mm"]
+    if not lo - SPACING_TOLERANCE_MM <= spacing <= hi + SPACING_TOLERANCE_MM:
+        return None
     x = _design(np.array([extent]), np.array([spacing]))[0]
     z0 = float(np.asarray(z_mm, dtype=float)[0])
     top, bottom = float(x @ np.asarray(model["c1_top_mm"])), float(x @ np.asarray(model["c7_bottom_mm"]))

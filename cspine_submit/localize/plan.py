@@ -79,7 +79,7 @@ def planned_ranges_mm(
     model = ranges.extra.get("header_column")
     if method == "fraction" and model is not None:
         # The header-only column model (localize.header_column); files learned before it have none and keep the
-        # per-edge fractions, as does a study whose prediction is no column.
+        # per-edge fractions, as does a study at a spacing the model was not learned on (column_mm says None).
         column = column_mm(z, model)
         if column is not None:
             return {v: vertebra_range_mm(column, model, v) for v in VERTEBRAE}

@@ -90,7 +90,8 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
         stage, t = "plan", time.perf_counter()
         # Whole-number HU (all CT as scanners write it) are kept as int16: slices decode straight into the stack.
         hu_dtype = dicom.hu_dtype(header)
-        cue_indices, cue_slices, cue, planned = _plan(job, header, hu_dtype, warnings)
+        failed: dict = {}  # slices whose pixels could not be decoded: {index: (reason, stand-in index)}
+        cue_indices, cue_slices, cue, planned = _plan(job, header, hu_dtype, warnings, failed)
         not_scored = {v: "no classifier loaded" for v in VERTEBRAE if v not in job.vertebrae}
         summary = plan_report.plan_summary(header, job.ranges, cue, planned, job.config, not_scored=not_scored)
         if alignment_warning := plan_report.implausible_alignment(summary):
@@ -100,7 +101,8 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
         seconds["plan"] = time.perf_counter() - t
         stage, t = "read", time.perf_counter()
         needed = crop.slices_needed(plans, job.config, header.n_slices) if plans else np.zeros(0, dtype=np.int64)
-        slices = read_reusing(header, needed, cue_indices, cue_slices, stack="crops", dtype=hu_dtype)
+        slices = read_reusing(header, needed, cue_indices, cue_slices, stack="crops", dtype=hu_dtype, failed=failed)
+        warnings += _decode_warnings(header, failed, plans)
         seconds["read"] = time.perf_counter() - t
         stage, t = "crop", time.perf_counter()
         crops = {v: crop.prepare_encoded_crops(slices, needed, plan, job.config) for v, plan in plans.items()}
@@ -122,8 +124,36 @@ def _scan_warnings(job: StudyJob, header) -> list[str]:
     return warnings
 
 
-def _plan(job: StudyJob, header, hu_dtype, warnings: list[str]):
+def _decode_warnings(header, failed: dict, plans: dict) -> list[str]:
+    """The report's lines for slices whose pixels could not be decoded (each replaced by a readable neighbour).
+
+    Raises
+    ------
+    ValueError
+        More than half of one vertebra's planned slices failed: what is left is no longer that vertebra's sample,
+        so the study falls back to priors, the reason naming the files.
+    """
+    for v, plan in plans.items():
+        bad = [int(i) for i in plan.slice_indices if int(i) in failed]  # a plan may sample a slice twice
+        if 2 * len(bad) > len(plan.slice_indices):
+            raise ValueError(f"{len(bad)} of {v}'s {len(plan.slice_indices)} planned slices cannot be decoded ("
+                             + _named(header, failed, sorted(set(bad))) + ")")
+    return [f"skipped {header.files[i].name}: {reason}" + ("" if sub is None else
+            f" (slice {header.files[sub].name} stands in for it)") for i, (reason, sub) in sorted(failed.items())]
+
+
+def _named(header, failed: dict, indices, most: int = 3) -> str:
+    """``"NAME: reason; ..."`` for the first ``most`` of ``indices``."""
+    said = "; ".join(f"{header.files[i].name}: {failed[i][0]}" for i in list(indices)[:most])
+    return said + ("; ..." if len(indices) > most else "")
+
+
+def _plan(job: StudyJob, header, hu_dtype, warnings: list[str], failed: dict):
     """Plan the crops of the vertebrae to score.
+
+    A cue slice that cannot be decoded is replaced by a readable neighbour and recorded in ``failed``
+    (:func:`cspine_submit.read.stacks.read_reusing`); more than half of them failing is a ValueError (the study's
+    priors, the reason naming the files).
 
     Returns
     -------
@@ -144,7 +174,11 @@ def _plan(job: StudyJob, header, hu_dtype, warnings: list[str]):
     # The profile planner needs a few decoded cue slices: decode them here, so that they count as slices read and
     # so that the crops reuse those the plans also need instead of decoding them again.
     cue_indices = np.asarray(localize.study_cue_indices(header, job.ranges), dtype=np.int64)
-    cue_slices = read_reusing(header, cue_indices, cue_indices[:0], cue_slices, stack="cue", dtype=hu_dtype)
+    cue_slices = read_reusing(header, cue_indices, cue_indices[:0], cue_slices, stack="cue", dtype=hu_dtype,
+                              failed=failed)
+    if 2 * len(bad := [i for i in cue_indices.tolist() if i in failed]) > cue_indices.size:
+        raise ValueError(f"{len(bad)} of the planner's {cue_indices.size} cue slices cannot be decoded ("
+                         + _named(header, failed, bad) + ")")
     cue = localize.measure_cue(header, job.ranges, slices=cue_slices)
     if cue.fallback:
         warnings.append(f"planner: {cue.fallback}")

@@ -13,7 +13,12 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate
 
+from cspine_submit import localize
+from cspine_submit.config import PREDICTION_TYPES, VERTEBRAE, ModelConfig
+from cspine_submit.files import default_weights_dir
 from cspine_submit.read import dicom, stacks
+from cspine_submit.submit.submission import companion_paths
+from cspine_submit.submit.worker import StudyJob, prepare_study
 
 from _pipeline_helpers import UID_ROOT, write_study, write_weights
 
@@ -21,26 +26,23 @@ JPEG_SV1 = "1.2.840.10008.1.2.4.70"
 
 
 def truncate_to_jpeg(path: Path) -> Path:
-    """Rewrite ``path`` as JPEG Lossless SV1 whose codestream is cut after its start marker (SOI, then EOI): the
+    """Rewrite ``path``'s pixels as a JPEG Lossless SV1 codestream cut after its start marker (SOI, then EOI): the
     header stays readable, the pixels are refused by every route, pydicom's included. (A codestream cut later is
     decoded by pydicom's plugins into whatever they make of it: those values stand, see test_decode_safety.)"""
-    pytest.importorskip("gdcm")
-    from cspine_submit.datasets.dicom_writer import encode_jpeg_lossless
-
     ds = pydicom.dcmread(path)
-    frame = encode_jpeg_lossless(ds.pixel_array.astype(np.int16), 16)
     ds.file_meta.TransferSyntaxUID = JPEG_SV1
-    assert frame[:2] == b"\xff\xd8"
-    ds.PixelData = encapsulate([frame[:2] + b"\xff\xd9"])
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
     return path
 
 
 def copy_pixels(src: Path, dst: Path) -> None:
-    """``dst`` keeps its header (position, instance number) but takes ``src``'s pixels."""
-    ds = pydicom.dcmread(dst)
-    ds.PixelData = pydicom.dcmread(src).PixelData
+    """``dst`` keeps its header (position, instance number) but takes ``src``'s pixels (and their syntax)."""
+    ds, other = pydicom.dcmread(dst), pydicom.dcmread(src)
+    ds.file_meta.TransferSyntaxUID = other.file_meta.TransferSyntaxUID
+    ds.PixelData = other.PixelData
+    ds["PixelData"].VR = other["PixelData"].VR
     ds.save_as(dst, enforce_file_format=True)
 
 
@@ -86,8 +88,6 @@ def test_no_readable_neighbour_is_an_error_naming_the_file(tmp_path):
 
 def _run(tmp_path: Path, images: Path, uids: list[str], workers: int) -> tuple[dict, dict]:
     from cspine_submit import submit as stage
-    from cspine_submit.config import PREDICTION_TYPES
-    from cspine_submit.submit.submission import companion_paths
 
     lines = ["row_id,StudyInstanceUID,prediction_type"] + [f"{u}_{t},{u},{t}" for u in uids for t in PREDICTION_TYPES]
     (tmp_path / "test.csv").write_text("\n".join(lines) + "\n")
@@ -140,3 +140,27 @@ def test_a_study_with_an_undecodable_slice_is_scored_as_with_its_stand_in(tmp_pa
     assert ".dcm" in studies[most]["reason"] and "decode" in studies[most]["reason"], studies[most]
     assert studies[thin]["status"] == "fallback", studies[thin]
     assert "planned slices cannot be decoded" in studies[thin]["reason"] and ".dcm:" in studies[thin]["reason"]
+
+
+def test_a_broken_cue_slice_costs_that_slice_on_the_profile_planner(synthetic_info, tmp_path):
+    """The profile planner's cue is decoded first: a broken cue slice is replaced there as well, so the plans and
+    the crops are those of the study with the stand-in's pixels in that file."""
+    ranges = localize.load_ranges(default_weights_dir() / "demo" / "slice_ranges.json")
+    config = ModelConfig(head="tiny", input_size=32, channels="single", windows=((400, 1800),))
+    source = synthetic_info.test[0].folder
+    broken, fixed = tmp_path / source.name, tmp_path / "same" / source.name
+    shutil.copytree(source, broken)
+    shutil.copytree(source, fixed)
+    header = dicom.scan_study(broken)
+    cue = localize.study_cue_indices(header, ranges)
+    c = int(cue[len(cue) // 2])
+    name = header.files[c].name
+    truncate_to_jpeg(broken / name)
+    copy_pixels(fixed / header.files[c - 1].name, fixed / name)
+    got = prepare_study(StudyJob(source.name, str(broken), ranges, config, VERTEBRAE))
+    want = prepare_study(StudyJob(source.name, str(fixed), ranges, config, VERTEBRAE))
+    said = [w for w in got.warnings if w.startswith(f"skipped {name}:")]
+    assert len(said) == 1 and header.files[c - 1].name in said[0], got.warnings
+    assert got.plan == want.plan and set(got.crops) == set(want.crops)
+    for v in want.crops:
+        np.testing.assert_array_equal(got.crops[v], want.crops[v])

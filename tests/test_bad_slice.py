@@ -164,3 +164,30 @@ def test_a_broken_cue_slice_costs_that_slice_on_the_profile_planner(synthetic_in
     assert got.plan == want.plan and set(got.crops) == set(want.crops)
     for v in want.crops:
         np.testing.assert_array_equal(got.crops[v], want.crops[v])
+
+
+def test_a_retried_study_says_so_in_the_report(tmp_path, monkeypatch):
+    """A study whose worker died and whose retry on pydicom's route succeeded (``Outcome.retried``, issue 18.4) is
+    scored, and its report entry says it was retried (the reader's crash-and-retry itself: test_reader)."""
+    import dataclasses
+
+    from cspine_submit.read.reader import RETRIED
+    from cspine_submit.submit import run
+
+    images = tmp_path / "test_images"
+    uids = [f"{UID_ROOT}.97", f"{UID_ROOT}.98"]
+    for i, uid in enumerate(uids):
+        write_study(images / uid, uid, seed=10 + i)
+    real = run._iter_outcomes
+
+    def one_retried(*args, **kwargs):
+        for outcome in real(*args, **kwargs):
+            if outcome.item.uid == uids[1]:
+                outcome = dataclasses.replace(outcome, retried=f"{RETRIED} (SIGSEGV)")
+            yield outcome
+
+    monkeypatch.setattr(run, "_iter_outcomes", one_retried)
+    _, studies = _run(tmp_path, images, uids, 0)
+    assert studies[uids[0]]["status"] == "ok" and not studies[uids[0]].get("warnings"), studies[uids[0]]
+    assert studies[uids[1]]["status"] == "ok", studies[uids[1]]
+    assert any(RETRIED in w for w in studies[uids[1]].get("warnings", [])), studies[uids[1]]

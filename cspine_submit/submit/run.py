@@ -331,6 +331,8 @@ def _handle_outcome(state: RunState, outcome, t_prev: float) -> None:
     job: StudyJob = outcome.item
     seconds = {"wait": round(time.perf_counter() - t_prev, 4)}
     if outcome.error is None and outcome.value is not None:
+        if getattr(outcome, "retried", None):  # its worker died once; the pydicom-route retry's result is scored
+            outcome.value.warnings.append(f"worker: {outcome.retried}")
         score_study(state, job, outcome.value, seconds)
         return
     if job.folder == "":

@@ -191,3 +191,23 @@ def test_a_retried_study_says_so_in_the_report(tmp_path, monkeypatch):
     assert studies[uids[0]]["status"] == "ok" and not studies[uids[0]].get("warnings"), studies[uids[0]]
     assert studies[uids[1]]["status"] == "ok", studies[uids[1]]
     assert any(RETRIED in w for w in studies[uids[1]].get("warnings", [])), studies[uids[1]]
+
+
+def test_a_cue_mostly_broken_falls_back_with_the_reason(synthetic_info, tmp_path):
+    """Every cue slice broken (each with readable neighbours, so stand-ins exist): the cue is no longer the study's,
+    the study fails at its plan stage, the reason naming a file and the count."""
+    from cspine_submit.submit.worker import StudyFailure
+
+    ranges = localize.load_ranges(default_weights_dir() / "demo" / "slice_ranges.json")
+    config = ModelConfig(head="tiny", input_size=32, channels="single", windows=((400, 1800),))
+    source = synthetic_info.test[0].folder
+    broken = tmp_path / source.name
+    shutil.copytree(source, broken)
+    header = dicom.scan_study(broken)
+    cue = [int(i) for i in localize.study_cue_indices(header, ranges)]
+    assert len(cue) >= 3 and len(cue) < header.n_slices  # slices between cue slices stay readable: stand-ins
+    for i in cue:
+        truncate_to_jpeg(header.files[i])
+    with pytest.raises(StudyFailure, match=rf"^plan: ValueError: {len(cue)} of the planner's {len(cue)} cue slices "
+                                           rf"cannot be decoded \(.*\.dcm: cannot decode pixel data"):
+        prepare_study(StudyJob(source.name, str(broken), ranges, config, VERTEBRAE))

@@ -75,6 +75,11 @@ class StudyFailure(RuntimeError):
 def prepare_study(job: StudyJob) -> PreparedStudy:
     """Scan, plan, read and crop one study (runs in a worker process).
 
+    A file whose header cannot be read is left out by the scan; a slice whose pixels cannot be decoded takes the
+    nearest readable slice's pixels (:func:`cspine_submit.read.stacks.read_reusing`). Both are listed in the
+    warnings as ``"skipped NAME: reason"``; too many undecodable slices (over half of the cue or of one vertebra's
+    planned slices, or none readable nearby) fail the study instead.
+
     Raises
     ------
     StudyFailure

@@ -60,7 +60,7 @@ from cspine_submit.localize.features import (
     cue_indices,
 )
 from cspine_submit.datasets.synthetic import plan_specs, render_study, study_geometry
-from cspine_submit.datasets.anatomy import draw_background
+from cspine_submit.datasets.body import draw_background
 from cspine_submit.datasets.volume_cut import competition_cut, resample_volume
 from cspine_submit.datasets.volume_study import find_volumes, load_labels_axial, load_pair
 

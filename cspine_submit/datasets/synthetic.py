@@ -35,7 +35,8 @@ import numpy as np
 from cspine_submit.config import PREDICTION_TYPES, TRAIN_PREVALENCE, VERTEBRAE
 from cspine_submit.datasets import real_geometry
 from cspine_submit.datasets.folder import clear_outputs, exact_flags
-from cspine_submit.datasets.anatomy import Anatomy, build_anatomy, draw_background, draw_table, render_volume
+from cspine_submit.datasets.anatomy import Anatomy, build_anatomy, render_volume
+from cspine_submit.datasets.body import draw_background, draw_table
 from cspine_submit.datasets.dicom_writer import file_numbers, write_dicom_series, write_mask
 
 UID_PREFIX = "1.2.826.0.1.3680043."

@@ -532,8 +532,6 @@ def _draw_cut(labels: AxialVolume, name: str, *, seed: int, size: int, slice_mm:
 def write_study_tables(root: Path, params: dict, records: list[dict]) -> None:
     """``studies.json`` (params + records), ``studies.csv`` (:data:`CSV_COLUMNS`) and ``test.csv`` (8 rows per
     study) of a folder written by :func:`write_studies`, each written atomically."""
-    from cspine_submit.files import atomic_write_text
-
     atomic_write_text(root / "studies.json", json.dumps({"params": params, "studies": records}, indent=1) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=("name",) + CSV_COLUMNS, lineterminator="\n")

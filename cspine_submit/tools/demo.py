@@ -101,7 +101,7 @@ def prepare_demo(cache: Path | None = None, n_studies: int = DEMO_N_STUDIES, see
     params, _ = generator_params(weights)
     params.update(overrides or {})
     # The generator's own source is part of the key: a changed generator must not reuse studies made by the old one.
-    sources = [Path(synthetic.__file__).with_name(name) for name in ("anatomy.py", "dicom_writer.py", "real_geometry.py",
+    sources = [Path(synthetic.__file__).with_name(name) for name in ("anatomy.py", "body.py", "dicom_writer.py", "real_geometry.py",
                                                                    "synthetic.py")]
     code = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
     key = hashlib.sha256(

@@ -1,6 +1,6 @@
 """Measure the pipeline per stage against a naive baseline on synthetic studies, and project the Kaggle run.
 
-Generates N synthetic studies at the competition's scale (512x512, about 300 slices, mostly JPEG Lossless .4.70)
+Generates N synthetic studies at the competition's scale (512x512, about 314 slices, mostly JPEG Lossless .4.70)
 into a temporary folder, or takes --studies-dir (e.g. the real necks: `write-study tests/data/real_neck OUT --size
 512`, then `--studies-dir OUT/images`), scores them with random `tiny` classifiers (so the numbers measure the
 pipeline, not the backbone) or --weights, and prints seconds per study for each stage, ours and naive, their ratio,
@@ -37,7 +37,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeat", type=int, default=1, help="end-to-end measurements per worker count (default 1; "
                         "medians and spread are printed)")
     parser.add_argument("--size", type=int, default=512, help="rows = columns of each slice (default 512)")
-    parser.add_argument("--slices", type=int, default=300, help="about this many slices per study (default 300)")
+    parser.add_argument("--slices", type=int, default=314,
+                        help="about this many slices per study (default 314, the real training studies' median)")
     parser.add_argument("--input-size", type=int, default=256, help="classifier input side, pixels (default 256)")
     parser.add_argument("--heads", default="tiny,gap",
                         help="heads whose CPU throughput to measure, comma-separated (default tiny,gap; seed is slow; "

@@ -151,7 +151,7 @@ class ModelConfig(_JsonFile):
     Attributes
     ----------
     head : str
-        Classifier architecture name in :data:`cspine_submit.score.models.ARCHITECTURES` (``seed``, ``gap``, ``tiny``).
+        Classifier architecture name in :data:`cspine_submit.score.architectures.ARCHITECTURES` (``seed``, ``gap``, ``tiny``).
     input_size : int
         Side of the square model input, pixels.
     channels : str

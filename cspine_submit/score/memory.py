@@ -589,7 +589,7 @@ KAGGLE_MACHINES: dict[str, tuple[tuple[str, ...], int, bool]] = {
     "2xT4": (("Tesla T4", "Tesla T4"), 13 * GiB, True),
 }
 """Kaggle's two GPU notebooks: ``{name: (GPU names, host memory planned for the weights, fast float16)}``. Kaggle
-notebooks have about 13 GiB of RAM for the process (``../shared/FACTS.md``; the P100 has no fast float16)."""
+notebooks have had 13-31 GB of RAM over the years; 13 GiB is planned for the process (the P100 has no fast float16)."""
 
 
 def kaggle_plans(config: ModelConfig, *, batch_size: int | None = None) -> dict[str, MemoryPlan]:

@@ -119,7 +119,8 @@ def _config_or_defaults(weights_dir: Path) -> ModelConfig:
 
 def initial_priors(weights_dir: str | Path) -> dict[str, float]:
     """The 8 prior probabilities for the file written before anything is loaded: those of the weights folder's
-    model_config.json when it reads, else the defaults (train prevalences). Reads JSON only: no TensorFlow."""
+    model_config.json when it reads, else the defaults (``config.METRIC_PRIORS``, the metric-minimising constants
+    of the real labels). Reads JSON only: no TensorFlow."""
     try:
         config = ModelConfig.from_json(Path(weights_dir) / "model_config.json")
     except (FileNotFoundError, ValueError):

@@ -15,7 +15,6 @@ Use, in a command's ``run`` once its arguments are checked and before anything i
 
     quiet.start_tensorflow(args.verbose)          # import it now, its devices listed, quietly
 
-(``submit`` does the same with its own copy, ``commands/submit.py:start_tensorflow``.)
 """
 
 from __future__ import annotations

@@ -10,13 +10,11 @@ Every study listed gets its rows: a study that is missing or cannot be read gets
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
+
+from cspine_submit import quiet
 
 NAME = "submit"
 HELP = "predict a test folder and write submission.csv (no arguments: Kaggle paths, else the built-in demo)"
@@ -95,41 +93,6 @@ SHOWN_FALLBACKS = 10
 def _loud(message: str) -> None:
     bar = "!" * 100
     print(f"{bar}\nWARNING: {message}\n{bar}", flush=True)
-
-
-@contextmanager
-def _native_stderr_hidden(hide: bool):
-    """Send file descriptor 2 to a temporary file while TensorFlow starts (its C++ CUDA probing writes there before
-    any log level applies); replay it only if starting fails."""
-    if not hide:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace")[-5000:])
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def start_tensorflow(verbose: bool = False) -> None:
-    """Import TensorFlow and let it find its devices, quietly unless ``verbose``."""
-    if not verbose:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with _native_stderr_hidden(not verbose):
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()
-        if not verbose:
-            tf.get_logger().setLevel("ERROR")
 
 
 def _resolve(args):
@@ -232,7 +195,7 @@ def run(args) -> int:
         problems, decoders = check_decoders_first(args, plan, out)
         backend = choose_keras_backend(args)
         if backend.name == "tensorflow":
-            start_tensorflow(args.verbose)
+            quiet.start_tensorflow(args.verbose)
         setup = set_up_run(args, where, plan)
         announce(args, where, setup, decoders, out)
         result = stream(args, where, setup, out)
@@ -256,13 +219,13 @@ def run(args) -> int:
 def choose_keras_backend(args):
     """Step 4: the Keras backend that scores (``--backend``), chosen before Keras loads (it reads KERAS_BACKEND
     then). ``auto`` imports TensorFlow to ask whether it sees a GPU: quietly unless ``--verbose``, as
-    :func:`start_tensorflow` (its CUDA probing writes to the native stderr before any log level applies)."""
+    :func:`cspine_submit.quiet.start_tensorflow` (its CUDA probing writes to the native stderr before any log level
+    applies)."""
     from cspine_submit.score.backends import choose_backend
 
-    if not args.verbose:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet.quiet_tensorflow(args.verbose)
     try:
-        with _native_stderr_hidden(not args.verbose):
+        with quiet.native_stderr_hidden(not args.verbose):
             backend = choose_backend(args.backend)
     except (ValueError, RuntimeError) as exc:
         raise _Stop(EXIT_USAGE, f"error: {exc}") from None

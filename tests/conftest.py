@@ -56,6 +56,17 @@ def synthetic_dataset(synthetic_info):
 
 
 @pytest.fixture(scope="session")
+def synthetic_ranges(synthetic_dataset, tmp_path_factory):
+    """slice_ranges.json learned from the session dataset's masks and images (learned once for every test file)."""
+    from cspine_submit.localize import learn_ranges
+
+    learned, _ = learn_ranges(synthetic_dataset / "segmentations", synthetic_dataset / "train_images")
+    path = tmp_path_factory.mktemp("ranges") / "slice_ranges.json"
+    learned.to_json(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def synthetic_truth(synthetic_info):
     from cspine_submit.datasets.synthetic import render_study
 

@@ -77,16 +77,6 @@ def test_history_png(tmp_path):
     assert img.shape == (380, 900, 3) and (img < 250).any()
 
 
-@pytest.fixture(scope="module")
-def fixture_ranges(synthetic_dataset, tmp_path_factory):
-    from cspine_submit.localize import learn_ranges
-
-    ranges, _ = learn_ranges(synthetic_dataset / "segmentations", synthetic_dataset / "train_images")
-    path = tmp_path_factory.mktemp("ranges") / "slice_ranges.json"
-    ranges.to_json(path)
-    return path
-
-
 def test_folds_are_patient_level_stratified_and_deterministic():
     labels = {f"s{i:02d}": {v: int(i % 5 == 0 and v == "C2") + int(i % 7 == 0 and v == "C5") for v in VERTEBRAE}
               for i in range(40)}
@@ -126,7 +116,7 @@ TINY = ModelConfig(head="tiny", input_size=32, channels="single", windows=((400.
                    slices_per_vertebra=3, top_k=1, mixed_precision=False)
 
 
-def test_cross_validated_run_writes_only_inference_files_and_honest_oof(synthetic_dataset, fixture_ranges, tmp_path,
+def test_cross_validated_run_writes_only_inference_files_and_honest_oof(synthetic_dataset, synthetic_ranges, tmp_path,
                                                                       monkeypatch):
     import pandas as pd
 
@@ -147,7 +137,7 @@ def test_cross_validated_run_writes_only_inference_files_and_honest_oof(syntheti
     options = TrainOptions(folds=3, epochs=1, batch_size=8, shared=True, box_policy="study", workers=0, seed=3,
                            trained_on="synthetic")
     out = tmp_path / "weights"
-    result = train_classifiers(synthetic_dataset, fixture_ranges, out, TINY, options, progress=False)
+    result = train_classifiers(synthetic_dataset, synthetic_ranges, out, TINY, options, progress=False)
 
     # --out holds the inference files and the two validation reports, nothing else.
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -187,10 +177,10 @@ def test_cross_validated_run_writes_only_inference_files_and_honest_oof(syntheti
     assert competition_score(y_all, const(config.priors)) <= competition_score(y_all, const(dict(zip(cols, y_all.mean(0)))))
 
     with pytest.raises(FileExistsError):
-        train_classifiers(synthetic_dataset, fixture_ranges, out, TINY, options, progress=False)
+        train_classifiers(synthetic_dataset, synthetic_ranges, out, TINY, options, progress=False)
 
 
-def test_resume_continues_after_an_interrupted_fold(synthetic_dataset, fixture_ranges, tmp_path, monkeypatch):
+def test_resume_continues_after_an_interrupted_fold(synthetic_dataset, synthetic_ranges, tmp_path, monkeypatch):
     import cspine_submit.train.fit as fit_mod
 
     options = TrainOptions(vertebrae=("C5",), folds=2, epochs=1, batch_size=8, box_policy="study", workers=0,
@@ -207,21 +197,21 @@ def test_resume_continues_after_an_interrupted_fold(synthetic_dataset, fixture_r
 
     monkeypatch.setattr(fit_mod, "train_unit", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_classifiers(synthetic_dataset, fixture_ranges, out, TINY, options, progress=False)
+        train_classifiers(synthetic_dataset, synthetic_ranges, out, TINY, options, progress=False)
     assert not (out / "model_config.json").exists()  # nothing half-written in --out
     calls.clear()
-    result = train_classifiers(synthetic_dataset, fixture_ranges, out, TINY, options, resume=True, progress=False)
+    result = train_classifiers(synthetic_dataset, synthetic_ranges, out, TINY, options, resume=True, progress=False)
     assert calls == ["f1/C5", "refit/C5"]  # the finished fold model was kept
     assert result.config.classifier_files["C5"] == "C5.keras" and (out / "C5.keras").is_file()
     assert sorted(result.validation["per_vertebra"]) == ["C5"]
     assert result.validation["n_studies"] == 6  # both folds' held-out studies
 
 
-def test_plan_matches_what_a_run_writes(synthetic_dataset, fixture_ranges, tmp_path, capsys):
+def test_plan_matches_what_a_run_writes(synthetic_dataset, synthetic_ranges, tmp_path, capsys):
     from cspine_submit.cli import main
     from cspine_submit.train.data import build_cache, cache_key
 
-    argv = ["train", "--data", str(synthetic_dataset), "--ranges", str(fixture_ranges), "--out", str(tmp_path / "w"),
+    argv = ["train", "--data", str(synthetic_dataset), "--ranges", str(synthetic_ranges), "--out", str(tmp_path / "w"),
             "--head", "tiny", "--input-size", "32", "--channels", "single", "--windows", "400/1800",
             "--slices-per-vertebra", "3", "--workers", "0", "--shared", "--plan", "--json"]  # 6 studies: C2 needs --shared
     assert main(argv) == 0
@@ -229,7 +219,7 @@ def test_plan_matches_what_a_run_writes(synthetic_dataset, fixture_ranges, tmp_p
     assert plan["studies"] == plan["studies_read"] == 6
     cache = tmp_path / "cache"
     metas, failed = build_cache(synthetic_dataset, sorted(json.loads(json.dumps(
-        td.read_train_labels(synthetic_dataset)))), cache / cache_key(TINY, fixture_ranges), fixture_ranges, TINY,
+        td.read_train_labels(synthetic_dataset)))), cache / cache_key(TINY, synthetic_ranges), synthetic_ranges, TINY,
         workers=0, progress=False)
     assert not failed and not (tmp_path / "w").exists()
     crops = sum(len(e["crops"]) for m in metas.values() for e in m["vertebrae"].values())
@@ -267,7 +257,7 @@ def test_tiny_model_learns_synthetic_fractures(tmp_path):
     assert v["oof_score"] < v["baselines"]["prior_only"] < v["baselines"]["constant_0.5"]
 
 
-def test_training_crops_are_the_inference_crops(synthetic_info, fixture_ranges, tmp_path):
+def test_training_crops_are_the_inference_crops(synthetic_info, synthetic_ranges, tmp_path):
     """No train/serve skew: the cached squares, windowed on load, are what the submission pipeline feeds the models
     (up to the int16 rounding of HU the cache stores: half a HU, 0.5 / 1800 after the window)."""
     from cspine_submit.localize import load_ranges
@@ -275,9 +265,9 @@ def test_training_crops_are_the_inference_crops(synthetic_info, fixture_ranges, 
 
     config = ModelConfig(head="tiny", input_size=32, channels="neighbours", neighbour_offset=1,
                          slices_per_vertebra=4, mixed_precision=False)
-    ranges = load_ranges(fixture_ranges)
+    ranges = load_ranges(synthetic_ranges)
     for record in synthetic_info.train[:2]:
-        job = td.CacheJob(record.uid, str(record.folder), str(tmp_path), str(fixture_ranges),
+        job = td.CacheJob(record.uid, str(record.folder), str(tmp_path), str(synthetic_ranges),
                           json.dumps(td._config_dict(config)))
         meta = td.cache_study(job)
         served = prepare_study(StudyJob(record.uid, str(record.folder), ranges, config, VERTEBRAE)).crops
@@ -312,13 +302,13 @@ def test_augmentation_runs_inside_the_model_only_while_training(tmp_path):
     np.testing.assert_allclose(back(x, training=False), model(x, training=False), atol=1e-6)
 
 
-def test_one_split_for_quick_runs(synthetic_dataset, fixture_ranges, tmp_path):
+def test_one_split_for_quick_runs(synthetic_dataset, synthetic_ranges, tmp_path):
     """--folds 1: one model per unit, trained on 2/3 of the studies; only the held-out third gets oof rows."""
     import pandas as pd
 
     options = TrainOptions(folds=1, epochs=1, batch_size=8, shared=True, box_policy="study", workers=0, seed=3,
                            trained_on="synthetic", work_dir=str(tmp_path / "scratch"))
-    result = train_classifiers(synthetic_dataset, fixture_ranges, tmp_path / "w", TINY, options, progress=False)
+    result = train_classifiers(synthetic_dataset, synthetic_ranges, tmp_path / "w", TINY, options, progress=False)
     assert result.config.classifier_files["C1"] == "all.keras" and (tmp_path / "w" / "all.keras").is_file()
     held = {u for u, f in result.validation["training"]["fold_of_study"].items() if f == 0}
     oof = pd.read_csv(tmp_path / "w" / "oof.csv", dtype={"StudyInstanceUID": str})

@@ -17,25 +17,16 @@ TINY_ARGS = ["--head", "tiny", "--input-size", "32", "--channels", "single", "--
              "--slices-per-vertebra", "3", "--workers", "0"]
 
 
-@pytest.fixture(scope="module")
-def ranges(synthetic_dataset, tmp_path_factory):
-    from cspine_submit.localize import learn_ranges
-
-    learned, _ = learn_ranges(synthetic_dataset / "segmentations", synthetic_dataset / "train_images")
-    path = tmp_path_factory.mktemp("ranges") / "slice_ranges.json"
-    learned.to_json(path)
-    return path
-
-
 def _cli(*argv, timeout=600):
     code = "import sys; from cspine_submit.cli import main; rc = main(sys.argv[1:]); " \
            "print('TENSORFLOW_LOADED', 'tensorflow' in sys.modules); sys.exit(rc)"
     return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout)
 
 
-def test_plan_json_counts_labels_per_vertebra_and_fold_times_a_step_and_counts_disk(synthetic_dataset, ranges,
-                                                                                     tmp_path):
-    done = _cli("train", "--data", str(synthetic_dataset), "--ranges", str(ranges), "--out", str(tmp_path / "w"),
+def test_plan_json_counts_labels_per_vertebra_and_fold_times_a_step_and_counts_disk(synthetic_dataset,
+                                                                                     synthetic_ranges, tmp_path):
+    done = _cli("train", "--data", str(synthetic_dataset), "--ranges", str(synthetic_ranges),
+                "--out", str(tmp_path / "w"),
                 *TINY_ARGS, "--folds", "2", "--seed", "3", "--shared", "--plan", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout[: done.stdout.rindex("TENSORFLOW_LOADED")]
@@ -79,8 +70,8 @@ def test_classifiers_that_fit_no_kaggle_machine_are_refused_with_the_numbers_and
     assert all(p.files == 7 for p in plans.values()) and any(p.fits for p in plans.values())
 
 
-def test_a_vertebra_without_fractures_is_refused_before_tensorflow_naming_the_options(synthetic_dataset, ranges,
-                                                                                     tmp_path):
+def test_a_vertebra_without_fractures_is_refused_before_tensorflow_naming_the_options(synthetic_dataset,
+                                                                                     synthetic_ranges, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "train_images").symlink_to(synthetic_dataset / "train_images")
@@ -89,7 +80,7 @@ def test_a_vertebra_without_fractures_is_refused_before_tensorflow_naming_the_op
     labels["patient_overall"] = labels[list(VERTEBRAE)].max(axis=1)
     labels.to_csv(data / "train.csv", index=False)
     for extra in ([], ["--plan", "--json"]):
-        done = _cli("train", "--data", str(data), "--ranges", str(ranges), "--out", str(tmp_path / "w"),
+        done = _cli("train", "--data", str(data), "--ranges", str(synthetic_ranges), "--out", str(tmp_path / "w"),
                     *TINY_ARGS, "--folds", "2", "--seed", "3", "--vertebrae", "C3,C5", *extra)
         assert done.returncode == 2, done.stdout + done.stderr[-2000:]
         assert "cannot train C3" in done.stdout and "--shared" in done.stdout and "--vertebrae C5" in done.stdout

@@ -23,24 +23,15 @@ OPTIONS = dict(folds=2, epochs=2, batch_size=8, shared=True, box_policy="study",
                trained_on="synthetic", source="test")
 
 
-@pytest.fixture(scope="module")
-def ranges(synthetic_dataset, tmp_path_factory):
-    from cspine_submit.localize import learn_ranges
-
-    learned, _ = learn_ranges(synthetic_dataset / "segmentations", synthetic_dataset / "train_images")
-    path = tmp_path_factory.mktemp("ranges") / "slice_ranges.json"
-    learned.to_json(path)
-    return path
-
-
 def _digests(folder):
     """sha256 of every file a run writes into its weights folder."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_a_run_killed_after_an_epoch_and_resumed_writes_the_same_bytes(synthetic_dataset, ranges, tmp_path, monkeypatch):
+def test_a_run_killed_after_an_epoch_and_resumed_writes_the_same_bytes(synthetic_dataset, synthetic_ranges, tmp_path,
+                                                                       monkeypatch):
     options = TrainOptions(**OPTIONS, work_dir=str(tmp_path / "work_a"))
-    train_classifiers(synthetic_dataset, ranges, tmp_path / "a", TINY, options, progress=False)
+    train_classifiers(synthetic_dataset, synthetic_ranges, tmp_path / "a", TINY, options, progress=False)
     a = _digests(tmp_path / "a")
     assert sorted(a) == ["MANIFEST.json", "all.f0.keras", "all.f1.keras", "model_config.json", "oof.csv",
                          "slice_ranges.json", "validation.json"]
@@ -58,8 +49,8 @@ def test_a_run_killed_after_an_epoch_and_resumed_writes_the_same_bytes(synthetic
     monkeypatch.setattr(fit, "append_history", killed)
     options_c = TrainOptions(**OPTIONS, work_dir=str(tmp_path / "work_c"))
     with pytest.raises(KeyboardInterrupt):
-        train_classifiers(synthetic_dataset, ranges, tmp_path / "c", TINY, options_c, progress=False)
-    train_classifiers(synthetic_dataset, ranges, tmp_path / "c", TINY, options_c, resume=True, progress=False)
+        train_classifiers(synthetic_dataset, synthetic_ranges, tmp_path / "c", TINY, options_c, progress=False)
+    train_classifiers(synthetic_dataset, synthetic_ranges, tmp_path / "c", TINY, options_c, resume=True, progress=False)
     assert calls == [1, 2, 1, 2]  # the resumed fold went on at epoch 2
     assert _digests(tmp_path / "c") == a  # .keras files, MANIFEST.json and the oof score: byte for byte
 
@@ -78,8 +69,8 @@ RUN_AT_THREADS = textwrap.dedent("""
 """)
 
 
-def test_weights_and_oof_score_do_not_depend_on_the_thread_count_tensorflow_started_with(synthetic_dataset, ranges,
-                                                                                       tmp_path):
+def test_weights_and_oof_score_do_not_depend_on_the_thread_count_tensorflow_started_with(synthetic_dataset,
+                                                                                       synthetic_ranges, tmp_path):
     cfg = json.dumps({"head": "tiny", "input_size": 32, "channels": "single", "windows": [[400.0, 1800.0]],
                       "slices_per_vertebra": 3, "top_k": 1, "mixed_precision": False})
     outs = []
@@ -87,7 +78,7 @@ def test_weights_and_oof_score_do_not_depend_on_the_thread_count_tensorflow_star
         out = tmp_path / f"w{threads}"
         opts = json.dumps({**OPTIONS, "epochs": 1, "work_dir": str(tmp_path / f"work{threads}")})
         done = subprocess.run([sys.executable, "-c", RUN_AT_THREADS, str(threads), str(synthetic_dataset),
-                               str(ranges), str(out), cfg, opts], capture_output=True, text=True, timeout=600)
+                               str(synthetic_ranges), str(out), cfg, opts], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.split()[-1] == "2"  # training pinned its pool at TrainOptions.threads
         outs.append(_digests(out))

@@ -160,3 +160,13 @@ def test_probabilities_near_0_and_1_never_print_as_0_or_1():
     assert all(0.0 < v < 1.0 for v in values), text
     assert values[0] == 1e-9 and values[1] == 1 - 1e-9
     assert text.splitlines()[3] == "a_C3,0.50000000"
+
+
+def test_fallback_causes_group_without_any_path_relative_or_absolute():
+    from cspine_submit.submit.run_report import _cause
+
+    assert _cause("/tmp/x/empty_dir/1.2.3: empty study folder (no files)") == "<path>: empty study folder (no files)"
+    assert _cause("empty_dir/1.2.3: empty study folder (no files)") == "<path>: empty study folder (no files)"
+    assert _cause("test_images/1.2.3/12.dcm: truncated, 4 KiB (reading 1.2.3)") == \
+        "<path>: truncated, 4 KiB (reading 1.2.3)"
+    assert _cause("no GPU memory") == "no GPU memory"

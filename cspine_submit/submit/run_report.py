@@ -67,8 +67,11 @@ def run_problems(totals: dict) -> list[str]:
 
 
 def _cause(reason: str) -> str:
-    """A fallback reason without the study-specific part (file names), so that equal causes group."""
-    return re.sub(r"(/[^\s:,;()]+)+", "<path>", str(reason))[:200]
+    """A fallback reason without the study-specific part (file names), so that equal causes group.
+
+    A path is a whole token with a ``/`` in it, relative ones included: ``test_images/1.2.3: ...`` becomes
+    ``<path>: ...``, not ``test_images<path>: ...``."""
+    return re.sub(r"(?:[^\s:,;()]*/)+[^\s:,;()]*", "<path>", str(reason))[:200]
 
 
 def report_totals(state, wall: float) -> dict:

@@ -8,7 +8,7 @@ input pipeline (``train_data.make_dataset``: read, decompress, enlarge, window, 
 For each config (the default 256x256x3 windows, the seed's 512x512x1) it prints: stored bytes per crop and per
 study (7 x 15 crops), the projection for 2019 studies, the old cache (float16 windowed crops, 7 x 15 x S x S x C x 2
 bytes) for comparison, crops/s of the pipeline with 1 and 2 parallel loaders (with augmentation) and of loading
-alone, and the training rate of one and of two T4s it has to feed (ResNet-50 training figures, scaled by pixels:
+alone (also with one core kept busy, and with the per-crop pipeline of before), and the training rate of one and of two T4s it has to feed (ResNet-50 training figures, scaled by pixels:
 cspine_submit.train.plan.GPU_TRAIN_224).
 
     python benchmarks/bench_train_input.py            # both configs
@@ -76,6 +76,65 @@ def pipeline_rate(samples, config, workers: int, augment: bool, n_crops: int, ba
     return n / (time.perf_counter() - t0)
 
 
+def per_crop_rate(samples, config, workers: int, n_crops: int, batch: int = 16) -> float:
+    """The pipeline of before (the baseline, measured in the same run), as ``make_dataset`` was until it loaded
+    whole batches: a generator yielding one index and seed per crop, one ``tf.numpy_function`` per crop."""
+    import tensorflow as tf
+    from cspine_submit.train.data import Samples, load_crop
+
+    many = Samples.concat([samples] * int(np.ceil(n_crops / len(samples))))
+    y_all, w_all, shape = many.y.astype(np.float32), many.w, tuple(config.input_shape)
+
+    def gen():
+        order = np.random.default_rng([1, 0]).permutation(len(many))
+        for j, i in enumerate(order):
+            yield np.int64(i), np.array([1, j], np.int64)
+
+    def load(i):
+        i = int(i)
+        return load_crop(many, i, config), y_all[i:i + 1], w_all[i]
+
+    def load_tf(i, s):
+        x, y, w = tf.numpy_function(load, [i], (tf.float32, tf.float32, tf.float32), stateful=False)
+        x.set_shape(shape)
+        y.set_shape((1,))
+        w.set_shape(())
+        return x, y, w, s
+
+    sig = (tf.TensorSpec((), tf.int64), tf.TensorSpec((2,), tf.int64))
+    ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
+    ds = ds.map(load_tf, num_parallel_calls=workers, deterministic=True).batch(batch)
+    it = iter(ds.map(lambda x, y, w, s: (x, y, w)).prefetch(tf.data.AUTOTUNE))
+    next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for x, _, _ in it:
+        n += int(x.shape[0])
+    return n / (time.perf_counter() - t0)
+
+
+def _spin(stop):
+    """Keep one core busy, as the training loop's host thread does while the GPUs train."""
+    while not stop.is_set():
+        sum(range(10_000))
+
+
+def with_one_core_busy(fn, *args):
+    """``fn(*args)`` while another process keeps one of the cores busy."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    proc = ctx.Process(target=_spin, args=(stop,), daemon=True)
+    proc.start()
+    try:
+        time.sleep(0.5)
+        return fn(*args)
+    finally:
+        stop.set()
+        proc.join(5)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -94,7 +153,7 @@ def main(argv=None) -> int:
     n = 320 if args.quick else 1200
     print(f"real CT: {SERIES.name}, {slices.shape}; {os.cpu_count()} CPUs (shared: timings are noisy)")
     print(f"{'config':<28}{'kB/crop':>8}{'MB/study':>9}{'GB/2019':>8}{'old GB':>8}"
-          f"{'w=1 aug':>9}{'w=2 aug':>9}{'w=2 load':>9}{'1 T4':>7}{'2 T4':>7}")
+          f"{'w=1 aug':>9}{'w=2 aug':>9}{'before':>8}{'w=2 load':>9}{'busy':>7}{'1 T4':>7}{'2 T4':>7}")
     for name, cfg in configs.items():
         with tempfile.TemporaryDirectory() as tmp:
             s = make_store(Path(tmp), slices, cfg)
@@ -104,11 +163,16 @@ def main(argv=None) -> int:
             r1 = pipeline_rate(s, cfg, 1, True, n)
             r2 = pipeline_rate(s, cfg, 2, True, n)
             r2_load = pipeline_rate(s, cfg, 2, False, n)
+            r_before = per_crop_rate(s, cfg, 2, n)
+            r_busy = with_one_core_busy(pipeline_rate, s, cfg, 2, False, n)
         t4 = GPU_TRAIN_224["T4"]["img_s"] * (224 / cfg.input_size) ** 2
         print(f"{name:<28}{per_crop / 1e3:>8.1f}{per_study / 1e6:>9.2f}{per_study * STUDIES / 1e9:>8.1f}"
-              f"{old * STUDIES / 1e9:>8.1f}{r1:>9.0f}{r2:>9.0f}{r2_load:>9.0f}{t4:>7.0f}{2 * t4:>7.0f}")
+              f"{old * STUDIES / 1e9:>8.1f}{r1:>9.0f}{r2:>9.0f}{r_before:>8.0f}{r2_load:>9.0f}{r_busy:>7.0f}"
+              f"{t4:>7.0f}{2 * t4:>7.0f}")
     print("crops/s: the training input pipeline (read, decompress, enlarge, window: 'load') with 1 or 2 parallel "
-          "loaders; 'aug' adds the augmentation on the CPU, which training does not do (it augments on the GPU, "
+          "loaders, one call per batch; 'before': the per-crop pipeline it replaced (one call per crop, 2 loaders); "
+          "'busy': 'w=2 load' while another process keeps one core busy (the training loop's own host thread); "
+          "'aug' adds the augmentation on the CPU, which training does not do (it augments on the GPU, "
           "inside the model: train.data.augmenting_model); '1 T4' / '2 T4': ResNet-50 training img/s of one and two "
           "T4s at that input (mixed precision, scaled by pixels; two T4s at most twice one)")
     return 0

@@ -285,6 +285,55 @@ def test_training_crops_are_the_inference_crops(synthetic_info, synthetic_ranges
             np.testing.assert_allclose(cached, crops, atol=0.5 / 1800 + 1e-5)
 
 
+def _square_samples(folder, n, side=20, planes=1):
+    """``n`` cached crops of random HU squares in one crops.bin, with distinct targets and weights."""
+    rng = np.random.default_rng(7)
+    path = folder / "crops.bin"
+    offsets, nbytes = [], []
+    with open(path, "wb") as fh:
+        for _ in range(n):
+            buf = td.encode_square(rng.integers(-1000, 1500, (planes, side, side)).astype(np.float32))
+            offsets.append(fh.tell())
+            nbytes.append(len(buf))
+            fh.write(buf)
+    return td.Samples(np.array([str(path)] * n, dtype=object), np.array(offsets), np.array(nbytes),
+                      np.full(n, side), (np.arange(n) % 2).astype(np.float32),
+                      np.linspace(0.1, 1.0, n).astype(np.float32), np.array(["s"] * n, dtype=object))
+
+
+def test_dataset_batches_are_the_seeded_order_of_per_crop_loads(tmp_path):
+    """Each batch is loaded whole (one call), and holds exactly the crops, targets and weights of the seeded
+    epoch order, with a short last batch; a resumed run (first_epoch) draws that epoch's order."""
+    config = ModelConfig(head="tiny", input_size=32, channels="windows", mixed_precision=False)
+    n, batch, seed = 37, 8, 5
+    samples = _square_samples(tmp_path, n)
+    reference = np.stack([td.load_crop(samples, i, config) for i in range(n)])
+    ds = td.make_dataset(samples, config, batch, shuffle=True, augment_data=False, seed=seed, workers=2)
+    for epoch in (0, 1):
+        batches = list(ds)
+        assert [int(b[0].shape[0]) for b in batches] == [8, 8, 8, 8, 5]
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        x = np.concatenate([b[0] for b in batches])
+        np.testing.assert_array_equal(x, reference[order])
+        np.testing.assert_array_equal(np.concatenate([b[1] for b in batches])[:, 0], samples.y[order])
+        np.testing.assert_array_equal(np.concatenate([b[2] for b in batches]), samples.w[order])
+    resumed = td.make_dataset(samples, config, batch, shuffle=True, augment_data=False, seed=seed, first_epoch=1)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in resumed]), x)  # epoch 1's order, as above
+    plain = td.make_dataset(samples, config, batch, shuffle=False, augment_data=False)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in plain]), reference)
+
+
+def test_load_crop_writes_into_a_given_buffer(tmp_path):
+    config = ModelConfig(head="tiny", input_size=32, channels="windows", mixed_precision=False)
+    samples = _square_samples(tmp_path, 3)
+    out = np.full((32, 32, 3), -1.0, np.float32)
+    got = td.load_crop(samples, 2, config, out=out)
+    assert np.shares_memory(got, out)
+    np.testing.assert_array_equal(out, td.load_crop(samples, 2, config))
+    with pytest.raises(ValueError, match="out: expected"):
+        td.load_crop(samples, 2, config, out=np.zeros((32, 32, 1), np.float32))
+
+
 def test_augmentation_runs_inside_the_model_only_while_training(tmp_path):
     import keras
 

@@ -251,11 +251,16 @@ def _input_planes(squares: np.ndarray, config: ModelConfig) -> tuple[np.ndarray,
     return hu.reshape(k, P, S, S), channels
 
 
-def _windowed_channels(squares: np.ndarray, config: ModelConfig, dtype, code: bool):
-    """Model input of ``squares`` as ``dtype``, channel by channel into one array (no per-channel stack)."""
+def _windowed_channels(squares: np.ndarray, config: ModelConfig, dtype, code: bool, out: np.ndarray | None = None):
+    """Model input of ``squares`` as ``dtype``, channel by channel into one array (no per-channel stack); into
+    ``out`` (``(k, S, S, C)`` of ``dtype``) when given."""
     hu, channels = _input_planes(squares, config)
     k, S = hu.shape[0], config.input_size
-    out = np.empty((k, S, S, len(channels)), dtype=dtype)
+    shape = (k, S, S, len(channels))
+    if out is None:
+        out = np.empty(shape, dtype=dtype)
+    elif out.shape != shape or out.dtype != np.dtype(dtype):
+        raise ValueError(f"out: expected {shape} {np.dtype(dtype)}, got {out.shape} {out.dtype}")
     done: dict[tuple[int, float, float], int] = {}
     for c, key in enumerate(channels):
         if key in done:  # "replicate": the same window again
@@ -271,7 +276,7 @@ def _windowed_channels(squares: np.ndarray, config: ModelConfig, dtype, code: bo
     return out
 
 
-def squares_to_input(squares: np.ndarray, config: ModelConfig) -> np.ndarray:
+def squares_to_input(squares: np.ndarray, config: ModelConfig, out: np.ndarray | None = None) -> np.ndarray:
     """The second half of :func:`prepare_crops`: HU squares -> model input.
 
     Parameters
@@ -279,12 +284,14 @@ def squares_to_input(squares: np.ndarray, config: ModelConfig) -> np.ndarray:
     squares : (k, P, s, s) ndarray, HU
         From :func:`hu_squares` (or the training cache, which stores them).
     config : ModelConfig
+    out : (k, S, S, C) ndarray of float32, optional
+        Written in place and returned (the training pipeline fills its batch this way, without a copy).
 
     Returns
     -------
     (k, S, S, C) ndarray of float32 in [0, 1]
     """
-    return _windowed_channels(squares, config, np.float32, code=False)
+    return _windowed_channels(squares, config, np.float32, code=False, out=out)
 
 
 def squares_to_encoded_input(squares: np.ndarray, config: ModelConfig) -> np.ndarray:

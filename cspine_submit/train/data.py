@@ -445,12 +445,21 @@ def read_square(path: str, offset: int, nbytes: int, planes: int, side: int) -> 
     return decode_square(buf, planes, int(side))
 
 
-def load_crop(samples: Samples, i: int, config: ModelConfig) -> np.ndarray:
-    """Model input ``(S, S, C)`` float32 of sample ``i``: the cached square, enlarged and windowed on load."""
+def load_crop(samples: Samples, i: int, config: ModelConfig, out: np.ndarray | None = None) -> np.ndarray:
+    """Model input ``(S, S, C)`` float32 of sample ``i``: the cached square, enlarged and windowed on load (into
+    ``out``, of that shape and dtype, when given)."""
     from cspine_submit.score.crop import n_planes, squares_to_input
 
     sq = read_square(samples.files[i], samples.offsets[i], samples.nbytes[i], n_planes(config), samples.sides[i])
-    return squares_to_input(sq[None], config)[0]
+    return squares_to_input(sq[None], config, out=None if out is None else out[None])[0]
+
+
+def load_batch(samples: Samples, indices: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """Model input ``(len(indices), S, S, C)`` float32 of the samples at ``indices``, each written into place."""
+    out = np.empty((len(indices),) + tuple(config.input_shape), np.float32)
+    for k, i in enumerate(np.asarray(indices).tolist()):
+        load_crop(samples, int(i), config, out=out[k])
+    return out
 
 
 def load_crops(samples: Samples, config: ModelConfig, order: np.ndarray | None = None) -> Iterable[np.ndarray]:
@@ -558,8 +567,9 @@ def augmenting_model(classifier, input_shape, seed: int):
 
     The augmentation then runs where the model runs (the GPU), inside the compiled training step (its warp,
     :func:`affine_warp`, is made of ops XLA compiles, so ``jit_compile=True`` works): on 2 CPU
-    cores the input pipeline alone feeds 256-pixel crops at about 440/s, with the augmentation on the CPU at
-    about 150-220/s, below a T4's training rate (about 320/s). The classifier inside is the one to save.
+    cores the input pipeline alone feeds 256x256x3 crops at 1340-1390/s (950-1200/s with one core kept busy), with
+    the augmentation on the CPU at about 430/s, below two T4s' training rate (about 650/s). The classifier inside
+    is the one to save.
     """
     import keras
 
@@ -607,12 +617,17 @@ def make_dataset(samples: Samples, config: ModelConfig, batch_size: int, *, shuf
                  seed: int = 0, sample_weight: np.ndarray | None = None, workers: int = 2, first_epoch: int = 0):
     """A ``tf.data.Dataset`` of ``(x, y, w)`` batches streamed from the cache (one epoch per iteration).
 
-    A Python generator yields only indices and augmentation seeds; reading, decompressing, enlarging and
-    windowing run in ``workers`` parallel map calls (zlib and OpenCV release the GIL), then each batch is
-    augmented in one vectorised call (:func:`augment_batch`).
+    A Python generator yields each batch's indices and augmentation seeds; reading, decompressing, enlarging and
+    windowing a whole batch (:func:`load_batch`) is one ``tf.numpy_function`` call, ``workers`` of them in parallel
+    (zlib, OpenCV and numpy release the GIL). One call per batch, not per crop: measured with
+    ``benchmarks/bench_train_input.py`` on 2 idle cores (3 runs), 256x256x3 crops at 1340-1390/s against 890-1090/s
+    per crop, 512x512x1 at 910-1000/s against 680-740/s; with one core kept busy (the training loop's host thread),
+    950-1200/s and 700-770/s. Two T4s need about 650 and 160/s. With ``augment_data`` each batch is
+    then augmented on the CPU in one vectorised call (:func:`augment_batch`); training augments on the device.
     Shuffling and augmentation are seeded from ``seed`` and the epoch number, so a run is reproducible. Each
     iteration is one epoch, counted from ``first_epoch`` (0-based): a resumed run passes the epochs it already has,
-    so its next epoch draws that epoch's order, not the first one's again.
+    so its next epoch draws that epoch's order, not the first one's again. The batches hold the same crops in the
+    same order, with the same seeds, as the per-crop pipeline of before.
     """
     import tensorflow as tf
 
@@ -625,24 +640,26 @@ def make_dataset(samples: Samples, config: ModelConfig, batch_size: int, *, shuf
     def gen():
         rng = np.random.default_rng([seed, epoch["n"]])
         order = rng.permutation(n) if shuffle else np.arange(n)
-        for j, i in enumerate(order):
-            yield np.int64(i), np.array([seed, epoch["n"] * 1_000_003 + j], np.int64)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size].astype(np.int64)
+            seeds = np.stack([np.full(idx.size, seed, np.int64),
+                              epoch["n"] * 1_000_003 + np.arange(start, start + idx.size, dtype=np.int64)], axis=1)
+            yield idx, seeds
         epoch["n"] += 1
 
-    def load(i):
-        i = int(i)
-        return load_crop(samples, i, config), y_all[i:i + 1], w_all[i]
+    def load(idx):
+        return load_batch(samples, idx, config), y_all[idx][:, None], w_all[idx]
 
-    def load_tf(i, s):
-        x, y, w = tf.numpy_function(load, [i], (tf.float32, tf.float32, tf.float32), stateful=False)
-        x.set_shape(shape)
-        y.set_shape((1,))
-        w.set_shape(())
+    def load_tf(idx, s):
+        x, y, w = tf.numpy_function(load, [idx], (tf.float32, tf.float32, tf.float32), stateful=False)
+        x.set_shape((None,) + shape)
+        y.set_shape((None, 1))
+        w.set_shape((None,))
         return x, y, w, s
 
-    sig = (tf.TensorSpec((), tf.int64), tf.TensorSpec((2,), tf.int64))
+    sig = (tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None, 2), tf.int64))
     ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
-    ds = ds.map(load_tf, num_parallel_calls=max(int(workers), 1), deterministic=True).batch(batch_size)
+    ds = ds.map(load_tf, num_parallel_calls=max(int(workers), 1), deterministic=True)
     if augment_data:  # on the CPU; training augments on the device instead (augmenting_model)
         ds = ds.map(lambda x, y, w, s: (augment_batch(x, s), y, w), num_parallel_calls=max(int(workers), 1),
                     deterministic=True)

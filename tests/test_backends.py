@@ -87,3 +87,63 @@ def test_a_backend_cannot_change_once_keras_is_loaded_and_unknown_names_are_refu
     with pytest.raises(ValueError, match="expected auto or one of"):
         backends.choose_backend("mxnet")
     assert backends.choose_backend("auto").name == keras.backend.backend()
+
+
+_TWO_JAX_DEVICES = r"""
+import sys, numpy as np
+from cspine_submit.score.backends import choose_backend
+choose_backend("jax")
+import jax, keras
+assert len(jax.devices()) == 2, jax.devices()
+from cspine_submit.config import VERTEBRAE
+from cspine_submit.score import loading as L, plan_devices, prediction as P
+from cspine_submit.score.crop import encode_crops
+demo, single_dir = sys.argv[1], sys.argv[2]
+rng = np.random.default_rng(0)
+codes = {v: encode_crops(rng.uniform(0, 1, (k, 64, 64, 1))) for v, k in zip(VERTEBRAE, (15, 15, 15, 0, 15, 9, 15))}
+for weights in (demo, single_dir):
+    config, models = L.load_classifiers(weights)
+    m = models["C1"]
+    assert isinstance(m, P.Spread) and len(set(m.devices)) == 2, m.devices
+    for part in m.parts:  # each part's variables on its own device
+        dev_id = int(part._cspine_device.rsplit(":", 1)[1])
+        assert all(w.value.devices() == {jax.devices()[dev_id]} for w in part.weights), part._cspine_device
+    files = [weights + "/" + f for f in config.classifier_paths("C1")]
+    with keras.device("cpu:0"):
+        members = [L.load_classifier(f, config) for f in files]
+        one = members[0] if len(members) == 1 else L.average_classifiers(members, config.input_shape, "one")
+    # each call runs where its weights are: a copy of them to another device would raise
+    jax.config.update("jax_transfer_guard_device_to_device", "disallow")
+    got = P.score(models, codes, batch_size=8)
+    want = P.score({v: one for v in VERTEBRAE}, codes, batch_size=8)
+    jax.config.update("jax_transfer_guard_device_to_device", "allow")
+    diff = max(float(np.max(np.abs(got[v] - want[v]), initial=0)) for v in VERTEBRAE)
+    assert diff <= 1e-6, diff
+    print("OK", m.mode, "+".join(m.devices), diff, plan_devices(config).strategy)
+"""
+
+
+def test_jax_spreads_an_ensemble_and_a_shared_network_over_two_devices(tmp_path):
+    # Two jax CPU devices (XLA splits the host) stand in for two GPUs, as two logical TensorFlow devices do in
+    # test_memory_plan: the demo's 5 members go 3 + 2, one shared network is replicated; one device's scores.
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+    import shutil
+
+    from cspine_submit.config import VERTEBRAE, ModelConfig
+
+    single = tmp_path / "single"
+    single.mkdir()
+    config = ModelConfig.from_json(DEMO / "model_config.json")
+    config.replace(classifier_files={v: "all.f0.keras" for v in VERTEBRAE}).to_json(single / "model_config.json")
+    shutil.copy(DEMO / "all.f0.keras", single / "all.f0.keras")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env.pop("KERAS_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", _TWO_JAX_DEVICES, str(DEMO), str(single)], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OK")]
+    assert lines[0].startswith("OK members jax:cpu:0+jax:cpu:1+jax:cpu:0+jax:cpu:1+jax:cpu:0"), lines
+    assert lines[1].startswith("OK replicas jax:cpu:0+jax:cpu:1"), lines
+    assert "spread over 2 CPU devices" in lines[0]

@@ -326,7 +326,7 @@ def test_classifiers_round_robin_over_two_devices_with_compact_crops(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES_SCRIPT, str(tmp_path), str(shared)], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "OK classifiers round-robin over 2 CPU devices" in proc.stdout
+    assert "OK classifiers spread over 2 CPU devices" in proc.stdout
 
 
 def test_compact_crops_round_trip_within_their_step_and_score_alike():

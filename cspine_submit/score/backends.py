@@ -7,9 +7,12 @@ Keras; it sets the variable, and says what it chose and why (:class:`BackendChoi
 report's ``devices``). ``auto`` keeps TensorFlow when TensorFlow sees a GPU, else takes a backend that does, else
 TensorFlow on the CPU (or whichever backend is installed).
 
-Only TensorFlow places models on several devices (``tf.device``) and compiles the uint16 conversion into its
-graph; on torch and jax the classifiers run on the backend's default device, one at a time, through Keras's own
-compiled ``predict_on_batch`` (jax: XLA-jitted; torch: eager under ``no_grad``).
+Every backend places the classifiers on all the devices it sees, as the memory plan says (``tf.device`` on
+TensorFlow, ``keras.device`` on torch and jax: the weights are created on the device and each call runs there,
+devices concurrently from one thread each). TensorFlow compiles the uint16 conversion into its graph; torch and
+jax score through Keras's own compiled ``predict_on_batch`` (jax: XLA-jitted; torch: eager under ``no_grad``),
+the conversion done on the host. Only TensorFlow can keep weights in host memory and copy them to the device per
+call (the memory plan's "in turn").
 """
 
 from __future__ import annotations
@@ -153,36 +156,58 @@ def current() -> BackendChoice:
 
 
 def other_backend_devices(name: str) -> tuple[str, list[str], list[str], bool]:
-    """``(kind, device labels, names, fast float16)`` for a torch or jax backend: its default device only."""
+    """``(kind, device labels, names, fast float16)`` for a torch or jax backend: every GPU it sees, else its CPU.
+
+    Labels: torch ``cuda:0``, ``cuda:1`` ... or ``cpu``; jax ``jax:gpu:0`` ... or ``jax:cpu:0`` (several CPU
+    devices only where ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` splits the host, as tests do).
+    :func:`keras_device` turns a label into the name ``keras.device`` takes. Fast float16: every GPU has compute
+    capability >= 7.0.
+    """
     if name == "torch":
         import torch
 
         if torch.cuda.is_available():
-            cc = torch.cuda.get_device_capability(0)
-            return ("GPU", ["cuda:0"], [f"{torch.cuda.get_device_name(0)} (compute capability {cc[0]}.{cc[1]})"],
-                    tuple(cc) >= (7, 0))
+            labels, names, fast16 = [], [], True
+            for i in range(torch.cuda.device_count()):
+                cc = torch.cuda.get_device_capability(i)
+                labels.append(f"cuda:{i}")
+                names.append(f"{torch.cuda.get_device_name(i)} (compute capability {cc[0]}.{cc[1]})")
+                fast16 = fast16 and tuple(cc) >= (7, 0)
+            return "GPU", labels, names, fast16
         return "CPU", ["cpu"], [f"torch CPU on {os.cpu_count()} cores"], False
     import jax
 
-    dev = jax.devices()[0]
-    if dev.platform == "gpu":
-        cc = str(getattr(dev, "compute_capability", "0.0"))
-        return "GPU", [f"jax:{dev.platform}:{dev.id}"], [f"{dev.device_kind} (compute capability {cc})"], \
-            tuple(int(p) for p in cc.split(".")[:2]) >= (7, 0)
-    return "CPU", [f"jax:{dev.platform}:{dev.id}"], [f"jax CPU on {os.cpu_count()} cores"], False
+    devices = jax.devices()
+    if devices[0].platform == "gpu":
+        labels, names, fast16 = [], [], True
+        for dev in devices:
+            cc = str(getattr(dev, "compute_capability", "0.0"))
+            labels.append(f"jax:gpu:{dev.id}")
+            names.append(f"{dev.device_kind} (compute capability {cc})")
+            fast16 = fast16 and tuple(int(p) for p in cc.split(".")[:2]) >= (7, 0)
+        return "GPU", labels, names, fast16
+    return ("CPU", [f"jax:{d.platform}:{d.id}" for d in devices],
+            [f"jax CPU on {os.cpu_count()} cores" + (f" ({len(devices)} devices)" if len(devices) > 1 else "")], False)
 
 
-def other_backend_gpu_memory(name: str) -> tuple[int | None, str]:
-    """Bytes the torch or jax backend may use on its GPU, and where that comes from (None: unknown)."""
+def keras_device(label: str) -> str:
+    """The ``keras.device`` name of a device label of :func:`other_backend_devices` (``jax:gpu:1`` -> ``gpu:1``,
+    ``cuda:1`` and ``cpu`` unchanged)."""
+    return label[len("jax:"):] if label.startswith("jax:") else label
+
+
+def other_backend_gpu_memory(name: str, index: int = 0) -> tuple[int | None, str]:
+    """Bytes the torch or jax backend may use on its GPU number ``index``, and where that comes from (None:
+    unknown)."""
     try:
         if name == "torch":
             import torch
 
-            total = int(torch.cuda.get_device_properties(0).total_memory)
+            total = int(torch.cuda.get_device_properties(index).total_memory)
             return total - 1024**3, "torch: the GPU's total memory less 1 GiB for the CUDA context"
         import jax
 
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = jax.devices()[index].memory_stats() or {}
         if stats.get("bytes_limit"):
             return int(stats["bytes_limit"]), "jax: XLA's allocator limit (XLA_PYTHON_CLIENT_MEM_FRACTION)"
     except Exception:  # noqa: BLE001 - the documented defaults then

@@ -173,8 +173,8 @@ def plan_devices(config: ModelConfig | None = None) -> DevicePlan:
     in turn (no MirroredStrategy: each batch goes to one device only, each model's weights live once).
 
     Several CPU devices appear only when a program splits the CPU into logical devices (tests do, to stand in for
-    two GPUs). On Keras's torch or jax backend (:func:`cspine_submit.score.backends.choose_backend`): that
-    backend's default device only.
+    two GPUs). On Keras's torch or jax backend (:func:`cspine_submit.score.backends.choose_backend`): every GPU
+    that backend sees, else its CPU device(s).
     """
     from cspine_submit.score import backends
 
@@ -194,8 +194,7 @@ def _plan_other_backend(config: ModelConfig | None, choice) -> DevicePlan:
         why.append("float32: float16 is slow on a CPU" if kind == "CPU" else
                    "float32: a GPU below compute capability 7.0 (e.g. P100) gains nothing from float16")
     return DevicePlan(kind=kind, devices=tuple(devices), names=tuple(names), precision=policy,
-                      strategy=f"one device ({choice.name} backend: multi-device placement is TensorFlow's only)",
-                      why=tuple(why), backend=choice)
+                      strategy=_strategy_text(kind, len(devices)), why=tuple(why), backend=choice)
 
 
 def _plan_tensorflow(config: ModelConfig | None) -> DevicePlan:
@@ -223,7 +222,11 @@ def _plan_tensorflow(config: ModelConfig | None) -> DevicePlan:
         elif policy == "float32":
             why.append("float32: float16 is slow on a CPU" if kind == "CPU" else
                        "float32: a GPU below compute capability 7.0 (e.g. P100) gains nothing from float16")
-    strategy = ("one device" if len(devices) == 1 else
-                f"classifiers round-robin over {len(devices)} {kind} devices by vertebra (vertebrae sharing one "
-                "network on one device), scored concurrently")
-    return DevicePlan(kind=kind, devices=devices, names=tuple(names), precision=policy, strategy=strategy, why=tuple(why))
+    return DevicePlan(kind=kind, devices=devices, names=tuple(names), precision=policy,
+                      strategy=_strategy_text(kind, len(devices)), why=tuple(why))
+
+
+def _strategy_text(kind: str, n_devices: int) -> str:
+    return ("one device" if n_devices == 1 else
+            f"classifiers spread over {n_devices} {kind} devices as the memory plan places them (round-robin by "
+            "vertebra, an ensemble's members or a shared network's replicas split), scored concurrently")

@@ -418,11 +418,16 @@ def _load_placed(files, group, config: ModelConfig, *, where: GroupPlacement, lo
 
 
 def _device_scope(device: str | None):
-    """``tf.device(device)`` on the TensorFlow backend; torch and jax create the variables on their default device."""
+    """Where the variables are created: ``tf.device(device)`` on the TensorFlow backend, ``keras.device`` of the
+    label (:func:`cspine_submit.score.backends.keras_device`) on torch and jax."""
     import keras
 
-    if keras.backend.backend() != "tensorflow" or device is None:
+    if device is None:
         return nullcontext()
+    if keras.backend.backend() != "tensorflow":
+        from cspine_submit.score.backends import keras_device
+
+        return keras.device(keras_device(device))
     import tensorflow as tf
 
     return tf.device(device)

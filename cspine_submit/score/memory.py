@@ -506,7 +506,8 @@ def _halvings(batch: int) -> list[int]:
 
 
 def plan_memory(config: ModelConfig, devices: Sequence[DeviceMemory], *, precision: str = "float32",
-                groups=None, host_usable: int | None = None, batch_size: int | None = None) -> MemoryPlan:
+                groups=None, host_usable: int | None = None, batch_size: int | None = None,
+                in_turn: bool = True) -> MemoryPlan:
     """Choose where ``config``'s classifiers go on ``devices``: the first placement that fits, in the order of the
     module's description (resident at the asked batch, resident at a smaller batch, in turn, nothing).
 
@@ -524,6 +525,9 @@ def plan_memory(config: ModelConfig, devices: Sequence[DeviceMemory], *, precisi
         Host bytes available for the weights of an in-turn placement; None: not limited.
     batch_size : int, optional
         Default ``config.batch_size``.
+    in_turn : bool
+        Whether the in-turn placement may be tried: TensorFlow's only (it copies a variable held in host memory to
+        the device of the op reading it; Keras's torch and jax backends compute where the weights are).
 
     Returns
     -------
@@ -544,7 +548,9 @@ def plan_memory(config: ModelConfig, devices: Sequence[DeviceMemory], *, precisi
     tried: list[str] = []
     candidates = [(mode, b) for mode in _strategies(groups, len(devices)) for b in _halvings(requested)]
     host_weights = n_files * net.weights
-    if all(d.kind == "GPU" for d in devices) and (host_usable is None or host_weights <= host_usable):
+    if all(d.kind == "GPU" for d in devices) and not in_turn:
+        tried.append("in turn: TensorFlow only (this backend computes where the weights are)")
+    elif all(d.kind == "GPU" for d in devices) and (host_usable is None or host_weights <= host_usable):
         candidates += [("in turn", b) for b in _halvings(requested)]
     elif all(d.kind == "GPU" for d in devices):
         tried.append(f"in turn: the host holds {_gib(host_usable)} GiB, the weights need {_gib(host_weights)} GiB")
@@ -606,25 +612,32 @@ def kaggle_plans(config: ModelConfig, *, batch_size: int | None = None) -> dict[
 
 def plan_for_devices(config: ModelConfig, device_plan, *, groups=None, batch_size: int | None = None) -> MemoryPlan:
     """The memory plan of ``config`` on the devices of ``device_plan`` (a ``DevicePlan``), their memory asked of
-    TensorFlow (:func:`device_memory`), the host's available memory for an in-turn placement."""
+    TensorFlow (:func:`device_memory`) or of the torch or jax backend, the host's available memory for an in-turn
+    placement (TensorFlow only)."""
     backend = getattr(device_plan, "backend", None)
-    if backend is not None and backend.name != "tensorflow":
+    other = backend is not None and backend.name != "tensorflow"
+    if other:
         devices = _other_backend_memory(device_plan, backend.name)
     else:
         devices = device_memory(device_plan.devices, device_plan.names if device_plan.kind == "GPU" else ())
     return plan_memory(config, devices, precision=device_plan.precision, groups=groups,
-                       host_usable=host_available_bytes(), batch_size=batch_size)
+                       host_usable=host_available_bytes(), batch_size=batch_size, in_turn=not other)
 
 
 def _other_backend_memory(device_plan, backend: str) -> list[DeviceMemory]:
-    """The one device of a torch or jax backend: what the backend reports for its GPU, else the documented default
-    of the GPU's name; the host's available memory for its CPU."""
+    """The devices of a torch or jax backend: what the backend reports for each GPU, else the documented default of
+    the GPU's name; the host's available memory shared by its CPU device(s)."""
     from cspine_submit.score.backends import other_backend_gpu_memory
 
     if device_plan.kind != "GPU":
         host = host_available_bytes()
-        return [DeviceMemory(device_plan.devices[0], host, "CPU", f"host memory available ({host / GiB:.1f} GiB)")]
-    usable, why = other_backend_gpu_memory(backend)
-    if usable is None:
-        usable, why = known_gpu_memory(device_plan.names[0])
-    return [DeviceMemory(device_plan.devices[0], usable, "GPU", why)]
+        n = len(device_plan.devices)
+        return [DeviceMemory(d, host // n, "CPU", f"host memory available ({host / GiB:.1f} GiB)"
+                             + (f" shared by {n} CPU devices" if n > 1 else "")) for d in device_plan.devices]
+    out = []
+    for i, d in enumerate(device_plan.devices):
+        usable, why = other_backend_gpu_memory(backend, i)
+        if usable is None:
+            usable, why = known_gpu_memory(device_plan.names[i])
+        out.append(DeviceMemory(d, usable, "GPU", why))
+    return out

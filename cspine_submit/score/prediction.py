@@ -84,14 +84,24 @@ def _predict_fn(model):
 
 def _other_backend_fn(model):
     """Inference on Keras's torch or jax backend: Keras's own compiled ``predict_on_batch`` (jax: XLA-jitted per
-    input shape, which :func:`_bucket` keeps few); uint16 codes are decoded on the host, the same float32 product
-    as on TensorFlow (``cast(x, float32) * float32(1 / CROP_CODE_SCALE)``)."""
+    input shape, which :func:`_bucket` keeps few), inside ``keras.device`` of the model's device (its weights are
+    there; Keras's device scope is per thread, so devices run concurrently from their threads); uint16 codes are
+    decoded on the host, the same float32 product as on TensorFlow (``cast(x, float32) * float32(1 /
+    CROP_CODE_SCALE)``)."""
+    from contextlib import nullcontext
+
+    import keras
+
+    from cspine_submit.score.backends import keras_device
+
     scale = np.float32(1.0 / CROP_CODE_SCALE)
+    device = getattr(model, DEVICE_ATTR, None)
 
     def fn(x):
         if x.dtype == np.uint16:
             x = x.astype(np.float32) * scale
-        return model.predict_on_batch(x)
+        with keras.device(keras_device(device)) if device else nullcontext():
+            return model.predict_on_batch(x)
 
     return fn
 

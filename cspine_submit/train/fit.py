@@ -108,16 +108,11 @@ def classifier_of(model):
 def predict_samples(model, samples, config: ModelConfig) -> np.ndarray:
     """Slice probabilities ``(n,)`` float32 of every crop in ``samples`` (streamed from the cache in chunks)."""
     from cspine_submit.score.models import predict
-    from cspine_submit.train.data import load_crops
+    from cspine_submit.train.data import load_batch
 
-    out, buf = [], []
-    for x in load_crops(samples, config):
-        buf.append(x)
-        if len(buf) == PREDICT_CHUNK:
-            out.append(predict(model, np.stack(buf), config.batch_size))
-            buf = []
-    if buf:
-        out.append(predict(model, np.stack(buf), config.batch_size))
+    out = [predict(model, load_batch(samples, np.arange(start, min(start + PREDICT_CHUNK, len(samples))), config),
+                   config.batch_size)
+           for start in range(0, len(samples), PREDICT_CHUNK)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 

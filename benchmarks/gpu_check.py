@@ -7,6 +7,8 @@ batches). Per case: images per second after a warm-up, peak memory per device (T
 peaks, XLA's ``peak_bytes_in_use``, the process's peak RSS on a CPU) next to the memory plan's estimate
 (``score.memory``), whether two inference runs on the same crops are bit-identical, and the largest difference from
 the first backend's float32 probabilities (the weights are the same numbers on every backend: drawn with numpy).
+Then a 5-fold gap ensemble shared by the vertebrae, loaded and placed by the package over every device the backend
+sees, scored as a study is, against the same ensemble on one device: img/s of each, largest difference.
 
 Training (TensorFlow only, skipped without it): ``cspine-submit synth`` writes a few synthetic studies and
 ``cspine-submit train --epochs 1 --folds 2 --shared`` trains on them with ``--jit-compile on`` and ``off``; wall seconds and
@@ -150,6 +152,59 @@ def score_case(backend: str, head: str, size: int, channels: int, batch: int, pr
     }
 
 
+def ensemble_case(backend: str, size: int, batch: int, folds: int, n_batches: int) -> dict:
+    """A ``folds``-member gap ensemble shared by the seven vertebrae (``train --shared``'s output), loaded by the
+    package (``load_classifiers``: the memory plan spreads it over every device this backend sees) and scored with
+    ``prediction.score`` as a study is: img/s (each crop through every member) against the same ensemble on the
+    first device only, and their largest difference (the issue's bar: 1e-6)."""
+    from contextlib import nullcontext
+
+    import keras
+
+    from cspine_submit.config import VERTEBRAE, ModelConfig
+    from cspine_submit.score import loading, plan_devices, prediction
+    from cspine_submit.score.architectures import build_classifier
+    from cspine_submit.score.crop import encode_crops
+
+    config = ModelConfig(head="gap", input_size=size, batch_size=batch, mixed_precision=False,
+                         classifier_files={v: tuple(f"all.f{i}.keras" for i in range(folds)) for v in VERTEBRAE})
+    rng = np.random.default_rng(2)
+    crops = encode_crops(rng.uniform(0, 1, (batch * n_batches, size, size, 3)))
+    by_vertebra = dict(zip(VERTEBRAE, np.array_split(crops, 7)))
+    with tempfile.TemporaryDirectory(prefix="gpu_check_ensemble_") as tmp:
+        for i in range(folds):
+            model = build_classifier("gap", config.input_shape)
+            _numpy_weights(model, seed=10 + i)
+            loading.save_classifier(model, Path(tmp) / f"all.f{i}.keras")
+        config.to_json(Path(tmp) / "model_config.json")
+        config, models = loading.load_classifiers(tmp)
+        plan = plan_devices(config).with_placement(models)
+        first = plan.devices[0]
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            scope = tf.device(first)
+        else:
+            from cspine_submit.score.backends import keras_device
+
+            scope = keras.device(keras_device(first)) if first else nullcontext()
+        with scope:
+            members = [loading.load_classifier(Path(tmp) / f, config) for f in config.classifier_paths("C1")]
+            one = loading.average_classifiers(members, config.input_shape, "one")
+        object.__setattr__(one, "_cspine_device", first)
+        rates = {}
+        results = {}
+        for name, placed in (("spread", models), ("one device", {v: one for v in VERTEBRAE})):
+            prediction.score(placed, {v: c[:batch] for v, c in by_vertebra.items()}, batch)  # trace outside the clock
+            t0 = time.perf_counter()
+            results[name] = prediction.score(placed, by_vertebra, batch)
+            rates[name] = crops.shape[0] / (time.perf_counter() - t0)
+    diff = max(float(np.max(np.abs(results["spread"][v] - results["one device"][v]), initial=0.0)) for v in VERTEBRAE)
+    return {"backend": backend, "ensemble": folds, "input": [size, size, 3], "batch": batch,
+            "placement": plan.memory.placement if plan.memory else "?", "devices": list(plan.devices),
+            "img_per_s_spread": rates["spread"], "img_per_s_one_device": rates["one device"], "max_diff": diff}
+
+
 def score_worker(backend: str, quick: bool) -> None:
     """Every case on this process's backend; one JSON line per case on stdout (errors as entries, not crashes)."""
     cases = QUICK_CASES if quick else FULL_CASES
@@ -163,6 +218,12 @@ def score_worker(backend: str, quick: bool) -> None:
                 row = {"backend": backend, "head": head, "input": [size, size, channels], "batch": batch,
                        "precision": precision, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(json.dumps(row), flush=True)
+    size, batch = (64, 4) if quick else (256, 32)
+    try:
+        row = ensemble_case(backend, size, batch, folds=5, n_batches=n_batches)
+    except Exception as exc:  # noqa: BLE001 - a case that cannot run is a result
+        row = {"backend": backend, "ensemble": 5, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    print(json.dumps(row), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -224,8 +285,16 @@ def _print_scores(rows: list[dict]) -> None:
     print(f"{'backend':<11}{'head':<6}{'input':>12}{'precision':>15}{'batch':>6}{'img/s':>9}  {'peak MiB per device':<34}"
           f"{'plan MiB':>9}{'same twice':>11}{'max|dp|':>10}")
     for r in rows:
-        if "devices" in r:
+        if "devices" in r and "ensemble" not in r:
             print(f"# {r['backend']}: {', '.join(r['devices'])}")
+            continue
+        if "ensemble" in r:
+            if "error" in r:
+                print(f"{r['backend']:<11}ensemble of {r['ensemble']}  ERROR {r['error']}")
+            else:
+                print(f"{r['backend']:<11}ensemble of {r['ensemble']} gap at {r['input'][0]}: {r['placement']} on "
+                      f"{'+'.join(r['devices'])}: {r['img_per_s_spread']:.1f} img/s (one device "
+                      f"{r['img_per_s_one_device']:.1f}), max|dp| {r['max_diff']:.1e}")
             continue
         shape = "x".join(map(str, r.get("input", [])))
         if "error" in r:

@@ -99,28 +99,11 @@ def _argv():
     return sys.argv[1:] + extra
 
 
-INTERRUPTED_EXIT_S = 20.0
-"""After Ctrl-C or SIGTERM (exit 130 / 143, everything written), the longest the interpreter's own exit may take."""
-
-
-def _exit_promptly(code: int) -> None:
-    """After an interrupt, make sure the process ends: the submission, journal and report are written and
-    flushed; what remains is joining the reading workers' pool threads, which after an interrupt could wait for
-    good (a queue feeder blocked on dead workers). A daemon timer ends the process with the run's code if so."""
-    if code not in (130, 143):
-        return
-    import threading
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    timer = threading.Timer(INTERRUPTED_EXIT_S, os._exit, args=(code,))
-    timer.daemon = True
-    timer.start()
-
-
 if __name__ == "__main__":
     code = main(_argv())
-    _exit_promptly(code)
+    from cspine_submit.cli import exit_promptly_after_interrupt
+
+    exit_promptly_after_interrupt(code)  # after Ctrl-C / SIGTERM: the process ends within 20 s (not in a notebook)
     if "ipykernel" not in sys.modules:  # sys.exit inside a notebook cell shows a traceback-like SystemExit
         sys.exit(code)
     elif code:

@@ -2,6 +2,6 @@
 
 import sys
 
-from cspine_submit.cli import main
+from cspine_submit.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -44,6 +44,28 @@ def _get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED_EXIT_S = 20.0
+"""After Ctrl-C or SIGTERM (exit 130 / 143, everything written), the longest the interpreter's own exit may take."""
+
+
+def exit_promptly_after_interrupt(code: int) -> None:
+    """After an interrupt, make sure the process ends: the submission, journal and report are written and
+    flushed; what remains is joining the reading workers' pool threads, which after an interrupt could wait for
+    good (a queue feeder blocked on dead workers). A daemon timer ends the process with the run's code if so
+    (``cspine-submit`` and ``make_submission.py`` alike). Only for a process of its own: not inside a notebook
+    kernel or any other program calling :func:`main`, whose process must live on."""
+    if code not in (130, 143) or "ipykernel" in sys.modules:
+        return
+    import os
+    import threading
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    timer = threading.Timer(INTERRUPTED_EXIT_S, os._exit, args=(code,))
+    timer.daemon = True
+    timer.start()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns the process exit code."""
     args = _get_parser().parse_args(argv)
@@ -58,5 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def console_main() -> int:
+    """The ``cspine-submit`` command: :func:`main`, then a process that ends promptly after an interrupt."""
+    code = main()
+    exit_promptly_after_interrupt(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

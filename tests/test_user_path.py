@@ -270,3 +270,38 @@ def test_previews_of_the_worst_aligned_studies_beside_the_report(synthetic_info,
     assert set(entry["box"]) == {"y0", "x0", "y1", "x1"} and entry["box"]["y0"] < entry["box"]["y1"]
     numbers = {int(p.stem) for p in (images / worst[0]).glob("*.dcm")}
     assert entry["slices"] and set(entry["slices"]) <= numbers
+
+
+_HUNG_EXIT = r"""
+import sys, threading
+from cspine_submit import cli
+cli.INTERRUPTED_EXIT_S = float(sys.argv[2])
+if sys.argv[3] == "kernel":
+    sys.modules["ipykernel"] = type(sys)("ipykernel")  # as inside a notebook
+threading.Thread(target=threading.Event().wait, daemon=False).start()  # a pool thread that never joins
+cli.exit_promptly_after_interrupt(int(sys.argv[1]))
+print("armed" if any(isinstance(t, threading.Timer) for t in threading.enumerate()) else "not armed", flush=True)
+if sys.argv[3] == "kernel":
+    import os
+    os._exit(0)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("code", [130, 143])
+def test_after_an_interrupt_the_process_ends_even_with_a_thread_that_never_joins(code):
+    # cspine-submit and make_submission.py alike: the interpreter's exit would wait for the thread for good.
+    proc = subprocess.run([sys.executable, "-c", _HUNG_EXIT, str(code), "0.5", "script"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == code and proc.stdout.strip() == "armed", (proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_no_exit_timer_for_a_clean_run_or_inside_a_notebook():
+    from cspine_submit import cli
+
+    before = {t for t in __import__("threading").enumerate()}
+    cli.exit_promptly_after_interrupt(0)  # a finished run: nothing armed
+    assert {t for t in __import__("threading").enumerate()} == before
+    proc = subprocess.run([sys.executable, "-c", _HUNG_EXIT, "130", "0.5", "kernel"], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert proc.stdout.strip() == "not armed", (proc.stdout, proc.stderr)

@@ -100,7 +100,9 @@ def _run(tmp_path: Path, images: Path, uids: list[str], workers: int) -> tuple[d
     rows = [r.split(",") for r in out.read_text().splitlines()[1:]]
     assert [r[0] for r in rows] == [f"{u}_{t}" for u in uids for t in PREDICTION_TYPES]
     scores = {r[0]: float(r[1]) for r in rows}
-    return scores, json.loads(companion_paths(out)[1].read_text())["studies"]
+    report = json.loads(companion_paths(out)[1].read_text())
+    _run.totals = report["totals"]
+    return scores, report["studies"]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -131,6 +133,8 @@ def test_a_study_with_an_undecodable_slice_is_scored_as_with_its_stand_in(tmp_pa
     entry = studies[bad]
     assert entry["status"] == "ok", entry
     assert any(w.startswith("skipped 12.dcm:") and "11.dcm" in w for w in entry.get("warnings", [])), entry
+    assert entry["slices_replaced"] == 1 and "files_skipped" not in entry
+    assert _run.totals["slices_replaced"] == 1 and _run.totals["studies_with_bad_files"] == [bad], _run.totals
     assert studies[same]["status"] == "ok" and not studies[same].get("warnings"), studies[same]
     mine = [v for k, v in scores.items() if k.startswith(bad + "_")]
     theirs = [v for k, v in scores.items() if k.startswith(same + "_")]

@@ -299,5 +299,8 @@ def test_runs_over_studies_with_broken_slices_finish_and_name_them(tmp_path, wor
     assert studies[uids[0]]["status"] == "ok"
     assert studies[uids[1]]["status"] == "ok" and any("7.dcm" in w and "Rows" in w
                                                        for w in studies[uids[1]]["warnings"]), studies[uids[1]]
+    assert studies[uids[1]]["files_skipped"] == 1
+    totals = json.loads(companion_paths(out)[1].read_text())["totals"]
+    assert totals["files_skipped"] == 1 and uids[1] in totals["studies_with_bad_files"], totals
     said = json.dumps(studies[uids[2]])
     assert "9.dcm" in said, studies[uids[2]]  # decoded by pydicom (refused there too) or reported: named either way

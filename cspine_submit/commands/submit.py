@@ -130,6 +130,11 @@ def _print_summary(result, demo_data) -> None:
         print(f"  fallback {uid}: {reason}")
     if len(reasons) > SHOWN_FALLBACKS:
         print(f"  ... and {len(reasons) - SHOWN_FALLBACKS} more fallbacks (totals.fallback_reasons in the report)")
+    if t.get("studies_with_bad_files"):
+        bad = t["studies_with_bad_files"]
+        print(f"  bad files in {len(bad)} {'study' if len(bad) == 1 else 'studies'} that went on without them: "
+              f"{t['files_skipped']} file(s) left out, {t['slices_replaced']} undecodable slice(s) replaced by a "
+              f"neighbour (e.g. {bad[0]}; each study's warnings in the report name them)")
     rate = t["studies_per_s"]
     print(f"wall {t['wall_seconds']:.2f} s (+ {t['load_seconds']:.2f} s loading classifiers, ranges and test.csv), "
           f"{'n/a' if rate is None else f'{rate:.3f}'} studies/s, slices read {t['slices_read']}")

@@ -306,6 +306,10 @@ def score_study(state: RunState, job: StudyJob, prepared: PreparedStudy, seconds
              "n_slices": prepared.n_slices, "slices_per_vertebra": job.config.slices_per_vertebra}
     if prepared.warnings:
         entry["warnings"] = list(prepared.warnings)
+    if prepared.files_skipped:
+        entry["files_skipped"] = prepared.files_skipped
+    if prepared.slices_replaced:
+        entry["slices_replaced"] = prepared.slices_replaced
     try:
         t = time.perf_counter()
         slice_probs = state.scorer(prepared.crops) if prepared.crops else {}

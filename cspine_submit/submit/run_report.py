@@ -109,6 +109,11 @@ def report_totals(state, wall: float) -> dict:
         "rows": len(setup.plan.row_ids),
         "classifiers_loaded": len(setup.models),
         "slices_read": int(sum(e.get("slices_read", 0) for e in fresh.values())),
+        # bad files in studies that went on without them (one that failed on them names them in its reason)
+        "files_skipped": int(sum(e.get("files_skipped", 0) for e in studies.values())),
+        "slices_replaced": int(sum(e.get("slices_replaced", 0) for e in studies.values())),
+        "studies_with_bad_files": sorted(u for u, e in studies.items()
+                                         if e.get("files_skipped") or e.get("slices_replaced")),
         "wall_seconds": round(wall, 3),
         "setup_seconds": round(state.t_loop - state.t_start, 3),
         "load_seconds": round(setup.load_seconds, 3),

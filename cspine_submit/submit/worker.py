@@ -57,6 +57,10 @@ class PreparedStudy:
     warnings : list of str
     plan : dict
         Where each vertebra was looked for (:func:`cspine_submit.submit.plan_report.plan_summary`).
+    files_skipped : int
+        Files of the folder left out by the scan (their header could not be read as a CT slice).
+    slices_replaced : int
+        Slices whose pixels could not be decoded, each replaced by a readable neighbour.
     """
 
     uid: str
@@ -66,6 +70,8 @@ class PreparedStudy:
     seconds: dict
     warnings: list = field(default_factory=list)
     plan: dict = field(default_factory=dict)
+    files_skipped: int = 0
+    slices_replaced: int = 0
 
 
 class StudyFailure(RuntimeError):
@@ -115,7 +121,8 @@ def prepare_study(job: StudyJob) -> PreparedStudy:
     except Exception as exc:  # noqa: BLE001 - any failure of one study becomes that study's fallback
         raise StudyFailure(f"{stage}: {type(exc).__name__}: {exc}") from None
     slices_read = int(np.union1d(needed, cue_indices).size)
-    return PreparedStudy(job.uid, crops, slices_read, header.n_slices, seconds, warnings, plan=summary)
+    return PreparedStudy(job.uid, crops, slices_read, header.n_slices, seconds, warnings, plan=summary,
+                         files_skipped=len(header.skipped), slices_replaced=len(failed))
 
 
 def _scan_warnings(job: StudyJob, header) -> list[str]:

@@ -105,3 +105,14 @@ def test_one_split_with_a_single_held_out_study_is_refused_before_training():
     plan = RunPlan(labels, sorted(labels), {"s0": -1, "s1": -1, "s2": 0}, ["split"], [("C1", ["C1"])], {})
     with pytest.raises(ValueError, match="holds out 1 of 3 studies.*--folds 2"):
         check_trainable(plan, TrainOptions(folds=1, vertebrae=("C1",)))
+
+
+def test_the_plan_says_whether_the_input_pipeline_feeds_each_gpu():
+    from cspine_submit.train.plan import GPU_TRAIN_224, _input_need
+
+    t4_256 = GPU_TRAIN_224["T4"]["img_s"] * (224 / 256) ** 2  # about 324 crops/s
+    plan = {"config": {"head": "gap", "input_shape": [256, 256, 3]}, "input_crops_per_s": 1.5 * t4_256}
+    line = _input_need(plan)
+    assert f"one T4 {t4_256:.0f} (fed)" in line and "two T4s (at most) 648 (INPUT-BOUND)" in line
+    assert "a P100" in line and line.count("(fed)") == 2
+    assert _input_need({"config": {"head": "tiny", "input_shape": [32, 32, 3]}, "input_crops_per_s": 10.0}) == ""

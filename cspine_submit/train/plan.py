@@ -331,7 +331,7 @@ def format_plan(plan: dict) -> str:
         f"{plan['compression']['ratio']:.2f} measured on {plan['compression']['studies_measured']} studies)",
         f"cache build: {plan['cache_build_seconds']['per_study_one_core']:.1f} s per study per core, about "
         f"{plan['cache_build_seconds']['total'] / 3600:.2f} h",
-        f"input pipeline on this machine: {plan['input_crops_per_s']:.0f} crops/s",
+        f"input pipeline on this machine: {plan['input_crops_per_s']:.0f} crops/s" + _input_need(plan),
         f"one epoch of one model: {e['crops_per_model']} crops; input {e['cpu_input_seconds']:.0f} s",
     ]
     m = plan.get("this_machine")
@@ -358,6 +358,19 @@ def format_plan(plan: dict) -> str:
     lines += [f"  - {g}: {d['img_s']:.0f} img/s at 224 px ({d['precision']}): {d['source']}"
               for g, d in plan["assumptions"]["gpu"].items()]
     return "\n".join(lines)
+
+
+def _input_need(plan: dict) -> str:
+    """What the GPUs train on at the plan's input size, against the pipeline's crops/s (empty for the tiny head)."""
+    cfg = plan["config"]
+    if cfg.get("head") not in ("seed", "gap"):
+        return ""
+    scale = (224.0 / float(cfg["input_shape"][0])) ** 2
+    need = {"one T4": GPU_TRAIN_224["T4"]["img_s"] * scale, "two T4s (at most)": 2 * GPU_TRAIN_224["T4"]["img_s"] * scale,
+            "a P100": GPU_TRAIN_224["P100"]["img_s"] * scale}
+    have = float(plan["input_crops_per_s"])
+    return "; the GPUs train on " + ", ".join(
+        f"{g} {n:.0f} ({'fed' if have >= n else 'INPUT-BOUND'})" for g, n in need.items())
 
 
 def format_label_counts(labels: dict) -> list[str]:

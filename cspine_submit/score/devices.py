@@ -121,9 +121,9 @@ class DevicePlan:
 
         A group lives on one device (its weights once, its crops scored in one pass); the groups go round-robin over
         the devices in the order given. Seven groups of one vertebra each (one classifier per vertebra) are placed
-        as :meth:`device_for` places them; one shared network runs on the first device only, with two GPUs the
-        second idles (replicating it would need a split of each study's batches, not done here); C1-C2 sharing one
-        network and C3-C7 another put one on each.
+        as :meth:`device_for` places them; C1-C2 sharing one network and C3-C7 another put one on each. This is the
+        fallback for heads the memory plan cannot count; the memory plan itself (:mod:`cspine_submit.score.memory`)
+        also splits one shared network (replicas) or an ensemble's members over the devices.
         """
         return {v: self.devices[i % len(self.devices)] for i, group in enumerate(groups) for v in group}
 
